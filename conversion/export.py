@@ -1,0 +1,144 @@
+"""Flat sharded parameters -> Hugging Face directory, one tensor at a time.
+
+The shard plan (file names, header offsets) comes from shapes alone; each HF tensor is then assembled on
+the host from the device shards that hold it (one expert of one layer at a time for stacked experts), so
+host memory holds one HF tensor, never the model. Output goes to a temp dir renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from conversion.atomic import atomic_output_dir
+from conversion.families.base import Binding, ConversionError, Family, bind
+from conversion.safetensors_io import TensorEntry, write_checkpoint
+from grape_jax.config import MoEConfig
+from grape_jax.params import param_specs
+
+# Files copied verbatim from the source model dir when present.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
+
+
+def host_slice(arr: jax.Array, index: tuple[int | slice, ...] = ()) -> np.ndarray:
+    """`np.asarray(arr[index])` assembled from the addressable shards that overlap the slice.
+
+    No device computation is launched (no compile per index) and only overlapping shards are copied.
+    """
+    norm: list[slice] = []
+    squeeze: list[int] = []
+    for axis, dim in enumerate(arr.shape):
+        s = index[axis] if axis < len(index) else slice(None)
+        if isinstance(s, int | np.integer):
+            norm.append(slice(int(s), int(s) + 1))
+            squeeze.append(axis)
+        else:
+            start, stop, _ = s.indices(dim)
+            norm.append(slice(start, stop))
+    out = np.empty(tuple(s.stop - s.start for s in norm), dtype=arr.dtype)
+    filled = 0
+    for shard in arr.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        src, dst = [], []
+        for want, have, dim in zip(norm, shard.index, arr.shape, strict=True):
+            h0, h1, _ = have.indices(dim)
+            lo, hi = max(want.start, h0), min(want.stop, h1)
+            if lo >= hi:
+                break
+            src.append(slice(lo - h0, hi - h0))
+            dst.append(slice(lo - want.start, hi - want.start))
+        else:
+            out[tuple(dst)] = np.asarray(shard.data)[tuple(src)]
+            filled += int(np.prod([d.stop - d.start for d in dst]))
+    if filled != out.size:
+        raise ConversionError(
+            f"host_slice: only {filled} of {out.size} elements are addressable from this process"
+        )
+    return out.squeeze(axis=tuple(squeeze)) if squeeze else out
+
+
+def hf_entries(
+    bindings: Mapping[str, Binding], params: Mapping[str, jax.Array]
+) -> tuple[list[TensorEntry], dict[str, tuple[Binding, int | None]]]:
+    """Every HF tensor of the export with its shape/dtype, and where each comes from."""
+    entries, sources = [], {}
+    for name, b in bindings.items():
+        dtype = np.dtype(params[name].dtype)
+        for e, key in enumerate(b.hf_keys):
+            entries.append(TensorEntry(key, b.hf_shape(), dtype))
+            sources[key] = (b, e if b.per_expert else None)
+    return entries, sources
+
+
+def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json of the export: the family's translation, plus remote code for uneven counts."""
+    out = family.config_to_hf(cfg, base)
+    dtypes = {"float32", "bfloat16", "float16"}
+    if out.get("dtype") not in dtypes and out.get("torch_dtype") not in dtypes:
+        out["dtype"] = "float32"
+    return out
+
+
+def export_hf(
+    params: Mapping[str, jax.Array],
+    cfg: MoEConfig,
+    family: Family,
+    out_dir: str | os.PathLike,
+    *,
+    base_config: Mapping[str, Any],
+    source_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_files: Mapping[str, str] | None = None,
+) -> str:
+    """Write an HF checkpoint dir that `transformers` loads (see module docstring); returns its path."""
+    missing = sorted(set(param_specs(cfg)) - set(params))
+    if missing:
+        raise ConversionError(f"export: parameters missing for this config: {missing[:5]}")
+    bindings = bind(family, cfg)
+    entries, sources = hf_entries(bindings, params)
+
+    def produce(entry: TensorEntry) -> np.ndarray:
+        b, e = sources[entry.name]
+        ours = host_slice(params[b.name], () if e is None else (e,))
+        return b.transform.to_hf(ours)
+
+    config = hf_config_for(cfg, family, base_config)
+    out_dir = os.fspath(out_dir)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        if source_dir is not None:
+            for fname in SIDE_FILES:
+                src = os.path.join(source_dir, fname)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(tmp, fname))
+        if not cfg.is_uniform:
+            from conversion.remote_code_export import write_remote_code
+
+            config = write_remote_code(
+                tmp, config, family=family.name, num_experts_per_layer=list(cfg.num_experts)
+            )
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        write_checkpoint(tmp, entries, produce, max_shard_bytes=max_shard_bytes)
+        for fname, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, fname), "w") as f:
+                f.write(text)
+    return out_dir

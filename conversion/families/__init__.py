@@ -1,0 +1,27 @@
+"""Registry of supported model families: `model_type` in config.json -> `Family`."""
+
+from __future__ import annotations
+
+from conversion.families import mixtral
+from conversion.families.base import ConversionError, Family
+
+_FAMILIES: tuple[Family, ...] = (mixtral.FAMILY,)
+
+FAMILIES: dict[str, Family] = {t: f for f in _FAMILIES for t in f.model_types}
+
+
+def get_family(model_type: str | None, *, source: str = "config.json") -> Family:
+    """The family of an HF `model_type`, or an error that lists what is supported."""
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    supported = ", ".join(f"{t} ({FAMILIES[t].architectures[0]})" for t in sorted(FAMILIES))
+    raise ConversionError(
+        f"{source}: model_type {model_type!r} is not supported; supported: {supported}"
+    )
+
+
+def family_by_name(name: str) -> Family:
+    for f in _FAMILIES:
+        if f.name == name:
+            return f
+    raise ConversionError(f"family {name!r} unknown; known: {[f.name for f in _FAMILIES]}")

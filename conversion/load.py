@@ -1,0 +1,135 @@
+"""Hugging Face directory -> sharded parameters, streamed tensor by tensor and slice by slice.
+
+Every leaf is created with `jax.make_array_from_callback(shape, sharding, read)`: JAX asks for the
+slices that this process's devices own, and `read` pulls exactly those bytes from the safetensors files
+(per-expert HF tensors are read one expert at a time and stacked only for the requested slice). The
+whole model is never held on the host; on several hosts each reads only its own shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from conversion.families import get_family
+from conversion.families.base import Binding, ConversionError, Family, bind
+from conversion.safetensors_io import CheckpointIndex
+from grape_jax.config import MoEConfig
+from grape_jax.params import param_specs
+from grape_jax.sharding import DEFAULT_RULES, ShardingRules, param_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What `load_hf` returns: config, flat sharded parameters, family and the raw HF config."""
+
+    cfg: MoEConfig
+    params: dict[str, jax.Array]
+    family: Family
+    hf_config: dict[str, Any]
+    source_dir: str
+
+
+def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise ConversionError(f"{model_dir}: not a directory")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: missing; expected a Hugging Face model directory")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path}: invalid JSON ({e})") from None
+
+
+def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    out = []
+    for dim, s in zip(shape, tuple(index) + (slice(None),) * (len(shape) - len(index)), strict=True):
+        start, stop, step = s.indices(dim)
+        if step != 1:
+            raise ConversionError(f"strided read {s} is not supported")
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def binding_reader(ckpt: CheckpointIndex, binding: Binding):
+    """`read(index) -> np.ndarray` of our layout for one parameter, reading only that slice."""
+
+    def src_for(key: str):
+        return lambda idx: ckpt.read_slice(key, idx)
+
+    def read(index: tuple) -> np.ndarray:
+        index = _normalise(index, binding.spec.shape)
+        if not binding.per_expert:
+            return binding.transform.read(src_for(binding.hf_keys[0]), index)
+        experts, rest = index[0], index[1:]
+        parts = [
+            binding.transform.read(src_for(binding.hf_keys[e]), rest)
+            for e in range(experts.start, experts.stop)
+        ]
+        return np.stack(parts, axis=0)
+
+    return read
+
+
+def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model_dir: str) -> None:
+    """Every HF tensor exists with the shape config.json implies (else a one-line error)."""
+    for b in bindings.values():
+        want = b.hf_shape()
+        for key in b.hf_keys:
+            if key not in ckpt:
+                raise ConversionError(
+                    f"{model_dir}: tensor {key!r} is missing (needed for {b.name} by config.json)"
+                )
+            info = ckpt.info(key)
+            if tuple(info.shape) != tuple(want):
+                raise ConversionError(
+                    f"{info.file}: tensor {key!r} has shape {tuple(info.shape)}, but config.json "
+                    f"implies {tuple(want)}"
+                )
+
+
+def load_hf(
+    model_dir: str | os.PathLike,
+    *,
+    mesh: Mesh | None = None,
+    rules: ShardingRules = DEFAULT_RULES,
+    dtype: Any = None,
+) -> LoadedModel:
+    """Convert an HF MoE checkpoint into flat sharded parameters (see module docstring).
+
+    dtype None keeps each tensor's stored dtype (bit-identical round trips); otherwise leaves are cast.
+    """
+    model_dir = os.fspath(model_dir)
+    hf = read_hf_config(model_dir)
+    family = get_family(hf.get("model_type"), source=os.path.join(model_dir, "config.json"))
+    cfg = family.config_from_hf(hf)
+    ckpt = CheckpointIndex.open(model_dir)
+    bindings = bind(family, cfg)
+    check_bindings(ckpt, bindings, model_dir)
+    specs = param_specs(cfg)
+    if mesh is None:
+        device = jax.local_devices()[0]
+        shardings = {n: jax.sharding.SingleDeviceSharding(device) for n in specs}
+    else:
+        shardings = param_shardings(specs, mesh, rules)
+    params = {}
+    for name, b in bindings.items():
+        stored = np.dtype(ckpt.info(b.hf_keys[0]).dtype)
+        target = stored if dtype is None else np.dtype(dtype)
+        read = binding_reader(ckpt, b)
+
+        def callback(index, read=read, target=target):
+            return read(index).astype(target, copy=False)
+
+        params[name] = jax.make_array_from_callback(b.spec.shape, shardings[name], callback)
+    return LoadedModel(cfg=cfg, params=params, family=family, hf_config=hf, source_dir=model_dir)
+

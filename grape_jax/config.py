@@ -1,0 +1,132 @@
+"""The family-neutral model description every part of grape-jax works from.
+
+`MoEConfig` is frozen and hashable, so it can be a static argument of jitted functions. Per-layer expert
+counts are a tuple because pruned models keep different numbers of experts in different layers; a count
+of 0 marks a dense (non-MoE) layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk")
+ACTIVATIONS = ("silu", "gptoss_clamped_swiglu")
+
+
+class ConfigError(ValueError):
+    """A configuration that grape-jax cannot represent or that contradicts itself."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Architecture of a decoder-only MoE transformer.
+
+    Router kinds (the family's own routing, used for the forward pass *and* for statistics):
+      softmax_topk        softmax over all experts, top-k, renormalise if `norm_topk_prob`
+                          (Mixtral, Qwen-MoE, Qwen3-MoE, OLMoE, DeepSeek-MoE);
+      topk_softmax        top-k of (logits + router bias), softmax over the k chosen (GPT-OSS);
+      sigmoid_group_topk  sigmoid scores, selection by scores + `score_bias` restricted to the best
+                          `topk_group` of `n_group` groups, weights from the plain scores, optional
+                          renormalisation, times `routed_scaling_factor` (DeepSeek-V3).
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    moe_intermediate_size: int
+    num_experts: tuple[int, ...]
+    top_k: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    router: str = "softmax_topk"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: str = "silu"
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    dense_intermediate_size: int = 0
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    qk_norm: bool = False
+    attention_sinks: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    min_experts: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.num_experts) != self.num_layers:
+            raise ConfigError(
+                f"num_experts has {len(self.num_experts)} entries, expected num_layers="
+                f"{self.num_layers}"
+            )
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router {self.router!r} unknown; expected one of {ROUTERS}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"activation {self.activation!r} unknown; expected one of {ACTIVATIONS}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        for layer, e in enumerate(self.num_experts):
+            if e < 0 or (0 < e < self.top_k):
+                raise ConfigError(
+                    f"layer {layer}: {e} experts cannot serve top_k={self.top_k} (need 0 for a "
+                    f"dense layer or >= top_k)"
+                )
+            if e == 0 and self.dense_intermediate_size <= 0:
+                raise ConfigError(f"layer {layer} is dense but dense_intermediate_size is not set")
+        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+            raise ConfigError(
+                f"layer_types has {len(self.layer_types)} entries, expected {self.num_layers}"
+            )
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the decoder layers that hold routed experts."""
+        return tuple(i for i, e in enumerate(self.num_experts) if e > 0)
+
+    @property
+    def is_uniform(self) -> bool:
+        counts = {e for e in self.num_experts if e > 0}
+        return len(counts) <= 1
+
+    def with_num_experts(self, num_experts: tuple[int, ...]) -> MoEConfig:
+        """The same architecture with new per-layer expert counts (after a merge)."""
+        return dataclasses.replace(self, num_experts=tuple(int(e) for e in num_experts))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MoEConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ConfigError(f"unknown MoEConfig fields {unknown}")
+        d = dict(d)
+        d["num_experts"] = tuple(d["num_experts"])
+        if d.get("layer_types") is not None:
+            d["layer_types"] = tuple(d["layer_types"])
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> MoEConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,202 @@
+"""Pure functions of the decoder: norms, rotary embeddings, attention, experts and the MoE block.
+
+Every function takes the flat parameter dict (see `grape_jax.params`) plus a prefix, so the same code
+serves the NNX shell, calibration (which needs the MoE layer inputs) and merged models with any per-layer
+expert count. Norms, softmaxes and routing run in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from grape_jax.config import MoEConfig
+from grape_jax.routing import Routing, route
+
+Params = Mapping[str, jax.Array]
+
+
+def rms_norm(x: Float[Array, "... d"], weight: Float[Array, " d"], eps: float) -> Float[Array, "... d"]:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def rope(
+    x: Float[Array, "b t h hd"], positions: Int[Array, "b t"], theta: float
+) -> Float[Array, "b t h hd"]:
+    """Rotary embedding in the rotate-half convention of HF Llama-style models."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(
+    mask: Bool[Array, "b t"], *, sliding_window: int | None = None
+) -> Bool[Array, "b 1 t t"]:
+    """Causal mask combined with key padding and an optional sliding window."""
+    t = mask.shape[1]
+    q = jnp.arange(t)[:, None]
+    k = jnp.arange(t)[None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (q - k < sliding_window)
+    return allowed[None, None] & mask[:, None, None, :]
+
+
+def attention(
+    params: Params,
+    p: str,
+    cfg: MoEConfig,
+    x: Float[Array, "b t d"],
+    positions: Int[Array, "b t"],
+    mask: Bool[Array, "b 1 t t"],
+) -> Float[Array, "b t d"]:
+    """Grouped-query attention with RoPE, optional q/k norm, biases and attention sinks."""
+    b, t, _ = x.shape
+    hd, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+
+    def proj(name: str, heads: int) -> jax.Array:
+        y = x @ params[p + name + "_proj"]
+        if p + name + "_bias" in params:
+            y = y + params[p + name + "_bias"]
+        return y.reshape(b, t, heads, hd)
+
+    q, k, v = proj("q", hq), proj("k", hkv), proj("v", hkv)
+    if cfg.qk_norm:
+        q = rms_norm(q, params[p + "q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, params[p + "k_norm"], cfg.rms_norm_eps)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    groups = hq // hkv
+    q = q.reshape(b, t, hkv, groups, hd)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) / jnp.sqrt(hd)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    if cfg.attention_sinks:
+        sinks = params[p + "sinks"].astype(jnp.float32).reshape(1, hkv, groups, 1, 1)
+        sinks = jnp.broadcast_to(sinks, scores.shape[:-1] + (1,))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sinks], axis=-1), axis=-1)[..., :-1]
+    else:
+        probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v).reshape(b, t, hq * hd)
+    out = out @ params[p + "o_proj"]
+    if p + "o_bias" in params:
+        out = out + params[p + "o_bias"]
+    return out
+
+
+def swiglu(gate: jax.Array, up: jax.Array, cfg: MoEConfig) -> jax.Array:
+    """The family's gated activation: SiLU(gate)*up, or GPT-OSS's clamped variant."""
+    if cfg.activation == "gptoss_clamped_swiglu":
+        gate = jnp.minimum(gate, cfg.swiglu_limit)
+        up = jnp.clip(up, -cfg.swiglu_limit, cfg.swiglu_limit)
+        return (up + 1.0) * gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha)
+    return jax.nn.silu(gate) * up
+
+
+def dense_mlp(params: Params, p: str, cfg: MoEConfig, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    return swiglu(x @ params[p + "w_gate"], x @ params[p + "w_up"], cfg) @ params[p + "w_down"]
+
+
+def all_expert_outputs(
+    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"]
+) -> Float[Array, "e t d"]:
+    """Every routed expert of the layer applied to every token (unweighted)."""
+    gate = jnp.einsum("td,edf->etf", x, params[p + "w_gate"])
+    up = jnp.einsum("td,edf->etf", x, params[p + "w_up"])
+    if p + "b_gate" in params:
+        gate = gate + params[p + "b_gate"][:, None, :]
+        up = up + params[p + "b_up"][:, None, :]
+    y = jnp.einsum("etf,efd->etd", swiglu(gate, up, cfg), params[p + "w_down"])
+    if p + "b_down" in params:
+        y = y + params[p + "b_down"][:, None, :]
+    return y
+
+
+def router(params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"]) -> Routing:
+    logits = (x @ params[p + "router"]).astype(jnp.float32)
+    return route(logits, cfg, bias=params.get(p + "router_bias"))
+
+
+def moe_block(
+    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"]
+) -> tuple[Float[Array, "t d"], Routing, Float[Array, "e t d"]]:
+    """Routed experts (+ shared expert). Returns the block output, the routing and every expert's output.
+
+    All experts run on all tokens and are combined with the dense gates: exact, shards trivially over
+    the `expert` mesh axis, and calibration needs every expert's output anyway.
+    """
+    routing = router(params, p, cfg, x)
+    y_all = all_expert_outputs(params, p, cfg, x)
+    out = jnp.einsum("etd,te->td", y_all, routing.gates.astype(y_all.dtype))
+    if p + "shared.w_gate" in params:
+        shared = dense_mlp(params, p + "shared.", cfg, x)
+        if p + "shared_gate" in params:
+            shared = jax.nn.sigmoid(x @ params[p + "shared_gate"]) * shared
+        out = out + shared
+    return out, routing, y_all
+
+
+def layer_window(cfg: MoEConfig, layer: int) -> int | None:
+    if cfg.layer_types is not None and cfg.layer_types[layer] == "sliding_attention":
+        return cfg.sliding_window
+    return None
+
+
+def decoder_layer(
+    params: Params,
+    cfg: MoEConfig,
+    layer: int,
+    x: Float[Array, "b t d"],
+    positions: Int[Array, "b t"],
+    mask: Bool[Array, "b t"],
+) -> Float[Array, "b t d"]:
+    p = f"layers.{layer}."
+    attn_mask = attention_mask(mask, sliding_window=layer_window(cfg, layer))
+    h = rms_norm(x, params[p + "attn_norm"], cfg.rms_norm_eps)
+    x = x + attention(params, p + "attn.", cfg, h, positions, attn_mask)
+    h = rms_norm(x, params[p + "mlp_norm"], cfg.rms_norm_eps)
+    b, t, d = h.shape
+    if cfg.num_experts[layer] > 0:
+        out, _, _ = moe_block(params, p + "mlp.", cfg, h.reshape(b * t, d))
+        return x + out.reshape(b, t, d)
+    return x + dense_mlp(params, p + "mlp.", cfg, h)
+
+
+def embed(params: Params, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+def head(params: Params, cfg: MoEConfig, x: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return (x @ w).astype(jnp.float32)
+
+
+def default_positions(mask: Bool[Array, "b t"]) -> Int[Array, "b t"]:
+    """Positions 0..t-1 for right-padded batches (padding sits after the real tokens)."""
+    return jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32), mask.shape)
+
+
+def forward(
+    params: Params,
+    cfg: MoEConfig,
+    tokens: Int[Array, "b t"],
+    mask: Bool[Array, "b t"] | None = None,
+) -> Float[Array, "b t v"]:
+    """Logits of a causal LM over right-padded token batches."""
+    if mask is None:
+        mask = jnp.ones(tokens.shape, dtype=bool)
+    positions = default_positions(mask)
+    x = embed(params, tokens)
+    for layer in range(cfg.num_layers):
+        x = decoder_layer(params, cfg, layer, x, positions, mask)
+    return head(params, cfg, x)

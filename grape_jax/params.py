@@ -1,0 +1,162 @@
+"""One declaration per parameter: name, shape, logical axes and initialiser, derived from `MoEConfig`.
+
+Everything else is derived from this table: the NNX module tree, abstract arrays, shardings, random
+initialisation, the HF key tables' shape checks, merge (every leaf with an `experts` axis follows the
+plan) and export. Parameters are a flat dict `{dotted.name: jax.Array}`; its keys are exactly the
+dotted paths of the NNX model's state.
+
+Layouts (x @ W convention, so HF's `[out, in]` linear weights are transposed on load):
+  embed [vocab, embed]; lm_head [embed, vocab]; attention q_proj [embed, heads*head_dim], ...;
+  routed experts w_gate/w_up [experts, embed, mlp], w_down [experts, mlp, embed]; router [embed, experts].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grape_jax.config import MoEConfig
+
+# Logical axis names used on parameters and activations.
+EXPERTS, EMBED, MLP, HEADS, KV_HEADS, VOCAB, NORM = (
+    "experts", "embed", "mlp", "heads", "kv_heads", "vocab", "norm",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Shape, logical axes and initialiser of one parameter.
+
+    `role` tells merge how an `experts`-indexed leaf follows a plan: 'expert' leaves are α-averaged
+    over a group, 'router' leaves take the router rule (dominant member or mean).
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str = "normal"  # normal | ones | zeros
+    role: str = "dense"  # dense | expert | router
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != len(self.axes):
+            raise ValueError(f"shape {self.shape} and axes {self.axes} differ in rank")
+
+    @property
+    def expert_axis(self) -> int | None:
+        return self.axes.index(EXPERTS) if EXPERTS in self.axes else None
+
+
+def _attention_specs(cfg: MoEConfig, p: str) -> Iterator[tuple[str, ParamSpec]]:
+    d, hd = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    yield p + "q_proj", ParamSpec((d, q), (EMBED, HEADS))
+    yield p + "k_proj", ParamSpec((d, kv), (EMBED, KV_HEADS))
+    yield p + "v_proj", ParamSpec((d, kv), (EMBED, KV_HEADS))
+    yield p + "o_proj", ParamSpec((q, d), (HEADS, EMBED))
+    if cfg.attention_bias:
+        yield p + "q_bias", ParamSpec((q,), (HEADS,), "zeros")
+        yield p + "k_bias", ParamSpec((kv,), (KV_HEADS,), "zeros")
+        yield p + "v_bias", ParamSpec((kv,), (KV_HEADS,), "zeros")
+    if cfg.attention_out_bias:
+        yield p + "o_bias", ParamSpec((d,), (EMBED,), "zeros")
+    if cfg.qk_norm:
+        yield p + "q_norm", ParamSpec((hd,), (NORM,), "ones")
+        yield p + "k_norm", ParamSpec((hd,), (NORM,), "ones")
+    if cfg.attention_sinks:
+        yield p + "sinks", ParamSpec((cfg.num_heads,), (HEADS,), "zeros")
+
+
+def _dense_mlp_specs(d: int, f: int, p: str) -> Iterator[tuple[str, ParamSpec]]:
+    yield p + "w_gate", ParamSpec((d, f), (EMBED, MLP))
+    yield p + "w_up", ParamSpec((d, f), (EMBED, MLP))
+    yield p + "w_down", ParamSpec((f, d), (MLP, EMBED))
+
+
+def _moe_specs(cfg: MoEConfig, e: int, p: str) -> Iterator[tuple[str, ParamSpec]]:
+    d, f = cfg.hidden_size, cfg.moe_intermediate_size
+    yield p + "router", ParamSpec((d, e), (EMBED, EXPERTS), role="router")
+    if cfg.router_bias or cfg.router == "sigmoid_group_topk":
+        # GPT-OSS: bias added to logits; DeepSeek-V3: e_score_correction_bias (selection only).
+        yield p + "router_bias", ParamSpec((e,), (EXPERTS,), "zeros", role="router")
+    yield p + "w_gate", ParamSpec((e, d, f), (EXPERTS, EMBED, MLP), role="expert")
+    yield p + "w_up", ParamSpec((e, d, f), (EXPERTS, EMBED, MLP), role="expert")
+    yield p + "w_down", ParamSpec((e, f, d), (EXPERTS, MLP, EMBED), role="expert")
+    if cfg.expert_bias:
+        yield p + "b_gate", ParamSpec((e, f), (EXPERTS, MLP), "zeros", role="expert")
+        yield p + "b_up", ParamSpec((e, f), (EXPERTS, MLP), "zeros", role="expert")
+        yield p + "b_down", ParamSpec((e, d), (EXPERTS, EMBED), "zeros", role="expert")
+    if cfg.shared_expert_intermediate_size:
+        yield from _dense_mlp_specs(d, cfg.shared_expert_intermediate_size, p + "shared.")
+        if cfg.shared_expert_gate:
+            yield p + "shared_gate", ParamSpec((d, 1), (EMBED, None))
+
+
+def param_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
+    """The complete parameter table of a model, in a stable order."""
+    d = cfg.hidden_size
+    specs: dict[str, ParamSpec] = {"embed": ParamSpec((cfg.vocab_size, d), (VOCAB, EMBED))}
+    for layer, e in enumerate(cfg.num_experts):
+        p = f"layers.{layer}."
+        specs[p + "attn_norm"] = ParamSpec((d,), (NORM,), "ones")
+        specs.update(_attention_specs(cfg, p + "attn."))
+        specs[p + "mlp_norm"] = ParamSpec((d,), (NORM,), "ones")
+        if e > 0:
+            specs.update(_moe_specs(cfg, e, p + "mlp."))
+        else:
+            specs.update(_dense_mlp_specs(d, cfg.dense_intermediate_size, p + "mlp."))
+    specs["final_norm"] = ParamSpec((d,), (NORM,), "ones")
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ParamSpec((d, cfg.vocab_size), (EMBED, VOCAB))
+    return specs
+
+
+def layer_of(name: str) -> int | None:
+    """Decoder layer index of a parameter name, or None for embeddings/final norm/head."""
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "layers" else None
+
+
+def abstract_params(
+    cfg: MoEConfig, *, dtype: jnp.dtype = jnp.float32, shardings: Mapping | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape/dtype(/sharding) of every parameter, without allocating anything."""
+    return {
+        name: jax.ShapeDtypeStruct(
+            spec.shape, dtype, sharding=None if shardings is None else shardings[name]
+        )
+        for name, spec in param_specs(cfg).items()
+    }
+
+
+def init_params(
+    cfg: MoEConfig,
+    key: jax.Array,
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    scale: float = 0.02,
+    shardings: Mapping | None = None,
+) -> dict[str, jax.Array]:
+    """Random parameters (normal(0, scale) weights, unit norms, zero biases), optionally sharded."""
+    specs = param_specs(cfg)
+    keys = dict(zip(specs, jax.random.split(key, len(specs)), strict=True))
+
+    def make(name: str) -> jax.Array:
+        spec = specs[name]
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, dtype)
+        return (scale * jax.random.normal(keys[name], spec.shape, jnp.float32)).astype(dtype)
+
+    out = {}
+    for name in specs:
+        sharding = None if shardings is None else shardings[name]
+        out[name] = jax.jit(lambda n=name: make(n), out_shardings=sharding)()
+    return out
+
+
+def count_params(cfg: MoEConfig) -> int:
+    return int(sum(np.prod(s.shape) for s in param_specs(cfg).values()))

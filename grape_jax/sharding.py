@@ -1,0 +1,142 @@
+"""Device meshes and the one table that maps logical axes to mesh axes.
+
+Mesh axes: `data` (batch), `fsdp` (parameter sharding of the embed dimension), `expert` (routed
+experts), `tensor` (heads / MLP width). A logical dimension whose size does not divide the product of
+its mesh axes is replicated instead (pruned layers often keep expert counts such as 6 on an expert axis
+of 4): correctness first, and the replication is visible in `param_shardings`' result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from grape_jax import params as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+class MeshError(ValueError):
+    """A mesh description that does not fit the available devices."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated)."""
+
+    experts: str | tuple[str, ...] | None = "expert"
+    embed: str | tuple[str, ...] | None = "fsdp"
+    mlp: str | tuple[str, ...] | None = "tensor"
+    heads: str | tuple[str, ...] | None = "tensor"
+    kv_heads: str | tuple[str, ...] | None = "tensor"
+    vocab: str | tuple[str, ...] | None = "tensor"
+    norm: str | tuple[str, ...] | None = None
+    batch: str | tuple[str, ...] | None = ("data", "fsdp")
+
+    def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
+        if logical is None:
+            return ()
+        value = getattr(self, logical)
+        if value is None:
+            return ()
+        return (value,) if isinstance(value, str) else tuple(value)
+
+
+DEFAULT_RULES = ShardingRules()
+
+
+def parse_mesh_spec(spec: str | Mapping[str, int] | None) -> dict[str, int]:
+    """'expert=4,fsdp=2' -> {'data': 1, 'fsdp': 2, 'expert': 4, 'tensor': 1}."""
+    sizes = {axis: 1 for axis in MESH_AXES}
+    if spec is None or spec == "":
+        return sizes
+    items = spec.items() if isinstance(spec, Mapping) else (
+        part.split("=", 1) if "=" in part else (part, None) for part in spec.split(",")
+    )
+    for axis, size in items:
+        axis = axis.strip()
+        if axis not in sizes:
+            raise MeshError(f"mesh axis {axis!r} unknown; expected some of {MESH_AXES}")
+        try:
+            sizes[axis] = int(size)
+        except (TypeError, ValueError):
+            raise MeshError(f"mesh axis {axis!r}: size {size!r} is not an integer") from None
+        if sizes[axis] < 1:
+            raise MeshError(f"mesh axis {axis!r}: size must be >= 1, got {sizes[axis]}")
+    return sizes
+
+
+def make_mesh(
+    spec: str | Mapping[str, int] | None = None, *, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A mesh over all four named axes (unused ones have size 1); `data` absorbs leftover devices
+    when the spec names fewer devices than exist and `data` is not given."""
+    sizes = parse_mesh_spec(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    named = math.prod(sizes.values())
+    given = spec if isinstance(spec, Mapping) else dict(
+        p.split("=", 1) for p in (spec or "").split(",") if "=" in p
+    )
+    if named != len(devices):
+        if "data" not in given and len(devices) % named == 0:
+            sizes["data"] = len(devices) // named
+        elif named < len(devices):
+            devices = devices[:named]
+        else:
+            raise MeshError(
+                f"mesh {sizes} needs {named} devices but {len(devices)} are available"
+            )
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def logical_to_pspec(
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    mesh: Mesh,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> PartitionSpec:
+    """PartitionSpec for an array with logical `axes`; non-dividing or reused mesh axes replicate."""
+    used: set[str] = set()
+    parts: list[str | tuple[str, ...] | None] = []
+    for dim, logical in zip(shape, axes, strict=True):
+        mesh_axes = tuple(
+            a for a in rules.mesh_axes(logical) if mesh.shape[a] > 1 and a not in used
+        )
+        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        if not mesh_axes or dim % size:
+            parts.append(None)
+            continue
+        used.update(mesh_axes)
+        parts.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*parts)
+
+
+def param_shardings(
+    specs: Mapping[str, P.ParamSpec], mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
+) -> dict[str, NamedSharding]:
+    """NamedSharding of every parameter of a `param_specs` table."""
+    return {
+        name: NamedSharding(mesh, logical_to_pspec(spec.shape, spec.axes, mesh, rules))
+        for name, spec in specs.items()
+    }
+
+
+def batch_sharding(mesh: Mesh, rank: int = 2, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a [batch, seq, ...] activation: batch over the data(+fsdp) axes."""
+    axes = tuple(a for a in rules.mesh_axes("batch") if mesh.shape[a] > 1)
+    first = None if not axes else (axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, PartitionSpec(first, *([None] * (rank - 1))))
+
+
+def shard_batch(x: np.ndarray, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
+    """Place a host batch on the mesh (batch dimension must divide the data-parallel size; pad first)."""
+    sharding = batch_sharding(mesh, x.ndim, rules)
+    return jax.device_put(x, sharding)

@@ -1,0 +1,197 @@
+"""Calibration statistics: the one record that calibration writes and every planner reads.
+
+One `LayerStats` per MoE layer (dense layers have none), gathered in a `ModelStats`. Arrays are
+host NumPy float64 so planners stay pure NumPy; the jitted accumulators live in
+`grape_jax.calibration` and are converted with `finalize`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+SIMILARITY_METRICS = ("cka", "cos_mean", "router", "weight")
+
+
+class StatsError(ValueError):
+    """A stats file or stats record that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    """Routing and redundancy statistics of one MoE layer with `E` experts.
+
+    freq[i]       fraction of tokens routed to expert i by the model's own router (sums to top_k)
+    gate_mass[i]  mean routing weight of expert i over all tokens (0 where not routed)
+    reap[i]       mean over tokens routed to i of gate_i(t) * ||y_i(t)||  (0 if never routed)
+    sim[name]     [E, E] symmetric similarity, diagonal 1, for name in SIMILARITY_METRICS
+    routed_m      [E, E] sum_t g_i(t) <y_i(t), y_j(t)>        (routed substitution moments;
+    routed_n      [E, E] sum_t g_i(t) ||y_j(t)||^2              None when not collected)
+    """
+
+    layer: int
+    num_tokens: int
+    top_k: int
+    freq: np.ndarray
+    gate_mass: np.ndarray
+    reap: np.ndarray
+    sim: Mapping[str, np.ndarray]
+    routed_m: np.ndarray | None = None
+    routed_n: np.ndarray | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.freq.shape[0])
+
+    def similarity(self, metric: str) -> np.ndarray:
+        if metric not in self.sim:
+            raise StatsError(
+                f"layer {self.layer}: similarity metric {metric!r} not in stats "
+                f"(have {sorted(self.sim)})"
+            )
+        return self.sim[metric]
+
+    def validate(self) -> None:
+        e = self.num_experts
+        vectors = {"freq": self.freq, "gate_mass": self.gate_mass, "reap": self.reap}
+        matrices = dict(self.sim)
+        if self.routed_m is not None:
+            matrices["routed_m"] = self.routed_m
+        if self.routed_n is not None:
+            matrices["routed_n"] = self.routed_n
+        for name, v in vectors.items():
+            if v.shape != (e,):
+                raise StatsError(f"layer {self.layer}: {name} has shape {v.shape}, expected ({e},)")
+        for name, m in matrices.items():
+            if m.shape != (e, e):
+                raise StatsError(
+                    f"layer {self.layer}: {name} has shape {m.shape}, expected ({e}, {e})"
+                )
+        for name, a in {**vectors, **matrices}.items():
+            if not np.all(np.isfinite(a)):
+                raise StatsError(f"layer {self.layer}: {name} contains NaN or inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStats:
+    """Statistics of every MoE layer of one model, plus free-form metadata (JSON-able)."""
+
+    layers: tuple[LayerStats, ...]
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.layers:
+            raise StatsError("stats hold no MoE layer")
+        for layer in self.layers:
+            layer.validate()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `path` (.npz) and `path` + '.json' (summary) atomically."""
+        path = os.fspath(path)
+        arrays: dict[str, np.ndarray] = {}
+        header = []
+        for n, ls in enumerate(self.layers):
+            p = f"l{n}."
+            arrays[p + "freq"] = ls.freq
+            arrays[p + "gate_mass"] = ls.gate_mass
+            arrays[p + "reap"] = ls.reap
+            for name, m in ls.sim.items():
+                arrays[p + "sim." + name] = m
+            if ls.routed_m is not None:
+                arrays[p + "routed_m"] = ls.routed_m
+            if ls.routed_n is not None:
+                arrays[p + "routed_n"] = ls.routed_n
+            header.append({"layer": ls.layer, "num_tokens": ls.num_tokens, "top_k": ls.top_k})
+        arrays["__header__"] = np.frombuffer(
+            json.dumps({"layers": header, "meta": dict(self.meta)}).encode(), dtype=np.uint8
+        )
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz", delete=False) as tmp:
+            np.savez(tmp, **arrays)
+        os.replace(tmp.name, path)
+        summary = {
+            "meta": dict(self.meta),
+            "sha256": file_sha256(path),
+            "layers": [
+                {
+                    "layer": ls.layer,
+                    "num_experts": ls.num_experts,
+                    "num_tokens": ls.num_tokens,
+                    "top_k": ls.top_k,
+                    "freq": np.round(ls.freq, 6).tolist(),
+                    "mean_offdiag_cka": _mean_offdiag(ls.sim.get("cka")),
+                }
+                for ls in self.layers
+            ],
+        }
+        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".json", delete=False) as tmp:
+            json.dump(summary, tmp, indent=1)
+        os.replace(tmp.name, path + ".json")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelStats:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise StatsError(f"{path}: stats file not found")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise StatsError(f"{path}: not a readable stats .npz ({e})") from None
+        if "__header__" not in data:
+            raise StatsError(f"{path}: missing '__header__' entry; not a grape-jax stats file")
+        header = json.loads(bytes(data["__header__"]).decode())
+        layers = []
+        for n, h in enumerate(header["layers"]):
+            p = f"l{n}."
+            sim = {
+                k[len(p) + 4 :]: np.asarray(v, np.float64)
+                for k, v in data.items()
+                if k.startswith(p + "sim.")
+            }
+            layers.append(
+                LayerStats(
+                    layer=int(h["layer"]),
+                    num_tokens=int(h["num_tokens"]),
+                    top_k=int(h["top_k"]),
+                    freq=np.asarray(data[p + "freq"], np.float64),
+                    gate_mass=np.asarray(data[p + "gate_mass"], np.float64),
+                    reap=np.asarray(data[p + "reap"], np.float64),
+                    sim=sim,
+                    routed_m=_opt(data.get(p + "routed_m")),
+                    routed_n=_opt(data.get(p + "routed_n")),
+                )
+            )
+        stats = cls(layers=tuple(layers), meta=header.get("meta", {}))
+        try:
+            stats.validate()
+        except StatsError as e:
+            raise StatsError(f"{path}: {e}") from None
+        return stats
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _opt(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else np.asarray(a, np.float64)
+
+
+def _mean_offdiag(m: np.ndarray | None) -> float | None:
+    if m is None or m.shape[0] < 2:
+        return None
+    e = m.shape[0]
+    return float((m.sum() - np.trace(m)) / (e * (e - 1)))

@@ -1,0 +1,16 @@
+"""Test set-up: 8 simulated CPU devices, fp32 matmuls, shared tiny models.
+
+`jax_num_cpu_devices` must be set before any backend is initialised, so it is done at import time
+of this conftest, which pytest loads before any test module.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_default_matmul_precision", "highest")
