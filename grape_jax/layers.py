@@ -7,7 +7,7 @@ expert count. Norms, softmaxes and routing run in fp32.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -158,17 +158,25 @@ def decoder_layer(
     x: Float[Array, "b t d"],
     positions: Int[Array, "b t"],
     mask: Bool[Array, "b t"],
+    *,
+    moe_fn: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
 ) -> Float[Array, "b t d"]:
+    """One pre-norm decoder layer. `moe_fn(prefix, h [b*t, d], mask [b*t]) -> out` replaces the MoE
+    block (calibration uses it to accumulate statistics on the same pass)."""
     p = f"layers.{layer}."
     attn_mask = attention_mask(mask, sliding_window=layer_window(cfg, layer))
     h = rms_norm(x, params[p + "attn_norm"], cfg.rms_norm_eps)
     x = x + attention(params, p + "attn.", cfg, h, positions, attn_mask)
     h = rms_norm(x, params[p + "mlp_norm"], cfg.rms_norm_eps)
     b, t, d = h.shape
-    if cfg.num_experts[layer] > 0:
-        out, _, _ = moe_block(params, p + "mlp.", cfg, h.reshape(b * t, d))
-        return x + out.reshape(b, t, d)
-    return x + dense_mlp(params, p + "mlp.", cfg, h)
+    if cfg.num_experts[layer] == 0:
+        return x + dense_mlp(params, p + "mlp.", cfg, h)
+    flat = h.reshape(b * t, d)
+    if moe_fn is None:
+        out = moe_block(params, p + "mlp.", cfg, flat)[0]
+    else:
+        out = moe_fn(p + "mlp.", flat, mask.reshape(b * t))
+    return x + out.reshape(b, t, d)
 
 
 def embed(params: Params, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:

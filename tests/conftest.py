@@ -14,3 +14,24 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@dataclasses.dataclass
+class SavedModel:
+    """A tiny random HF model and the directory it was saved to."""
+
+    model: object
+    path: str
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> SavedModel:
+    from tests.hf_models import build_model, save_model, tiny_mixtral_config
+
+    model = build_model(tiny_mixtral_config(), seed=0)
+    return SavedModel(model, save_model(model, tmp_path_factory.mktemp("tiny_mixtral")))

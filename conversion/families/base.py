@@ -120,7 +120,7 @@ def bind(family: Family, cfg: MoEConfig) -> dict[str, Binding]:
     rules = list(family.rules(cfg))
     compiled = [(rule, _compile(rule.ours)) for rule in rules]
     for name, spec in specs.items():
-        matches = [(rule, m) for rule, m in compiled if (m := rx.match(name)) is not None]
+        matches = [(rule, m) for rule, rx in compiled if (m := rx.match(name)) is not None]
         if len(matches) != 1:
             raise ConversionError(
                 f"family {family.name}: parameter {name!r} matches {len(matches)} key rules, "

@@ -1,0 +1,219 @@
+"""Calibration: run token blocks through the model and accumulate per-MoE-layer statistics.
+
+One jitted `update(acc, params, tokens, mask) -> acc` (the accumulator is donated) runs the decoder layer
+by layer; at each MoE layer it scans over token chunks of the layer input, runs *every* expert on every
+token of the chunk (`layers.moe_block` returns all expert outputs), feeds them with the layer's own
+routing to `similarity.update_accumulators`, and continues the forward pass with the same chunk outputs.
+Memory per step is bounded by the chunk size, independent of how many tokens are calibrated. Experts
+stay sharded over the `expert` mesh axis and tokens over `data`, as the parameters and batch are placed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Int
+
+from grape_jax import layers, similarity
+from grape_jax.config import MoEConfig
+from grape_jax.stats import LayerStats, ModelStats, StatsError
+
+Accumulators = dict[str, Any]  # str(layer) -> similarity.Accumulators
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationOptions:
+    batch_size: int = 4
+    token_chunk: int = 512
+    cka: str = "auto"  # exact | minibatch | auto
+    exact_cka_max_bytes: int = 1 << 30
+    checkpoint_every: int = 0  # batches between resumable saves (0: only at the end)
+
+
+def choose_cka_mode(cfg: MoEConfig, options: CalibrationOptions) -> str:
+    """'exact' when the d x d cross-moments of every expert pair fit the byte budget, else 'minibatch'."""
+    if options.cka != "auto":
+        if options.cka not in ("exact", "minibatch"):
+            raise ValueError(f"cka mode {options.cka!r} unknown; expected auto, exact or minibatch")
+        return options.cka
+    worst = max(similarity.exact_cka_bytes(e, cfg.hidden_size) for e in cfg.num_experts if e)
+    return "exact" if worst * len(cfg.moe_layers) <= options.exact_cka_max_bytes else "minibatch"
+
+
+def init_accumulators(cfg: MoEConfig, *, cka: str, token_chunk: int) -> Accumulators:
+    return {
+        str(layer): similarity.init_accumulators(
+            cfg.num_experts[layer], cfg.hidden_size, cka=cka, chunk=token_chunk
+        )
+        for layer in cfg.moe_layers
+    }
+
+
+def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk):
+    """MoE block over token chunks (lax.scan), accumulating statistics of every chunk."""
+    t, d = h.shape
+    pad = (-t) % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    mask = jnp.pad(mask, (0, pad))
+    n = h.shape[0] // chunk
+
+    def body(acc, xs):
+        x, m = xs
+        out, routing, y_all = layers.moe_block(params, p, cfg, x)
+        acc = similarity.update_accumulators(
+            acc, y_all.astype(jnp.float32), routing.gates, routing.selected, routing.logits, m
+        )
+        return acc, out
+
+    acc, outs = jax.lax.scan(body, acc, (h.reshape(n, chunk, d), mask.reshape(n, chunk)))
+    return outs.reshape(n * chunk, d)[:t], acc
+
+
+def calibration_step(
+    acc: Accumulators,
+    params: Mapping[str, jax.Array],
+    tokens: Int[Array, "b t"],
+    mask: Bool[Array, "b t"],
+    *,
+    cfg: MoEConfig,
+    token_chunk: int,
+) -> Accumulators:
+    """One batch through the model, updating every MoE layer's accumulators (pure; jit it)."""
+    positions = layers.default_positions(mask)
+    acc = dict(acc)
+
+    def moe_fn(prefix: str, h: jax.Array, m: jax.Array) -> jax.Array:
+        key = prefix.split(".")[1]
+        out, acc[key] = _moe_layer_with_stats(params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]))
+        return out
+
+    x = layers.embed(params, tokens)
+    for layer in range(cfg.num_layers):
+        x = layers.decoder_layer(params, cfg, layer, x, positions, mask, moe_fn=moe_fn)
+    return acc
+
+
+calibration_step_jit = jax.jit(
+    calibration_step, static_argnames=("cfg", "token_chunk"), donate_argnums=(0,)
+)
+
+
+def finalize_stats(
+    acc: Accumulators, params: Mapping[str, jax.Array], cfg: MoEConfig, *, meta: Mapping[str, Any]
+) -> ModelStats:
+    """Host statistics of every MoE layer, with weight-space cosine added (needs no data)."""
+    out = []
+    for layer in cfg.moe_layers:
+        p = f"layers.{layer}.mlp."
+        try:
+            s = similarity.finalize(acc[str(layer)])
+        except ValueError as e:
+            raise StatsError(f"layer {layer}: {e}") from None
+        weight = np.asarray(
+            similarity.weight_cosine(params[p + "w_gate"], params[p + "w_up"], params[p + "w_down"]),
+            np.float64,
+        )
+        out.append(
+            LayerStats(
+                layer=layer,
+                num_tokens=int(s["num_tokens"]),
+                top_k=cfg.top_k,
+                freq=s["freq"],
+                gate_mass=s["gate_mass"],
+                reap=s["reap"],
+                sim={"cka": s["cka"], "cos_mean": s["cos_mean"], "router": s["router"], "weight": weight},
+                routed_m=s["routed_m"],
+                routed_n=s["routed_n"],
+            )
+        )
+    stats = ModelStats(layers=tuple(out), meta=dict(meta))
+    stats.validate()
+    return stats
+
+
+def pad_batches(blocks: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n, T] blocks -> ([k, batch, T] tokens, [k, batch, T] mask) with masked filler rows."""
+    n, t = blocks.shape
+    k = -(-n // batch_size)
+    tokens = np.zeros((k * batch_size, t), np.int32)
+    mask = np.zeros((k * batch_size, t), bool)
+    tokens[:n], mask[:n] = blocks, True
+    return tokens.reshape(k, batch_size, t), mask.reshape(k, batch_size, t)
+
+
+def calibrate(
+    params: Mapping[str, jax.Array],
+    cfg: MoEConfig,
+    blocks: np.ndarray,
+    *,
+    options: CalibrationOptions = CalibrationOptions(),
+    mesh: jax.sharding.Mesh | None = None,
+    meta: Mapping[str, Any] | None = None,
+    resume_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ModelStats:
+    """Accumulate statistics over `blocks` [n, seq_len]; resumable when `resume_dir` is given."""
+    from tqdm.auto import tqdm
+
+    from grape_jax.sharding import shard_batch
+
+    blocks = np.asarray(blocks, np.int32)
+    if blocks.ndim != 2 or blocks.shape[0] == 0:
+        raise ValueError(f"calibration blocks must be a non-empty [n, seq_len] array, got {blocks.shape}")
+    if blocks.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {blocks.shape[1]} exceeds the model's max_position_embeddings="
+            f"{cfg.max_position_embeddings}"
+        )
+    if blocks.min() < 0 or blocks.max() >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{blocks.min()}, {blocks.max()}]")
+    cka = choose_cka_mode(cfg, options)
+    chunk = min(options.token_chunk, options.batch_size * blocks.shape[1])
+    tokens, mask = pad_batches(blocks, options.batch_size)
+    acc = init_accumulators(cfg, cka=cka, token_chunk=chunk)
+    start = 0
+    if resume_dir is not None:
+        from grape_jax.resume import load_progress
+
+        restored = load_progress(resume_dir, acc, fingerprint=_fingerprint(blocks, cfg, options, cka))
+        if restored is not None:
+            acc, start = restored
+    put = (lambda a: shard_batch(a, mesh)) if mesh is not None else jnp.asarray
+    bar = tqdm(total=int(mask.sum()), unit="tok", disable=not progress, desc="calibrate", initial=int(mask[:start].sum()))
+    t0 = time.perf_counter()
+    for i in range(start, tokens.shape[0]):
+        acc = calibration_step_jit(acc, dict(params), put(tokens[i]), put(mask[i]), cfg=cfg, token_chunk=chunk)
+        bar.update(int(mask[i].sum()))
+        last = i == tokens.shape[0] - 1
+        if resume_dir is not None and (last or (options.checkpoint_every and (i + 1) % options.checkpoint_every == 0)):
+            from grape_jax.resume import save_progress
+
+            save_progress(resume_dir, acc, i + 1, fingerprint=_fingerprint(blocks, cfg, options, cka))
+    jax.block_until_ready(acc)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    info = {
+        "num_blocks": int(blocks.shape[0]),
+        "seq_len": int(blocks.shape[1]),
+        "num_tokens": int(blocks.size),
+        "cka_mode": cka,
+        "token_chunk": chunk,
+        "seconds": round(elapsed, 3),
+    }
+    return finalize_stats(acc, params, cfg, meta={**dict(meta or {}), "calibration": info})
+
+
+def _fingerprint(blocks: np.ndarray, cfg: MoEConfig, options: CalibrationOptions, cka: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256(blocks.tobytes())
+    h.update(json.dumps([cfg.to_dict(), dataclasses.asdict(options), cka], sort_keys=True).encode())
+    return h.hexdigest()

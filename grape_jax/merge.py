@@ -1,0 +1,137 @@
+"""Pure merge: (flat parameters, plan) -> merged flat parameters with new per-layer expert counts.
+
+A layer's plan becomes two matrices over experts, `mix [E_new, E_old]` for expert weights (α of each
+group's members) and `route [E_new, E_old]` for the router columns/biases (one-hot on the dominant
+member, or α for the 'mean' rule). Every parameter whose table entry has an `experts` axis follows
+them (`role` picks which), so biases, DeepSeek's score bias and GPT-OSS's router bias need no special
+code. Rows that are one-hot are gathered rather than multiplied, so pruning and budget 0 are exact
+bit for bit; merged rows are summed in fp32 and cast back. Results keep the input's mesh and
+partition specs (a dimension that no longer divides its mesh axis is replicated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from grape_jax.config import MoEConfig
+from grape_jax.params import layer_of, param_specs
+from grape_jax.sharding import DEFAULT_RULES, ShardingRules, logical_to_pspec
+
+
+class MergeError(ValueError):
+    """A plan that does not fit the model it is applied to."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMix:
+    """How one MoE layer's experts map to the merged layer's experts."""
+
+    layer: int
+    mix: np.ndarray  # [E_new, E_old], rows sum to 1
+    route: np.ndarray  # [E_new, E_old], rows sum to 1
+
+    @property
+    def is_identity(self) -> bool:
+        n, o = self.mix.shape
+        eye = np.eye(o)
+        return n == o and np.array_equal(self.mix, eye) and np.array_equal(self.route, eye)
+
+
+def layer_mix(
+    *,
+    layer: int,
+    num_experts: int,
+    groups: Sequence[Sequence[int]],
+    weights: Sequence[Sequence[float]],
+    dominant: Sequence[int],
+    router_rule: str,
+) -> LayerMix:
+    """Matrices of one layer from its groups (each group -> one new expert, in order)."""
+    if router_rule not in ("dominant", "mean"):
+        raise MergeError(f"router rule {router_rule!r} unknown; expected 'dominant' or 'mean'")
+    mix = np.zeros((len(groups), num_experts))
+    route = np.zeros_like(mix)
+    for row, (members, alphas, dom) in enumerate(zip(groups, weights, dominant, strict=True)):
+        for e, a in zip(members, alphas, strict=True):
+            if not 0 <= e < num_experts:
+                raise MergeError(f"layer {layer}: expert id {e} out of range [0, {num_experts})")
+            mix[row, e] = a
+        if router_rule == "dominant":
+            route[row, dom] = 1.0
+        else:
+            route[row] = mix[row]
+    return LayerMix(layer, mix, route)
+
+
+@jax.jit
+def _gather_rows(v: jax.Array, idx: jax.Array) -> jax.Array:
+    return jnp.take(v, idx, axis=0)
+
+
+@jax.jit
+def _mix_rows(v: jax.Array, m: jax.Array) -> jax.Array:
+    out = jnp.tensordot(m, v.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
+    return out.astype(v.dtype)
+
+
+def _apply(x: jax.Array, matrix: np.ndarray, axis: int, sharding) -> jax.Array:
+    """Mix `x` along `axis` with `matrix`: gathered where rows are one-hot, else fp32 weighted sums."""
+    v = jnp.moveaxis(x, axis, 0) if axis else x
+    if np.all(np.isin(matrix, (0.0, 1.0))) and np.all(matrix.sum(1) == 1.0):
+        out = _gather_rows(v, jnp.asarray(np.argmax(matrix, axis=1), jnp.int32))
+    else:
+        out = _mix_rows(v, jnp.asarray(matrix, jnp.float32))
+    out = jnp.moveaxis(out, 0, axis) if axis else out
+    return out if sharding is None else jax.device_put(out, sharding)
+
+
+def _target_sharding(x: jax.Array, shape, axes, rules: ShardingRules):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, logical_to_pspec(shape, axes, sharding.mesh, rules))
+    return sharding
+
+
+def merge_params(
+    params: Mapping[str, jax.Array],
+    cfg: MoEConfig,
+    mixes: Sequence[LayerMix],
+    *,
+    rules: ShardingRules = DEFAULT_RULES,
+) -> tuple[dict[str, jax.Array], MoEConfig]:
+    """Apply per-layer mixes; layers without a mix (or with an identity mix) pass through untouched."""
+    by_layer = {m.layer: m for m in mixes}
+    counts = list(cfg.num_experts)
+    for layer, m in by_layer.items():
+        if not 0 <= layer < cfg.num_layers or cfg.num_experts[layer] == 0:
+            raise MergeError(f"plan names layer {layer}, which is not an MoE layer of this model")
+        if m.mix.shape[1] != cfg.num_experts[layer]:
+            raise MergeError(
+                f"layer {layer}: plan is for {m.mix.shape[1]} experts, model has "
+                f"{cfg.num_experts[layer]}"
+            )
+        if m.mix.shape[0] < cfg.top_k:
+            raise MergeError(
+                f"layer {layer}: plan keeps {m.mix.shape[0]} experts, fewer than top_k={cfg.top_k}"
+            )
+        counts[layer] = m.mix.shape[0]
+    new_cfg = cfg.with_num_experts(tuple(counts))
+    new_specs = param_specs(new_cfg)
+    out: dict[str, jax.Array] = {}
+    for name, spec in param_specs(cfg).items():
+        x = params[name]
+        layer = layer_of(name)
+        m = by_layer.get(layer) if layer is not None else None
+        if spec.expert_axis is None or m is None or m.is_identity:
+            out[name] = x
+            continue
+        matrix = m.route if spec.role == "router" else m.mix
+        new = new_specs[name]
+        out[name] = _apply(x, matrix, spec.expert_axis, _target_sharding(x, new.shape, new.axes, rules))
+    return out, new_cfg
