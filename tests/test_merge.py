@@ -1,0 +1,126 @@
+"""Merge: exact where it must be, a NumPy reference elsewhere, shardings kept."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grape_jax.config import MoEConfig
+from grape_jax.merge import MergeError, layer_mix, merge_params
+from grape_jax.model import logits
+from grape_jax.params import init_params, param_specs
+from grape_jax.sharding import make_mesh, param_shardings
+
+BASE = MoEConfig(
+    family="mixtral", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+    head_dim=8, moe_intermediate_size=24, num_experts=(4, 4), top_k=2, max_position_embeddings=64,
+)
+
+
+def _params(cfg, seed=0):
+    return init_params(cfg, jax.random.key(seed), scale=0.3)
+
+
+def _tokens():
+    return np.random.default_rng(0).integers(0, BASE.vocab_size, size=(2, 10), dtype=np.int32)
+
+
+def _mix(layer, groups, weights=None, dominant=None, rule="dominant", n=4):
+    weights = weights or [[1.0 / len(g)] * len(g) for g in groups]
+    dominant = dominant or [g[0] for g in groups]
+    return layer_mix(layer=layer, num_experts=n, groups=groups, weights=weights, dominant=dominant,
+                     router_rule=rule)
+
+
+def test_identity_plan_is_bit_identical():
+    params = _params(BASE)
+    mixes = [_mix(l, [[0], [1], [2], [3]]) for l in (0, 1)]
+    out, cfg = merge_params(params, BASE, mixes)
+    assert cfg == BASE
+    for name in params:
+        assert out[name] is params[name]
+
+
+def test_merging_identical_experts_keeps_logits():
+    """With top-1 routing (renormalised), two bit-identical experts tie and the lower id wins; their
+    merge is selected for exactly the same tokens with the same output. (With k >= 2 both duplicates
+    are chosen together, and a merge frees a slot for another expert: logits change by design.)"""
+    cfg = dataclasses.replace(BASE, top_k=1)
+    params = dict(_params(cfg))
+    p = "layers.1.mlp."
+    for k in ("w_gate", "w_up", "w_down"):
+        params[p + k] = params[p + k].at[2].set(params[p + k][0])
+    params[p + "router"] = params[p + "router"].at[:, 2].set(params[p + "router"][:, 0])
+    merged, new_cfg = merge_params(params, cfg, [_mix(1, [[0, 2], [1], [3]], [[0.5, 0.5], [1.0], [1.0]])])
+    assert new_cfg.num_experts == (4, 3)
+    tokens = _tokens()
+    np.testing.assert_allclose(np.asarray(logits(merged, new_cfg, tokens)),
+                               np.asarray(logits(params, cfg, tokens)), atol=1e-5, rtol=1e-5)
+
+
+def test_dropping_a_never_selected_expert_keeps_logits():
+    """A router bias of -1e4 means expert 1 is never selected (top-k of biased logits, GPT-OSS style)."""
+    cfg = dataclasses.replace(BASE, router="topk_softmax", router_bias=True)
+    params = dict(_params(cfg))
+    params["layers.0.mlp.router_bias"] = params["layers.0.mlp.router_bias"].at[1].set(-1e4)
+    merged, new_cfg = merge_params(params, cfg, [_mix(0, [[0], [2], [3]])])
+    assert merged["layers.0.mlp.router_bias"].shape == (3,)
+    tokens = _tokens()
+    np.testing.assert_allclose(np.asarray(logits(merged, new_cfg, tokens)),
+                               np.asarray(logits(params, cfg, tokens)), atol=1e-6, rtol=1e-6)
+    # pruning is a gather: kept experts are bit-identical
+    np.testing.assert_array_equal(np.asarray(merged["layers.0.mlp.w_up"]),
+                                  np.asarray(params["layers.0.mlp.w_up"])[[0, 2, 3]])
+
+
+@pytest.mark.parametrize("rule", ["dominant", "mean"])
+def test_merged_weights_match_numpy_reference(rule):
+    params = _params(BASE)
+    groups, weights, dominant = [[0, 3], [1, 2]], [[0.25, 0.75], [0.6, 0.4]], [3, 1]
+    merged, new_cfg = merge_params(params, BASE, [_mix(1, groups, weights, dominant, rule)])
+    assert new_cfg.num_experts == (4, 2)
+    p = "layers.1.mlp."
+    for k in ("w_gate", "w_up", "w_down"):
+        w = np.asarray(params[p + k], np.float64)
+        ref = np.stack([sum(a * w[e] for e, a in zip(g, al)) for g, al in zip(groups, weights)])
+        np.testing.assert_allclose(np.asarray(merged[p + k]), ref, rtol=1e-6, atol=1e-7)
+    r = np.asarray(params[p + "router"], np.float64)
+    if rule == "dominant":
+        ref = r[:, dominant]
+    else:
+        ref = np.stack([sum(a * r[:, e] for e, a in zip(g, al)) for g, al in zip(groups, weights)], 1)
+    np.testing.assert_allclose(np.asarray(merged[p + "router"]), ref, rtol=1e-6, atol=1e-7)
+    for name in params:  # layer 0 untouched
+        if name.startswith("layers.0."):
+            assert merged[name] is params[name]
+
+
+def test_shardings_are_kept_on_an_8_device_mesh():
+    mesh = make_mesh("fsdp=2,expert=4")
+    cfg = BASE.with_num_experts((8, 8))
+    params = init_params(cfg, jax.random.key(0), shardings=param_shardings(param_specs(cfg), mesh))
+    mixes = [_mix(0, [[0, 1], [2, 3], [4], [5], [6], [7], ], n=8),
+             _mix(1, [[0, 4], [1, 5], [2, 6], [3, 7]], n=8)]
+    merged, new_cfg = merge_params(params, cfg, mixes)
+    assert new_cfg.num_experts == (6, 4)
+    for name, arr in merged.items():
+        before = params[name].sharding.spec
+        after = arr.sharding.spec
+        if name.startswith("layers.0.") and "mlp" in name and arr.shape != params[name].shape:
+            # 6 experts do not divide the expert axis (4): that dimension is replicated, the rest kept
+            assert after == type(before)(*[None if a == "expert" else a for a in before])
+        else:
+            assert after == before, name
+        assert arr.sharding.mesh == mesh
+
+
+def test_plan_for_another_model_is_refused():
+    params = _params(BASE)
+    with pytest.raises(MergeError, match="model has 4"):
+        merge_params(params, BASE, [_mix(0, [[0], [1], [2], [3], [4]], n=5)])
+    with pytest.raises(MergeError, match="fewer than top_k"):
+        merge_params(params, BASE, [_mix(0, [[0, 1, 2, 3]])])
