@@ -58,7 +58,8 @@ def decode_mxfp4(
     values[..., 1::2] = FP4_VALUES[blocks >> 4]
     # code * 2**(s - 127), exact in fp32 (subnormals included); byte 255 is E8M0's NaN.
     exponent = scales.astype(np.int32) - SCALE_BIAS
-    values = np.ldexp(values, exponent[..., None]).astype(np.float32)
+    with np.errstate(over="ignore"):  # 6 * 2**127 overflows fp32 to inf, as in torch
+        values = np.ldexp(values, exponent[..., None]).astype(np.float32)
     values[scales == 255] = np.nan
     with np.errstate(over="ignore"):  # narrower dtypes overflow to inf, as torch's cast does
         out = values.reshape(n_exp, rows, groups * 2 * half).astype(dtype)
