@@ -14,6 +14,8 @@ from typing import Any
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk")
 ACTIVATIONS = ("silu", "gptoss_clamped_swiglu")
+ATTENTIONS = ("gqa", "mla")
+ROPE_TYPES = ("default", "yarn")
 
 
 class ConfigError(ValueError):
@@ -67,6 +69,26 @@ class MoEConfig:
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
     min_experts: int = 0
+    # q/k RMSNorm over the whole projection ([heads*head_dim], OLMoE) instead of per head (Qwen3).
+    qk_norm_full: bool = False
+    clip_qkv: float | None = None  # OLMoE: clamp the q/k/v projections to [-clip, clip]
+    attention_scale: float | None = None  # softmax scale; None: (q/k head dim) ** -0.5
+    # Multi-head latent attention (DeepSeek-V2/V3, `grape_jax.mla`); q_lora_rank 0 = plain q_proj.
+    attention: str = "gqa"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # Rotary embedding (`grape_jax.rope`): HF's default or YaRN; cos/sin scaled by the attention factor.
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_original_max_position: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
+    rope_attention_factor: float = 1.0
+    rope_interleave: bool = False  # DeepSeek-V3: rotary pairs are (x0, x1), (x2, x3), ...
 
     def __post_init__(self) -> None:
         if len(self.num_experts) != self.num_layers:
@@ -78,6 +100,10 @@ class MoEConfig:
             raise ConfigError(f"router {self.router!r} unknown; expected one of {ROUTERS}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation {self.activation!r} unknown; expected one of {ACTIVATIONS}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"attention {self.attention!r} unknown; expected one of {ATTENTIONS}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_type {self.rope_type!r} unknown; expected one of {ROPE_TYPES}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"

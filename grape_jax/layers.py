@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from grape_jax.config import MoEConfig
+from grape_jax.mla import mla_attention
+from grape_jax.rope import apply_rope
 from grape_jax.routing import Routing, route
 
 Params = Mapping[str, jax.Array]
@@ -61,7 +63,9 @@ def attention(
     positions: Int[Array, "b t"],
     mask: Bool[Array, "b 1 t t"],
 ) -> Float[Array, "b t d"]:
-    """Grouped-query attention with RoPE, optional q/k norm, biases and attention sinks."""
+    """Grouped-query attention with RoPE, optional q/k norm, biases and attention sinks (or MLA)."""
+    if cfg.attention == "mla":
+        return mla_attention(params, p, cfg, x, positions, mask)
     b, t, _ = x.shape
     hd, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
 
@@ -69,16 +73,21 @@ def attention(
         y = x @ params[p + name + "_proj"]
         if p + name + "_bias" in params:
             y = y + params[p + name + "_bias"]
+        if cfg.qk_norm and cfg.qk_norm_full and name != "v":
+            y = rms_norm(y, params[p + name + "_norm"], cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            y = jnp.clip(y, -cfg.clip_qkv, cfg.clip_qkv)
         return y.reshape(b, t, heads, hd)
 
     q, k, v = proj("q", hq), proj("k", hkv), proj("v", hkv)
-    if cfg.qk_norm:
+    if cfg.qk_norm and not cfg.qk_norm_full:
         q = rms_norm(q, params[p + "q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, params[p + "k_norm"], cfg.rms_norm_eps)
-    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
     groups = hq // hkv
     q = q.reshape(b, t, hkv, groups, hd)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) / jnp.sqrt(hd)
+    scale = cfg.attention_scale if cfg.attention_scale is not None else hd**-0.5
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k).astype(jnp.float32) * scale
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     if cfg.attention_sinks:
         sinks = params[p + "sinks"].astype(jnp.float32).reshape(1, hkv, groups, 1, 1)

@@ -50,6 +50,11 @@ class ParamSpec:
 
 
 def _attention_specs(cfg: MoEConfig, p: str) -> Iterator[tuple[str, ParamSpec]]:
+    if cfg.attention == "mla":
+        from grape_jax.mla import mla_specs  # mla builds on this module's ParamSpec
+
+        yield from mla_specs(cfg, p)
+        return
     d, hd = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     yield p + "q_proj", ParamSpec((d, q), (EMBED, HEADS))
@@ -62,9 +67,9 @@ def _attention_specs(cfg: MoEConfig, p: str) -> Iterator[tuple[str, ParamSpec]]:
         yield p + "v_bias", ParamSpec((kv,), (KV_HEADS,), "zeros")
     if cfg.attention_out_bias:
         yield p + "o_bias", ParamSpec((d,), (EMBED,), "zeros")
-    if cfg.qk_norm:
-        yield p + "q_norm", ParamSpec((hd,), (NORM,), "ones")
-        yield p + "k_norm", ParamSpec((hd,), (NORM,), "ones")
+    if cfg.qk_norm:  # per head (Qwen3) or over the whole projection (OLMoE)
+        yield p + "q_norm", ParamSpec((q if cfg.qk_norm_full else hd,), (NORM,), "ones")
+        yield p + "k_norm", ParamSpec((kv if cfg.qk_norm_full else hd,), (NORM,), "ones")
     if cfg.attention_sinks:
         yield p + "sinks", ParamSpec((cfg.num_heads,), (HEADS,), "zeros")
 

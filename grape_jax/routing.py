@@ -69,7 +69,7 @@ def route(
             _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)
             group_mask = jax.nn.one_hot(top_groups, cfg.n_group).sum(axis=1) > 0  # [T, G]
             expert_mask = jnp.repeat(group_mask, num_experts // cfg.n_group, axis=1)
-            choice = jnp.where(expert_mask, choice, 0.0)
+            choice = jnp.where(expert_mask, choice, -jnp.inf)  # as HF: masked_fill(-inf)
         _, indices = jax.lax.top_k(choice, k)
         weights = jnp.take_along_axis(scores, indices, axis=-1)
         if cfg.norm_topk_prob:
