@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from conversion.families import mixtral
+from conversion.families import (
+    deepseek_moe,
+    deepseek_v3,
+    gpt_oss,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_moe,
+)
 from conversion.families.base import ConversionError, Family
 
-_FAMILIES: tuple[Family, ...] = (mixtral.FAMILY,)
+_FAMILIES: tuple[Family, ...] = (
+    mixtral.FAMILY,
+    qwen2_moe.FAMILY,
+    qwen3_moe.FAMILY,
+    olmoe.FAMILY,
+    deepseek_moe.FAMILY,
+    deepseek_v3.FAMILY,
+    gpt_oss.FAMILY,
+)
 
 FAMILIES: dict[str, Family] = {t: f for f in _FAMILIES for t in f.model_types}
 

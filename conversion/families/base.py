@@ -66,6 +66,79 @@ IDENTITY, TRANSPOSE = Identity(), Transpose()
 
 
 @dataclasses.dataclass(frozen=True)
+class Interleaved:
+    """One of `parts` tensors interleaved along the HF tensor's last axis: `hf[..., part::parts] == ours`.
+
+    GPT-OSS fuses gate and up as alternating columns of `gate_up_proj` (`[..., ::2]` gate,
+    `[..., 1::2]` up). Several of our tensors then share one HF key: export groups them with
+    `hf_tensors` and writes the HF tensor with `combine`.
+    """
+
+    part: int
+    parts: int = 2
+
+    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        return (*ours[:-1], ours[-1] * self.parts)
+
+    def read(self, src: SliceReader, index: Index) -> np.ndarray:
+        *lead, last = index
+        raw = src((*lead, slice(last.start * self.parts, last.stop * self.parts)))
+        return np.ascontiguousarray(raw[..., self.part :: self.parts])
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        raise ConversionError("an interleaved part is written with the other parts (see hf_tensors)")
+
+    def combine(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """The HF tensor from all parts, in `part` order."""
+        first = parts[0]
+        out = np.empty((*first.shape[:-1], first.shape[-1] * self.parts), dtype=first.dtype)
+        for i, x in enumerate(parts):
+            out[..., i :: self.parts] = x
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Mxfp4:
+    """Our `[E, in, out]` expert tensor from MXFP4 `<key>_blocks` `[E, out', in/32, 16]` and
+    `<key>_scales` `[E, out', in/32]` (`out' = out * parts`; `part` picks interleaved columns as in
+    `Interleaved`). Decoded per requested expert slice with `conversion.mxfp4` (transformers' values)
+    to `dtype` (GPT-OSS's bf16). Read-only: exports write the dequantised tensor."""
+
+    part: int = 0
+    parts: int = 1
+    dtype: str = "bfloat16"
+
+    def sources(self, key: str) -> tuple[str, ...]:
+        return (key + "_blocks", key + "_scales")
+
+    def source_shapes(self, ours: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        e, d_in, d_out = ours
+        rows, groups = d_out * self.parts, d_in // 32
+        return (e, rows, groups, 16), (e, rows, groups)
+
+    def value_dtype(self) -> np.dtype:
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+
+        return np.dtype(self.dtype)
+
+    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        return (*ours[:-1], ours[-1] * self.parts)
+
+    def read_sources(self, srcs: Sequence[SliceReader], index: Index) -> np.ndarray:
+        from conversion.mxfp4 import decode_mxfp4
+
+        experts, cols, rows = index
+        lo, hi = rows.start * self.parts, rows.stop * self.parts
+        blocks = srcs[0]((experts, slice(lo, hi), slice(None), slice(None)))
+        scales = srcs[1]((experts, slice(lo, hi), slice(None)))
+        dense = decode_mxfp4(blocks, scales, dtype=self.value_dtype())  # [e, in, rows]
+        return np.ascontiguousarray(dense[:, cols, self.part :: self.parts])
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        raise ConversionError("MXFP4 tensors are exported dequantised; bind without hf_config")
+
+
+@dataclasses.dataclass(frozen=True)
 class KeyRule:
     ours: str
     hf: str
@@ -90,6 +163,75 @@ class Binding:
         shape = self.spec.shape[1:] if self.per_expert else self.spec.shape
         return self.transform.hf_shape(tuple(shape))
 
+    def hf_sources(self) -> dict[str, tuple[int, ...]]:
+        """Every checkpoint tensor this parameter is read from, with its expected shape."""
+        if not hasattr(self.transform, "sources"):
+            return {key: self.hf_shape() for key in self.hf_keys}
+        shape = self.spec.shape[1:] if self.per_expert else self.spec.shape
+        shapes = self.transform.source_shapes(tuple(shape))
+        return {k: sh for key in self.hf_keys for k, sh in zip(self.transform.sources(key), shapes)}
+
+    def value_dtype(self, stored: Any) -> np.dtype:
+        """dtype of the values read (the stored one unless the transform decodes, e.g. MXFP4)."""
+        if hasattr(self.transform, "value_dtype"):
+            return self.transform.value_dtype()
+        return np.dtype(stored)
+
+    def read(self, open_key: Callable[[str], SliceReader], index: Index) -> np.ndarray:
+        """Slice `index` (normalised slices, our layout) read from the checkpoint: per-expert keys
+        are read one expert at a time and stacked; multi-source transforms get all their readers."""
+
+        def one(key: str, idx: Index) -> np.ndarray:
+            if hasattr(self.transform, "sources"):
+                readers = [open_key(k) for k in self.transform.sources(key)]
+                return self.transform.read_sources(readers, idx)
+            return self.transform.read(open_key(key), idx)
+
+        if not self.per_expert:
+            return one(self.hf_keys[0], index)
+        experts, rest = index[0], index[1:]
+        return np.stack([one(self.hf_keys[e], rest) for e in range(experts.start, experts.stop)])
+
+
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One tensor of an export and the parameter slices it is made of (one, or several fused)."""
+
+    key: str
+    shape: tuple[int, ...]
+    parts: tuple[tuple[Binding, int | None], ...]  # (binding, expert index for per-expert keys)
+
+    def produce(self, read_ours: Callable[[str, int | None], np.ndarray]) -> np.ndarray:
+        """The HF tensor; `read_ours(name, expert)` returns our parameter (or one expert of it)."""
+        arrays = [read_ours(b.name, e) for b, e in self.parts]
+        if len(self.parts) == 1 and not hasattr(self.parts[0][0].transform, "combine"):
+            return self.parts[0][0].transform.to_hf(arrays[0])
+        return self.parts[0][0].transform.combine(arrays)
+
+
+def hf_tensors(bindings: Mapping[str, Binding]) -> list[HFTensor]:
+    """The export's HF tensors in a stable order, grouping parameters that share one HF key.
+
+    `conversion/export.py` writes one entry per `HFTensor` (shape `.shape`, dtype of its parameters)
+    and fills it with `.produce(read_ours)`.
+    """
+    grouped: dict[str, list[tuple[Binding, int | None]]] = {}
+    for b in bindings.values():
+        for e, key in enumerate(b.hf_keys):
+            grouped.setdefault(key, []).append((b, e if b.per_expert else None))
+    out = []
+    for key, parts in grouped.items():
+        if len(parts) > 1:
+            transforms = [b.transform for b, _ in parts]
+            if not all(hasattr(t, "combine") for t in transforms) or sorted(
+                t.part for t in transforms
+            ) != list(range(transforms[0].parts)):
+                raise ConversionError(f"HF tensor {key!r} is bound by several parameters that "
+                                      f"do not form one interleaved group: {[b.name for b, _ in parts]}")
+            parts.sort(key=lambda be: be[0].transform.part)
+        out.append(HFTensor(key, tuple(parts[0][0].hf_shape()), tuple(parts)))
+    return out
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -102,6 +244,10 @@ class Family:
     config_to_hf: Callable[[MoEConfig, Mapping[str, Any]], dict[str, Any]]
     rules: Callable[[MoEConfig], Sequence[KeyRule]]
     experts_config_key: str
+    # Rules for a quantised checkpoint (`quantization_config` in config.json), read-only; None: refused.
+    quantized_rules: Callable[[MoEConfig, Mapping[str, Any]], Sequence[KeyRule]] | None = None
+    # Every MoE layer's expert count must be a multiple of this (DeepSeek-V3: n_group), for planners.
+    expert_count_multiple: Callable[[MoEConfig], int] = lambda cfg: 1
 
 
 def _instantiate(pattern: str, **values: int) -> str:
@@ -113,11 +259,32 @@ def _compile(pattern: str) -> re.Pattern:
     return re.compile("^" + body + "$")
 
 
-def bind(family: Family, cfg: MoEConfig) -> dict[str, Binding]:
-    """Bind every parameter of `cfg`'s table to its HF key(s); each parameter exactly once."""
+def family_rules(
+    family: Family, cfg: MoEConfig, hf_config: Mapping[str, Any] | None = None
+) -> list[KeyRule]:
+    """The family's table; for a checkpoint whose config.json has a `quantization_config`, the
+    family's quantised table (or an error naming what is supported)."""
+    quant = None if hf_config is None else hf_config.get("quantization_config")
+    if not quant:
+        return list(family.rules(cfg))
+    if family.quantized_rules is None:
+        raise ConversionError(
+            f"config.json: quantization_config {quant.get('quant_method')!r} is not supported for "
+            f"family {family.name}; convert a bf16/fp32 checkpoint"
+        )
+    return list(family.quantized_rules(cfg, quant))
+
+
+def bind(
+    family: Family, cfg: MoEConfig, *, hf_config: Mapping[str, Any] | None = None
+) -> dict[str, Binding]:
+    """Bind every parameter of `cfg`'s table to its HF key(s); each parameter exactly once.
+
+    Pass the checkpoint's `hf_config` when *reading* (quantised checkpoints bind to their stored
+    tensors); export binds without it and writes the dequantised layout."""
     specs = param_specs(cfg)
     bindings: dict[str, Binding] = {}
-    rules = list(family.rules(cfg))
+    rules = family_rules(family, cfg, hf_config)
     compiled = [(rule, _compile(rule.ours)) for rule in rules]
     for name, spec in specs.items():
         matches = [(rule, m) for rule, rx in compiled if (m := rx.match(name)) is not None]
@@ -143,15 +310,57 @@ def hf_layer_types(hf: Mapping[str, Any], num_layers: int) -> tuple[str, ...] | 
     return None if types is None else tuple(types)[:num_layers]
 
 
+def rope_params(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """`rope_parameters` (transformers 5) or `rope_scaling` (older configs), with `rope_theta`."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
 def rope_theta(hf: Mapping[str, Any], default: float = 10000.0) -> float:
     """`rope_theta` lives in `rope_parameters` in transformers 5 configs, at top level before."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
+    params = rope_params(hf)
+    if params["rope_type"] not in ("default", None):
         raise ConversionError(
-            f"config.json: rope_type {rope_type!r} is not supported yet (only 'default')"
+            f"config.json: rope_type {params['rope_type']!r} is not supported yet (only 'default')"
         )
     return float(params.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def rope_fields(hf: Mapping[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
+    """MoEConfig rope fields for default RoPE or YaRN (as `transformers.modeling_rope_utils`)."""
+    from grape_jax.rope import yarn_mscale
+
+    params = rope_params(hf)
+    theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
+    kind = params["rope_type"] or "default"
+    if kind == "default":
+        return {"rope_theta": theta}
+    if kind != "yarn":
+        raise ConversionError(
+            f"config.json: rope_type {kind!r} is not supported (supported: default, yarn)"
+        )
+    original = int(require(params, "original_max_position_embeddings"))
+    factor = params.get("factor")
+    factor = float(hf["max_position_embeddings"] / original if factor is None else factor)
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = (
+            yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+            if mscale and mscale_all
+            else yarn_mscale(factor)
+        )
+    return {
+        "rope_theta": theta,
+        "rope_type": "yarn",
+        "rope_factor": factor,
+        "rope_original_max_position": original,
+        "rope_beta_fast": float(params.get("beta_fast") or 32),
+        "rope_beta_slow": float(params.get("beta_slow") or 1),
+        "rope_truncate": bool(params.get("truncate", True)),
+        "rope_attention_factor": float(attention_factor),
+    }
 
 
 def require(hf: Mapping[str, Any], key: str) -> Any:
