@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from conversion.atomic import atomic_output_dir
-from conversion.families.base import Binding, ConversionError, Family, bind
+from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
 from conversion.safetensors_io import TensorEntry, write_checkpoint
 from grape_jax.config import MoEConfig
 from grape_jax.params import param_specs
@@ -77,14 +77,12 @@ def host_slice(arr: jax.Array, index: tuple[int | slice, ...] = ()) -> np.ndarra
 
 def hf_entries(
     bindings: Mapping[str, Binding], params: Mapping[str, jax.Array]
-) -> tuple[list[TensorEntry], dict[str, tuple[Binding, int | None]]]:
-    """Every HF tensor of the export with its shape/dtype, and where each comes from."""
+) -> tuple[list[TensorEntry], dict[str, HFTensor]]:
+    """Every HF tensor of the export with its shape/dtype, and the parameter slices it is made of."""
     entries, sources = [], {}
-    for name, b in bindings.items():
-        dtype = np.dtype(params[name].dtype)
-        for e, key in enumerate(b.hf_keys):
-            entries.append(TensorEntry(key, b.hf_shape(), dtype))
-            sources[key] = (b, e if b.per_expert else None)
+    for t in hf_tensors(bindings):
+        entries.append(TensorEntry(t.key, t.shape, np.dtype(params[t.parts[0][0].name].dtype)))
+        sources[t.key] = t
     return entries, sources
 
 
@@ -117,9 +115,9 @@ def export_hf(
     entries, sources = hf_entries(bindings, params)
 
     def produce(entry: TensorEntry) -> np.ndarray:
-        b, e = sources[entry.name]
-        ours = host_slice(params[b.name], () if e is None else (e,))
-        return b.transform.to_hf(ours)
+        return sources[entry.name].produce(
+            lambda name, e: host_slice(params[name], () if e is None else (e,))
+        )
 
     config = hf_config_for(cfg, family, base_config)
     out_dir = os.fspath(out_dir)

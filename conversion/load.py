@@ -63,19 +63,11 @@ def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
 def binding_reader(ckpt: CheckpointIndex, binding: Binding):
     """`read(index) -> np.ndarray` of our layout for one parameter, reading only that slice."""
 
-    def src_for(key: str):
+    def open_key(key: str):
         return lambda idx: ckpt.read_slice(key, idx)
 
     def read(index: tuple) -> np.ndarray:
-        index = _normalise(index, binding.spec.shape)
-        if not binding.per_expert:
-            return binding.transform.read(src_for(binding.hf_keys[0]), index)
-        experts, rest = index[0], index[1:]
-        parts = [
-            binding.transform.read(src_for(binding.hf_keys[e]), rest)
-            for e in range(experts.start, experts.stop)
-        ]
-        return np.stack(parts, axis=0)
+        return binding.read(open_key, _normalise(index, binding.spec.shape))
 
     return read
 
@@ -83,8 +75,7 @@ def binding_reader(ckpt: CheckpointIndex, binding: Binding):
 def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model_dir: str) -> None:
     """Every HF tensor exists with the shape config.json implies (else a one-line error)."""
     for b in bindings.values():
-        want = b.hf_shape()
-        for key in b.hf_keys:
+        for key, want in b.hf_sources().items():
             if key not in ckpt:
                 raise ConversionError(
                     f"{model_dir}: tensor {key!r} is missing (needed for {b.name} by config.json)"
@@ -113,7 +104,7 @@ def load_hf(
     family = get_family(hf.get("model_type"), source=os.path.join(model_dir, "config.json"))
     cfg = family.config_from_hf(hf)
     ckpt = CheckpointIndex.open(model_dir)
-    bindings = bind(family, cfg)
+    bindings = bind(family, cfg, hf_config=hf)
     check_bindings(ckpt, bindings, model_dir)
     specs = param_specs(cfg)
     if mesh is None:
@@ -123,7 +114,7 @@ def load_hf(
         shardings = param_shardings(specs, mesh, rules)
     params = {}
     for name, b in bindings.items():
-        stored = np.dtype(ckpt.info(b.hf_keys[0]).dtype)
+        stored = b.value_dtype(ckpt.info(next(iter(b.hf_sources()))).dtype)
         target = stored if dtype is None else np.dtype(dtype)
         read = binding_reader(ckpt, b)
 

@@ -66,7 +66,9 @@ class MoEModel(nnx.Module):
     def __call__(
         self, tokens: Int[Array, "b t"], mask: Bool[Array, "b t"] | None = None
     ) -> Float[Array, "b t v"]:
-        return layers.forward(flat_params(self), self.cfg, tokens, mask)
+        if mask is None:
+            mask = jnp.ones(tokens.shape, dtype=bool)
+        return forward_jit(flat_params(self), cfg=self.cfg, tokens=tokens, mask=mask)
 
 
 def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
