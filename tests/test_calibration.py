@@ -1,0 +1,114 @@
+"""Calibration uses the model's real routing and is independent of batching and sharding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conversion.load import load_hf
+from grape_jax.calibration import CalibrationOptions, calibrate
+from grape_jax.sharding import make_mesh
+from grape_jax.stats import ModelStats, StatsError
+from tests.hf_models import random_tokens
+
+OPTS = CalibrationOptions(batch_size=2, token_chunk=16, cka="exact")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_mixtral):
+    return load_hf(tiny_mixtral.path)
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    return random_tokens(128, batch=4, seq=16, seed=11)
+
+
+@pytest.fixture(scope="module")
+def stats(loaded, blocks):
+    return calibrate(loaded.params, loaded.cfg, blocks, options=OPTS, progress=False)
+
+
+def test_frequencies_are_transformers_top_k(tiny_mixtral, stats, blocks):
+    with torch.no_grad():
+        out = tiny_mixtral.model(input_ids=torch.as_tensor(blocks, dtype=torch.long), output_router_logits=True)
+    k = tiny_mixtral.model.config.num_experts_per_tok
+    for ls, router_logits in zip(stats.layers, out.router_logits):
+        top = torch.topk(router_logits.float(), k, dim=-1).indices.numpy()
+        counts = np.bincount(top.ravel(), minlength=ls.num_experts) / blocks.size
+        np.testing.assert_allclose(ls.freq, counts, atol=1e-12)
+        probs = torch.softmax(router_logits.float(), -1)
+        topv = torch.topk(probs, k, -1).values
+        gates = torch.zeros_like(probs).scatter(1, torch.topk(probs, k, -1).indices, topv / topv.sum(-1, keepdim=True))
+        np.testing.assert_allclose(ls.gate_mass, gates.mean(0).numpy(), rtol=1e-5)
+    assert stats.meta["calibration"]["num_tokens"] == blocks.size
+
+
+def test_batching_and_sharding_do_not_change_stats(loaded, blocks, stats, tiny_mixtral):
+    other = calibrate(loaded.params, loaded.cfg, blocks, options=CalibrationOptions(batch_size=3, token_chunk=8, cka="exact"),
+                      progress=False)
+    mesh = make_mesh("fsdp=2,expert=4")
+    sharded_params = load_hf(tiny_mixtral.path, mesh=mesh).params
+    sharded = calibrate(sharded_params, loaded.cfg, blocks, options=CalibrationOptions(batch_size=2, token_chunk=16, cka="exact"),
+                        mesh=make_mesh("data=2,expert=4"), progress=False)
+    for a, b, c in zip(stats.layers, other.layers, sharded.layers):
+        for field in ("freq", "gate_mass", "reap", "routed_m", "routed_n"):
+            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(getattr(c, field), getattr(a, field), rtol=1e-4, atol=1e-6)
+        for metric in ("cka", "cos_mean", "router", "weight"):
+            np.testing.assert_allclose(b.sim[metric], a.sim[metric], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(c.sim[metric], a.sim[metric], rtol=1e-4, atol=1e-5)
+
+
+def test_stats_file_round_trip(stats, tmp_path):
+    path = tmp_path / "stats.npz"
+    stats.save(path)
+    back = ModelStats.load(path)
+    assert (tmp_path / "stats.npz.json").exists()
+    for a, b in zip(stats.layers, back.layers):
+        np.testing.assert_array_equal(a.sim["cka"], b.sim["cka"])
+        np.testing.assert_array_equal(a.routed_m, b.routed_m)
+
+
+def test_bad_inputs(loaded, stats, tmp_path):
+    with pytest.raises(ValueError, match="non-empty"):
+        calibrate(loaded.params, loaded.cfg, np.zeros((0, 8), np.int32), options=OPTS, progress=False)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=128"):
+        calibrate(loaded.params, loaded.cfg, np.zeros((1, 129), np.int32), options=OPTS, progress=False)
+    bad = stats.layers[0]
+    sim = dict(bad.sim)
+    sim["cka"] = np.full_like(sim["cka"], np.nan)
+    import dataclasses
+
+    broken = ModelStats(layers=(dataclasses.replace(bad, sim=sim),), meta={})
+    broken.save(tmp_path / "bad.npz")
+    with pytest.raises(StatsError, match="layer 0: cka contains NaN"):
+        ModelStats.load(tmp_path / "bad.npz")
+
+
+def test_resume_after_interruption(loaded, blocks, stats, tmp_path, monkeypatch):
+    """Kill calibration after 3 of 4 batches; a rerun resumes there and gives the uninterrupted stats."""
+    import grape_jax.calibration as cal
+
+    opts = CalibrationOptions(batch_size=1, token_chunk=16, cka="exact", checkpoint_every=1)
+    resume = tmp_path / "progress"
+    real, calls = cal.calibration_step_jit, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cal, "calibration_step_jit", dying)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(loaded.params, loaded.cfg, blocks, options=opts, progress=False, resume_dir=resume)
+    calls.clear()
+    resumed = calibrate(loaded.params, loaded.cfg, blocks, options=opts, progress=False, resume_dir=resume)
+    assert len(calls) == 1  # only the last batch was computed again
+    for a, b in zip(stats.layers, resumed.layers):
+        np.testing.assert_allclose(b.freq, a.freq, atol=1e-12)
+        np.testing.assert_allclose(b.sim["cka"], a.sim["cka"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="different run"):
+        calibrate(loaded.params, loaded.cfg, blocks[:2], options=opts, progress=False, resume_dir=resume)
