@@ -135,3 +135,12 @@ def merge_params(
         new = new_specs[name]
         out[name] = _apply(x, matrix, spec.expert_axis, _target_sharding(x, new.shape, new.axes, rules))
     return out, new_cfg
+
+
+def mixes_from_plan(plan) -> list[LayerMix]:
+    """One LayerMix per planned layer (identity layers included; merge_params passes them through)."""
+    return [
+        layer_mix(layer=lp.layer, num_experts=lp.num_experts_before, groups=lp.groups, weights=lp.weights,
+                  dominant=lp.dominant, router_rule=plan.router_rule)
+        for lp in plan.layers
+    ]
