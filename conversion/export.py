@@ -35,6 +35,7 @@ SIDE_FILES = (
     "generation_config.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
+PRUNED_FIELDS = ("auto_map", "num_experts_per_layer", "base_model_type", "grape_remote_code_transformers_version")
 
 
 def host_slice(arr: jax.Array, index: tuple[int | slice, ...] = ()) -> np.ndarray:
@@ -87,7 +88,14 @@ def hf_entries(
 
 
 def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json of the export: the family's translation, plus remote code for uneven counts."""
+    """config.json of the export: the family's translation (remote code is added for uneven counts).
+
+    A base config from an earlier pruned export (model_type `grape_pruned_*`) is first turned back into
+    the stock config, so re-exports start clean."""
+    if "base_model_type" in base:
+        base = {k: v for k, v in base.items() if k not in PRUNED_FIELDS}
+        base["model_type"] = family.model_types[0]
+        base["architectures"] = [family.architectures[0]]
     out = family.config_to_hf(cfg, base)
     dtypes = {"float32", "bfloat16", "float16"}
     if out.get("dtype") not in dtypes and out.get("torch_dtype") not in dtypes:

@@ -101,7 +101,10 @@ def load_hf(
     """
     model_dir = os.fspath(model_dir)
     hf = read_hf_config(model_dir)
-    family = get_family(hf.get("model_type"), source=os.path.join(model_dir, "config.json"))
+    model_type = hf.get("model_type")
+    if isinstance(model_type, str) and model_type.startswith("grape_pruned_"):
+        model_type = hf.get("base_model_type")  # our own export with per-layer expert counts
+    family = get_family(model_type, source=os.path.join(model_dir, "config.json"))
     cfg = family.config_from_hf(hf)
     ckpt = CheckpointIndex.open(model_dir)
     bindings = bind(family, cfg, hf_config=hf)

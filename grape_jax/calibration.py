@@ -163,7 +163,7 @@ def calibrate(
     """Accumulate statistics over `blocks` [n, seq_len]; resumable when `resume_dir` is given."""
     from tqdm.auto import tqdm
 
-    from grape_jax.sharding import shard_batch
+    from grape_jax.sharding import data_parallel_size, shard_batch
 
     blocks = np.asarray(blocks, np.int32)
     if blocks.ndim != 2 or blocks.shape[0] == 0:
@@ -176,8 +176,10 @@ def calibrate(
     if blocks.min() < 0 or blocks.max() >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{blocks.min()}, {blocks.max()}]")
     cka = choose_cka_mode(cfg, options)
-    chunk = min(options.token_chunk, options.batch_size * blocks.shape[1])
-    tokens, mask = pad_batches(blocks, options.batch_size)
+    dp = data_parallel_size(mesh)
+    batch_size = -(-options.batch_size // dp) * dp  # a multiple of the data-parallel size
+    chunk = min(options.token_chunk, batch_size * blocks.shape[1])
+    tokens, mask = pad_batches(blocks, batch_size)
     acc = init_accumulators(cfg, cka=cka, token_chunk=chunk)
     start = 0
     if resume_dir is not None:

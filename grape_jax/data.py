@@ -115,7 +115,7 @@ def tokenize_and_pack(
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in texts:
-        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        stream.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
     n = len(stream) // seq_len

@@ -136,6 +136,13 @@ def batch_sharding(mesh: Mesh, rank: int = 2, rules: ShardingRules = DEFAULT_RUL
     return NamedSharding(mesh, PartitionSpec(first, *([None] * (rank - 1))))
 
 
+def data_parallel_size(mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> int:
+    """How many ways a batch is split on `mesh` (batches must be padded to a multiple of this)."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in rules.mesh_axes("batch"))
+
+
 def shard_batch(x: np.ndarray, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
     """Place a host batch on the mesh (batch dimension must divide the data-parallel size; pad first)."""
     sharding = batch_sharding(mesh, x.ndim, rules)

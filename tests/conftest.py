@@ -35,3 +35,17 @@ def tiny_mixtral(tmp_path_factory) -> SavedModel:
 
     model = build_model(tiny_mixtral_config(), seed=0)
     return SavedModel(model, save_model(model, tmp_path_factory.mktemp("tiny_mixtral")))
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_tok(tmp_path_factory) -> SavedModel:
+    """A tiny Mixtral (8 experts, top-2) with a real tokenizer in its directory, for pipelines."""
+    from grape_jax.tokenizer import train_tokenizer
+    from grape_jax.data import default_calibration_texts
+    from tests.hf_models import build_model, save_model, tiny_mixtral_config
+
+    tok = train_tokenizer(default_calibration_texts()[:60], vocab_size=300)
+    model = build_model(tiny_mixtral_config(vocab_size=len(tok), num_local_experts=8, num_hidden_layers=3), seed=5)
+    path = save_model(model, tmp_path_factory.mktemp("tiny_mixtral_tok") / "hf")
+    tok.save_pretrained(path)
+    return SavedModel(model, path)

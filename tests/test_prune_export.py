@@ -1,0 +1,96 @@
+"""Pruned models back in PyTorch: uniform and per-layer counts, exact sizes, re-conversion, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import transformers
+
+from conversion.load import load_hf
+from grape_jax.cli import main as grape
+from grape_jax.model import logits
+from grape_jax.plan import Plan
+from grape_jax.recipe import expert_param_count
+from tests.hf_models import random_tokens, torch_logits
+from tests.test_model_parity import assert_close_logits
+
+DATA = ["--num-samples", "6", "--seq-len", "32", "--batch-size", "3", "--token-chunk", "48"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("prune")
+
+
+@pytest.fixture(scope="module")
+def stats_path(tiny_mixtral_tok, work):
+    path = str(work / "stats.npz")
+    assert grape(["calibrate", tiny_mixtral_tok.path, "--out", path, *DATA]) == 0
+    return path
+
+
+def _dir_bytes(d):
+    return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+
+
+@pytest.mark.parametrize("method,trust", [("local", False), ("grape", True)])
+def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work, method, trust):
+    out = str(work / f"out-{method}")
+    args = ["prune", tiny_mixtral_tok.path, "--method", method, "--per-layer", "2", "--out", out,
+            "--work-dir", str(work), *DATA]
+    if method == "grape":  # make it non-uniform
+        args += ["--option", "guard=none"]
+    assert grape(args) == 0
+    config = json.load(open(os.path.join(out, "config.json")))
+    recipe = json.load(open(os.path.join(out, "recipe.json")))
+    assert recipe["method"] == method and sum(recipe["num_experts_before"]) - sum(recipe["num_experts_after"]) == 6
+    assert os.path.isfile(os.path.join(out, "README.md")) and os.path.isfile(os.path.join(out, "tokenizer.json"))
+    uniform = len(set(recipe["num_experts_after"])) == 1
+    assert uniform == (not trust), recipe["num_experts_after"]
+    assert ("auto_map" in config) == trust
+    # the JAX pruned model and the PyTorch model loaded from the export agree
+    pruned = load_hf(out)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=trust).eval()
+    tokens = random_tokens(pruned.cfg.vocab_size, batch=2, seq=16, seed=9)
+    assert_close_logits(logits(pruned.params, pruned.cfg, tokens), torch_logits(torch_model, tokens))
+    # parameters and bytes on disk shrink by exactly the removed experts' share
+    original = load_hf(tiny_mixtral_tok.path)
+    per_expert = expert_param_count(original.cfg) // sum(original.cfg.num_experts)
+    n_before = sum(p.numel() for p in tiny_mixtral_tok.model.parameters())
+    n_after = sum(p.numel() for p in torch_model.parameters())
+    assert n_before - n_after == 6 * per_expert == recipe["params_before"] - recipe["params_after"]
+    assert _dir_bytes(tiny_mixtral_tok.path) - _dir_bytes(out) in range(6 * per_expert * 4 - 4096, 6 * per_expert * 4 + 4096)
+    # re-converting the export gives the merged state bit for bit
+    from grape_jax.pipeline import apply_plan
+
+    plan = Plan.load(str(work / f"plan-{method}-6.json"))
+    merged, cfg = apply_plan(original.params, original.cfg, plan)
+    assert cfg == pruned.cfg
+    for name, arr in merged.items():
+        assert np.asarray(arr).tobytes() == np.asarray(pruned.params[name]).tobytes(), name
+
+
+def test_plan_merge_export_cli_chain(tiny_mixtral_tok, stats_path, work, capsys):
+    plan_path, ckpt, merged, out = (str(work / n) for n in ("p.json", "ckpt", "merged", "hf"))
+    assert grape(["plan", stats_path, "--method", "frequency", "--per-layer", "1", "--out", plan_path, "--show"]) == 0
+    assert "total removed: 3" in capsys.readouterr().out
+    assert grape(["convert", tiny_mixtral_tok.path, ckpt]) == 0
+    assert grape(["merge", ckpt, plan_path, "--out", merged]) == 0
+    assert grape(["export", merged, out]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.num_local_experts == 7
+    # errors: the export exists; a plan for another model; a plan that breaks a floor
+    assert grape(["export", merged, out]) == 2
+    assert "already exists" in capsys.readouterr().err
+    other = Plan.load(plan_path).to_dict()
+    other["layers"] = other["layers"][:2]
+    other["budget"] = 2
+    json.dump(other, open(work / "other.json", "w"))
+    assert grape(["merge", ckpt, str(work / "other.json"), "--out", str(work / "x")]) == 2
+    assert "plan has 2 MoE layers, the model has 3" in capsys.readouterr().err
+    assert grape(["plan", stats_path, "--method", "grape", "--budget", "19", "--out", str(work / "y.json")]) == 2
+    assert "exceeds the 18 experts removable" in capsys.readouterr().err
+    assert not os.path.exists(work / "x") and not os.path.exists(work / "y.json")
