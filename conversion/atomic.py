@@ -27,6 +27,9 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other dir
     try:
         yield tmp
         if os.path.exists(path):

@@ -122,6 +122,7 @@ def cmd_families(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import grape_jax.cli_demo  # noqa: F401  (registers demo/compare)
     import grape_jax.cli_pipeline  # noqa: F401  (registers calibrate/stats/plan/merge/prune)
 
     parser = argparse.ArgumentParser(prog="grape", description=__doc__.splitlines()[0])

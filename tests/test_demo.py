@@ -1,0 +1,49 @@
+"""The embedded demo and the reproduction script run end to end on small models."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+
+import pytest
+
+from grape_jax.cli import main as grape
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_demo_quick_shows_every_method(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert grape(["demo", "--quick", "--per-layer", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(out / "results.csv")
+    names = {r["name"] for r in rows}
+    assert {"original", "grape", "local", "frequency", "frequency (global)", "reap"} <= names
+    for r in rows:
+        assert math.isfinite(float(r["ppl"])) and float(r["ppl"]) > 1, r
+        assert f"| {r['name']} |" in printed
+    original = next(r for r in rows if r["name"] == "original")
+    for r in rows:
+        if r["name"] != "original":
+            assert int(r["params"]) < int(original["params"])
+            assert sum(map(int, r["kept_per_layer"].split())) == sum(map(int, original["kept_per_layer"].split())) - 8
+    for f in ("report.md", "perplexity.png", "allocation_r2.png"):
+        assert os.path.getsize(out / f) > 0
+
+
+@pytest.mark.slow
+def test_reproduce_paper_tiny(tiny_mixtral_tok, tmp_path):
+    from grape_jax.tasks import sample_task_path
+    from scripts.reproduce_paper import main
+
+    out = tmp_path / "repro"
+    main(["--preset", "tiny", "--hf-dir", tiny_mixtral_tok.path, "--out", str(out), "--num-samples", "4",
+          "--seq-len", "32", "--eval-samples", "4", "--task", f"piqa={sample_task_path('piqa')}"])
+    rows = _rows(out / "results.csv")
+    assert {r["method"] for r in rows} >= {"grape", "grape-r", "local", "frequency", "reap", "hc-smoe", "m-smoe"}
+    assert {int(r["per_layer"]) for r in rows if r["method"] != "-"} == {1, 2}
+    assert os.path.isfile(out / "zero_shot.json") and os.path.isfile(out / "report.md")
