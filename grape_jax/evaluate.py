@@ -30,6 +30,12 @@ def _token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
+@jax.jit
+def _is_greedy(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Whether each of tokens[:, 1:] is the argmax prediction from its prefix, [B, T-1]."""
+    return jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
+
+
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
     nll_sum: float
@@ -88,8 +94,10 @@ def score_requests(
     *,
     batch_size: int = 8,
     max_length: int = 2048,
-) -> list[float]:
-    """Σ log p(continuation | context) for each (context, continuation) pair."""
+    with_greedy: bool = False,
+) -> list[float] | list[tuple[float, bool]]:
+    """Σ log p(continuation | context) for each (context, continuation) pair; with `with_greedy`,
+    (score, whether every continuation token is the model's argmax) as lm-evaluation-harness wants."""
     encoded = []
     for context, continuation in requests:
         ctx = tokenizer(context, add_special_tokens=False, verbose=False)["input_ids"]
@@ -103,6 +111,7 @@ def score_requests(
             raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={max_length}")
         encoded.append((seq, len(cont)))
     scores = [0.0] * len(encoded)
+    greedy = [False] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -113,12 +122,16 @@ def score_requests(
             seq = encoded[i][0]
             tokens[row, : len(seq)] = seq
             mask[row, : len(seq)] = True
-        lp = np.asarray(_token_logprobs(logits_fn(jnp.asarray(tokens), jnp.asarray(mask)), jnp.asarray(tokens)))
+        logits = logits_fn(jnp.asarray(tokens), jnp.asarray(mask))
+        lp = np.asarray(_token_logprobs(logits, jnp.asarray(tokens)))
+        hits = np.asarray(_is_greedy(logits, jnp.asarray(tokens))) if with_greedy else None
         for row, i in enumerate(idx):
             seq, n_cont = encoded[i]
-            # logprob of token at position p sits at index p-1
-            scores[i] = float(lp[row, len(seq) - n_cont - 1 : len(seq) - 1].astype(np.float64).sum())
-    return scores
+            span = slice(len(seq) - n_cont - 1, len(seq) - 1)  # logprob of position p sits at p-1
+            scores[i] = float(lp[row, span].astype(np.float64).sum())
+            if with_greedy:
+                greedy[i] = bool(hits[row, span].all())
+    return list(zip(scores, greedy)) if with_greedy else scores
 
 
 def multiple_choice(
