@@ -2,16 +2,23 @@
 
 From the calibration moments M[i, j] = Σ_t g_i <y_i, y_j> and N[i, j] = Σ_t g_i ‖y_j‖², the cost of serving
 expert i's routed tokens with expert j's output is C[i, j] = N[i, i] + N[i, j] - 2 M[i, j]
-= Σ_t g_i ‖y_i - y_j‖² (the squared error added to the layer output), divided by the layer's routed
-output energy Σ_i N[i, i] so layers compare. A never-routed expert costs 0 to remove and identical
+= Σ_t g_i ‖y_i - y_j‖² (the squared error added to the layer output), optionally divided by the layer's
+routed output energy Σ_i N[i, i]. A never-routed expert costs 0 to remove and identical
 experts cost 0 to merge, which similarity-only planners cannot see.
 
 Each cluster is served by one representative expert. Absorbing cluster A into cluster B costs
 Σ_{i∈A} C[i, rep_B] - Σ_{i∈A} C[i, rep_A]; it is computed from the running row sums
 CA[A, :] = Σ_{i∈A} C[i, :], updated after each merge, so no second calibration pass is needed. The
-cheapest absorption anywhere (among layers the entropy guard allows) is taken each step. The cost is
-exact for the 'dominant' operator (the representative is kept); for averaging operators it is the
-representative's cost, an approximation (the exact cost of an average needs third-order moments).
+cheapest absorption anywhere (among layers the entropy guard allows) is taken each step.
+
+Defaults (measured on the demo model, BENCHMARKS.md): costs are absolute (`normalise='none'`: the squared
+error added to the residual stream, which is what the next layer sees) and the entropy guard is off
+(`guard='none'`): both the per-layer energy normalisation and the guard moved removals into layers where
+they hurt held-out perplexity. Both remain options (`normalise=energy`, `guard=entropy|cap`).
+The cost models a member's tokens as served by its group's representative (kept as is by the 'dominant'
+operator). It is an estimate: the pruned router may send those tokens to another expert, and for
+averaging operators the merged expert is approximated by its representative (the exact cost of an
+average needs third-order moments).
 """
 
 from __future__ import annotations
@@ -23,15 +30,21 @@ from grape_jax.planners.common import EntropyGuard, check_budget, floors
 from grape_jax.stats import LayerStats, ModelStats
 
 
-def substitution_cost(ls: LayerStats) -> np.ndarray:
-    """Normalised C[i, j] (see module docstring); rows of never-routed experts are 0."""
+NORMALISATIONS = ("energy", "none")
+
+
+def substitution_cost(ls: LayerStats, normalise: str = "energy") -> np.ndarray:
+    """C[i, j] (see module docstring), divided by the layer's routed output energy unless
+    `normalise='none'`; rows of never-routed experts are 0."""
+    if normalise not in NORMALISATIONS:
+        raise PlanError(f"normalise {normalise!r} unknown; expected one of {NORMALISATIONS}")
     if ls.routed_m is None or ls.routed_n is None:
         raise PlanError(f"layer {ls.layer}: stats have no routed moments (routed_m/routed_n); recalibrate")
     m, n = ls.routed_m, ls.routed_n
     cost = np.diag(n)[:, None] + n - 2.0 * m
     energy = float(np.trace(n))
     cost = np.maximum(cost, 0.0)
-    return cost / energy if energy > 0 else cost
+    return cost / energy if energy > 0 and normalise == "energy" else cost
 
 
 class CostClusters:
@@ -76,16 +89,17 @@ def grape_r(
     *,
     budget: int,
     gamma: float = 0.01,
-    guard: str = "entropy",
+    guard: str = "none",
     cap_gamma: float = 1.0,
     operator: str = "dominant",
     router_rule: str = "dominant",
+    normalise: str = "none",
     min_experts: int = 0,
     stats_sha256: str | None = None,
 ) -> Plan:
     floor = floors(stats, min_experts)
     check_budget(stats, budget, floor)
-    states = [CostClusters(substitution_cost(ls)) for ls in stats.layers]
+    states = [CostClusters(substitution_cost(ls, normalise)) for ls in stats.layers]
     g = EntropyGuard([s.num_clusters for s in states], gamma, guard, budget, cap_gamma)
     total_cost = 0.0
     for _ in range(budget):
@@ -98,7 +112,7 @@ def grape_r(
         g.merged(layer)
         total_cost += c
     groups, reps = zip(*(s.groups_and_reps() for s in states), strict=True)
-    options = dict(gamma=gamma, guard=guard, cap_gamma=cap_gamma, min_experts=min_experts)
+    options = dict(gamma=gamma, guard=guard, cap_gamma=cap_gamma, normalise=normalise, min_experts=min_experts)
     return build_plan(stats, list(groups), method="grape-r", budget=budget, operator=operator,
                       router_rule=router_rule, dominant_per_layer=list(reps), options=options,
                       stats_sha256=stats_sha256, diagnostics={**g.diagnostics(), "estimated_cost": total_cost})
