@@ -1,11 +1,20 @@
 """Calibration and evaluation text: read files, tokenise with the model's tokenizer, pack into blocks.
 
-Documents: a .txt file is split on blank lines (one paragraph = one document; the shipped text has one
-chapter per paragraph); a .jsonl file gives one document per line from `text_field`; a directory saved
-by `datasets.Dataset.save_to_disk` gives one per row (needs the optional `datasets` package).
-Packing: documents are tokenised, joined with the EOS token between them, and the stream is cut into
-non-overlapping blocks of `seq_len` tokens (a trailing partial block is dropped); `num_samples` blocks
-are then drawn without replacement with `seed`.
+What a document is, per input kind:
+  * plain text (any file not ending in .jsonl/.json): split on blank lines, one paragraph = one
+    document (the shipped KJV text has one chapter per paragraph);
+  * JSON Lines (.jsonl, or .json holding one object per line): one document per non-blank line, the
+    string in `text_field` (required);
+  * a directory written by `datasets.Dataset.save_to_disk`: one document per row, column `text_field`
+    (default "text"); needs the optional `datasets` package, which is not a dependency.
+Empty documents are skipped; a file that yields none is an error.
+
+Packing (`tokenize_and_pack`): each document is tokenised without special tokens and followed by the
+EOS token (when the tokenizer has one); the concatenated stream is cut into consecutive,
+non-overlapping blocks. With BOS (by default when the tokenizer has a BOS token) every block is
+`[BOS] + seq_len - 1 stream tokens`, as a model sees text at inference; without, `seq_len` stream tokens.
+A trailing partial block is dropped. `num_samples` blocks are then drawn without replacement with
+`seed` and returned in corpus order (`num_samples=None` keeps every block).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from collections.abc import Sequence
 from importlib import resources
 
 import numpy as np
+from jaxtyping import Int
 
 
 class DataError(ValueError):
@@ -27,21 +37,23 @@ def _asset(name: str) -> str:
 
 
 def _paragraphs(text: str) -> list[str]:
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
+    return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
 def default_calibration_texts() -> list[str]:
-    """The shipped public-domain calibration text (Genesis and Exodus, KJV), one chapter per document."""
+    """The shipped public-domain calibration text (KJV Genesis and Exodus), one chapter per document."""
     return _paragraphs(_asset("kjv_calibration.txt"))
 
 
 def default_heldout_texts() -> list[str]:
-    """The shipped held-out text (Mark and Ruth, KJV), disjoint from the calibration text."""
+    """The shipped held-out text (KJV Mark and Ruth), disjoint from the calibration text."""
     return _paragraphs(_asset("kjv_heldout.txt"))
 
 
 def load_texts(paths: Sequence[str | os.PathLike], *, text_field: str | None = None) -> list[str]:
-    """Documents from .txt files, .jsonl files (`text_field`) or saved `datasets` directories."""
+    """Documents from text files, JSON Lines files (`text_field`) or saved `datasets` directories."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     docs: list[str] = []
     for path in map(os.fspath, paths):
         if os.path.isdir(path):
@@ -51,13 +63,16 @@ def load_texts(paths: Sequence[str | os.PathLike], *, text_field: str | None = N
         elif path.endswith((".jsonl", ".json")):
             docs.extend(_load_jsonl(path, text_field))
         else:
-            with open(path, encoding="utf-8") as f:
-                found = _paragraphs(f.read())
+            try:
+                with open(path, encoding="utf-8") as f:
+                    found = _paragraphs(f.read())
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             if not found:
                 raise DataError(f"{path}: file holds no text")
             docs.extend(found)
     if not docs:
-        raise DataError("calibration corpus is empty")
+        raise DataError("calibration corpus is empty: no input paths given")
     return docs
 
 
@@ -72,15 +87,16 @@ def _load_jsonl(path: str, text_field: str | None) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{n}: invalid JSON ({e.msg}); expected one JSON object per line") from None
             if not isinstance(row, dict) or text_field not in row:
                 raise DataError(f"{path}:{n}: field {text_field!r} missing")
             if not isinstance(row[text_field], str):
-                raise DataError(f"{path}:{n}: field {text_field!r} is not a string")
+                kind = type(row[text_field]).__name__
+                raise DataError(f"{path}:{n}: field {text_field!r} is {kind}, expected a string")
             if row[text_field].strip():
                 out.append(row[text_field])
     if not out:
-        raise DataError(f"{path}: no non-empty {text_field!r} values")
+        raise DataError(f"{path}: file holds no non-empty {text_field!r} values")
     return out
 
 
@@ -88,12 +104,23 @@ def _load_dataset_dir(path: str, text_field: str | None) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{path}: reading a saved dataset needs the `datasets` package (pip install datasets)") from None
-    ds = datasets.load_from_disk(path)
+        raise DataError(f"{path}: reading a saved dataset directory needs the `datasets` package: "
+                        "install datasets (pip install datasets)") from None
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: directory is not a dataset written by save_to_disk") from None
+    if not hasattr(ds, "column_names") or isinstance(ds.column_names, dict):
+        splits = sorted(getattr(ds, "keys", lambda: [])())
+        example = os.path.join(path, splits[0] if splits else "train")
+        raise DataError(f"{path}: holds several splits {splits}; pass one split's directory, e.g. {example}")
     field = text_field or "text"
     if field not in ds.column_names:
         raise DataError(f"{path}: dataset has no column {field!r} (columns: {ds.column_names})")
-    return [t for t in ds[field] if isinstance(t, str) and t.strip()]
+    out = [t for t in ds[field] if isinstance(t, str) and t.strip()]
+    if not out:
+        raise DataError(f"{path}: column {field!r} holds no non-empty strings")
+    return out
 
 
 def tokenize_and_pack(
@@ -104,24 +131,39 @@ def tokenize_and_pack(
     num_samples: int | None,
     seed: int = 0,
     max_positions: int | None = None,
-) -> np.ndarray:
-    """[n, seq_len] int32 blocks (see module docstring)."""
+    add_bos: bool | None = None,
+) -> Int[np.ndarray, "n seq_len"]:
+    """[n, seq_len] int32 blocks (module docstring); `add_bos=None` means "if the tokenizer has BOS"."""
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
     if max_positions is not None and seq_len > max_positions:
         raise DataError(f"seq_len {seq_len} exceeds the model's maximum of {max_positions} positions")
+    if num_samples is not None and num_samples < 1:
+        raise DataError(f"num_samples must be >= 1 or None (all blocks), got {num_samples}")
+    texts = list(texts)
     if not texts:
         raise DataError("calibration corpus is empty")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DataError(f"document {bad} is {type(texts[bad]).__name__}, expected a string")
+    bos = tokenizer.bos_token_id
+    if add_bos is None:
+        add_bos = bos is not None
+    elif add_bos and bos is None:
+        raise DataError("add_bos=True but the tokenizer has no BOS token")
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    for doc in texts:
-        stream.extend(tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"])
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        stream.extend(ids)
         if eos is not None:
             stream.append(eos)
-    n = len(stream) // seq_len
+    body = seq_len - 1 if add_bos else seq_len
+    n = len(stream) // body
     if n == 0:
         raise DataError(f"corpus has {len(stream)} tokens, fewer than one block of {seq_len}")
-    blocks = np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+    blocks = np.asarray(stream[: n * body], np.int32).reshape(n, body)
+    if add_bos:
+        blocks = np.concatenate([np.full((n, 1), bos, np.int32), blocks], axis=1)
     if num_samples is None:
         return blocks
     if num_samples > n:
