@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from conversion.atomic import atomic_output_dir
+from conversion.distributed import barrier, follow_export, gather_slice, is_writer
 from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
 from conversion.safetensors_io import TensorEntry, write_checkpoint
 from grape_jax.config import MoEConfig
@@ -121,10 +122,14 @@ def export_hf(
         raise ConversionError(f"export: parameters missing for this config: {missing[:5]}")
     bindings = bind(family, cfg)
     entries, sources = hf_entries(bindings, params)
+    if not is_writer():  # multi-host: take part in the writer's gathers, write nothing
+        follow_export(params, entries, sources, max_shard_bytes=max_shard_bytes)
+        barrier("export_hf")
+        return os.fspath(out_dir)
 
     def produce(entry: TensorEntry) -> np.ndarray:
         return sources[entry.name].produce(
-            lambda name, e: host_slice(params[name], () if e is None else (e,))
+            lambda name, e: gather_slice(params[name], () if e is None else (e,))
         )
 
     config = hf_config_for(cfg, family, base_config)
@@ -147,4 +152,5 @@ def export_hf(
         for fname, text in (extra_files or {}).items():
             with open(os.path.join(tmp, fname), "w") as f:
                 f.write(text)
+    barrier("export_hf")
     return out_dir

@@ -1,7 +1,7 @@
 """Hugging Face directory -> sharded parameters, streamed tensor by tensor and slice by slice.
 
-Every leaf is created with `jax.make_array_from_callback(shape, sharding, read)`: JAX asks for the
-slices that this process's devices own, and `read` pulls exactly those bytes from the safetensors files
+Every leaf is assembled from the slices this process's devices own (`_make_leaf`, the shape of
+`jax.make_array_from_callback` with replicas read once), and `read` pulls exactly those bytes from the safetensors files
 (per-expert HF tensors are read one expert at a time and stacked only for the requested slice). The
 whole model is never held on the host; on several hosts each reads only its own shards.
 """
@@ -88,6 +88,19 @@ def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model
                 )
 
 
+def _make_leaf(shape: tuple[int, ...], sharding, callback) -> jax.Array:
+    """Like `jax.make_array_from_callback`, but each distinct shard is read once (replicas share the
+    host copy) and host copies are dropped as soon as the leaf is assembled. Only this process's
+    devices are visited, so on several hosts each reads only its own slices."""
+    cache, arrays = {}, []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
+        if key not in cache:
+            cache[key] = callback(index)
+        arrays.append(jax.device_put(cache[key], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def load_hf(
     model_dir: str | os.PathLike,
     *,
@@ -124,6 +137,6 @@ def load_hf(
         def callback(index, read=read, target=target):
             return read(index).astype(target, copy=False)
 
-        params[name] = jax.make_array_from_callback(b.spec.shape, shardings[name], callback)
+        params[name] = _make_leaf(b.spec.shape, shardings[name], callback)
     return LoadedModel(cfg=cfg, params=params, family=family, hf_config=hf, source_dir=model_dir)
 

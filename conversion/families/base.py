@@ -56,10 +56,19 @@ class Transpose:
         return tuple(reversed(ours))
 
     def read(self, src: SliceReader, index: Index) -> np.ndarray:
-        return np.ascontiguousarray(src(tuple(reversed(index))).T)
+        return transposed(src(tuple(reversed(index))))
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(ours.T)
+        return transposed(ours)
+
+
+def transposed(x: np.ndarray) -> np.ndarray:
+    """Contiguous `x.T`, copied through a same-width unsigned view: NumPy copies ml_dtypes' bfloat16
+    element by element (several times slower), the bits are the same either way."""
+    if x.dtype.itemsize in (1, 2, 4, 8):
+        bits = x.view(f"<u{x.dtype.itemsize}")
+        return np.ascontiguousarray(bits.T).view(x.dtype)
+    return np.ascontiguousarray(x.T)
 
 
 IDENTITY, TRANSPOSE = Identity(), Transpose()
