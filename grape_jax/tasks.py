@@ -8,7 +8,8 @@ lm-evaluation-harness formats them. Expected fields per task:
   piqa                      goal, sol1, sol2, label (0/1)
   rte                       sentence1, sentence2, label (0 = entailment)
   winogrande                sentence (with one "_"), option1, option2, answer ("1"/"2")
-  mmlu                      question, choices[4], answer (0-3 or "A"-"D")
+  mmlu                      question, choices[4], answer (0-3 or "A"-"D"); optional subject (adds the
+                            harness's "The following are multiple choice questions ..." header)
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def _mmlu(row):
     body = "\n".join(f"{l}. {c}" for l, c in zip(letters, row["choices"], strict=True))
     answer = row["answer"]
     label = letters.index(answer) if isinstance(answer, str) else int(answer)
-    return Example.shared_context(f"{row['question'].strip()}\n{body}\nAnswer:", [" " + l for l in letters], label)
+    subject = row.get("subject")
+    header = (f"The following are multiple choice questions (with answers) about "
+              f"{subject.replace('_', ' ')}.\n\n") if subject else ""
+    return Example.shared_context(f"{header}{row['question'].strip()}\n{body}\nAnswer:", [" " + l for l in letters], label)
 
 
 TASKS: dict[str, Callable[[Mapping[str, Any]], Example]] = {

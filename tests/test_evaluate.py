@@ -242,3 +242,15 @@ def test_evaluate_tasks_and_errors(bigram, tmp_path):
         evaluate_tasks(fn, tok, {})
     with pytest.raises(ValueError, match="no examples to evaluate"):
         multiple_choice(fn, tok, [])
+
+
+def test_mmlu_subject_header(tmp_path):
+    from grape_jax.tasks import load_task
+
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text('{"question": "2+2?", "choices": ["1", "2", "3", "4"], "answer": 3, "subject": "elementary_mathematics"}\n')
+    (ex,) = load_task("mmlu", path)
+    context = ex.requests[0][0]
+    assert context == ("The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+                       "2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:")
+    assert ex.label == 3 and [c for _, c in ex.requests] == [" A", " B", " C", " D"]
