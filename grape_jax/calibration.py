@@ -107,20 +107,31 @@ calibration_step_jit = jax.jit(
 
 
 def finalize_stats(
-    acc: Accumulators, params: Mapping[str, jax.Array], cfg: MoEConfig, *, meta: Mapping[str, Any]
+    acc: Accumulators,
+    params: Mapping[str, jax.Array],
+    cfg: MoEConfig,
+    *,
+    meta: Mapping[str, Any],
+    mesh: jax.sharding.Mesh | None = None,
 ) -> ModelStats:
-    """Host statistics of every MoE layer, with weight-space cosine added (needs no data)."""
+    """Host statistics of every MoE layer, with weight-space cosine added (needs no data).
+
+    On a mesh the accumulators are first replicated (an all-reduce/all-gather of E x E-sized sums), so
+    every process, on any number of hosts, finalises the same statistics."""
+    from grape_jax.sharding import replicate
+
     out = []
     for layer in cfg.moe_layers:
         p = f"layers.{layer}.mlp."
+        layer_acc = acc[str(layer)]
+        weight = similarity.weight_cosine(params[p + "w_gate"], params[p + "w_up"], params[p + "w_down"])
+        if mesh is not None:
+            layer_acc, weight = replicate((layer_acc, weight), mesh)
         try:
-            s = similarity.finalize(acc[str(layer)])
+            s = similarity.finalize(layer_acc)
         except ValueError as e:
             raise StatsError(f"layer {layer}: {e}") from None
-        weight = np.asarray(
-            similarity.weight_cosine(params[p + "w_gate"], params[p + "w_up"], params[p + "w_down"]),
-            np.float64,
-        )
+        weight = np.asarray(weight, np.float64)
         out.append(
             LayerStats(
                 layer=layer,
@@ -210,7 +221,7 @@ def calibrate(
         "token_chunk": chunk,
         "seconds": round(elapsed, 3),
     }
-    return finalize_stats(acc, params, cfg, meta={**dict(meta or {}), "calibration": info})
+    return finalize_stats(acc, params, cfg, meta={**dict(meta or {}), "calibration": info}, mesh=mesh)
 
 
 def _fingerprint(blocks: np.ndarray, cfg: MoEConfig, options: CalibrationOptions, cka: str) -> str:

@@ -144,6 +144,15 @@ def data_parallel_size(mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) 
 
 
 def shard_batch(x: np.ndarray, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
-    """Place a host batch on the mesh (batch dimension must divide the data-parallel size; pad first)."""
+    """Place a host batch on the mesh (batch dimension must divide the data-parallel size; pad first).
+
+    Every process passes the same global batch and contributes only its devices' rows, so this works
+    unchanged on several hosts."""
     sharding = batch_sharding(mesh, x.ndim, rules)
-    return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicate(tree, mesh: Mesh):
+    """The same values, fully replicated on `mesh` (so every process can read them on its host)."""
+    out = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(lambda t: t, out_shardings=jax.tree.map(lambda _: out, tree))(tree)

@@ -2,10 +2,9 @@
 
 Each process gets 4 simulated CPU devices, joins the job with `jax.distributed.initialize`, builds the
 global mesh over all 8 devices, converts the HF model with `load_hf` while recording every
-`CheckpointIndex.read_slice`, then exports with process 0 as the only writer. Until
-`conversion/export.py` itself uses `conversion.distributed`, the export runs a copy of export.py with
-EXPORT_PATCH applied in memory (the exact change proposed for export.py). The report (JSON) lists the
-reads, the experts this process's devices hold, and how many slices needed a cross-process gather.
+`CheckpointIndex.read_slice`, then exports with process 0 as the only writer; on the first mesh it also
+runs calibrate -> plan -> merge -> export (`run_pipeline`). The report (JSON) lists the reads, the
+experts this process's devices hold, how many slices needed a cross-process gather, and the plan.
 
     python -m tests.multihost_worker --coordinator localhost:PORT --num-processes 2 --process-id I \
         --model DIR --out DIR --report FILE --mesh expert=8 --mesh expert=4,fsdp=2
@@ -18,54 +17,29 @@ import json
 import os
 import re
 import sys
-import types
 
-# The proposed change to conversion/export.py, as (old, new) pairs applied in order.
-EXPORT_PATCH = (
-    (
-        "from conversion.atomic import atomic_output_dir\n",
-        "from conversion.atomic import atomic_output_dir\n"
-        "from conversion.distributed import barrier, follow_export, gather_slice, is_writer\n",
-    ),
-    (
-        "    entries, sources = hf_entries(bindings, params)\n",
-        "    entries, sources = hf_entries(bindings, params)\n"
-        "    if not is_writer():  # multi-host: take part in the writer's gathers, write nothing\n"
-        "        follow_export(params, entries, sources, max_shard_bytes=max_shard_bytes)\n"
-        "        barrier(\"export_hf\")\n"
-        "        return os.fspath(out_dir)\n",
-    ),
-    (
-        "            lambda name, e: host_slice(params[name], () if e is None else (e,))\n",
-        "            lambda name, e: gather_slice(params[name], () if e is None else (e,))\n",
-    ),
-    (
-        "                f.write(text)\n    return out_dir\n",
-        "                f.write(text)\n    barrier(\"export_hf\")\n    return out_dir\n",
-    ),
-)
+def run_pipeline(loaded, mesh, out: str) -> dict:
+    """calibrate -> plan -> merge -> export on the global mesh (the test repeats it in one process)."""
+    import numpy as np
+
+    from conversion.export import export_hf
+    from grape_jax.calibration import CalibrationOptions, calibrate
+    from grape_jax.pipeline import apply_plan
+    from grape_jax.planners import make_plan
+
+    blocks = pipeline_blocks(loaded.cfg.vocab_size)
+    stats = calibrate(loaded.params, loaded.cfg, blocks, mesh=mesh, progress=False,
+                      options=CalibrationOptions(batch_size=8, token_chunk=32, cka="exact"))
+    plan = make_plan("grape", stats, budget=3, operator="dominant", guard="none")
+    merged, cfg = apply_plan(loaded.params, loaded.cfg, plan)
+    export_hf(merged, cfg, loaded.family, out, base_config=loaded.hf_config, source_dir=None)
+    return {"kept": list(plan.kept_per_layer), "freq": [np.round(ls.freq, 9).tolist() for ls in stats.layers]}
 
 
-def patched_export_source(source: str) -> str:
-    for old, new in EXPORT_PATCH:
-        if source.count(old) != 1:
-            raise RuntimeError(f"export.py changed; cannot apply the multi-host patch at {old!r}")
-        source = source.replace(old, new)
-    return source
+def pipeline_blocks(vocab_size: int):
+    import numpy as np
 
-
-def multihost_export_hf():
-    """`export_hf` from export.py if it already gathers across processes, else the patched copy."""
-    import conversion.export as export
-
-    with open(export.__file__) as f:
-        source = f.read()
-    if "gather_slice" in source:
-        return export.export_hf
-    module = types.ModuleType("conversion._export_multihost")
-    module.__file__ = export.__file__
-    exec(compile(patched_export_source(source), export.__file__, "exec"), module.__dict__)
-    return module.export_hf
+    return np.random.default_rng(0).integers(0, vocab_size, size=(8, 16), dtype=np.int32)
 
 
 def main(argv=None) -> int:
@@ -118,7 +92,8 @@ def main(argv=None) -> int:
         return held
 
     dist.held_by = counting_held_by
-    export_hf = multihost_export_hf()
+    from conversion.export import export_hf
+
     expert_key = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
     names = {"w1": "w_gate", "w2": "w_down", "w3": "w_up"}
 
@@ -155,7 +130,9 @@ def main(argv=None) -> int:
         out = os.path.join(args.out, str(i))
         returned = export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config,
                              source_dir=args.model)
+        pipeline = run_pipeline(loaded, mesh, os.path.join(args.out, f"pipeline{i}")) if i == 0 else None
         report["meshes"].append({
+            "pipeline": pipeline,
             "mesh": spec,
             "reads": load_reads,
             "read_elements": sum(_volume(b) for _, b in load_reads),

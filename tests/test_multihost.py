@@ -2,7 +2,8 @@
 
 Checks: each process reads only the checkpoint slices its own devices hold (no expert that only the
 other process's devices hold is read), process 0 alone writes the export, and the 2-process export is
-byte-identical to the single-process export of the same mesh.
+byte-identical to the single-process export of the same mesh; and the whole chain convert -> calibrate
+-> plan -> merge -> export on 2 processes gives the same statistics, plan and bytes as on one.
 """
 
 from __future__ import annotations
@@ -93,11 +94,15 @@ def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
     model = build_model(tiny_mixtral_config(num_local_experts=8), seed=3, dtype=torch.bfloat16)
     src = save_model(model, tmp_path / "hf")
 
+    from tests.multihost_worker import run_pipeline
+
     for i, spec in enumerate(MESHES):  # single-process references on this process's 8 devices
         ref = load_hf(src, mesh=make_mesh(spec))
         jax.block_until_ready(ref.params)
         export_hf(ref.params, ref.cfg, ref.family, tmp_path / "ref" / str(i),
                   base_config=ref.hf_config, source_dir=src)
+        if i == 0:
+            ref_pipeline = run_pipeline(ref, make_mesh(spec), str(tmp_path / "ref" / "pipeline0"))
 
     reports = [str(tmp_path / f"report{i}.json") for i in range(2)]
     _run_workers(src, str(tmp_path / "multi"), reports)
@@ -106,8 +111,14 @@ def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
         with open(path) as f:
             rep.append(json.load(f))
 
-    assert sorted(os.listdir(tmp_path / "multi")) == [str(i) for i in range(len(MESHES))], (
+    assert sorted(os.listdir(tmp_path / "multi")) == sorted([str(i) for i in range(len(MESHES))] + ["pipeline0"]), (
         "only the finished exports may be left (no temp dirs from a second writer)")
+    # calibrate -> plan -> merge -> export on 2 processes equals the same chain in one process
+    for r in rep:
+        assert r["meshes"][0]["pipeline"]["kept"] == ref_pipeline["kept"] != [8, 8]
+        assert r["meshes"][0]["pipeline"]["freq"] == ref_pipeline["freq"]
+    diff = _same_dirs(str(tmp_path / "ref" / "pipeline0"), str(tmp_path / "multi" / "pipeline0"))
+    assert not diff, f"2-process pruned export differs from the 1-process one: {diff}"
     for i, spec in enumerate(MESHES):
         diff = _same_dirs(str(tmp_path / "ref" / str(i)), str(tmp_path / "multi" / str(i)))
         assert not diff, f"mesh {spec}: 2-process export differs from the 1-process one: {diff}"
