@@ -1,0 +1,91 @@
+"""Per family: prune 25% of the routed experts with grape, export, load in PyTorch, compare logits.
+
+Each family flows through calibration, planning, merge and export with no family-specific code outside
+its own module; exports with per-layer counts load through the remote-code modeling file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import transformers
+
+from conversion.load import load_hf
+from grape_jax.calibration import CalibrationOptions, calibrate
+from grape_jax.model import logits
+from grape_jax.pipeline import apply_plan, export_pruned
+from grape_jax.planners import make_plan
+from tests.hf_models import TINY, build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
+from tests.test_families import HF_CONFIGS
+from tests.test_model_parity import assert_close_logits
+
+CONFIGS = {
+    "mixtral": lambda: tiny_mixtral_config(num_local_experts=8),
+    "qwen2_moe": HF_CONFIGS["qwen2_moe"],
+    "qwen3_moe": HF_CONFIGS["qwen3_moe"],
+    "olmoe": HF_CONFIGS["olmoe"],
+    "gpt_oss": HF_CONFIGS["gpt_oss"],
+    # group-limited routing needs E divisible by n_group after pruning: one group here
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **{**TINY, "num_key_value_heads": 4}, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=16, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+        kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_shared_experts=1,
+        norm_topk_prob=True, routed_scaling_factor=1.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_prune_quarter_export_and_reload(family, tmp_path):
+    src = save_model(build_model(CONFIGS[family](), seed=1), tmp_path / "src")
+    loaded = load_hf(src)
+    cfg = loaded.cfg
+    blocks = random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2)
+    stats = calibrate(loaded.params, cfg, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48),
+                      progress=False)
+    total = sum(cfg.num_experts)
+    budget = total // 4
+    plan = make_plan("grape", stats, budget=budget, guard="none", operator="freq")
+    merged, new_cfg = apply_plan(loaded.params, cfg, plan)
+    assert sum(new_cfg.num_experts) == total - budget
+    out = export_pruned(merged, new_cfg, original_cfg=cfg, family=loaded.family, out=str(tmp_path / "out"),
+                        base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert ("auto_map" in config) == (not new_cfg.is_uniform)
+    assert "quantization_config" not in config
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not new_cfg.is_uniform).eval()
+    tokens = random_tokens(cfg.vocab_size, batch=2, seq=12, seed=3)
+    assert_close_logits(logits(merged, new_cfg, tokens), torch_logits(model, tokens))
+    again = load_hf(out)
+    assert again.cfg == new_cfg
+    for name, arr in merged.items():
+        assert np.asarray(arr).tobytes() == np.asarray(again.params[name]).tobytes(), name
+
+
+def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path):
+    """DeepSeek-MoE has no transformers class: the export (same key layout and config fields as the
+    published checkpoint) is checked with the float64 reference forward on the exported tensors."""
+    from safetensors.numpy import load_file
+
+    from tests import deepseek_reference as dsref
+
+    hf_cfg = dsref.tiny_deepseek_config()
+    src = dsref.save_checkpoint(str(tmp_path / "src"), hf_cfg, dsref.random_weights(hf_cfg, seed=4))
+    loaded = load_hf(src)
+    stats = calibrate(loaded.params, loaded.cfg, random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
+                      options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
+    plan = make_plan("local", stats, budget=len(stats.layers), operator="dominant")
+    merged, new_cfg = apply_plan(loaded.params, loaded.cfg, plan)
+    out = export_pruned(merged, new_cfg, original_cfg=loaded.cfg, family=loaded.family, out=str(tmp_path / "out"),
+                        base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
+    exported_cfg = json.load(open(os.path.join(out, "config.json")))
+    assert exported_cfg["n_routed_experts"] == hf_cfg["n_routed_experts"] - 1
+    assert exported_cfg["model_type"] == "deepseek" and "num_experts_per_layer" not in exported_cfg
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    assert set(weights) == {k for k in load_file(os.path.join(src, "model.safetensors"))
+                            if ".experts." not in k or int(k.split(".experts.")[1].split(".")[0]) < exported_cfg["n_routed_experts"]}
+    tokens = random_tokens(loaded.cfg.vocab_size, batch=2, seq=12, seed=6)
+    ref = dsref.reference_logits(exported_cfg, weights, tokens)
+    assert_close_logits(logits(merged, new_cfg, tokens), ref)
