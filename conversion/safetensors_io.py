@@ -1,10 +1,17 @@
 """Streaming safetensors: read any slice of any tensor, write checkpoints one tensor at a time.
 
 Format: 8-byte little-endian header length N, N bytes of JSON `{name: {dtype, shape, data_offsets}}`
-(+ optional `__metadata__`), then raw little-endian tensor bytes. Reading memory-maps the file and
-copies only the requested slice; writing computes every offset from shapes alone, writes the header,
-then streams each tensor as it is produced. bfloat16/float8 come from `ml_dtypes` (safetensors' own
-NumPy backend cannot read bfloat16). Nothing is ever unpickled.
+(+ optional `__metadata__`, a str -> str map), then raw little-endian tensor bytes. Reading memory-maps
+each file once and copies only the requested slice; writing computes every offset from shapes alone,
+writes the header, then streams each tensor as it is produced, so peak host memory is one tensor.
+bfloat16/float8 come from `ml_dtypes` (safetensors' own NumPy backend cannot read bfloat16). Nothing is
+ever unpickled.
+
+Files we write are byte-for-byte those of `safetensors.torch.save_file` for the same tensors and
+metadata (given at most one metadata key: the reference serialises a hash map in random order):
+tensors ordered by dtype (the reference's enum order, widest first) then name, compact JSON with
+UTF-8 names, header padded with spaces so the data starts at a multiple of 8. Sharding and the index
+follow `transformers`' `save_pretrained` (`huggingface_hub.split_torch_state_dict_into_shards`).
 """
 
 from __future__ import annotations
@@ -14,60 +21,82 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "U16": np.dtype(np.uint16),
-    "U32": np.dtype(np.uint32), "U64": np.dtype(np.uint64),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "U16": np.dtype("<u2"),
+    "U32": np.dtype("<u4"), "U64": np.dtype("<u8"),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+# The reference writer's tensor order: dtype descending in this (its enum) order, then name.
+_DTYPE_RANK = {name: i for i, name in enumerate(
+    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+     "I32", "U32", "F32", "F64", "I64", "U64"])}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100 * 1024 * 1024  # the reference refuses bigger headers too
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated or inconsistent."""
+    """A checkpoint that is missing, truncated or inconsistent, or a tensor that cannot be stored."""
 
 
 def dtype_to_numpy(name: str) -> np.dtype:
+    """NumPy dtype (little-endian) of a safetensors dtype string such as 'BF16'."""
     if name not in DTYPES:
         raise CheckpointError(f"unknown safetensors dtype {name!r}; known: {sorted(DTYPES)}")
     return DTYPES[name]
 
 
+def _storable(dtype: np.dtype) -> str | None:
+    return _NAMES.get(dtype.newbyteorder("<") if dtype.byteorder in "<>" else dtype)
+
+
 def numpy_to_dtype(dtype: Any) -> str:
-    dtype = np.dtype(dtype)
-    if dtype not in _NAMES:
-        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors")
-    return _NAMES[dtype]
+    """Safetensors dtype string of a NumPy dtype (either byte order)."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise CheckpointError(f"{dtype!r} is not a NumPy dtype") from None
+    name = _storable(dtype)
+    if name is None:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors; storable: {sorted(DTYPES)}")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
+    """Where one stored tensor lives: `offset` is the absolute byte offset of its data in `file`."""
+
     file: str
     dtype: np.dtype
     shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in `file`
+    offset: int
     nbytes: int
 
 
+def _is_dim(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
 def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate one file's header (only the header is read)."""
+    """Parse and validate one file's header (only the header bytes are read)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated (no 8-byte header length)")
+                raise CheckpointError(f"{path}: truncated (no 8-byte header length, file has {size} bytes)")
             (n,) = struct.unpack("<Q", raw)
             if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: header length {n} exceeds the file size {size} (truncated?)")
@@ -77,105 +106,148 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         meta = json.loads(header.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: malformed safetensors header ({e})") from None
+        raise CheckpointError(f"{path}: malformed safetensors header JSON ({e})") from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = meta.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    infos = {}
+        raise CheckpointError(f"{path}: header is {type(meta).__name__}, expected a JSON object")
+    metadata = meta.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings, got {metadata!r}")
+    data_start, infos, spans = 8 + n, {}, []
     for key, entry in meta.items():
+        where = f"{path}: tensor {key!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise CheckpointError(f"{where}: header entry needs dtype, shape, data_offsets; got {entry!r}")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_dim(s) for s in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_dim(o) for o in offsets):
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
+        if not isinstance(entry["dtype"], str):
+            raise CheckpointError(f"{where}: dtype {entry['dtype']!r} is not a string")
         try:
             dtype = dtype_to_numpy(entry["dtype"])
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
         except CheckpointError as e:
-            raise CheckpointError(f"{path}: tensor {key!r}: {e}") from None
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {key!r}: header entry needs dtype, shape, data_offsets") from None
+            raise CheckpointError(f"{where}: {e}") from None
+        shape, (begin, end) = tuple(shape), offsets
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - begin != nbytes or begin < 0:
+        if end - begin != nbytes:
             raise CheckpointError(
-                f"{path}: tensor {key!r}: data_offsets {begin}..{end} hold {end - begin} bytes, "
-                f"shape {shape} x {dtype} needs {nbytes}"
-            )
+                f"{where}: data_offsets {begin}..{end} hold {end - begin} bytes, "
+                f"shape {shape} x {entry['dtype']} needs {nbytes}")
         if data_start + end > size:
             raise CheckpointError(
-                f"{path}: tensor {key!r} ends at byte {data_start + end} beyond the file size {size} (truncated)"
-            )
+                f"{where} ends at byte {data_start + end} beyond the file size {size} (truncated)")
         infos[key] = TensorInfo(path, dtype, shape, data_start + begin, nbytes)
+        spans.append((begin, end, key))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the data section")
     return infos, metadata
+
+
+def _load_index(directory: str) -> dict[str, str]:
+    path = os.path.join(directory, INDEX_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed index JSON ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path}: expected a 'weight_map' object mapping tensor names to shard files")
+    for fname in set(weight_map.values()):
+        if os.path.basename(fname) != fname or fname in ("", ".", ".."):
+            raise CheckpointError(f"{path}: shard {fname!r} is not a plain file name in the checkpoint dir")
+    return weight_map
 
 
 class CheckpointIndex:
     """All tensors of an HF checkpoint dir: key -> (file, dtype, shape, offset), with slice reads."""
 
-    def __init__(self, directory: str, infos: dict[str, TensorInfo], metadata: dict[str, str]):
+    def __init__(self, directory: str, infos: dict[str, TensorInfo], file_metadata: dict[str, dict[str, str]]):
         self.directory = directory
         self._infos = infos
-        self.metadata = metadata
-        self._maps: dict[str, np.memmap] = {}
+        self.file_metadata = file_metadata  # path -> that file's __metadata__
+        self.metadata = {k: v for meta in file_metadata.values() for k, v in meta.items()}
+        self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> CheckpointIndex:
+        """Parse every header of `directory` (index + shards, `model.safetensors`, or all `*.safetensors`)."""
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise CheckpointError(f"{directory}: checkpoint directory not found")
-        index_path = os.path.join(directory, INDEX_FILE)
         infos: dict[str, TensorInfo] = {}
-        metadata: dict[str, str] = {}
-        if os.path.isfile(index_path):
-            try:
-                with open(index_path) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index_path}: malformed index ({e})") from None
-            files = sorted(set(weight_map.values()))
+        file_metadata: dict[str, dict[str, str]] = {}
+        if os.path.isfile(os.path.join(directory, INDEX_FILE)):
+            weight_map = _load_index(directory)
             headers = {}
-            for fname in files:
+            for fname in sorted(set(weight_map.values())):
                 path = os.path.join(directory, fname)
                 if not os.path.isfile(path):
                     raise CheckpointError(f"{path}: shard named in {INDEX_FILE} is missing")
-                headers[fname], meta = read_header(path)
-                metadata.update(meta)
+                headers[fname], file_metadata[path] = read_header(path)
             for key, fname in weight_map.items():
                 if key not in headers[fname]:
-                    raise CheckpointError(f"{os.path.join(directory, fname)}: tensor {key!r} named in the index is absent")
+                    raise CheckpointError(
+                        f"{os.path.join(directory, fname)}: tensor {key!r} named in {INDEX_FILE} is absent")
                 infos[key] = headers[fname][key]
-        else:
-            files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-            if not files:
-                pickled = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-                what = f" (found {pickled[0]}: only safetensors are loaded, pickles never)" if pickled else ""
-                raise CheckpointError(f"{directory}: no *.safetensors files{what}")
-            for fname in files:
-                found, meta = read_header(os.path.join(directory, fname))
-                infos.update(found)
-                metadata.update(meta)
-        return cls(directory, infos, metadata)
+            return cls(directory, infos, file_metadata)
+        names = sorted(os.listdir(directory))
+        files = [SINGLE_FILE] if SINGLE_FILE in names else [f for f in names if f.endswith(".safetensors")]
+        if not files:
+            pickled = [f for f in names if f.endswith(_PICKLES)]
+            found = f" (found {pickled[0]}: only safetensors are loaded, pickles never)" if pickled else ""
+            raise CheckpointError(f"{directory}: no *.safetensors files{found}")
+        for fname in files:
+            path = os.path.join(directory, fname)
+            found_infos, file_metadata[path] = read_header(path)
+            for key in found_infos.keys() & infos.keys():
+                raise CheckpointError(f"{path}: tensor {key!r} also stored in {infos[key].file} (no index to choose)")
+            infos.update(found_infos)
+        return cls(directory, infos, file_metadata)
 
     def keys(self) -> list[str]:
         return list(self._infos)
 
-    def __contains__(self, key: str) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self._infos
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    @property
+    def files(self) -> list[str]:
+        return list(self.file_metadata)
 
     def info(self, key: str) -> TensorInfo:
         if key not in self._infos:
-            raise CheckpointError(f"{self.directory}: tensor {key!r} not found")
+            raise CheckpointError(f"{self.directory}: tensor {key!r} not found in the checkpoint")
         return self._infos[key]
 
-    def _array(self, key: str) -> np.ndarray:
-        info = self.info(key)
-        if info.file not in self._maps:
-            self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode="r")
-        raw = self._maps[info.file][info.offset : info.offset + info.nbytes]
-        return raw.view(info.dtype.newbyteorder("<")).reshape(info.shape)
+    def _map(self, file: str) -> mmap.mmap:
+        with self._lock:
+            if file not in self._maps:
+                with open(file, "rb") as f:
+                    self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._maps[file]
+
+    def _bits(self, info: TensorInfo) -> np.ndarray:
+        """Zero-copy unsigned-integer view of the stored tensor (same width as its dtype)."""
+        mapped = self._map(info.file)
+        if info.offset + info.nbytes > len(mapped):
+            raise CheckpointError(f"{info.file}: file shrank since it was opened (truncated)")
+        bits = np.dtype(f"<u{info.dtype.itemsize}") if info.dtype.itemsize > 1 else np.dtype(np.uint8)
+        return np.frombuffer(mapped, bits, info.nbytes // bits.itemsize, info.offset).reshape(info.shape)
 
     def read(self, key: str) -> np.ndarray:
-        return np.array(self._array(key))
+        """The whole tensor, copied into host memory."""
+        return self.read_slice(key, ())
 
-    def read_slice(self, key: str, index: tuple) -> np.ndarray:
-        """Copy of `tensor[index]`; only the pages the slice touches are read from disk.
+    def read_slice(self, key: str, index: Any) -> np.ndarray:
+        """Copy of `tensor[index]` (ints and slices); only the pages the slice touches are read.
 
         The copy goes through an unsigned-integer view of the same width (NumPy's strided copy of
         ml_dtypes' bfloat16/float8 is several times slower than of uint16/uint8; bits are unchanged),
@@ -183,108 +255,185 @@ class CheckpointIndex:
         in this process's RSS (else a full load would hold the whole checkpoint as file-backed RSS).
         """
         info = self.info(key)
-        arr = self._array(key)
-        bits = np.dtype(f"<u{arr.dtype.itemsize}")
-        out = np.array(arr.view(bits)[tuple(index)]).view(arr.dtype)
+        index = index if isinstance(index, tuple) else (index,)
+        if not all(isinstance(i, (slice, int, np.integer)) and not isinstance(i, bool) for i in index):
+            raise CheckpointError(f"{info.file}: tensor {key!r}: index {index!r} must hold only ints and slices")
+        try:
+            out = np.array(self._bits(info)[index]).view(info.dtype)
+        except IndexError as e:
+            raise CheckpointError(f"{info.file}: tensor {key!r} of shape {info.shape}: bad index {index!r} ({e})") from None
         self._release(info)
         return out
 
     def _release(self, info: TensorInfo) -> None:
         """madvise(DONTNEED) the tensor's mapped pages (read-only file mapping: nothing is lost)."""
-        raw = getattr(self._maps.get(info.file), "_mmap", None)
-        if raw is None or not hasattr(raw, "madvise") or info.nbytes == 0:
+        if info.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
             return
         start = info.offset - info.offset % mmap.PAGESIZE
         try:
-            raw.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+            self._maps[info.file].madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
         except (OSError, ValueError):  # best effort: only memory accounting depends on it
             pass
+
+    def close(self) -> None:
+        """Unmap every file (arrays returned by `read`/`read_slice` are copies and stay valid)."""
+        with self._lock:
+            for mapped in self._maps.values():
+                mapped.close()
+            self._maps.clear()
+
+    def __enter__(self) -> CheckpointIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorEntry:
+    """One tensor to write: its name, shape and (storable) NumPy dtype."""
+
     name: str
     shape: tuple[int, ...]
     dtype: np.dtype
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name == "__metadata__":
+            raise CheckpointError(f"tensor name {self.name!r} is not a usable safetensors key")
+        shape = tuple(int(s) if isinstance(s, (int, np.integer)) else s for s in self.shape)
+        if not all(_is_dim(s) for s in shape):
+            raise CheckpointError(f"tensor {self.name!r}: shape {self.shape!r} is not non-negative integers")
+        try:
+            dtype = dtype_to_numpy(numpy_to_dtype(self.dtype))
+        except CheckpointError as e:
+            raise CheckpointError(f"tensor {self.name!r}: {e}") from None
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "dtype", dtype)
+
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardPlan:
+    """One output file and its tensors, in the order they are written (and produced)."""
+
     filename: str
     entries: tuple[TensorEntry, ...]
 
 
+def write_order(entries: Sequence[TensorEntry]) -> list[TensorEntry]:
+    """The reference writer's order within one file: dtype (widest enum first), then name."""
+    return sorted(entries, key=lambda e: (-_DTYPE_RANK[numpy_to_dtype(e.dtype)], e.name))
+
+
 def plan_shards(entries: Sequence[TensorEntry], *, max_shard_bytes: int = 5_000_000_000) -> list[ShardPlan]:
-    """Greedy shards in entry order, each at most `max_shard_bytes` (a bigger tensor stands alone)."""
-    groups: list[list[TensorEntry]] = [[]]
+    """Split `entries` (in the given order) into files of at most `max_shard_bytes` bytes of data.
+
+    Same rule as `huggingface_hub.split_torch_state_dict_into_shards` (what `save_pretrained` uses):
+    greedy in order; a tensor bigger than the limit gets a file of its own, placed when it is met.
+    One file is `model.safetensors`, several are `model-00001-of-0000N.safetensors`.
+    """
+    if not isinstance(max_shard_bytes, (int, np.integer)) or max_shard_bytes <= 0:
+        raise CheckpointError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    entries = list(entries)
+    seen: set[str] = set()
+    for e in entries:
+        if e.name in seen:
+            raise CheckpointError(f"tensor {e.name!r} is listed twice")
+        seen.add(e.name)
+    groups: list[list[TensorEntry]] = []
+    current: list[TensorEntry] = []
     size = 0
     for e in entries:
-        if groups[-1] and size + e.nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(e)
+        if e.nbytes > max_shard_bytes:
+            groups.append([e])
+            continue
+        if current and size + e.nbytes > max_shard_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(e)
         size += e.nbytes
+    if current or not groups:
+        groups.append(current)
     if len(groups) == 1:
-        return [ShardPlan(SINGLE_FILE, tuple(groups[0]))]
+        return [ShardPlan(SINGLE_FILE, tuple(write_order(groups[0])))]
     n = len(groups)
-    return [ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups)]
+    return [ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(write_order(g)))
+            for i, g in enumerate(groups)]
 
 
-def _header_bytes(entries: Iterable[TensorEntry], metadata: dict[str, str] | None) -> bytes:
+def header_bytes(entries: Sequence[TensorEntry], metadata: dict[str, str] | None) -> bytes:
+    """The JSON header (space-padded to a multiple of 8) for `entries` written in the given order."""
     header: dict[str, Any] = {}
-    if metadata:
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise CheckpointError(f"safetensors metadata must map strings to strings, got {metadata!r}")
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for e in sorted(entries, key=lambda e: e.name):
+    for e in entries:
         header[e.name] = {"dtype": numpy_to_dtype(e.dtype), "shape": list(e.shape),
                           "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * ((-len(raw)) % 8)
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _write_shard(path: str, shard: ShardPlan, produce: Callable[[TensorEntry], Any],
+                 metadata: dict[str, str] | None) -> None:
+    header = header_bytes(shard.entries, metadata)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for e in shard.entries:
+            arr = np.asarray(produce(e))
+            if tuple(arr.shape) != e.shape or _storable(arr.dtype) != numpy_to_dtype(e.dtype):
+                raise CheckpointError(
+                    f"{path}: tensor {e.name!r} produced as {tuple(arr.shape)} {arr.dtype}, "
+                    f"planned {e.shape} {e.dtype}")
+            arr = np.ascontiguousarray(arr, dtype=e.dtype)  # little-endian, C order (no copy if already)
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            del arr
+        expected = 8 + len(header) + sum(e.nbytes for e in shard.entries)
+        if f.tell() != expected:
+            raise CheckpointError(f"{path}: wrote {f.tell()} bytes, planned {expected}")
 
 
 def write_checkpoint(
     out_dir: str | os.PathLike,
     entries: Sequence[TensorEntry],
-    produce: Callable[[TensorEntry], np.ndarray],
+    produce: Callable[[TensorEntry], Any],
     *,
     max_shard_bytes: int = 5_000_000_000,
     metadata: dict[str, str] | None = None,
 ) -> list[str]:
-    """Write `entries` as safetensors shards (+ index when several), one produced tensor at a time."""
+    """Write `entries` as safetensors shards (+ index when several), one produced tensor at a time.
+
+    `produce(entry)` is called once per entry, shard by shard in `ShardPlan.entries` order, and must
+    return an array of exactly the entry's shape and dtype. `metadata` defaults to {"format": "pt"}
+    (what transformers writes). Returns the paths written.
+    """
     out_dir = os.fspath(out_dir)
+    if not os.path.isdir(out_dir):
+        raise CheckpointError(f"{out_dir}: output directory does not exist")
     metadata = {"format": "pt"} if metadata is None else metadata
-    names = [e.name for e in entries]
-    if len(set(names)) != len(names):
-        raise CheckpointError("write_checkpoint: duplicate tensor names")
+    entries = list(entries)
     shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
     written = []
     for shard in shards:
         path = os.path.join(out_dir, shard.filename)
-        header = _header_bytes(shard.entries, metadata)
-        with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            for e in sorted(shard.entries, key=lambda e: e.name):
-                arr = np.asarray(produce(e))
-                if tuple(arr.shape) != tuple(e.shape) or arr.dtype != np.dtype(e.dtype):
-                    raise CheckpointError(
-                        f"{path}: tensor {e.name!r} produced as {arr.shape} {arr.dtype}, "
-                        f"planned {tuple(e.shape)} {np.dtype(e.dtype)}"
-                    )
-                arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-                f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        _write_shard(path, shard, produce, metadata)
         written.append(path)
     if len(shards) > 1:
         index = {
-            "metadata": {"total_size": sum(e.nbytes for e in entries)},
+            "metadata": {"total_parameters": sum(int(np.prod(e.shape, dtype=np.int64)) for e in entries),
+                         "total_size": sum(e.nbytes for e in entries)},
             "weight_map": {e.name: s.filename for s in shards for e in s.entries},
         }
-        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
-        written.append(os.path.join(out_dir, INDEX_FILE))
+        path = os.path.join(out_dir, INDEX_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(path)
     return written
