@@ -192,11 +192,10 @@ def gather_slice(arr: jax.Array, index: tuple = ()) -> np.ndarray | None:
 
 
 def write_order(entries: Sequence, *, max_shard_bytes: int) -> list:
-    """The order `write_checkpoint` produces tensors in: shard by shard, by name within a shard."""
+    """The order `write_checkpoint` produces tensors in (shard by shard, each shard's own order)."""
     from conversion.safetensors_io import plan_shards
 
-    return [e for shard in plan_shards(entries, max_shard_bytes=max_shard_bytes)
-            for e in sorted(shard.entries, key=lambda e: e.name)]
+    return [e for shard in plan_shards(entries, max_shard_bytes=max_shard_bytes) for e in shard.entries]
 
 
 def follow_export(

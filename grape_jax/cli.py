@@ -149,4 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m grape_jax.cli`: run the imported module's main so sub-command modules register into
+    # the same registry they import (not into this __main__ copy).
+    from grape_jax.cli import main as _main
+
+    sys.exit(_main())
