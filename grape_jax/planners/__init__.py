@@ -1,4 +1,13 @@
-"""Planners: pure functions (stats, budget, options) -> Plan, and the registry the CLI uses."""
+"""Planners: pure functions (stats, *, budget, **options) -> Plan, and the registry the CLI uses.
+
+Budget B = experts removed in total over all MoE layers; every layer keeps at least
+max(top_k, min_experts). Every planner takes `operator` and `router_rule` (see grape_jax.plan); defaults:
+  grape, local, hc-smoe, m-smoe   operator 'freq' (frequency-weighted average of each group)
+  grape-r                         operator 'dominant' (its cost model serves a group by its representative)
+  frequency, reap, random         operator 'drop' (plain pruning; other operators fold removed experts
+                                  into their most similar kept expert)
+  all                             router_rule 'dominant'
+"""
 
 from __future__ import annotations
 
@@ -26,19 +35,23 @@ PLANNERS: dict[str, Callable[..., Plan]] = {
 
 def budget_from_per_layer(per_layer: int, stats: ModelStats) -> int:
     """`--per-layer r` means B = r · L (L = number of MoE layers)."""
-    if per_layer < 0:
-        raise PlanError(f"--per-layer must be >= 0, got {per_layer}")
+    if isinstance(per_layer, bool) or not isinstance(per_layer, int) or per_layer < 0:
+        raise PlanError(f"--per-layer must be an integer >= 0, got {per_layer!r}")
     return per_layer * len(stats.layers)
 
 
-def make_plan(method: str, stats: ModelStats, *, budget: int, **options) -> Plan:
-    """Run planner `method`; unknown methods or options are errors, never silently ignored."""
+def planner_options(method: str) -> list[str]:
+    """Option names planner `method` accepts (besides stats and budget)."""
     if method not in PLANNERS:
         raise PlanError(f"method {method!r} unknown; expected one of {sorted(PLANNERS)}")
-    fn = PLANNERS[method]
-    accepted = set(inspect.signature(fn).parameters) - {"stats", "budget"}
-    unknown = sorted(set(options) - accepted)
+    return sorted(set(inspect.signature(PLANNERS[method]).parameters) - {"stats", "budget"})
+
+
+def make_plan(method: str, stats: ModelStats, *, budget: int, **options) -> Plan:
+    """Validate the stats and run planner `method`; unknown methods or options are errors."""
+    accepted = planner_options(method)
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise PlanError(f"{method}: unknown option(s) {unknown}; accepted: {sorted(accepted)}")
+        raise PlanError(f"{method}: unknown option(s) {unknown}; accepted: {accepted}")
     stats.validate()
-    return fn(stats, budget=budget, **options)
+    return PLANNERS[method](stats, budget=budget, **options)

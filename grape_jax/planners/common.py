@@ -1,4 +1,4 @@
-"""Pieces every planner shares: floors, uniform allocations, union-find, the layer-entropy guard."""
+"""Pieces every planner shares: option checks, floors, uniform allocations, union-find, the entropy guard."""
 
 from __future__ import annotations
 
@@ -10,28 +10,57 @@ import numpy as np
 from grape_jax.plan import PlanError
 from grape_jax.stats import ModelStats
 
+GUARDS = ("entropy", "none", "cap")
 
-def floors(stats: ModelStats, min_experts: int = 0) -> list[int]:
-    """Experts each layer must keep: max(top_k, min_experts)."""
-    return [max(ls.top_k, min_experts, 1) for ls in stats.layers]
+
+def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
+    """Unknown option strings are errors, never a silent default."""
+    if value not in allowed:
+        raise PlanError(f"{name} {value!r} unknown; expected one of {tuple(allowed)}")
+
+
+def check_gamma(gamma: float, cap_gamma: float) -> None:
+    if not 0.0 <= gamma < 1.0:
+        raise PlanError(f"gamma must be in [0, 1), got {gamma}")
+    if not cap_gamma > 0.0:
+        raise PlanError(f"cap_gamma must be > 0, got {cap_gamma}")
+
+
+def floors(stats: ModelStats, min_experts: int = 0) -> np.ndarray:
+    """Experts each layer must keep: max(top_k, min_experts) (and at least 1)."""
+    if isinstance(min_experts, bool) or not isinstance(min_experts, (int, np.integer)) or min_experts < 0:
+        raise PlanError(f"min_experts must be an integer >= 0, got {min_experts!r}")
+    return np.array([max(ls.top_k, int(min_experts), 1) for ls in stats.layers], np.int64)
 
 
 def check_budget(stats: ModelStats, budget: int, floor: Sequence[int]) -> None:
-    room = sum(ls.num_experts - f for ls, f in zip(stats.layers, floor, strict=True))
+    """The budget (experts removed in total) must be reachable without crossing any floor."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
+        raise PlanError(f"budget must be an integer, got {budget!r}")
+    room = sum(max(ls.num_experts - int(f), 0) for ls, f in zip(stats.layers, floor, strict=True))
     if budget < 0:
         raise PlanError(f"budget must be >= 0, got {budget}")
     if budget > room:
-        raise PlanError(f"budget {budget} exceeds the {room} experts removable above the per-layer floors")
+        raise PlanError(
+            f"budget {budget} exceeds the {room} experts removable above the per-layer floors "
+            f"(floor = max(top_k, min_experts) per layer)"
+        )
 
 
-def uniform_allocation(stats: ModelStats, budget: int, floor: Sequence[int], tie_break: Sequence[float]) -> list[int]:
-    """Removals per layer for local planners: B // L each, the remainder one more to the layers that rank
-    highest in `tie_break` (e.g. redundancy); layers at their floor pass their share on."""
+def uniform_allocation(
+    stats: ModelStats, budget: int, floor: Sequence[int], tie_break: Sequence[float]
+) -> list[int]:
+    """Removals per layer for the uniform (local) planners.
+
+    Every layer gets B // L (capped at its room above the floor). The remaining experts go one at a time,
+    in rounds, to the layers ranked by `tie_break` (highest first, then lowest layer index) that still
+    have room; so a layer at its floor passes its share on, and the result is deterministic.
+    """
     check_budget(stats, budget, floor)
     n = len(stats.layers)
-    room = [ls.num_experts - f for ls, f in zip(stats.layers, floor, strict=True)]
+    room = [max(ls.num_experts - int(f), 0) for ls, f in zip(stats.layers, floor, strict=True)]
     alloc = [min(budget // n, r) for r in room]
-    order = sorted(range(n), key=lambda i: (-tie_break[i], i))
+    order = sorted(range(n), key=lambda i: (-float(tie_break[i]), i))
     left = budget - sum(alloc)
     while left > 0:
         for i in order:
@@ -42,18 +71,20 @@ def uniform_allocation(stats: ModelStats, budget: int, floor: Sequence[int], tie
 
 
 def layer_entropy(counts: Sequence[int]) -> float:
-    """Entropy of the retained-cluster fractions p_l = |C^l| / Σ|C|."""
+    """E = -Σ p_l log p_l of the retained-cluster fractions p_l = |C^l| / Σ|C|."""
     c = np.asarray(counts, np.float64)
-    p = c / c.sum()
-    p = p[p > 0]
+    p = c[c > 0] / c.sum()
     return float(-(p * np.log(p)).sum())
 
 
 def normalised_entropy(counts: Sequence[int]) -> float:
+    """E / log L (1 for a uniform allocation; 1 by convention when L = 1)."""
     return layer_entropy(counts) / math.log(len(counts)) if len(counts) > 1 else 1.0
 
 
 class UnionFind:
+    """Disjoint sets over 0..n-1; the root of a set is its smallest member."""
+
     def __init__(self, n: int):
         self.parent = list(range(n))
 
@@ -69,53 +100,70 @@ class UnionFind:
         self.parent[child] = root
         return root
 
-    def groups(self) -> list[list[int]]:
-        out: dict[int, list[int]] = {}
-        for x in range(len(self.parent)):
-            out.setdefault(self.find(x), []).append(x)
-        return sorted(out.values(), key=min)
-
 
 class EntropyGuard:
-    """GRAPE's guard: freeze a layer when merging in it drops the entropy below Ê = E_init (1 - γ);
-    when every layer that can still merge is frozen, unfreeze all (a restart) and go on."""
+    """Which layers the next global merge may use, and the bookkeeping behind it.
 
-    def __init__(self, counts: Sequence[int], gamma: float, mode: str, budget: int, cap_gamma: float = 1.0):
-        if mode not in ("entropy", "none", "cap"):
-            raise PlanError(f"guard {mode!r} unknown; expected 'entropy', 'none' or 'cap'")
+    mode 'entropy' (GRAPE): Ê = E_init (1 - γ). After a merge in layer l, if E < Ê, l is frozen. When every
+      layer that is above its floor is frozen, the frozen set is cleared (a "restart"; clusters and Ê are
+      kept). So once E is below Ê, each layer merges at most once per round: the allocation can only
+      drift away from balance at the pace of whole rounds.
+    mode 'cap': no freezing; each layer may lose at most ⌈γ'·B/L⌉ experts (γ' = cap_gamma); if the budget
+      cannot be met under the cap, the cap is lifted for the remaining steps (counted in `cap_relaxed`).
+    mode 'none': every layer above its floor may merge (the unguarded greedy).
+    """
+
+    def __init__(self, counts: Sequence[int], floor: Sequence[int], *, gamma: float, mode: str, budget: int,
+                 cap_gamma: float = 1.0):
+        check_choice("guard", mode, GUARDS)
+        check_gamma(gamma, cap_gamma)
         self.mode = mode
-        self.counts = list(counts)
+        self.gamma = float(gamma)
+        self.counts = np.asarray(counts, np.int64).copy()
+        self.floor = np.asarray(floor, np.int64)
         self.initial = layer_entropy(self.counts)
         self.threshold = self.initial * (1.0 - gamma)
-        self.frozen: set[int] = set()
+        self.frozen = np.zeros(len(self.counts), bool)
+        self.removed = np.zeros(len(self.counts), np.int64)
         self.restarts = 0
-        self.removed = [0] * len(self.counts)
+        self.cap_relaxed = 0
         self.cap = math.ceil(cap_gamma * budget / len(self.counts)) if mode == "cap" else None
 
-    def allowed(self, eligible: Sequence[bool]) -> list[bool]:
-        """Layers the next merge may use (restarts when needed)."""
+    def allowed(self) -> np.ndarray:
+        """Boolean mask of layers the next merge may use (restarting or relaxing when needed)."""
+        eligible = self.counts > self.floor
+        if self.mode == "none":
+            return eligible
         if self.mode == "cap":
-            ok = [e and self.removed[i] < self.cap for i, e in enumerate(eligible)]
-            return ok if any(ok) else list(eligible)
-        ok = [e and i not in self.frozen for i, e in enumerate(eligible)]
-        if not any(ok) and any(eligible):
-            self.frozen.clear()
+            ok = eligible & (self.removed < self.cap)
+            if not ok.any():
+                self.cap_relaxed += 1
+                return eligible
+            return ok
+        ok = eligible & ~self.frozen
+        if not ok.any() and eligible.any():
+            self.frozen[:] = False
             self.restarts += 1
-            ok = list(eligible)
+            ok = eligible
         return ok
 
     def merged(self, layer: int) -> None:
         self.counts[layer] -= 1
         self.removed[layer] += 1
         if self.mode == "entropy" and layer_entropy(self.counts) < self.threshold:
-            self.frozen.add(layer)
+            self.frozen[layer] = True
 
     def diagnostics(self) -> dict:
-        return {
+        n = len(self.counts)
+        out = {
             "guard": self.mode,
             "restarts": self.restarts,
             "entropy_initial": self.initial,
             "entropy_threshold": self.threshold,
+            "entropy_threshold_normalised": self.threshold / math.log(n) if n > 1 else 1.0,
             "entropy_final": layer_entropy(self.counts),
             "entropy_final_normalised": normalised_entropy(self.counts),
         }
+        if self.mode == "cap":
+            out.update(cap=self.cap, cap_relaxed=self.cap_relaxed)
+        return out
