@@ -35,12 +35,18 @@ class LayerMix:
     layer: int
     mix: np.ndarray  # [E_new, E_old], rows sum to 1
     route: np.ndarray  # [E_new, E_old], rows sum to 1
+    align_to: tuple[int, ...] | None = None  # per new expert: the anchor members are aligned to
 
     @property
     def is_identity(self) -> bool:
         n, o = self.mix.shape
         eye = np.eye(o)
         return n == o and np.array_equal(self.mix, eye) and np.array_equal(self.route, eye)
+
+    @property
+    def aligns(self) -> bool:
+        """Whether some merged expert averages several members (only those need alignment)."""
+        return self.align_to is not None and bool(np.any(np.count_nonzero(self.mix, axis=1) > 1))
 
 
 def layer_mix(
@@ -51,8 +57,10 @@ def layer_mix(
     weights: Sequence[Sequence[float]],
     dominant: Sequence[int],
     router_rule: str,
+    align: bool = False,
 ) -> LayerMix:
-    """Matrices of one layer from its groups (each group -> one new expert, in order)."""
+    """Matrices of one layer from its groups (each group -> one new expert, in order); with `align`,
+    members are neuron-aligned to the group's dominant member before averaging."""
     if router_rule not in ("dominant", "mean"):
         raise MergeError(f"router rule {router_rule!r} unknown; expected 'dominant' or 'mean'")
     mix = np.zeros((len(groups), num_experts))
@@ -66,7 +74,7 @@ def layer_mix(
             route[row, dom] = 1.0
         else:
             route[row] = mix[row]
-    return LayerMix(layer, mix, route)
+    return LayerMix(layer, mix, route, tuple(int(d) for d in dominant) if align else None)
 
 
 @jax.jit
@@ -131,16 +139,51 @@ def merge_params(
         if spec.expert_axis is None or m is None or m.is_identity:
             out[name] = x
             continue
-        matrix = m.route if spec.role == "router" else m.mix
         new = new_specs[name]
-        out[name] = _apply(x, matrix, spec.expert_axis, _target_sharding(x, new.shape, new.axes, rules))
+        target = _target_sharding(x, new.shape, new.axes, rules)
+        if spec.role == "expert" and m.aligns:
+            if name.rsplit(".", 1)[1] == "w_gate":  # one alignment per layer serves all its expert leaves
+                prefix = name.rsplit(".", 1)[0] + "."
+                out.update(_aligned_layer(params, prefix, m, new_specs, rules))
+            continue
+        matrix = m.route if spec.role == "router" else m.mix
+        out[name] = _apply(x, matrix, spec.expert_axis, target)
     return out, new_cfg
+
+
+EXPERT_LEAVES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+
+
+def _aligned_layer(params, prefix: str, m: LayerMix, new_specs, rules: ShardingRules) -> dict[str, jax.Array]:
+    """Expert leaves of one layer merged with neuron alignment (host NumPy, one group at a time)."""
+    from conversion.export import host_slice
+    from grape_jax.alignment import align_and_average
+
+    keys = [k for k in EXPERT_LEAVES if prefix + k in params]
+    merged: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for row, anchor in enumerate(m.align_to):
+        members = [int(e) for e in np.flatnonzero(m.mix[row])]
+        group = {k: np.stack([host_slice(params[prefix + k], (e,)) for e in members]) for k in keys}
+        if len(members) == 1:
+            result = {k: v[0] for k, v in group.items()}
+        else:
+            result = align_and_average(group, list(range(len(members))), [float(m.mix[row, e]) for e in members],
+                                       anchor=members.index(anchor))
+        for k in keys:
+            merged[k].append(result[k])
+    out = {}
+    for k in keys:
+        x, new = params[prefix + k], new_specs[prefix + k]
+        target = _target_sharding(x, new.shape, new.axes, rules)
+        stacked = np.stack(merged[k]).astype(np.dtype(x.dtype))
+        out[prefix + k] = jax.device_put(stacked, target) if target is not None else jnp.asarray(stacked)
+    return out
 
 
 def mixes_from_plan(plan) -> list[LayerMix]:
     """One LayerMix per planned layer (identity layers included; merge_params passes them through)."""
     return [
         layer_mix(layer=lp.layer, num_experts=lp.num_experts_before, groups=lp.groups, weights=lp.weights,
-                  dominant=lp.dominant, router_rule=plan.router_rule)
+                  dominant=lp.dominant, router_rule=plan.router_rule, align=plan.operator == "aligned")
         for lp in plan.layers
     ]

@@ -11,6 +11,8 @@ How a group becomes one expert (the operator, chosen independently of the groupi
   'freq'      α ∝ routing frequency (uniform when every member has frequency 0)
   'uniform'   α = 1/|G|
   'dominant'  α = 1 on the most frequently routed member (ties -> lowest id): pruning inside the group
+  'aligned'   α ∝ routing frequency, after permuting each member's intermediate neurons to match the
+              group's dominant member (`grape_jax.alignment`; applied by merge)
   'drop'      pruning planners only: every group is a singleton, removed experts are in `dropped`
 Router rule: 'dominant' (the dominant member's router column; default) or 'mean' (α-weighted mean).
 
@@ -33,7 +35,7 @@ from jaxtyping import Float
 
 from grape_jax.stats import LayerStats, ModelStats
 
-OPERATORS = ("freq", "uniform", "dominant")
+OPERATORS = ("freq", "uniform", "dominant", "aligned")
 PLAN_OPERATORS = OPERATORS + ("drop",)
 ROUTER_RULES = ("dominant", "mean")
 WEIGHT_TOL = 1e-6
@@ -328,9 +330,9 @@ def group_weights(
     dominant = min(members[int(k)] for k in best)  # ties -> lowest id
     if operator == "dominant":
         alphas = [1.0 if e == dominant else 0.0 for e in members]
-    elif operator == "uniform" or (operator == "freq" and f.sum() <= 0):
+    elif operator == "uniform" or (operator in ("freq", "aligned") and f.sum() <= 0):
         alphas = [1.0 / len(members)] * len(members)
-    elif operator == "freq":
+    elif operator in ("freq", "aligned"):
         alphas = list(f / f.sum())
     elif operator == "drop":
         raise PlanError(f"operator 'drop' keeps singletons; got group {sorted(members)}")

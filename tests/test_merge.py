@@ -124,3 +124,41 @@ def test_plan_for_another_model_is_refused():
         merge_params(params, BASE, [_mix(0, [[0], [1], [2], [3], [4]], n=5)])
     with pytest.raises(MergeError, match="fewer than top_k"):
         merge_params(params, BASE, [_mix(0, [[0, 1, 2, 3]])])
+
+
+def test_aligned_merge_of_a_permuted_copy_keeps_logits():
+    """Expert 2 is expert 0 with its intermediate neurons permuted (the same function). Aligned
+    averaging recovers expert 0 exactly; plain averaging of the unaligned weights does not."""
+    cfg = dataclasses.replace(BASE, top_k=1)
+    params = dict(_params(cfg))
+    p = "layers.1.mlp."
+    perm = np.random.default_rng(0).permutation(cfg.moe_intermediate_size)
+    params[p + "w_gate"] = params[p + "w_gate"].at[2].set(params[p + "w_gate"][0][:, perm])
+    params[p + "w_up"] = params[p + "w_up"].at[2].set(params[p + "w_up"][0][:, perm])
+    params[p + "w_down"] = params[p + "w_down"].at[2].set(params[p + "w_down"][0][perm, :])
+    params[p + "router"] = params[p + "router"].at[:, 2].set(params[p + "router"][:, 0])
+    groups, weights = [[0, 2], [1], [3]], [[0.5, 0.5], [1.0], [1.0]]
+    aligned = layer_mix(layer=1, num_experts=4, groups=groups, weights=weights, dominant=[0, 1, 3],
+                        router_rule="dominant", align=True)
+    merged, new_cfg = merge_params(params, cfg, [aligned])
+    np.testing.assert_allclose(np.asarray(merged[p + "w_up"][0]), np.asarray(params[p + "w_up"][0]), rtol=1e-6)
+    tokens = _tokens()
+    ref = np.asarray(logits(params, cfg, tokens))
+    np.testing.assert_allclose(np.asarray(logits(merged, new_cfg, tokens)), ref, atol=1e-5, rtol=1e-5)
+    plain, _ = merge_params(params, cfg, [_mix(1, groups, weights, [0, 1, 3])])
+    assert np.abs(np.asarray(logits(plain, new_cfg, tokens)) - ref).max() > 1e-3
+
+
+def test_aligned_operator_through_a_plan():
+    from grape_jax.merge import mixes_from_plan
+    from grape_jax.plan import build_plan
+    from grape_jax.stats import LayerStats, ModelStats
+
+    s = np.eye(4)
+    layers = tuple(LayerStats(l, 10, 2, np.full(4, 0.5), np.full(4, 0.25), np.ones(4), {"cka": s}) for l in (0, 1))
+    plan = build_plan(ModelStats(layers), [[[0, 1], [2], [3]], [[0], [1], [2], [3]]], method="test", budget=1,
+                      operator="aligned")
+    mixes = mixes_from_plan(plan)
+    assert mixes[0].aligns and not mixes[1].aligns
+    merged, new_cfg = merge_params(_params(BASE), BASE, mixes)
+    assert new_cfg.num_experts == (3, 4) and merged["layers.0.mlp.w_gate"].shape == (3, 16, 24)
