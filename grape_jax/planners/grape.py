@@ -30,12 +30,12 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Float
 
-from grape_jax.plan import Plan, build_plan
+from grape_jax.plan import OPERATORS, Plan, build_plan
 from grape_jax.planners.common import EntropyGuard, UnionFind, check_budget, check_choice, floors, uniform_allocation
 from grape_jax.stats import ModelStats
 
 LINKAGES = ("single-zero", "average")
-MERGE_OPERATORS = ("freq", "uniform", "dominant")
+MERGE_OPERATORS = OPERATORS  # every way a group becomes one expert (see grape_jax.plan)
 
 
 class LayerClusters:

@@ -32,12 +32,12 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Float
 
-from grape_jax.plan import Plan, PlanError, build_plan
+from grape_jax.plan import OPERATORS, Plan, PlanError, build_plan
 from grape_jax.planners.common import EntropyGuard, check_budget, check_choice, floors
 from grape_jax.stats import LayerStats, ModelStats
 
 NORMALISATIONS = ("energy", "none")
-MERGE_OPERATORS = ("freq", "uniform", "dominant")
+MERGE_OPERATORS = OPERATORS  # every way a group becomes one expert (see grape_jax.plan)
 
 
 def substitution_cost(ls: LayerStats, normalise: str = "energy") -> Float[np.ndarray, "experts experts"]:
