@@ -88,6 +88,18 @@ def hf_entries(
     return entries, sources
 
 
+def check_expert_counts(cfg: MoEConfig, family: Family) -> None:
+    """Refuse expert counts the family's router cannot run (DeepSeek-V3: multiples of n_group)."""
+    multiple = family.expert_count_multiple(cfg)
+    bad = [(layer, e) for layer, e in enumerate(cfg.num_experts) if e and e % multiple]
+    if bad:
+        raise ConversionError(
+            f"{family.name}: every MoE layer must keep a multiple of {multiple} experts (its group-limited "
+            f"router splits experts into n_group={multiple} equal groups); layers (layer, count) {bad} do not. "
+            f"Plan with --per-layer a multiple of {multiple} and a uniform planner (local, frequency, reap)"
+        )
+
+
 def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> dict[str, Any]:
     """config.json of the export: the family's translation (remote code is added for uneven counts).
 
@@ -120,6 +132,7 @@ def export_hf(
     missing = sorted(set(param_specs(cfg)) - set(params))
     if missing:
         raise ConversionError(f"export: parameters missing for this config: {missing[:5]}")
+    check_expert_counts(cfg, family)
     bindings = bind(family, cfg)
     entries, sources = hf_entries(bindings, params)
     if not is_writer():  # multi-host: take part in the writer's gathers, write nothing

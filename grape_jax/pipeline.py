@@ -163,6 +163,9 @@ def prune(
                          **dict(planner_options or {}))
         plan.save(plan_path)
     params, new_cfg = apply_plan(loaded.params, cfg, plan)
+    from conversion.export import check_expert_counts
+
+    check_expert_counts(new_cfg, loaded.family)  # before any work is written
     export_pruned(params, new_cfg, original_cfg=cfg, family=loaded.family, out=out,
                   base_config=loaded.hf_config, source_dir=hf_dir, plan=plan, stats=stats,
                   calibration=data.describe(), overwrite=overwrite)

@@ -89,3 +89,20 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path):
     tokens = random_tokens(loaded.cfg.vocab_size, batch=2, seq=12, seed=6)
     ref = dsref.reference_logits(exported_cfg, weights, tokens)
     assert_close_logits(logits(merged, new_cfg, tokens), ref)
+
+
+def test_deepseek_v3_counts_must_be_multiples_of_n_group(tmp_path):
+    from conversion.export import check_expert_counts
+    from conversion.families import get_family
+    from conversion.families.base import ConversionError
+
+    cfg = transformers.DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, n_routed_experts=8,
+                                        num_experts_per_tok=2, moe_intermediate_size=16, n_group=4, topk_group=2,
+                                        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
+                                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    src = save_model(build_model(cfg, seed=1), tmp_path / "src")
+    loaded = load_hf(src)
+    family = get_family("deepseek_v3")
+    check_expert_counts(loaded.cfg, family)
+    with pytest.raises(ConversionError, match=r"multiple of 4 experts .* \[\(1, 6\)\]"):
+        check_expert_counts(loaded.cfg.with_num_experts((0, 6)), family)
