@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk")
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk", "softmax_group_topk")
 ACTIVATIONS = ("silu", "gptoss_clamped_swiglu")
 ATTENTIONS = ("gqa", "mla")
 ROPE_TYPES = ("default", "yarn")
@@ -32,7 +32,10 @@ class MoEConfig:
       topk_softmax        top-k of (logits + router bias), softmax over the k chosen (GPT-OSS);
       sigmoid_group_topk  sigmoid scores, selection by scores + `score_bias` restricted to the best
                           `topk_group` of `n_group` groups, weights from the plain scores, optional
-                          renormalisation, times `routed_scaling_factor` (DeepSeek-V3).
+                          renormalisation, times `routed_scaling_factor` (DeepSeek-V3);
+      softmax_group_topk  softmax scores, top-k restricted to the best `topk_group` of `n_group`
+                          groups (group score: the group's max; `n_group` 1: plain top-k), optional
+                          renormalisation, times `routed_scaling_factor` (DeepSeek-V2).
     """
 
     family: str

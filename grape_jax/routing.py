@@ -75,6 +75,21 @@ def route(
         if cfg.norm_topk_prob:
             weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
         weights = weights * cfg.routed_scaling_factor
+    elif cfg.router == "softmax_group_topk":
+        scores = jax.nn.softmax(logits, axis=-1)
+        choice = scores
+        if cfg.n_group > 1:
+            t = scores.shape[0]
+            grouped = scores.reshape(t, cfg.n_group, num_experts // cfg.n_group)
+            group_scores = jnp.max(grouped, axis=-1)  # [T, G]
+            _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)
+            group_mask = jax.nn.one_hot(top_groups, cfg.n_group).sum(axis=1) > 0  # [T, G]
+            expert_mask = jnp.repeat(group_mask, num_experts // cfg.n_group, axis=1)
+            choice = jnp.where(expert_mask, scores, 0.0)  # as HF: masked_fill(0.0)
+        weights, indices = jax.lax.top_k(choice, k)
+        if cfg.norm_topk_prob:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
     else:  # pragma: no cover - MoEConfig validates router names
         raise ValueError(f"router {cfg.router!r} unknown")
     gates, selected = _densify(weights, indices, num_experts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conversion.families import (
     deepseek_moe,
+    deepseek_v2,
     deepseek_v3,
     gpt_oss,
     mixtral,
@@ -19,6 +20,7 @@ _FAMILIES: tuple[Family, ...] = (
     qwen3_moe.FAMILY,
     olmoe.FAMILY,
     deepseek_moe.FAMILY,
+    deepseek_v2.FAMILY,
     deepseek_v3.FAMILY,
     gpt_oss.FAMILY,
 )

@@ -33,6 +33,7 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "num_experts"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "num_experts"),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "num_experts"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", "n_routed_experts"),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", "n_routed_experts"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", "num_local_experts"),
 }
@@ -69,6 +70,16 @@ def check_layer_counts(config, family):
                 raise ValueError(
                     f"layer {layer} keeps {count} experts: group-limited routing needs a multiple of "
                     f"n_group={n_group} with at least 2 experts per group"
+                )
+            if top_k > topk_group * (count // n_group):
+                raise ValueError(
+                    f"layer {layer}: top_k={top_k} exceeds topk_group={topk_group} groups of {count // n_group}"
+                )
+        if count and family == "deepseek_v2" and config.topk_method == "group_limited_greedy":
+            n_group, topk_group = config.n_group or 1, config.topk_group or 1
+            if count % n_group:
+                raise ValueError(
+                    f"layer {layer} keeps {count} experts: group-limited routing needs a multiple of n_group={n_group}"
                 )
             if top_k > topk_group * (count // n_group):
                 raise ValueError(
@@ -140,5 +151,6 @@ PrunedMixtralConfig, PrunedMixtralForCausalLM = _make_classes("mixtral")
 PrunedQwen2MoeConfig, PrunedQwen2MoeForCausalLM = _make_classes("qwen2_moe")
 PrunedQwen3MoeConfig, PrunedQwen3MoeForCausalLM = _make_classes("qwen3_moe")
 PrunedOlmoeConfig, PrunedOlmoeForCausalLM = _make_classes("olmoe")
+PrunedDeepseekV2Config, PrunedDeepseekV2ForCausalLM = _make_classes("deepseek_v2")
 PrunedDeepseekV3Config, PrunedDeepseekV3ForCausalLM = _make_classes("deepseek_v3")
 PrunedGptOssConfig, PrunedGptOssForCausalLM = _make_classes("gpt_oss")
