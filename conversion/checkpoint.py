@@ -95,11 +95,7 @@ def restore_checkpoint(
     meta = read_checkpoint_meta(path)
     cfg = MoEConfig.from_dict(meta["config"])
     specs = param_specs(cfg)
-    if mesh is None:
-        device = jax.local_devices()[0]
-        shardings = {n: jax.sharding.SingleDeviceSharding(device) for n in specs}
-    else:
-        shardings = param_shardings(specs, mesh, rules)
+    shardings = param_shardings(specs, mesh, rules)
     abstract = {
         n: jax.ShapeDtypeStruct(s.shape, np.dtype(meta["dtypes"][n]), sharding=shardings[n])
         for n, s in specs.items()

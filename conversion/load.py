@@ -123,11 +123,7 @@ def load_hf(
     bindings = bind(family, cfg, hf_config=hf)
     check_bindings(ckpt, bindings, model_dir)
     specs = param_specs(cfg)
-    if mesh is None:
-        device = jax.local_devices()[0]
-        shardings = {n: jax.sharding.SingleDeviceSharding(device) for n in specs}
-    else:
-        shardings = param_shardings(specs, mesh, rules)
+    shardings = param_shardings(specs, mesh, rules)
     params = {}
     for name, b in bindings.items():
         stored = b.value_dtype(ckpt.info(next(iter(b.hf_sources()))).dtype)

@@ -120,9 +120,12 @@ def logical_to_pspec(
 
 
 def param_shardings(
-    specs: Mapping[str, P.ParamSpec], mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
-) -> dict[str, NamedSharding]:
-    """NamedSharding of every parameter of a `param_specs` table."""
+    specs: Mapping[str, P.ParamSpec], mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES
+) -> dict[str, jax.sharding.Sharding]:
+    """Sharding of every parameter of a `param_specs` table (the first local device when no mesh)."""
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return {name: device for name in specs}
     return {
         name: NamedSharding(mesh, logical_to_pspec(spec.shape, spec.axes, mesh, rules))
         for name, spec in specs.items()
