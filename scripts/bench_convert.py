@@ -152,7 +152,7 @@ def build_checkpoint(directory: str, args) -> dict:
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     write_checkpoint(directory, entries, lambda en: random_bf16(rng, en.shape),
-                     max_shard_bytes=args.shard_gb * GB)
+                     max_shard_bytes=int(args.shard_gb * GB))
     config = {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": v,
         "hidden_size": d, "intermediate_size": f, "num_hidden_layers": layers,
