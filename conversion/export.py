@@ -89,14 +89,17 @@ def hf_entries(
 
 
 def check_expert_counts(cfg: MoEConfig, family: Family) -> None:
-    """Refuse expert counts the family's router cannot run (DeepSeek-V3: multiples of n_group)."""
-    multiple = family.expert_count_multiple(cfg)
-    bad = [(layer, e) for layer, e in enumerate(cfg.num_experts) if e and e % multiple]
+    """Refuse expert counts the family's router cannot run (group-limited routers: multiples of n_group
+    with enough experts per group)."""
+    multiple, least = cfg.expert_count_multiple, cfg.min_routable_experts
+    bad = [(layer, e) for layer, e in enumerate(cfg.num_experts) if e and (e % multiple or e < least)]
     if bad:
         raise ConversionError(
-            f"{family.name}: every MoE layer must keep a multiple of {multiple} experts (its group-limited "
-            f"router splits experts into n_group={multiple} equal groups); layers (layer, count) {bad} do not. "
-            f"Plan with --per-layer a multiple of {multiple} and a uniform planner (local, frequency, reap)"
+            f"{family.name}: every MoE layer must keep a multiple of {multiple} experts, at least {least} (its "
+            f"group-limited router splits experts into n_group={multiple} equal groups and picks top_k="
+            f"{cfg.top_k} from topk_group={cfg.topk_group} of them); layers (layer, count) {bad} do not. "
+            f"Plan from statistics of this model (the planners keep these counts) or with --per-layer a "
+            f"multiple of {multiple}"
         )
 
 

@@ -143,6 +143,8 @@ def finalize_stats(
                 sim={"cka": s["cka"], "cos_mean": s["cos_mean"], "router": s["router"], "weight": weight},
                 routed_m=s["routed_m"],
                 routed_n=s["routed_n"],
+                count_multiple=cfg.expert_count_multiple,
+                min_count=cfg.min_routable_experts,
             )
         )
     stats = ModelStats(layers=tuple(out), meta=dict(meta))

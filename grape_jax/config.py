@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk", "softmax_group_topk")
+GROUP_ROUTERS = ("sigmoid_group_topk", "softmax_group_topk")
 ACTIVATIONS = ("silu", "gptoss_clamped_swiglu")
 ATTENTIONS = ("gqa", "mla")
 ROPE_TYPES = ("default", "yarn")
@@ -133,6 +134,24 @@ class MoEConfig:
     def is_uniform(self) -> bool:
         counts = {e for e in self.num_experts if e > 0}
         return len(counts) <= 1
+
+    @property
+    def expert_count_multiple(self) -> int:
+        """Every MoE layer's expert count must be a multiple of this: a group-limited router splits the
+        experts into `n_group` equal groups (1 for the other routers)."""
+        return self.n_group if self.router in GROUP_ROUTERS else 1
+
+    @property
+    def min_routable_experts(self) -> int:
+        """Fewest experts an MoE layer can keep and still route: `top_k`, and for group-limited routers
+        enough per group that `topk_group` groups hold `top_k` experts (DeepSeek-V3 also ranks groups
+        by their top-2 scores, so at least 2 per group)."""
+        if self.router not in GROUP_ROUTERS:
+            return self.top_k
+        per_group = -(-self.top_k // self.topk_group)
+        if self.router == "sigmoid_group_topk":
+            per_group = max(per_group, 2)
+        return max(self.top_k, self.n_group * per_group)
 
     def with_num_experts(self, num_experts: tuple[int, ...]) -> MoEConfig:
         """The same architecture with new per-layer expert counts (after a merge)."""

@@ -397,4 +397,9 @@ def build_plan(
                 options=_json_native(dict(options or {})), seed=seed, stats_sha256=stats_sha256,
                 diagnostics=_json_native(dict(diagnostics or {})))
     plan.validate()
+    for ls, groups in zip(stats.layers, groups_per_layer, strict=True):
+        kept = len(groups)
+        if kept % ls.count_multiple or kept < ls.min_count:
+            raise PlanError(f"{method}: layer {ls.layer} keeps {kept} experts; its router needs a multiple of "
+                            f"{ls.count_multiple}, at least {ls.min_count}")
     return plan

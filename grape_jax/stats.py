@@ -34,6 +34,8 @@ class LayerStats:
     sim[name]     [E, E] symmetric similarity, diagonal 1, for name in SIMILARITY_METRICS
     routed_m      [E, E] sum_t g_i(t) <y_i(t), y_j(t)>        (routed substitution moments;
     routed_n      [E, E] sum_t g_i(t) ||y_j(t)||^2              None when not collected)
+    count_multiple  the layer's expert count must stay a multiple of this (group-limited routers: n_group)
+    min_count       fewest experts the router can use (top_k; more for group-limited routers)
     """
 
     layer: int
@@ -45,6 +47,8 @@ class LayerStats:
     sim: Mapping[str, np.ndarray]
     routed_m: np.ndarray | None = None
     routed_n: np.ndarray | None = None
+    count_multiple: int = 1
+    min_count: int = 0
 
     @property
     def num_experts(self) -> int:
@@ -60,6 +64,10 @@ class LayerStats:
 
     def validate(self) -> None:
         e = self.num_experts
+        if self.count_multiple < 1 or e % self.count_multiple:
+            raise StatsError(
+                f"layer {self.layer}: {e} experts is not a multiple of count_multiple={self.count_multiple}"
+            )
         vectors = {"freq": self.freq, "gate_mass": self.gate_mass, "reap": self.reap}
         matrices = dict(self.sim)
         if self.routed_m is not None:
@@ -108,7 +116,8 @@ class ModelStats:
                 arrays[p + "routed_m"] = ls.routed_m
             if ls.routed_n is not None:
                 arrays[p + "routed_n"] = ls.routed_n
-            header.append({"layer": ls.layer, "num_tokens": ls.num_tokens, "top_k": ls.top_k})
+            header.append({"layer": ls.layer, "num_tokens": ls.num_tokens, "top_k": ls.top_k,
+                           "count_multiple": ls.count_multiple, "min_count": ls.min_count})
         arrays["__header__"] = np.frombuffer(
             json.dumps({"layers": header, "meta": dict(self.meta)}).encode(), dtype=np.uint8
         )
@@ -126,6 +135,8 @@ class ModelStats:
                     "num_experts": ls.num_experts,
                     "num_tokens": ls.num_tokens,
                     "top_k": ls.top_k,
+                    "count_multiple": ls.count_multiple,
+                    "min_count": ls.min_count,
                     "freq": np.round(ls.freq, 6).tolist(),
                     "mean_offdiag_cka": _mean_offdiag(ls.sim.get("cka")),
                 }
@@ -168,6 +179,8 @@ class ModelStats:
                     sim=sim,
                     routed_m=_opt(data.get(p + "routed_m")),
                     routed_n=_opt(data.get(p + "routed_n")),
+                    count_multiple=int(h.get("count_multiple", 1)),
+                    min_count=int(h.get("min_count", 0)),
                 )
             )
         stats = cls(layers=tuple(layers), meta=header.get("meta", {}))

@@ -20,6 +20,7 @@ from conversion.load import load_hf
 from grape_jax.calibration import CalibrationOptions, calibrate
 from grape_jax.model import logits
 from grape_jax.pipeline import apply_plan, export_pruned
+from grape_jax.plan import PlanError
 from grape_jax.planners import make_plan
 from grape_jax.routing import route
 from grape_jax.sharding import make_mesh
@@ -40,10 +41,10 @@ CONFIGS = {
                              original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
                              mscale=0.707, mscale_all_dim=1.0),
     ),
-    # V2-style: q LoRA, group-limited greedy over 4 groups of 2, attention biases
+    # V2-style: q LoRA, group-limited greedy (3 of 4 groups of 2), attention biases
     "group_limited_greedy": lambda: transformers.DeepseekV2Config(
         **BASE, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
-        topk_method="group_limited_greedy", n_group=4, topk_group=2, first_k_dense_replace=1,
+        topk_method="group_limited_greedy", n_group=4, topk_group=3, first_k_dense_replace=1,
         q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
         n_shared_experts=1, routed_scaling_factor=2.0, attention_bias=True,
     ),
@@ -75,7 +76,7 @@ def test_single_device_logits_match_transformers(cases, tokens, name):
     assert loaded.family.name == "deepseek_v2"
     cfg = loaded.cfg
     assert cfg.num_experts == (0, 8, 8) and cfg.router == "softmax_group_topk" and not cfg.norm_topk_prob
-    assert (cfg.n_group, cfg.topk_group) == ((1, 1) if name == "greedy" else (4, 2))
+    assert (cfg.n_group, cfg.topk_group) == ((1, 1) if name == "greedy" else (4, 3))
     assert_close_logits(logits(loaded.params, cfg, tokens), ref)
 
 
@@ -144,19 +145,24 @@ def test_grape_prune_export_reload_uneven_counts(cases, tmp_path):
 
 
 def test_group_limited_prune_keeps_group_multiples(cases, tmp_path):
+    """Statistics carry the router's granularity; the global planner keeps every count a multiple of
+    n_group = 4 (top_k 3 from 3 groups: at least 1 per group, so 4 is the floor)."""
     src, _, _, loaded = cases("group_limited_greedy")
     cfg, family = loaded.cfg, loaded.family
-    assert family.expert_count_multiple(cfg) == 4
+    assert cfg.expert_count_multiple == 4 and cfg.min_routable_experts == 4
     with pytest.raises(ConversionError, match="multiple of 4 experts"):
         check_expert_counts(cfg.with_num_experts((0, 6, 8)), family)
     stats = calibrate(loaded.params, cfg, random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2),
                       options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
-    plan = make_plan("local", stats, budget=8, operator="dominant")  # 4 per MoE layer: 8 -> 4
+    assert [(ls.count_multiple, ls.min_count) for ls in stats.layers] == [(4, 4), (4, 4)]
+    with pytest.raises(PlanError, match=r"multiple of 4.*nearest: 4 or 8"):
+        make_plan("grape", stats, budget=6, guard="none")
+    plan = make_plan("grape", stats, budget=4, guard="none", operator="dominant")
     merged, new_cfg = apply_plan(loaded.params, cfg, plan)
-    assert new_cfg.num_experts == (0, 4, 4)
+    assert sorted(new_cfg.num_experts) == [0, 4, 8]
     out = export_pruned(merged, new_cfg, original_cfg=cfg, family=family, out=str(tmp_path / "out"),
                         base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
-    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     tokens = random_tokens(cfg.vocab_size, batch=2, seq=12, seed=3)
     assert_close_logits(logits(merged, new_cfg, tokens), torch_logits(model, tokens))
 

@@ -4,6 +4,8 @@ HF -> JAX -> HF round trips, routing exactness, MXFP4 reads, and the registry's 
 
 from __future__ import annotations
 
+import dataclasses
+
 import inspect
 import json
 import os
@@ -307,12 +309,18 @@ def test_deepseek_v3_router_matches_transformers(cases):
     np.testing.assert_allclose(np.asarray(ours.gates), dense_ref, rtol=1e-6, atol=1e-7)
 
 
-def test_deepseek_v3_expert_count_multiple_is_n_group(cases):
-    loaded = cases("deepseek_v3").loaded
-    assert loaded.cfg.n_group == 4 and loaded.family.expert_count_multiple(loaded.cfg) == 4
-    for name in FAMILIES:
-        if name != "deepseek_v3":
-            assert FAMILIES[name].expert_count_multiple(loaded.cfg) == 1
+def test_group_limited_routers_fix_count_multiple_and_minimum(cases):
+    """DeepSeek-V3 (n_group 4, topk_group 2, top_k 3): multiples of 4, at least 2 per group and enough
+    per group that 2 groups hold 3 experts -> 4 * max(2, ceil(3 / 2)) = 8; other routers: 1 and top_k."""
+    v3 = cases("deepseek_v3").loaded.cfg
+    assert (v3.n_group, v3.topk_group, v3.top_k) == (4, 2, 3)
+    assert v3.expert_count_multiple == 4 and v3.min_routable_experts == 8
+    assert dataclasses.replace(v3, n_group=1, topk_group=1).min_routable_experts == 3
+    assert dataclasses.replace(v3, top_k=1, n_group=1, topk_group=1).min_routable_experts == 2
+    for name in HF_CONFIGS:
+        if not name.startswith("deepseek_v3"):
+            cfg = cases(name).loaded.cfg
+            assert (cfg.expert_count_multiple, cfg.min_routable_experts) == (1, cfg.top_k), name
 
 
 def test_config_translation_layouts(cases):

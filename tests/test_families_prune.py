@@ -27,10 +27,10 @@ CONFIGS = {
     "qwen3_moe": HF_CONFIGS["qwen3_moe"],
     "olmoe": HF_CONFIGS["olmoe"],
     "gpt_oss": HF_CONFIGS["gpt_oss"],
-    # group-limited routing needs E divisible by n_group after pruning: one group here
+    # group-limited routing (2 groups): the planner keeps every count a multiple of 2, >= 2 per group
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
         **{**TINY, "num_key_value_heads": 4}, n_routed_experts=8, num_experts_per_tok=2,
-        moe_intermediate_size=16, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+        moe_intermediate_size=16, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
         kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_shared_experts=1,
         norm_topk_prob=True, routed_scaling_factor=1.5,
     ),
@@ -50,6 +50,7 @@ def test_prune_quarter_export_and_reload(family, tmp_path):
     plan = make_plan("grape", stats, budget=budget, guard="none", operator="freq")
     merged, new_cfg = apply_plan(loaded.params, cfg, plan)
     assert sum(new_cfg.num_experts) == total - budget
+    assert all(e % cfg.expert_count_multiple == 0 for e in new_cfg.num_experts)
     out = export_pruned(merged, new_cfg, original_cfg=cfg, family=loaded.family, out=str(tmp_path / "out"),
                         base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
     config = json.load(open(os.path.join(out, "config.json")))
@@ -104,5 +105,5 @@ def test_deepseek_v3_counts_must_be_multiples_of_n_group(tmp_path):
     loaded = load_hf(src)
     family = get_family("deepseek_v3")
     check_expert_counts(loaded.cfg, family)
-    with pytest.raises(ConversionError, match=r"multiple of 4 experts .* \[\(1, 6\)\]"):
+    with pytest.raises(ConversionError, match=r"multiple of 4 experts, at least 8 .* \[\(1, 6\)\]"):
         check_expert_counts(loaded.cfg.with_num_experts((0, 6)), family)

@@ -255,8 +255,6 @@ class Family:
     experts_config_key: str
     # Rules for a quantised checkpoint (`quantization_config` in config.json), read-only; None: refused.
     quantized_rules: Callable[[MoEConfig, Mapping[str, Any]], Sequence[KeyRule]] | None = None
-    # Every MoE layer's expert count must be a multiple of this (DeepSeek-V3: n_group), for planners.
-    expert_count_multiple: Callable[[MoEConfig], int] = lambda cfg: 1
 
 
 def _instantiate(pattern: str, **values: int) -> str:

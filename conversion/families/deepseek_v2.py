@@ -14,7 +14,8 @@ On disk (`save_pretrained`): per-expert keys `mlp.experts.{e}.{gate,up,down}_pro
 fuses them on load), `mlp.gate.weight`, `mlp.shared_experts.*` — the same layout as DeepSeek-V3 less
 `e_score_correction_bias`.
 
-Planners must keep every MoE layer's expert count a multiple of `n_group` under group-limited routing.
+Planners keep every MoE layer's expert count a multiple of `n_group` under group-limited routing
+(`MoEConfig.expert_count_multiple`).
 """
 
 from __future__ import annotations
@@ -120,5 +121,4 @@ FAMILY = Family(
     rules=rules,
     experts_config_key="n_routed_experts",
     # only V2's group-limited softmax routing constrains counts (other families' configs give 1)
-    expert_count_multiple=lambda cfg: cfg.n_group if cfg.router == "softmax_group_topk" else 1,
 )

@@ -4,8 +4,9 @@ rotary part, sigmoid router scores plus `e_score_correction_bias` for selection 
 top-k (`n_group`, `topk_group`), renormalisation iff `norm_topk_prob`, times `routed_scaling_factor`;
 the first `first_k_dense_replace` layers are dense; `n_shared_experts` shared experts (one MLP).
 
-Planners must keep every MoE layer's expert count a multiple of `n_group` (`expert_count_multiple`),
-with at least two experts per group (the group score is the sum of each group's top two).
+Planners keep every MoE layer's expert count a multiple of `n_group`, with at least two experts per
+group (the group score is the sum of each group's top two): `MoEConfig.expert_count_multiple` and
+`min_routable_experts`, recorded in the statistics the planners read.
 """
 
 from __future__ import annotations
@@ -131,5 +132,4 @@ FAMILY = Family(
     config_to_hf=config_to_hf,
     rules=rules,
     experts_config_key="n_routed_experts",
-    expert_count_multiple=lambda cfg: cfg.n_group,
 )

@@ -27,14 +27,28 @@ def check_gamma(gamma: float, cap_gamma: float) -> None:
 
 
 def floors(stats: ModelStats, min_experts: int = 0) -> np.ndarray:
-    """Experts each layer must keep: max(top_k, min_experts) (and at least 1)."""
+    """Experts each layer must keep: max(top_k, min_experts, the router's minimum, 1), rounded up to the
+    layer's count multiple (group-limited routers keep whole groups)."""
     if isinstance(min_experts, bool) or not isinstance(min_experts, (int, np.integer)) or min_experts < 0:
         raise PlanError(f"min_experts must be an integer >= 0, got {min_experts!r}")
-    return np.array([max(ls.top_k, int(min_experts), 1) for ls in stats.layers], np.int64)
+    out = []
+    for ls in stats.layers:
+        least, m = max(ls.top_k, int(min_experts), ls.min_count, 1), ls.count_multiple
+        out.append(-(-least // m) * m)
+    return np.array(out, np.int64)
+
+
+def granularity(stats: ModelStats) -> int:
+    """The step every layer's expert count moves in (1, or n_group under group-limited routing)."""
+    steps = {ls.count_multiple for ls in stats.layers}
+    if len(steps) > 1:
+        raise PlanError(f"MoE layers need different expert-count multiples {sorted(steps)}; not supported")
+    return steps.pop()
 
 
 def check_budget(stats: ModelStats, budget: int, floor: Sequence[int]) -> None:
-    """The budget (experts removed in total) must be reachable without crossing any floor."""
+    """The budget (experts removed in total) must be reachable without crossing any floor, in whole
+    multiples of the router's granularity."""
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)):
         raise PlanError(f"budget must be an integer, got {budget!r}")
     room = sum(max(ls.num_experts - int(f), 0) for ls, f in zip(stats.layers, floor, strict=True))
@@ -43,7 +57,14 @@ def check_budget(stats: ModelStats, budget: int, floor: Sequence[int]) -> None:
     if budget > room:
         raise PlanError(
             f"budget {budget} exceeds the {room} experts removable above the per-layer floors "
-            f"(floor = max(top_k, min_experts) per layer)"
+            f"(floor = max(top_k, min_experts, the router's minimum) per layer)"
+        )
+    step = granularity(stats)
+    if budget % step:
+        low = budget // step * step  # rooms are whole groups, so low + step <= room too
+        raise PlanError(
+            f"budget {budget} is not a multiple of {step}: the group-limited router needs every layer's "
+            f"expert count to stay a multiple of n_group={step} (nearest: {low} or {low + step})"
         )
 
 
@@ -54,20 +75,42 @@ def uniform_allocation(
 
     Every layer gets B // L (capped at its room above the floor). The remaining experts go one at a time,
     in rounds, to the layers ranked by `tie_break` (highest first, then lowest layer index) that still
-    have room; so a layer at its floor passes its share on, and the result is deterministic.
+    have room; so a layer at its floor passes its share on, and the result is deterministic. Under a
+    group-limited router all of this counts whole groups of `granularity` experts.
     """
     check_budget(stats, budget, floor)
+    step = granularity(stats)
     n = len(stats.layers)
-    room = [max(ls.num_experts - int(f), 0) for ls, f in zip(stats.layers, floor, strict=True)]
-    alloc = [min(budget // n, r) for r in room]
+    room = [max(ls.num_experts - int(f), 0) // step for ls, f in zip(stats.layers, floor, strict=True)]
+    units = budget // step
+    alloc = [min(units // n, r) for r in room]
     order = sorted(range(n), key=lambda i: (-float(tie_break[i]), i))
-    left = budget - sum(alloc)
+    left = units - sum(alloc)
     while left > 0:
         for i in order:
             if left and alloc[i] < room[i]:
                 alloc[i] += 1
                 left -= 1
-    return alloc
+    return [a * step for a in alloc]
+
+
+def snap_allocation(stats: ModelStats, removed: Sequence[int]) -> list[int]:
+    """Round a global planner's removals per layer to whole groups of `granularity` experts, same total.
+
+    Largest remainder: each layer keeps its whole groups; the groups still owed go to the layers with
+    the largest leftover removals (ties -> lowest layer). A layer with a leftover removed fewer than its
+    room, and rooms are whole groups, so it can take one more group: the result respects the floors.
+    Identity when the granularity is 1.
+    """
+    step = granularity(stats)
+    removed = [int(r) for r in removed]
+    if step == 1:
+        return removed
+    base = [r // step * step for r in removed]
+    owed = (sum(removed) - sum(base)) // step
+    for i in sorted(range(len(removed)), key=lambda i: (-(removed[i] % step), i))[:owed]:
+        base[i] += step
+    return base
 
 
 def layer_entropy(counts: Sequence[int]) -> float:

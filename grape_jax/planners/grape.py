@@ -15,7 +15,11 @@ Algorithm 1 of the paper, as DESIGN.md states it, with the choices it leaves ope
     the allocation drift by about 1% of the maximal entropy before balancing; γ -> 0 approaches the uniform
     allocation, γ = 1 - ε (or `guard='none'`) the unguarded greedy. `guard='cap'` caps each layer at
     ⌈γ'·B/L⌉ removals instead (γ' = `cap_gamma`).
-  * Per-layer floor max(top_k, min_experts) (the paper has none).
+  * Per-layer floor max(top_k, min_experts, the router's minimum) (the paper has none).
+  * Group-limited routers (DeepSeek-V2/V3) need every count to stay a multiple of n_group: the budget must
+    be a multiple of it, and the greedy's removals per layer are rounded to whole groups by largest
+    remainder (`snap_allocation`); each layer then replays its own merge sequence (which depends only on
+    that layer) up to its rounded count. Diagnostics keep both allocations.
 
 Speed: R^l lives in one array (a step is one masked argmax over L layers), and each layer walks its pairs in
 descending similarity from a lazily extended sorted queue (a partial sort of the next chunk), skipping pairs
@@ -31,7 +35,15 @@ import numpy as np
 from jaxtyping import Float
 
 from grape_jax.plan import OPERATORS, Plan, build_plan
-from grape_jax.planners.common import EntropyGuard, UnionFind, check_budget, check_choice, floors, uniform_allocation
+from grape_jax.planners.common import (
+    EntropyGuard,
+    UnionFind,
+    check_budget,
+    check_choice,
+    floors,
+    snap_allocation,
+    uniform_allocation,
+)
 from grape_jax.stats import ModelStats
 
 LINKAGES = ("single-zero", "average")
@@ -120,6 +132,15 @@ def _states(stats: ModelStats, metric: str, linkage: str) -> list[LayerClusters]
     return [LayerClusters(ls.similarity(metric), linkage) for ls in stats.layers]
 
 
+def _merged(stats: ModelStats, metric: str, linkage: str, removed: list[int]) -> list[LayerClusters]:
+    """Fresh states with `removed[l]` merges done in layer l, each layer in its own greedy order."""
+    states = _states(stats, metric, linkage)
+    for s, r in zip(states, removed, strict=True):
+        for _ in range(r):
+            s.merge(*s.best())
+    return states
+
+
 def grape(
     stats: ModelStats,
     *,
@@ -150,9 +171,17 @@ def grape(
         red[layer] = state.redundancy
         guard_state.merged(layer)
         order.append(stats.layers[layer].layer)
+    greedy = guard_state.removed.tolist()
+    removed = snap_allocation(stats, greedy)
+    if removed != greedy:
+        states = _merged(stats, metric, linkage, removed)
+        red = np.array([s.redundancy for s in states])
     options = dict(metric=metric, gamma=gamma, guard=guard, cap_gamma=cap_gamma, linkage=linkage,
                    min_experts=min_experts)
-    diagnostics = {**guard_state.diagnostics(), "redundancy_final": red.tolist(), "merge_order": order}
+    diagnostics = {**guard_state.diagnostics(), "redundancy_final": red.tolist(), "merge_order": order,
+                   "removed_per_layer": removed}
+    if removed != greedy:
+        diagnostics["removed_per_layer_greedy"] = greedy
     return build_plan(stats, [s.groups() for s in states], method="grape", budget=budget, operator=operator,
                       router_rule=router_rule, options=options, stats_sha256=stats_sha256,
                       diagnostics=diagnostics)
@@ -172,11 +201,8 @@ def local(
     """B/L merges in every layer (remainder rule in the module docstring), same machinery as grape."""
     check_choice("operator", operator, MERGE_OPERATORS)
     floor = floors(stats, min_experts)
-    states = _states(stats, metric, linkage)
-    alloc = uniform_allocation(stats, budget, floor, [s.redundancy for s in states])
-    for s, r in zip(states, alloc, strict=True):
-        for _ in range(r):
-            s.merge(*s.best())
+    alloc = uniform_allocation(stats, budget, floor, [s.redundancy for s in _states(stats, metric, linkage)])
+    states = _merged(stats, metric, linkage, alloc)
     options = dict(metric=metric, linkage=linkage, min_experts=min_experts)
     return build_plan(stats, [s.groups() for s in states], method="local", budget=budget, operator=operator,
                       router_rule=router_rule, options=options, stats_sha256=stats_sha256,

@@ -13,7 +13,8 @@ the running row sums CA[A, :] = Σ_{i∈A} C[i, :] are updated after each merge,
 from the moments without a second calibration pass. Each step takes the cheapest absorption anywhere in
 the model among layers the guard allows and above their floor (ties -> lowest layer, then lowest (A, B)).
 Per layer the Δ matrix and its row minima are kept and only the touched row/column is recomputed, so a
-step costs O(E) instead of O(E²).
+step costs O(E) instead of O(E²). Under a group-limited router the removals per layer are rounded to
+whole groups and each layer replays its own cheapest-absorption order, as in `grape`.
 
 Operators: with 'dominant' (default) the representative is kept as is, so the modelled cost is exact for
 the calibration tokens' outputs (the pruned router may still send tokens elsewhere). For averaging
@@ -33,7 +34,7 @@ import numpy as np
 from jaxtyping import Float
 
 from grape_jax.plan import OPERATORS, Plan, PlanError, build_plan
-from grape_jax.planners.common import EntropyGuard, check_budget, check_choice, floors
+from grape_jax.planners.common import EntropyGuard, check_budget, check_choice, floors, snap_allocation
 from grape_jax.stats import LayerStats, ModelStats
 
 NORMALISATIONS = ("energy", "none")
@@ -131,9 +132,21 @@ def grape_r(
         guard_state.merged(layer)
         total += c
         order.append(stats.layers[layer].layer)
+    greedy = guard_state.removed.tolist()
+    removed = snap_allocation(stats, greedy)
+    diagnostics = {**guard_state.diagnostics(), "estimated_cost": total, "merge_order": order,
+                   "removed_per_layer": removed}
+    if removed != greedy:  # group-limited router: whole groups per layer, each replays its own order
+        states = [CostClusters(substitution_cost(ls, normalise)) for ls in stats.layers]
+        total = 0.0
+        for state, r in zip(states, removed, strict=True):
+            for _ in range(r):
+                c, a, b = state.best()
+                state.merge(a, b)
+                total += c
+        diagnostics.update(estimated_cost=total, removed_per_layer_greedy=greedy)
     groups, reps = zip(*(s.groups_and_reps() for s in states), strict=True)
     options = dict(gamma=gamma, guard=guard, cap_gamma=cap_gamma, normalise=normalise, min_experts=min_experts)
-    diagnostics = {**guard_state.diagnostics(), "estimated_cost": total, "merge_order": order}
     return build_plan(stats, list(groups), method="grape-r", budget=budget, operator=operator,
                       router_rule=router_rule, dominant_per_layer=list(reps), options=options,
                       stats_sha256=stats_sha256, diagnostics=diagnostics)

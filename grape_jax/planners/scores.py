@@ -6,7 +6,8 @@ lowest total score, ties to the lowest layer; see `uniform_allocation`). With `g
 of all layers are ranked together by their score's share of its layer's total, s_i / Σ_j s_j (frequencies
 sum to top_k in every layer, but REAP scores carry each layer's output scale, so raw scores would not
 compare); the lowest shares go first (ties -> lowest layer, then lowest id), never below a layer's floor.
-A layer whose scores are all 0 has shares 0.
+A layer whose scores are all 0 has shares 0. Under a group-limited router the global removals per layer
+are rounded to whole groups (`snap_allocation`) and each layer drops its lowest scores.
 
 Operator: 'drop' (default) removes the chosen experts (listed in `dropped`). 'freq', 'uniform' or
 'dominant' instead fold each removed expert into the kept expert it is most similar to (`metric`, default
@@ -20,7 +21,7 @@ import numpy as np
 from jaxtyping import Float
 
 from grape_jax.plan import OPERATORS, Plan, build_plan
-from grape_jax.planners.common import check_budget, check_choice, floors, uniform_allocation
+from grape_jax.planners.common import check_budget, check_choice, floors, snap_allocation, uniform_allocation
 from grape_jax.stats import ModelStats
 
 PRUNE_OPERATORS = ("drop",) + OPERATORS
@@ -55,7 +56,8 @@ def choose_dropped(
         if len(dropped[layer]) < room[layer]:
             dropped[layer].append(e)
             left -= 1
-    return [sorted(d) for d in dropped]
+    removed = snap_allocation(stats, [len(d) for d in dropped])
+    return [lowest(s, r) if r != len(d) else sorted(d) for s, d, r in zip(scores, dropped, removed, strict=True)]
 
 
 def _plan(stats: ModelStats, method: str, scores: list[np.ndarray], *, budget: int, global_rank: bool,
