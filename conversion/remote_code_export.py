@@ -16,8 +16,8 @@ _OWN_FIELDS = ("auto_map", "num_experts_per_layer", "base_model_type", "grape_re
 
 
 def _base_family(config_dict: dict[str, Any], family: str) -> None:
-    if family not in pruned.FAMILIES:
-        raise ValueError(f"unsupported MoE family {family!r}; expected one of {sorted(pruned.FAMILIES)}")
+    if family not in pruned.ALL_FAMILIES:
+        raise ValueError(f"unsupported MoE family {family!r}; expected one of {sorted(pruned.ALL_FAMILIES)}")
     model_type = config_dict.get("model_type")
     if model_type not in (family, pruned.MODEL_TYPE_PREFIX + family):
         raise ValueError(f"config model_type {model_type!r} does not match family {family!r}")
@@ -48,7 +48,7 @@ def write_remote_code(
     _base_family(config_dict, family)
     counts = _checked_counts(config_dict, family, num_experts_per_layer)
     config_name, lm_name = pruned.class_names(family)
-    count_field = pruned.FAMILIES[family][2]
+    count_field = pruned.count_field(family)
     os.makedirs(export_dir, exist_ok=True)
     shutil.copyfile(MODELING_FILE, os.path.join(export_dir, MODULE_NAME + ".py"))
     out = dict(config_dict)
@@ -72,11 +72,29 @@ def stock_config(config_dict: dict[str, Any], *, family: str, num_experts: int) 
 
     Refuses `num_experts < num_experts_per_tok` (and, for DeepSeek-V3, counts the group-limited
     router cannot split into `n_group` groups of at least two).
+
+    DeepSeek-MoE (`deepseek`) has no transformers class: its uniform export stays `model_type:
+    deepseek` and loads through the checkpoint's own `auto_map` (the published
+    `configuration_deepseek.py` / `modeling_deepseek.py`, which must sit next to the weights), so a
+    config without `auto_map` is refused.
     """
     _base_family(config_dict, family)
     if config_dict.get("model_type") != family:
         raise ValueError(f"stock_config expects a stock {family!r} config, got {config_dict['model_type']!r}")
-    _checked_counts(config_dict, family, [int(num_experts)] * int(config_dict["num_hidden_layers"]))
+    layers = int(config_dict["num_hidden_layers"])
+    if family == "deepseek":
+        if not config_dict.get("auto_map"):
+            raise ValueError(
+                "deepseek has no transformers class: a uniform export loads only through the original "
+                "checkpoint's auto_map (configuration_deepseek.py / modeling_deepseek.py), and this config has none"
+            )
+        is_moe = pruned.deepseek_moe_layers(
+            layers, config_dict.get("first_k_dense_replace"), config_dict.get("moe_layer_freq")
+        )
+        counts = [int(num_experts) if moe else 0 for moe in is_moe]
+    else:
+        counts = [int(num_experts)] * layers
+    _checked_counts(config_dict, family, counts)
     out = dict(config_dict)
-    out[pruned.FAMILIES[family][2]] = int(num_experts)
+    out[pruned.count_field(family)] = int(num_experts)
     return out

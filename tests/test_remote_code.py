@@ -257,4 +257,4 @@ def test_write_remote_code_config_fields(tmp_path):
     assert base["model_type"] == "olmoe"  # the input is not modified
     with open(tmp_path / "modeling_pruned_moe.py") as fh:
         imports = {line.split()[1].split(".")[0] for line in fh if line.startswith(("import ", "from "))}
-    assert imports <= {"copy", "transformers"}
+    assert imports <= {"copy", "torch", "transformers"}

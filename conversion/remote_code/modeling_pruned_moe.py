@@ -13,12 +13,21 @@ so weight shapes match the checkpoint. The checkpoint keeps the family's on-disk
 registered for the custom model type, so loading fuses and `save_pretrained` splits exactly as the
 stock model does.
 
-Imports only transformers (and the standard library). Written for transformers 5.23.
+DeepSeek-MoE (`deepseek`) has no class in transformers (its checkpoints ship their own remote code),
+so this file implements it: `PrunedDeepseekForCausalLM` is transformers' Llama model (attention,
+norms, embeddings and lm_head are Llama's, with the same keys) whose MoE layers get a
+`PrunedDeepseekMoE` block in the published key layout (`mlp.gate`, `mlp.experts.{e}.*`,
+`mlp.shared_experts.*`).
+
+Imports only torch, transformers and the standard library. Written for transformers 5.23.
 """
 
 import copy
 
+import torch
 import transformers
+from torch import nn
+from transformers.activations import ACT2FN
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
@@ -37,14 +46,26 @@ FAMILIES = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", "n_routed_experts"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", "num_local_experts"),
 }
+# base model_type -> (published config class, published causal-LM class, count field) for families whose
+# modeling code is not in transformers: this file implements them (see PrunedDeepseekForCausalLM).
+OWN_FAMILIES = {
+    "deepseek": ("DeepseekConfig", "DeepseekForCausalLM", "n_routed_experts"),
+}
+ALL_FAMILIES = {**FAMILIES, **OWN_FAMILIES}
 
 
 def class_names(family):
     """Names of this file's (config, causal-LM) classes for a base family, as `auto_map` cites them."""
-    if family not in FAMILIES:
-        raise ValueError(f"unsupported MoE family {family!r}; expected one of {sorted(FAMILIES)}")
-    config_name, lm_name, _ = FAMILIES[family]
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"unsupported MoE family {family!r}; expected one of {sorted(ALL_FAMILIES)}")
+    config_name, lm_name, _ = ALL_FAMILIES[family]
     return "Pruned" + config_name, "Pruned" + lm_name
+
+
+def count_field(family: str) -> str:
+    """The config field holding a family's (full-model) routed-expert count."""
+    class_names(family)  # validates the family
+    return ALL_FAMILIES[family][2]
 
 
 def check_layer_counts(config, family):
@@ -154,3 +175,134 @@ PrunedOlmoeConfig, PrunedOlmoeForCausalLM = _make_classes("olmoe")
 PrunedDeepseekV2Config, PrunedDeepseekV2ForCausalLM = _make_classes("deepseek_v2")
 PrunedDeepseekV3Config, PrunedDeepseekV3ForCausalLM = _make_classes("deepseek_v3")
 PrunedGptOssConfig, PrunedGptOssForCausalLM = _make_classes("gpt_oss")
+
+
+def deepseek_moe_layers(
+    num_hidden_layers: int, first_k_dense_replace: int | None, moe_layer_freq: int | None
+) -> list[bool]:
+    """Which DeepSeek-MoE decoder layers are MoE: `l >= first_k_dense_replace and l % moe_layer_freq == 0`."""
+    first, freq = int(first_k_dense_replace or 0), int(moe_layer_freq or 1)
+    return [layer >= first and layer % freq == 0 for layer in range(int(num_hidden_layers))]
+
+
+def _check_deepseek_layout(config: "PrunedDeepseekConfig", counts: list[int]) -> None:
+    """Refuse counts whose MoE layers differ from the layout set by first_k_dense_replace/moe_layer_freq."""
+    is_moe = deepseek_moe_layers(config.num_hidden_layers, config.first_k_dense_replace, config.moe_layer_freq)
+    for layer, (moe, count) in enumerate(zip(is_moe, counts)):
+        if moe != (count > 0):
+            kind = "an MoE" if moe else "a dense"
+            raise ValueError(
+                f"layer {layer} is {kind} layer in deepseek (first_k_dense_replace={config.first_k_dense_replace}, "
+                f"moe_layer_freq={config.moe_layer_freq}) but num_experts_per_layer[{layer}] = {count}"
+            )
+
+
+class PrunedDeepseekConfig(transformers.LlamaConfig):
+    """DeepSeek-MoE config (the published `DeepseekConfig` fields) with one routed-expert count per layer.
+
+    The attention/norm/RoPE fields are Llama's (legacy `rope_theta`/`rope_scaling` are converted to
+    `rope_parameters` as for Llama); `n_routed_experts` is informational (the largest layer count).
+    """
+
+    model_type = MODEL_TYPE_PREFIX + "deepseek"
+    moe_intermediate_size: int = 1407
+    n_routed_experts: int | None = None
+    n_shared_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    norm_topk_prob: bool = False
+    scoring_func: str = "softmax"
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    num_experts_per_layer: list[int] | None = None
+    base_model_type: str = "deepseek"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.base_model_type != "deepseek":
+            raise ValueError(f"PrunedDeepseekConfig is for base_model_type 'deepseek', got {self.base_model_type!r}")
+        if self.scoring_func != "softmax":
+            raise ValueError(f"deepseek: scoring_func={self.scoring_func!r} is not supported (only 'softmax')")
+        if not self.num_experts_per_tok or self.num_experts_per_tok < 1:
+            raise ValueError(f"deepseek: num_experts_per_tok must be >= 1, got {self.num_experts_per_tok!r}")
+        if self.num_experts_per_layer is not None:
+            self.num_experts_per_layer = check_layer_counts(self, "deepseek")
+            _check_deepseek_layout(self, self.num_experts_per_layer)
+
+
+class PrunedDeepseekMLP(nn.Module):
+    """SwiGLU MLP `down(act(gate(x)) * up(x))` of a given width (routed and shared experts)."""
+
+    def __init__(self, config: "PrunedDeepseekConfig", intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PrunedDeepseekMoE(nn.Module):
+    """DeepSeek-MoE block with `num_experts` routed experts (published `DeepseekMoE` semantics).
+
+    Router: softmax over the layer's experts, top-k, weights renormalised (+1e-20) only if
+    `norm_topk_prob` and k > 1. Logits and softmax run in float32 whatever the model dtype (the
+    published code uses the activation dtype; identical in fp32, more accurate in bf16, and what
+    grape-jax calibrates with). The shared experts (one ungated MLP `n_shared_experts *
+    moe_intermediate_size` wide) are added to the routed output. No auxiliary balance loss.
+    """
+
+    def __init__(self, config: "PrunedDeepseekConfig", num_experts: int):
+        super().__init__()
+        self.num_experts = int(num_experts)
+        self.top_k = int(config.num_experts_per_tok)
+        self.norm_topk_prob = bool(config.norm_topk_prob)
+        self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            PrunedDeepseekMLP(config, config.moe_intermediate_size) for _ in range(self.num_experts)
+        )
+        shared = int(config.n_shared_experts or 0)
+        self.shared_experts = PrunedDeepseekMLP(config, shared * config.moe_intermediate_size) if shared else None
+
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] in float32, expert indices [T, k]) for flat `hidden_states` [T, hidden]."""
+        logits = nn.functional.linear(hidden_states.float(), self.gate.weight.float())
+        weights, indices = torch.topk(logits.softmax(dim=-1), self.top_k, dim=-1)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights, indices
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        flat = hidden_states.reshape(-1, shape[-1])
+        weights, indices = self.route(flat)
+        weights = weights.to(flat.dtype)
+        out = torch.zeros_like(flat)
+        for expert_index, expert in enumerate(self.experts):
+            token, slot = torch.where(indices == expert_index)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.reshape(shape)
+
+
+class PrunedDeepseekForCausalLM(transformers.LlamaForCausalLM):
+    """DeepSeek-MoE causal LM: Llama with a `PrunedDeepseekMoE` block of `num_experts_per_layer[l]`
+    routed experts in every MoE layer and Llama's dense MLP (`intermediate_size`) elsewhere."""
+
+    config_class = PrunedDeepseekConfig
+
+    def __init__(self, config: PrunedDeepseekConfig):
+        counts = check_layer_counts(config, "deepseek")
+        _check_deepseek_layout(config, counts)
+        # Llama builds a dense MLP in every layer; MoE layers swap theirs for the MoE block below
+        # (from_pretrained builds on the meta device, so the dropped MLPs cost nothing there).
+        super().__init__(config)
+        for layer, count in zip(self.model.layers, counts):
+            if count:
+                layer.mlp = PrunedDeepseekMoE(config, count)
+        self.post_init()  # initialises only the new blocks (the rest is flagged initialised)
