@@ -8,6 +8,7 @@ the target untouched; the temp entry is removed on any exception that reaches us
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -38,6 +39,29 @@ def _make_sibling_dir(path: str, tag: str) -> str:
     raise FileExistsError(f"could not create a temporary directory next to {path}")
 
 
+def _commit(tmp: str, path: str) -> None:
+    """Rename the finished `tmp` to `path`, replacing an existing `path` (restored if the rename fails)."""
+    if os.path.lexists(path):
+        old = _sibling(path, "old")
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+    else:
+        os.rename(tmp, path)
+
+
+def _refuse_existing(path: str, overwrite: bool) -> None:
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
     """Yield a temp dir `.<name>.tmp-<random>` next to `path`; on success it becomes `path`.
@@ -47,29 +71,87 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     KeyboardInterrupt included, the temp dir is deleted and `path` is as it was.
     """
     path = os.path.abspath(os.fspath(path))
-    if os.path.lexists(path) and not overwrite:
-        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+    _refuse_existing(path, overwrite)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _make_sibling_dir(path, "tmp")
     try:
         yield tmp
-        if os.path.lexists(path):
-            old = _sibling(path, "old")
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.remove(old)
-        else:
-            os.rename(tmp, path)
+        _commit(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkDir:
+    """A resumable output's work dir and whether it holds an earlier run's files for the same job."""
+
+    path: str
+    resumed: bool
+
+
+PARTIAL_MARKER = ".grape-partial.json"
+
+
+@contextlib.contextmanager
+def resumable_output_dir(path: str | os.PathLike, *, fingerprint: str, overwrite: bool = False) -> Iterator[WorkDir]:
+    """Like `atomic_output_dir`, but the work dir `.<name>.partial` survives an interruption.
+
+    The work dir records `fingerprint` (what is being written); a later run with the same fingerprint
+    reuses the files already completed there, one with another fingerprint starts afresh. The work dir
+    is locked while in use (a second concurrent run is refused), renamed to `path` on success, kept on
+    KeyboardInterrupt/SystemExit (and, of course, on SIGKILL) so the next run resumes, and deleted on
+    any other exception. Files inside must themselves appear atomically (write `x.part`, rename to `x`).
+    """
+    path = os.path.abspath(os.fspath(path))
+    _refuse_existing(path, overwrite)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    work = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+    marker = os.path.join(work, PARTIAL_MARKER)
+    with _locked(work + ".lock", path):
+        resumed = False
+        if os.path.isdir(work):
+            try:
+                with open(marker, encoding="utf-8") as f:
+                    resumed = json.load(f).get("fingerprint") == fingerprint
+            except (OSError, ValueError):
+                resumed = False
+        if not resumed and os.path.lexists(work):
+            shutil.rmtree(work)
+        os.makedirs(work, exist_ok=True)
+        if not resumed:
+            atomic_write_json(marker, {"fingerprint": fingerprint})
+        try:
+            yield WorkDir(work, resumed)
+            os.remove(marker)
+            _commit(work, path)
+        except Exception:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def _locked(lock_path: str, target: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `lock_path` (created; removed when released) while writing
+    `target`."""
+    import fcntl
+
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(
+                f"{target} is being written by another running process (lock {lock_path}); wait for it "
+                f"or stop it"
+            ) from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock_path)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

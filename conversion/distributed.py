@@ -19,7 +19,8 @@ parameter) may live on devices of other processes. `gather_slice(arr, index)` re
 The decision between the two paths depends only on the sharding (global metadata), never on which
 process asks, so all processes take the same path and enter collectives in the same order, as long as
 they call `gather_slice` for the same tensors in the same order: `follow_export` replays the writer's
-order (`write_checkpoint`'s) on the other processes without touching the file system.
+order (`write_checkpoint`'s, less the shards a resumed writer skips) on the other processes without
+touching the file system.
 """
 
 from __future__ import annotations
@@ -191,18 +192,29 @@ def gather_slice(arr: jax.Array, index: tuple = ()) -> np.ndarray | None:
     return bits.view(np.dtype(arr.dtype))
 
 
-def write_order(entries: Sequence, *, max_shard_bytes: int) -> list:
-    """The order `write_checkpoint` produces tensors in (shard by shard, each shard's own order)."""
-    from conversion.safetensors_io import plan_shards
+def broadcast_flags(flags: Sequence[bool]) -> list[bool]:
+    """The writer's `flags` on every process (the others pass placeholders of the same length)."""
+    if jax.process_count() == 1:
+        return [bool(f) for f in flags]
+    from jax.experimental import multihost_utils
 
-    return [e for shard in plan_shards(entries, max_shard_bytes=max_shard_bytes) for e in shard.entries]
+    return [bool(f) for f in multihost_utils.broadcast_one_to_all(np.asarray(flags, np.int32))]
 
 
 def follow_export(
-    params: Mapping[str, jax.Array], entries: Sequence, sources: Mapping, *, max_shard_bytes: int
+    params: Mapping[str, jax.Array], entries: Sequence, sources: Mapping, *, max_shard_bytes: int,
+    skip: Sequence[bool] | None = None,
 ) -> None:
     """On a non-writer process: take part in every `gather_slice` of the writer's export, in its
-    order, and write nothing (`entries`/`sources` as `conversion.export.hf_entries` returns them)."""
-    for entry in write_order(entries, max_shard_bytes=max_shard_bytes):
-        for binding, expert in sources[entry.name].parts:
-            gather_slice(params[binding.name], () if expert is None else (expert,))
+    order, and write nothing (`entries`/`sources` as `conversion.export.hf_entries` returns them;
+    `skip[i]`: the writer resumes with shard i already written, so nothing of it is gathered)."""
+    from conversion.safetensors_write import plan_shards
+
+    shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
+    skip = [False] * len(shards) if skip is None else skip
+    for shard, done in zip(shards, skip, strict=True):
+        if done:
+            continue
+        for entry in shard.entries:
+            for binding, expert in sources[entry.name].parts:
+                gather_slice(params[binding.name], () if expert is None else (expert,))

@@ -2,24 +2,30 @@
 
 The shard plan (file names, header offsets) comes from shapes alone; each HF tensor is then assembled on
 the host from the device shards that hold it (one expert of one layer at a time for stacked experts), so
-host memory holds one HF tensor, never the model. Output goes to a temp dir renamed into place at the end.
+host memory holds one HF tensor, never the model. Output goes to a work dir `.<name>.partial` renamed into
+place at the end; an interrupted export resumes there: shards already complete are kept when the new run
+exports the same parameters (`params_fingerprint`, a device-side checksum of every parameter's bits) with
+the same shard plan, and only the missing shards are produced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from conversion.atomic import atomic_output_dir
-from conversion.distributed import barrier, follow_export, gather_slice, is_writer
+from conversion.atomic import resumable_output_dir
+from conversion.distributed import barrier, broadcast_flags, follow_export, gather_slice, is_writer
 from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
-from conversion.safetensors_io import TensorEntry, write_checkpoint
+from conversion.safetensors_write import TensorEntry, completed_shards, plan_shards, write_checkpoint
 from grape_jax.config import MoEConfig
 from grape_jax.params import param_specs
 
@@ -77,6 +83,37 @@ def host_slice(arr: jax.Array, index: tuple[int | slice, ...] = ()) -> np.ndarra
     return out.squeeze(axis=tuple(squeeze)) if squeeze else out
 
 
+@jax.jit
+def _bit_checksums(params: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per parameter: (sum of its bit patterns, sum weighted by position mod 65521 + 1), uint32 wrapping.
+
+    Position comes from broadcast iotas (no reshape), so sharded parameters are summed where they live."""
+    out = {}
+    for name, x in params.items():
+        bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+        pos = jnp.zeros(x.shape, jnp.uint32)
+        stride = 1
+        for axis in reversed(range(x.ndim)):
+            pos = pos + lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+            stride *= x.shape[axis]
+        weight = pos % jnp.uint32(65521) + jnp.uint32(1)
+        out[name] = jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weight).sum(dtype=jnp.uint32)])
+    return out
+
+
+def params_fingerprint(params: Mapping[str, jax.Array]) -> str:
+    """A digest of every parameter's name, shape, dtype and bits (checksummed on the devices).
+
+    Two exports of the same parameters agree; any changed value, expert order or shape changes it
+    (up to checksum collisions, which different merge plans do not produce in practice)."""
+    sums = jax.device_get(_bit_checksums(dict(params)))
+    h = hashlib.sha256()
+    for name in sorted(params):
+        arr = params[name]
+        h.update(json.dumps([name, list(arr.shape), str(arr.dtype), [int(v) for v in sums[name]]]).encode())
+    return h.hexdigest()
+
+
 def hf_entries(
     bindings: Mapping[str, Binding], params: Mapping[str, jax.Array]
 ) -> tuple[list[TensorEntry], dict[str, HFTensor]]:
@@ -130,16 +167,25 @@ def export_hf(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     extra_files: Mapping[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> str:
-    """Write an HF checkpoint dir that `transformers` loads (see module docstring); returns its path."""
+    """Write an HF checkpoint dir that `transformers` loads (see module docstring); returns its path.
+
+    `log` receives one line per shard written (and a line when resuming)."""
     missing = sorted(set(param_specs(cfg)) - set(params))
     if missing:
         raise ConversionError(f"export: parameters missing for this config: {missing[:5]}")
     check_expert_counts(cfg, family)
     bindings = bind(family, cfg)
     entries, sources = hf_entries(bindings, params)
+    shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
+    fingerprint = hashlib.sha256(json.dumps({
+        "params": params_fingerprint(params),
+        "shards": [[s.filename, [[e.name, list(e.shape), str(e.dtype)] for e in s.entries]] for s in shards],
+    }).encode()).hexdigest()
     if not is_writer():  # multi-host: take part in the writer's gathers, write nothing
-        follow_export(params, entries, sources, max_shard_bytes=max_shard_bytes)
+        skip = broadcast_flags([False] * len(shards))
+        follow_export(params, entries, sources, max_shard_bytes=max_shard_bytes, skip=skip)
         barrier("export_hf")
         return os.fspath(out_dir)
 
@@ -150,7 +196,12 @@ def export_hf(
 
     config = hf_config_for(cfg, family, base_config)
     out_dir = os.fspath(out_dir)
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with resumable_output_dir(out_dir, fingerprint=fingerprint, overwrite=overwrite) as work:
+        tmp = work.path
+        done = completed_shards(tmp, shards) if work.resumed else [False] * len(shards)
+        done = broadcast_flags(done)
+        if log is not None and any(done):
+            log(f"resuming the export in {tmp}: {sum(done)} of {len(shards)} shards already written")
         if source_dir is not None:
             for fname in SIDE_FILES:
                 src = os.path.join(source_dir, fname)
@@ -164,9 +215,28 @@ def export_hf(
             )
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        write_checkpoint(tmp, entries, produce, max_shard_bytes=max_shard_bytes)
+        write_checkpoint(tmp, entries, produce, max_shard_bytes=max_shard_bytes, skip=done,
+                         on_shard=_shard_hook(log))
         for fname, text in (extra_files or {}).items():
             with open(os.path.join(tmp, fname), "w") as f:
                 f.write(text)
     barrier("export_hf")
     return out_dir
+
+
+def _shard_hook(log: Callable[[str], None] | None) -> Callable[[str], None] | None:
+    """Per written shard: report it; `GRAPE_EXPORT_SHARD_DELAY_S` (tests) pauses after each one so a
+    kill can land mid-export deterministically."""
+    delay = float(os.environ.get("GRAPE_EXPORT_SHARD_DELAY_S", "0") or 0)
+    if log is None and delay <= 0:
+        return None
+
+    def hook(path: str) -> None:
+        if log is not None:
+            log(f"wrote {os.path.basename(path)}")
+        if delay > 0:
+            import time
+
+            time.sleep(delay)
+
+    return hook

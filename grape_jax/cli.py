@@ -99,7 +99,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         ckpt.params, ckpt.cfg, ckpt.family, args.out,
         base_config=ckpt.hf_config, source_dir=ckpt.source_dir, overwrite=args.overwrite,
         max_shard_bytes=int(args.max_shard_gb * 1e9),
-        extra_files=ckpt.extra.get("export_files"),
+        extra_files=ckpt.extra.get("export_files"), log=print,
     )
     print(f"exported {args.ckpt} -> {args.out}")
     return 0

@@ -3,7 +3,7 @@
 `prune` = load (streamed, sharded) -> calibrate -> plan -> merge -> export. Each stage writes its
 result into a work directory (`stats.npz`, `plan.json`) before the next begins, so a rerun after a
 crash resumes at the first missing stage (and calibration resumes inside itself from its last saved
-accumulator).
+accumulator, export from its last completed shard).
 """
 
 from __future__ import annotations
@@ -88,8 +88,9 @@ def export_pruned(
     stats: ModelStats | None = None,
     calibration: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    log=None,
 ) -> str:
-    """Export a merged model with `recipe.json` and a README model card."""
+    """Export a merged model with `recipe.json` and a README model card (`log`: see `export_hf`)."""
     from conversion.export import export_hf
     from grape_jax import recipe as rc
 
@@ -100,7 +101,7 @@ def export_pruned(
     )
     files = {"recipe.json": rc.dumps(recipe), "README.md": rc.model_card(recipe, uniform=cfg.is_uniform)}
     return export_hf(params, cfg, family, out, base_config=base_config, source_dir=source_dir,
-                     overwrite=overwrite, extra_files=files)
+                     overwrite=overwrite, extra_files=files, log=log)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,8 @@ def prune(
     overwrite: bool = False,
     progress: bool = True,
 ) -> PruneResult:
-    """convert -> calibrate -> plan -> merge -> export, resumable at stage boundaries."""
+    """convert -> calibrate -> plan -> merge -> export, resumable at stage boundaries (and inside
+    calibration and export)."""
     from conversion.atomic import OutputExistsError
     from conversion.load import load_hf
     from grape_jax.calibration import CalibrationOptions, calibrate
@@ -168,7 +170,7 @@ def prune(
     check_expert_counts(new_cfg, loaded.family)  # before any work is written
     export_pruned(params, new_cfg, original_cfg=cfg, family=loaded.family, out=out,
                   base_config=loaded.hf_config, source_dir=hf_dir, plan=plan, stats=stats,
-                  calibration=data.describe(), overwrite=overwrite)
+                  calibration=data.describe(), overwrite=overwrite, log=print if progress else None)
     return PruneResult(out=out, plan=plan, stats=stats, cfg_before=cfg, cfg_after=new_cfg)
 
 

@@ -127,7 +127,7 @@ def build_checkpoint(directory: str, args) -> dict:
     """A Mixtral-shaped bf16 checkpoint written with `write_checkpoint`, one tensor at a time."""
     import ml_dtypes
 
-    from conversion.safetensors_io import TensorEntry, write_checkpoint
+    from conversion.safetensors_write import TensorEntry, write_checkpoint
 
     v, d, f, e, layers = args.vocab, args.hidden, args.ffn, args.experts, args.layers
     heads, kv = args.heads, args.kv_heads

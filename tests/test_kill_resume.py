@@ -79,3 +79,31 @@ def test_killed_export_never_looks_complete(tiny_mixtral_tok, tmp_path):
         leftovers = [n for n in os.listdir(tmp_path) if n.startswith(f".hf{i}.tmp-")]
         assert all(n.startswith(".") for n in leftovers)  # only hidden temp dirs may remain
     assert "absent" in outcomes, outcomes  # at least one kill landed before the rename
+
+
+@pytest.mark.slow
+def test_killed_export_resumes_from_its_last_shard(tiny_mixtral_tok, tmp_path):
+    """SIGKILL after two shards: the rerun keeps them, writes the rest, and equals an uninterrupted export."""
+    ckpt = str(tmp_path / "ckpt")
+    assert _grape("convert", tiny_mixtral_tok.path, ckpt).wait(timeout=300) == 0
+    shard = ["--max-shard-gb", "0.0001"]
+    clean = _grape("export", ckpt, str(tmp_path / "clean"), *shard)
+    assert clean.wait(timeout=300) == 0, clean.stdout.read()
+    out, partial = str(tmp_path / "hf"), str(tmp_path / ".hf.partial")
+    proc = _grape("export", ckpt, out, *shard, env_extra={"GRAPE_EXPORT_SHARD_DELAY_S": "1"})
+    deadline = time.monotonic() + 120
+    while not (os.path.isdir(partial) and sum(f.endswith(".safetensors") for f in os.listdir(partial)) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out)
+    rerun = _grape("export", ckpt, out, *shard)
+    assert rerun.wait(timeout=300) == 0
+    log = rerun.stdout.read()
+    assert "resuming the export" in log and "shards already written" in log, log
+    for name in sorted(os.listdir(str(tmp_path / "clean"))):
+        with open(os.path.join(out, name), "rb") as a, open(os.path.join(str(tmp_path / "clean"), name), "rb") as b:
+            assert a.read() == b.read(), name
+    assert sorted(os.listdir(out)) == sorted(os.listdir(str(tmp_path / "clean")))
+    assert not os.path.exists(partial)
