@@ -140,6 +140,26 @@ def check_expert_counts(cfg: MoEConfig, family: Family) -> None:
         )
 
 
+def auto_map_files(config: Mapping[str, Any]) -> list[str]:
+    """The Python files a config's `auto_map` names (`module.Class` or `repo--module.Class`)."""
+    names = set()
+    for ref in (config.get("auto_map") or {}).values():
+        for r in ref if isinstance(ref, list | tuple) else [ref]:
+            if isinstance(r, str) and "." in r:
+                names.add(r.split("--")[-1].rsplit(".", 1)[0] + ".py")
+    return sorted(names)
+
+
+def needs_remote_code(cfg: MoEConfig, family: Family, own_code_copied: bool) -> bool:
+    """Per-layer counts always need our modeling file; uniform counts only when transformers has no
+    class for the family (DeepSeek-MoE) and the source's own modeling code is not next to the weights."""
+    if not cfg.is_uniform:
+        return True
+    import transformers
+
+    return not hasattr(transformers, family.architectures[0]) and not own_code_copied
+
+
 def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> dict[str, Any]:
     """config.json of the export: the family's translation (remote code is added for uneven counts).
 
@@ -202,12 +222,18 @@ def export_hf(
         done = broadcast_flags(done)
         if log is not None and any(done):
             log(f"resuming the export in {tmp}: {sum(done)} of {len(shards)} shards already written")
+        code = auto_map_files(config)
+        copied = []
         if source_dir is not None:
-            for fname in SIDE_FILES:
+            for fname in (*SIDE_FILES, *code):
                 src = os.path.join(source_dir, fname)
                 if os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(tmp, fname))
-        if not cfg.is_uniform:
+                    copied.append(fname)
+        if needs_remote_code(cfg, family, own_code_copied=bool(code) and set(code) <= set(copied)):
+            for fname in code:  # the source's own modeling code is replaced, not kept beside ours
+                if os.path.exists(os.path.join(tmp, fname)):
+                    os.remove(os.path.join(tmp, fname))
             from conversion.remote_code_export import write_remote_code
 
             config = write_remote_code(

@@ -65,15 +65,21 @@ def test_prune_quarter_export_and_reload(family, tmp_path):
         assert np.asarray(arr).tobytes() == np.asarray(again.params[name]).tobytes(), name
 
 
-def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path):
-    """DeepSeek-MoE has no transformers class: the export (same key layout and config fields as the
-    published checkpoint) is checked with the float64 reference forward on the exported tensors."""
+@pytest.mark.parametrize("own_code", [True, False])
+def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, own_code):
+    """DeepSeek-MoE has no transformers class. A uniform export keeps the published layout and config and
+    copies the checkpoint's own modeling code (`auto_map`) when the source has it; otherwise it ships our
+    remote-code file so it still loads. Logits: float64 reference on the exported tensors, and PyTorch."""
     from safetensors.numpy import load_file
 
     from tests import deepseek_reference as dsref
 
     hf_cfg = dsref.tiny_deepseek_config()
     src = dsref.save_checkpoint(str(tmp_path / "src"), hf_cfg, dsref.random_weights(hf_cfg, seed=4))
+    if own_code:
+        for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
+            with open(os.path.join(src, name), "w") as f:
+                f.write(f"# stand-in for the published {name}\n")
     loaded = load_hf(src)
     stats = calibrate(loaded.params, loaded.cfg, random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
                       options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
@@ -83,13 +89,24 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path):
                         base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
     exported_cfg = json.load(open(os.path.join(out, "config.json")))
     assert exported_cfg["n_routed_experts"] == hf_cfg["n_routed_experts"] - 1
-    assert exported_cfg["model_type"] == "deepseek" and "num_experts_per_layer" not in exported_cfg
+    tokens = random_tokens(loaded.cfg.vocab_size, batch=2, seq=12, seed=6)
+    if own_code:
+        assert exported_cfg["model_type"] == "deepseek" and "num_experts_per_layer" not in exported_cfg
+        assert exported_cfg["auto_map"] == hf_cfg["auto_map"]
+        for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
+            assert open(os.path.join(out, name)).read() == open(os.path.join(src, name)).read()
+    else:
+        assert exported_cfg["model_type"] == "grape_pruned_deepseek"
+        assert not os.path.exists(os.path.join(out, "modeling_deepseek.py"))
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert_close_logits(logits(merged, new_cfg, tokens), torch_logits(model, tokens))
     weights = load_file(os.path.join(out, "model.safetensors"))
     assert set(weights) == {k for k in load_file(os.path.join(src, "model.safetensors"))
                             if ".experts." not in k or int(k.split(".experts.")[1].split(".")[0]) < exported_cfg["n_routed_experts"]}
-    tokens = random_tokens(loaded.cfg.vocab_size, batch=2, seq=12, seed=6)
     ref = dsref.reference_logits(exported_cfg, weights, tokens)
     assert_close_logits(logits(merged, new_cfg, tokens), ref)
+    again = load_hf(out)
+    assert again.cfg == new_cfg
 
 
 def test_deepseek_v3_counts_must_be_multiples_of_n_group(tmp_path):
