@@ -57,6 +57,25 @@ def init_accumulators(cfg: MoEConfig, *, cka: str, token_chunk: int) -> Accumula
     }
 
 
+def accumulator_shardings(acc: Accumulators, mesh: jax.sharding.Mesh | None) -> Accumulators:
+    """Where each accumulator lives: by its logical axes on `mesh`, else on the first local device.
+
+    The initial (zero) accumulators are placed here and every step keeps them here, so the jitted step
+    sees the same input placement each batch and compiles once per run."""
+    from grape_jax.sharding import logical_to_pspec
+
+    def place(a: similarity.Accumulators) -> similarity.Accumulators:
+        def one(name: str, axes: tuple) -> jax.sharding.Sharding:
+            if mesh is None:
+                return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            x = getattr(a, name)
+            return jax.sharding.NamedSharding(mesh, logical_to_pspec(x.shape, axes, mesh))
+
+        return dataclasses.replace(a, **{n: one(n, ax) for n, ax in similarity.accumulator_axes(a.cka).items()})
+
+    return {k: place(v) for k, v in acc.items()}
+
+
 def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk):
     """MoE block over token chunks (lax.scan), accumulating statistics of every chunk."""
     t, d = h.shape
@@ -85,8 +104,11 @@ def calibration_step(
     *,
     cfg: MoEConfig,
     token_chunk: int,
+    acc_shardings: tuple[jax.sharding.Sharding, ...] | None = None,
 ) -> Accumulators:
-    """One batch through the model, updating every MoE layer's accumulators (pure; jit it)."""
+    """One batch through the model, updating every MoE layer's accumulators (pure; jit it).
+
+    `acc_shardings` (flattened `accumulator_shardings`) pins the updated accumulators' placement."""
     positions = layers.default_positions(mask)
     acc = dict(acc)
 
@@ -98,11 +120,16 @@ def calibration_step(
     x = layers.embed(params, tokens)
     for layer in range(cfg.num_layers):
         x = layers.decoder_layer(params, cfg, layer, x, positions, mask, moe_fn=moe_fn)
+    if acc_shardings is not None and not isinstance(acc_shardings[0], jax.sharding.SingleDeviceSharding):
+        leaves, tree = jax.tree.flatten(acc)
+        acc = jax.tree.unflatten(
+            tree, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, acc_shardings, strict=True)]
+        )
     return acc
 
 
 calibration_step_jit = jax.jit(
-    calibration_step, static_argnames=("cfg", "token_chunk"), donate_argnums=(0,)
+    calibration_step, static_argnames=("cfg", "token_chunk", "acc_shardings"), donate_argnums=(0,)
 )
 
 
@@ -194,6 +221,9 @@ def calibrate(
     chunk = min(options.token_chunk, batch_size * blocks.shape[1])
     tokens, mask = pad_batches(blocks, batch_size)
     acc = init_accumulators(cfg, cka=cka, token_chunk=chunk)
+    placement = accumulator_shardings(acc, mesh)
+    acc = jax.device_put(acc, placement)
+    flat_placement = tuple(jax.tree.leaves(placement))
     start = 0
     if resume_dir is not None:
         from grape_jax.resume import load_progress
@@ -205,7 +235,8 @@ def calibrate(
     bar = tqdm(total=int(mask.sum()), unit="tok", disable=not progress, desc="calibrate", initial=int(mask[:start].sum()))
     t0 = time.perf_counter()
     for i in range(start, tokens.shape[0]):
-        acc = calibration_step_jit(acc, dict(params), put(tokens[i]), put(mask[i]), cfg=cfg, token_chunk=chunk)
+        acc = calibration_step_jit(acc, dict(params), put(tokens[i]), put(mask[i]), cfg=cfg, token_chunk=chunk,
+                                   acc_shardings=flat_placement)
         bar.update(int(mask[i].sum()))
         last = i == tokens.shape[0] - 1
         if resume_dir is not None and (last or (options.checkpoint_every and (i + 1) % options.checkpoint_every == 0)):

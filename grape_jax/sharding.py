@@ -103,7 +103,10 @@ def logical_to_pspec(
     mesh: Mesh,
     rules: ShardingRules = DEFAULT_RULES,
 ) -> PartitionSpec:
-    """PartitionSpec for an array with logical `axes`; non-dividing or reused mesh axes replicate."""
+    """PartitionSpec for an array with logical `axes`; non-dividing or reused mesh axes replicate.
+
+    Trailing replicated dimensions are dropped (`P('expert')`, not `P('expert', None)`): that is how
+    jitted outputs report their shardings, and equal specs keep jit caches from recompiling."""
     used: set[str] = set()
     parts: list[str | tuple[str, ...] | None] = []
     for dim, logical in zip(shape, axes, strict=True):
@@ -116,6 +119,8 @@ def logical_to_pspec(
             continue
         used.update(mesh_axes)
         parts.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    while parts and parts[-1] is None:
+        parts.pop()
     return PartitionSpec(*parts)
 
 

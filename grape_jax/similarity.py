@@ -110,6 +110,18 @@ def init_accumulators(num_experts: int, embed: int, *, cka: str = "exact", chunk
     )
 
 
+def accumulator_axes(cka: str) -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of each accumulator field (placement on a mesh follows the experts and the model
+    width, like the parameters the statistics come from)."""
+    experts = ("experts",)
+    return {
+        "num_tokens": (), "count": experts, "gate_sum": experts, "reap_sum": experts, "logit_sum": experts,
+        "y_sum": ("experts", "embed"), "logit_outer": ("experts", None), "routed_m": ("experts", None),
+        "routed_n": ("experts", None),
+        "cka_sum": (None, "embed", None) if cka == "exact" else ("experts", None),
+    }
+
+
 def _check_shapes(acc: Accumulators, y, gates, selected, router_logits, mask) -> None:
     if y.ndim != 3 or y.shape[0] != acc.num_experts or y.shape[2] != acc.embed:
         raise ValueError(

@@ -112,3 +112,16 @@ def test_resume_after_interruption(loaded, blocks, stats, tmp_path, monkeypatch)
         np.testing.assert_allclose(b.sim["cka"], a.sim["cka"], rtol=1e-4, atol=1e-5)
     with pytest.raises(Exception, match="different run"):
         calibrate(loaded.params, loaded.cfg, blocks[:2], options=opts, progress=False, resume_dir=resume)
+
+
+@pytest.mark.parametrize("mesh_spec", [None, "fsdp=2,expert=4"])
+def test_one_compile_per_run(loaded, blocks, tiny_mixtral, mesh_spec):
+    """Accumulators start where every step leaves them, so the jitted step compiles once, not twice."""
+    from grape_jax.calibration import calibration_step_jit
+
+    mesh = None if mesh_spec is None else make_mesh(mesh_spec)
+    params = loaded.params if mesh is None else load_hf(tiny_mixtral.path, mesh=mesh).params
+    before = calibration_step_jit._cache_size()
+    calibrate(params, loaded.cfg, blocks, options=CalibrationOptions(batch_size=1, token_chunk=12, cka="exact"),
+              mesh=mesh, progress=False)
+    assert calibration_step_jit._cache_size() - before == 1
