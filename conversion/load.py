@@ -4,22 +4,31 @@ Every leaf is assembled from the slices this process's devices own (`_make_leaf`
 `jax.make_array_from_callback` with replicas read once), and `read` pulls exactly those bytes from the safetensors files
 (per-expert HF tensors are read one expert at a time and stacked only for the requested slice). The
 whole model is never held on the host; on several hosts each reads only its own shards.
+
+Large leaves take the fast path (`_stored_layout_leaf`): the host only copies bytes, in the checkpoint's
+own layout, from the file into page-aligned buffers (which the CPU backend adopts without a copy; an
+accelerator receives them as they are), and the [out, in] -> [in, out] transposes (and any dtype cast) run
+on the devices as one jitted permutation whose shardings are the target's with the axes permuted, so no
+data moves between devices. Small leaves are read and transposed on the host (no compile per shape).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from conversion.families import get_family
-from conversion.families.base import Binding, ConversionError, Family, bind
+from conversion.families.base import Binding, ConversionError, Family, Identity, Transpose, bind
 from conversion.safetensors_io import CheckpointIndex
 from grape_jax.config import MoEConfig
 from grape_jax.params import param_specs
@@ -88,17 +97,89 @@ def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model
                 )
 
 
-def _make_leaf(shape: tuple[int, ...], sharding, callback) -> jax.Array:
+def _make_leaf(shape: tuple[int, ...], sharding, callback, pool=None) -> jax.Array:
     """Like `jax.make_array_from_callback`, but each distinct shard is read once (replicas share the
     host copy) and host copies are dropped as soon as the leaf is assembled. Only this process's
-    devices are visited, so on several hosts each reads only its own slices."""
-    cache, arrays = {}, []
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        key = tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
-        if key not in cache:
-            cache[key] = callback(index)
-        arrays.append(jax.device_put(cache[key], device))
+    devices are visited, so on several hosts each reads only its own slices. With a thread `pool` the
+    distinct shards are read concurrently (positioned reads and copies release the GIL)."""
+    indices = sharding.addressable_devices_indices_map(shape)
+    keys = {device: tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
+            for device, index in indices.items()}
+    first = {}
+    for device, key in keys.items():
+        first.setdefault(key, indices[device])
+    if pool is None:
+        cache = {key: callback(index) for key, index in first.items()}
+    else:
+        futures = {key: pool.submit(callback, index) for key, index in first.items()}
+        cache = {key: f.result() for key, f in futures.items()}
+    arrays = [jax.device_put(cache[keys[device]], device) for device in indices]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+# Leaves at least this big are read in the stored layout and permuted on the devices.
+DEVICE_LAYOUT_MIN_BYTES = 4 << 20
+READ_THREADS = 4  # concurrent slice reads of one leaf (I/O and copies release the GIL)
+_PAGE = 4096
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised array whose data starts on a page boundary (CPU devices adopt such buffers)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _PAGE, np.uint8)
+    start = (-raw.ctypes.data) % _PAGE
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def stored_permutation(b: Binding) -> tuple[int, ...] | None:
+    """Axes permutation from the checkpoint's stacked layout to ours, or None when the binding's
+    transform is not a plain copy/transpose (fused, quantised: read on the host)."""
+    n = len(b.spec.shape)
+    if type(b.transform) is Identity:
+        return tuple(range(n))
+    if type(b.transform) is Transpose:
+        return (0, *reversed(range(1, n))) if b.per_expert else tuple(reversed(range(n)))
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _relayout(perm: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding):
+    return jax.jit(lambda x: jnp.transpose(x, perm).astype(dtype), out_shardings=sharding)
+
+
+def _permuted(sharding: jax.sharding.Sharding, perm: tuple[int, ...]) -> jax.sharding.Sharding:
+    if not isinstance(sharding, NamedSharding):
+        return sharding  # one device
+    spec = tuple(sharding.spec) + (None,) * (len(perm) - len(sharding.spec))
+    permuted = [spec[p] for p in perm]
+    while permuted and permuted[-1] is None:  # as logical_to_pspec writes specs
+        permuted.pop()
+    return NamedSharding(sharding.mesh, PartitionSpec(*permuted))
+
+
+def _stored_layout_leaf(ckpt: CheckpointIndex, b: Binding, perm: tuple[int, ...], sharding, target: np.dtype,
+                        pool=None):
+    """The leaf read in the checkpoint's layout into aligned buffers, then permuted/cast on the devices."""
+    stored = np.dtype(ckpt.info(b.hf_keys[0]).dtype)
+    raw_shape = tuple(b.spec.shape[p] for p in perm)
+
+    def read(index: tuple) -> np.ndarray:
+        index = _normalise(index, raw_shape)
+        out = aligned_empty(tuple(s.stop - s.start for s in index), stored)
+        if b.per_expert:
+            for i, e in enumerate(range(index[0].start, index[0].stop)):
+                ckpt.read_into(b.hf_keys[e], index[1:], out[i])
+        else:
+            ckpt.read_into(b.hf_keys[0], index, out)
+        return out
+
+    raw = _make_leaf(raw_shape, _permuted(sharding, perm), read, pool=pool)
+    if perm == tuple(range(len(perm))) and stored == target:
+        return raw
+    out = _relayout(perm, np.dtype(target), sharding)(raw)
+    raw.delete()
+    return out
 
 
 def load_hf(
@@ -125,14 +206,19 @@ def load_hf(
     specs = param_specs(cfg)
     shardings = param_shardings(specs, mesh, rules)
     params = {}
-    for name, b in bindings.items():
-        stored = b.value_dtype(ckpt.info(next(iter(b.hf_sources()))).dtype)
-        target = stored if dtype is None else np.dtype(dtype)
-        read = binding_reader(ckpt, b)
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for name, b in bindings.items():
+            stored = b.value_dtype(ckpt.info(next(iter(b.hf_sources()))).dtype)
+            target = stored if dtype is None else np.dtype(dtype)
+            perm = stored_permutation(b)
+            if perm is not None and int(np.prod(b.spec.shape)) * np.dtype(stored).itemsize >= DEVICE_LAYOUT_MIN_BYTES:
+                params[name] = _stored_layout_leaf(ckpt, b, perm, shardings[name], target, pool=pool)
+                continue
+            read = binding_reader(ckpt, b)
 
-        def callback(index, read=read, target=target):
-            return read(index).astype(target, copy=False)
+            def callback(index, read=read, target=target):
+                return read(index).astype(target, copy=False)
 
-        params[name] = _make_leaf(b.spec.shape, shardings[name], callback)
+            params[name] = _make_leaf(b.spec.shape, shardings[name], callback)
     return LoadedModel(cfg=cfg, params=params, family=family, hf_config=hf, source_dir=model_dir)
 

@@ -171,7 +171,9 @@ class CheckpointIndex:
         self.file_metadata = file_metadata  # path -> that file's __metadata__
         self.metadata = {k: v for meta in file_metadata.values() for k, v in meta.items()}
         self._maps: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> CheckpointIndex:
@@ -234,6 +236,62 @@ class CheckpointIndex:
                     self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             return self._maps[file]
 
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
+
+    def read_into(self, key: str, index: tuple[slice, ...], out: np.ndarray, *, chunk_bytes: int = 32 << 20) -> None:
+        """Fill `out` with `tensor[index]` (unit-step slices, one per axis) by positioned reads.
+
+        Rows whose trailing axes are whole are one contiguous byte range: read straight into `out`
+        (no mapping, no intermediate copy). Otherwise whole rows are read `chunk_bytes` at a time into
+        a scratch buffer and the wanted columns copied out. Thread-safe (pread has no file position)."""
+        info = self.info(key)
+        if len(index) != len(info.shape) or out.shape != tuple(s.stop - s.start for s in index) \
+                or out.dtype != info.dtype or not out.flags.c_contiguous:
+            raise CheckpointError(f"{info.file}: tensor {key!r} {info.shape} {info.dtype}: cannot read {index} "
+                                  f"into a {out.shape} {out.dtype} buffer")
+        if out.size == 0:
+            return
+        if info.offset + info.nbytes > os.fstat(self._fd(info.file)).st_size:
+            raise CheckpointError(f"{info.file}: file shrank since it was opened (truncated)")
+        if not info.shape:
+            self._pread(info, info.offset, memoryview(out.reshape(1).view(np.uint8)))
+            return
+        row = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
+        first = index[0]
+        whole_rows = all(s.start == 0 and s.stop == d for s, d in zip(index[1:], info.shape[1:], strict=True))
+        if whole_rows:
+            self._pread(info, info.offset + first.start * row, memoryview(out.reshape(-1).view(np.uint8)))
+            return
+        step = max(1, chunk_bytes // max(row, 1))
+        bits = np.dtype(f"<u{info.dtype.itemsize}") if info.dtype.itemsize > 1 else np.dtype(np.uint8)
+        rows = min(step, first.stop - first.start)
+        scratch = self._scratch(rows * row).view(bits).reshape(rows, *info.shape[1:])
+        target = out.view(bits)
+        for r0 in range(first.start, first.stop, step):
+            r1 = min(r0 + step, first.stop)
+            buf = scratch[: r1 - r0]
+            self._pread(info, info.offset + r0 * row, memoryview(buf.reshape(-1).view(np.uint8)))
+            np.copyto(target[r0 - first.start : r1 - first.start], buf[(slice(None), *index[1:])])
+
+    def _scratch(self, nbytes: int) -> np.ndarray:
+        """A reusable per-thread byte buffer of at least `nbytes` (already faulted in after first use)."""
+        local = self._local
+        if getattr(local, "buf", None) is None or local.buf.size < nbytes:
+            local.buf = np.empty(nbytes, np.uint8)
+        return local.buf[:nbytes]
+
+    def _pread(self, info: TensorInfo, offset: int, into: memoryview) -> None:
+        fd, done = self._fd(info.file), 0
+        while done < len(into):
+            n = os.preadv(fd, [into[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{info.file}: unexpected end of file (truncated)")
+            done += n
+
     def _bits(self, info: TensorInfo) -> np.ndarray:
         """Zero-copy unsigned-integer view of the stored tensor (same width as its dtype)."""
         mapped = self._map(info.file)
@@ -246,22 +304,30 @@ class CheckpointIndex:
         """The whole tensor, copied into host memory."""
         return self.read_slice(key, ())
 
-    def read_slice(self, key: str, index: Any) -> np.ndarray:
+    def read_slice(self, key: str, index: Any, out: np.ndarray | None = None) -> np.ndarray:
         """Copy of `tensor[index]` (ints and slices); only the pages the slice touches are read.
 
         The copy goes through an unsigned-integer view of the same width (NumPy's strided copy of
         ml_dtypes' bfloat16/float8 is several times slower than of uint16/uint8; bits are unchanged),
         and the mapped pages are released afterwards: they stay in the page cache but no longer count
         in this process's RSS (else a full load would hold the whole checkpoint as file-backed RSS).
+        `out` (the slice's shape and the stored dtype) receives the copy instead of a new array.
         """
         info = self.info(key)
         index = index if isinstance(index, tuple) else (index,)
         if not all(isinstance(i, (slice, int, np.integer)) and not isinstance(i, bool) for i in index):
             raise CheckpointError(f"{info.file}: tensor {key!r}: index {index!r} must hold only ints and slices")
         try:
-            out = np.array(self._bits(info)[index]).view(info.dtype)
+            src = self._bits(info)[index]
         except IndexError as e:
             raise CheckpointError(f"{info.file}: tensor {key!r} of shape {info.shape}: bad index {index!r} ({e})") from None
+        if out is None:
+            out = np.array(src).view(info.dtype)
+        else:
+            if out.shape != src.shape or out.dtype != info.dtype:
+                raise CheckpointError(f"{info.file}: tensor {key!r}{list(index)} is {src.shape} {info.dtype}, "
+                                      f"the output buffer {out.shape} {out.dtype}")
+            np.copyto(out.view(src.dtype), src)
         self._release(info)
         return out
 
@@ -281,6 +347,9 @@ class CheckpointIndex:
             for mapped in self._maps.values():
                 mapped.close()
             self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> CheckpointIndex:
         return self

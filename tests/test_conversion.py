@@ -55,6 +55,32 @@ def test_bf16_round_trip_keeps_dtype_and_bits(bf16_mixtral, tmp_path):
     assert_same_tensors(bf16_mixtral, out)
 
 
+@pytest.mark.parametrize("mesh_spec", [None, "fsdp=2,expert=4", "expert=2,tensor=4"])
+@pytest.mark.parametrize("dtype", [None, "float32"])
+def test_device_layout_path_equals_host_path(bf16_mixtral, monkeypatch, mesh_spec, dtype):
+    """Leaves read in the stored layout and permuted/cast on the devices equal the host-transposed ones:
+    same bits, same shardings (every leaf of the tiny model takes the device path at threshold 0)."""
+    from conversion import load as load_module
+
+    mesh = None if mesh_spec is None else make_mesh(mesh_spec)
+    host = load_hf(bf16_mixtral, mesh=mesh, dtype=dtype)
+    monkeypatch.setattr(load_module, "DEVICE_LAYOUT_MIN_BYTES", 0)
+    device = load_hf(bf16_mixtral, mesh=mesh, dtype=dtype)
+    assert device.params.keys() == host.params.keys()
+    for name, a in host.params.items():
+        b = device.params[name]
+        assert b.sharding == a.sharding and b.dtype == a.dtype and b.shape == a.shape, name
+        assert np.asarray(b).tobytes() == np.asarray(a).tobytes(), name
+
+
+def test_aligned_buffers_are_page_aligned():
+    from conversion.load import aligned_empty
+
+    for shape in [(3,), (5, 7), (2, 3, 1000)]:
+        a = aligned_empty(shape, np.float32)
+        assert a.shape == shape and a.ctypes.data % 4096 == 0 and a.flags.c_contiguous
+
+
 def test_sharded_export_writes_index(tiny_mixtral, tmp_path):
     loaded = load_hf(tiny_mixtral.path)
     out = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "out",
