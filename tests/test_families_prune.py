@@ -65,18 +65,21 @@ def test_prune_quarter_export_and_reload(family, tmp_path):
         assert np.asarray(arr).tobytes() == np.asarray(again.params[name]).tobytes(), name
 
 
-@pytest.mark.parametrize("own_code", [True, False])
-def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, own_code):
-    """DeepSeek-MoE has no transformers class. A uniform export keeps the published layout and config and
-    copies the checkpoint's own modeling code (`auto_map`) when the source has it; otherwise it ships our
-    remote-code file so it still loads. Logits: float64 reference on the exported tensors, and PyTorch."""
+@pytest.mark.parametrize("source_code", ["files", "auto_map_only", "none"])
+def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, source_code):
+    """DeepSeek-MoE has no transformers class. A uniform export keeps the published layout and config
+    (`auto_map` included) and copies the modeling files it names when the source has them; a source
+    config naming no code (a re-export of a pruned export) gets our remote-code file so it still loads.
+    Logits: float64 reference on the exported tensors, and PyTorch where it can load."""
     from safetensors.numpy import load_file
 
     from tests import deepseek_reference as dsref
 
     hf_cfg = dsref.tiny_deepseek_config()
+    if source_code == "none":
+        del hf_cfg["auto_map"]
     src = dsref.save_checkpoint(str(tmp_path / "src"), hf_cfg, dsref.random_weights(hf_cfg, seed=4))
-    if own_code:
+    if source_code == "files":
         for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
             with open(os.path.join(src, name), "w") as f:
                 f.write(f"# stand-in for the published {name}\n")
@@ -90,11 +93,13 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, own_code
     exported_cfg = json.load(open(os.path.join(out, "config.json")))
     assert exported_cfg["n_routed_experts"] == hf_cfg["n_routed_experts"] - 1
     tokens = random_tokens(loaded.cfg.vocab_size, batch=2, seq=12, seed=6)
-    if own_code:
+    if source_code != "none":
         assert exported_cfg["model_type"] == "deepseek" and "num_experts_per_layer" not in exported_cfg
         assert exported_cfg["auto_map"] == hf_cfg["auto_map"]
         for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
-            assert open(os.path.join(out, name)).read() == open(os.path.join(src, name)).read()
+            copied = os.path.join(out, name)
+            assert (open(copied).read() == open(os.path.join(src, name)).read() if source_code == "files"
+                    else not os.path.exists(copied))
     else:
         assert exported_cfg["model_type"] == "grape_pruned_deepseek"
         assert not os.path.exists(os.path.join(out, "modeling_deepseek.py"))
