@@ -12,6 +12,7 @@ partition specs (a dimension that no longer divides its mesh axis is replicated)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -154,29 +155,58 @@ def merge_params(
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 
 
-def _aligned_layer(params, prefix: str, m: LayerMix, new_specs, rules: ShardingRules) -> dict[str, jax.Array]:
-    """Expert leaves of one layer merged with neuron alignment (host NumPy, one group at a time)."""
-    from conversion.export import host_slice
-    from grape_jax.alignment import align_and_average
+NEURON_AXIS = {"w_gate": 2, "w_up": 2, "w_down": 1, "b_gate": 1, "b_up": 1}  # b_down has no neuron axis
 
-    keys = [k for k in EXPERT_LEAVES if prefix + k in params]
-    merged: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+
+@functools.partial(jax.jit, static_argnames="axis")
+def _permute_neurons(x: jax.Array, perms: jax.Array, axis: int = 2) -> jax.Array:
+    """Expert e's neurons reordered by perms[e] along `axis` (new neuron n = old neuron perms[e, n])."""
+    shape = [1] * x.ndim
+    shape[0], shape[axis] = perms.shape
+    return jnp.take_along_axis(x, perms.reshape(shape), axis=axis)
+
+
+def _alignment_permutations(params, prefix: str, m: LayerMix, keys: list[str]) -> np.ndarray:
+    """perms [E, f]: each group member's neurons matched to its group's anchor (identity elsewhere).
+
+    One group's member experts at a time are gathered to the writer process (as export gathers an HF
+    tensor); the writer computes the permutations and they are broadcast, so no process ever holds more
+    than one group of experts on the host."""
+    from conversion.distributed import gather_slice, is_writer
+    from grape_jax.alignment import neuron_permutation
+
+    num_experts, f = params[prefix + "w_gate"].shape[0], params[prefix + "w_gate"].shape[2]
+    perms = np.tile(np.arange(f, dtype=np.int32), (num_experts, 1))
+    neuron_keys = [k for k in keys if k in NEURON_AXIS]
     for row, anchor in enumerate(m.align_to):
         members = [int(e) for e in np.flatnonzero(m.mix[row])]
-        group = {k: np.stack([host_slice(params[prefix + k], (e,)) for e in members]) for k in keys}
-        if len(members) == 1:
-            result = {k: v[0] for k, v in group.items()}
-        else:
-            result = align_and_average(group, list(range(len(members))), [float(m.mix[row, e]) for e in members],
-                                       anchor=members.index(anchor))
-        for k in keys:
-            merged[k].append(result[k])
+        if len(members) < 2:
+            continue
+        group = {e: {k: gather_slice(params[prefix + k], (e,)) for k in neuron_keys} for e in members}
+        if is_writer():
+            for e in members:
+                if e != anchor:
+                    perms[e] = neuron_permutation(group[anchor], group[e])
+        del group
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        perms = np.asarray(multihost_utils.broadcast_one_to_all(perms), np.int32)
+    return perms
+
+
+def _aligned_layer(params, prefix: str, m: LayerMix, new_specs, rules: ShardingRules) -> dict[str, jax.Array]:
+    """Expert leaves of one layer merged with neuron alignment: permutations from the host (one group
+    at a time, `_alignment_permutations`), then on the devices every member is permuted to its anchor
+    and the layer is mixed like any other operator (fp32 weighted sums), shardings kept."""
+    keys = [k for k in EXPERT_LEAVES if prefix + k in params]
+    perms = jnp.asarray(_alignment_permutations(params, prefix, m, keys))
     out = {}
     for k in keys:
         x, new = params[prefix + k], new_specs[prefix + k]
         target = _target_sharding(x, new.shape, new.axes, rules)
-        stacked = np.stack(merged[k]).astype(np.dtype(x.dtype))
-        out[prefix + k] = jax.device_put(stacked, target) if target is not None else jnp.asarray(stacked)
+        aligned = _permute_neurons(x, perms, NEURON_AXIS[k]) if k in NEURON_AXIS else x
+        out[prefix + k] = _apply(aligned, m.mix, 0, target)
     return out
 
 
