@@ -2,8 +2,8 @@
 
 Each process gets 4 simulated CPU devices, joins the job with `jax.distributed.initialize`, builds the
 global mesh over all 8 devices, converts the HF model with `load_hf` while recording every
-`CheckpointIndex.read_slice`, then exports with process 0 as the only writer; on the first mesh it also
-runs calibrate -> plan -> merge -> export (`run_pipeline`). The report (JSON) lists the reads, the
+`CheckpointIndex.read_slice`/`read_into`, then exports with process 0 as the only writer; on the first mesh it also
+runs calibrate -> plan -> merge (neuron-aligned) -> export (`run_pipeline`). The report (JSON) lists the reads, the
 experts this process's devices hold, how many slices needed a cross-process gather, and the plan.
 
     python -m tests.multihost_worker --coordinator localhost:PORT --num-processes 2 --process-id I \
@@ -30,7 +30,7 @@ def run_pipeline(loaded, mesh, out: str) -> dict:
     blocks = pipeline_blocks(loaded.cfg.vocab_size)
     stats = calibrate(loaded.params, loaded.cfg, blocks, mesh=mesh, progress=False,
                       options=CalibrationOptions(batch_size=8, token_chunk=32, cka="exact"))
-    plan = make_plan("grape", stats, budget=3, operator="dominant", guard="none")
+    plan = make_plan("grape", stats, budget=3, operator="aligned", guard="none")  # aligned: collectives too
     merged, cfg = apply_plan(loaded.params, loaded.cfg, plan)
     export_hf(merged, cfg, loaded.family, out, base_config=loaded.hf_config, source_dir=None)
     return {"kept": list(plan.kept_per_layer), "freq": [np.round(ls.freq, 9).tolist() for ls in stats.layers]}
@@ -82,6 +82,14 @@ def main(argv=None) -> int:
         return original_read_slice(self, key, index)
 
     CheckpointIndex.read_slice = recording_read_slice
+    original_read_into = CheckpointIndex.read_into
+
+    def recording_read_into(self, key, index, out, **kw):  # the path of leaves >= 4 MiB
+        shape = self.info(key).shape
+        reads.append((key, [list(s.indices(d)[:2]) for s, d in zip(index, shape, strict=True)]))
+        return original_read_into(self, key, index, out, **kw)
+
+    CheckpointIndex.read_into = recording_read_into
 
     gathers = {"remote": 0}
     original_held_by = dist.held_by
