@@ -110,9 +110,11 @@ def params_fingerprint(params: Mapping[str, jax.Array]) -> str:
     for name in sorted(params):
         arr = params[name]
         h.update(json.dumps([name, list(arr.shape), str(arr.dtype)]).encode())
-        shards = [sh for sh in arr.addressable_shards if sh.replica_id == 0]
-        for shard in sorted(shards, key=lambda sh: [sl.indices(d)[:2] for sl, d in zip(sh.index, arr.shape, strict=True)]):
-            h.update(json.dumps([sl.indices(d)[:2] for sl, d in zip(shard.index, arr.shape, strict=True)]).encode())
+        def bounds(sh, shape=arr.shape):
+            return [sl.indices(d)[:2] for sl, d in zip(sh.index, shape, strict=True)]
+
+        for shard in sorted((sh for sh in arr.addressable_shards if sh.replica_id == 0), key=bounds):
+            h.update(json.dumps(bounds(shard)).encode())
             x = shard.data
             if x.nbytes < DEVICE_SUM_MIN_BYTES:  # small: on the host, no compile per shape
                 v = np.asarray(x).astype(np.float32)
