@@ -10,6 +10,7 @@ the same shard plan, and only the missing shards are produced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -223,8 +224,11 @@ def export_hf(
         "shards": [[s.filename, [[e.name, list(e.shape), str(e.dtype)] for e in s.entries]] for s in shards],
     }).encode()).hexdigest()
     if not is_writer():  # multi-host: take part in the writer's gathers, write nothing
-        skip = broadcast_flags([False] * len(shards))
-        follow_export(params, entries, sources, max_shard_bytes=max_shard_bytes, skip=skip)
+        status = broadcast_flags([False] * (1 + len(shards)))
+        if not status[0]:
+            raise ConversionError(f"export to {os.fspath(out_dir)} failed on the writer process (process 0) "
+                                  f"before writing; its error says why")
+        follow_export(params, entries, sources, max_shard_bytes=max_shard_bytes, skip=status[1:])
         barrier("export_hf")
         return os.fspath(out_dir)
 
@@ -235,10 +239,15 @@ def export_hf(
 
     config = hf_config_for(cfg, family, base_config)
     out_dir = os.fspath(out_dir)
-    with resumable_output_dir(out_dir, fingerprint=fingerprint, overwrite=overwrite) as work:
+    with contextlib.ExitStack() as stack:
+        try:  # the other processes wait for this outcome: tell them about a failure too, not only success
+            work = stack.enter_context(resumable_output_dir(out_dir, fingerprint=fingerprint, overwrite=overwrite))
+            done = completed_shards(work.path, shards) if work.resumed else [False] * len(shards)
+        except BaseException:
+            broadcast_flags([False] * (1 + len(shards)))
+            raise
+        done = broadcast_flags([True, *done])[1:]
         tmp = work.path
-        done = completed_shards(tmp, shards) if work.resumed else [False] * len(shards)
-        done = broadcast_flags(done)
         if log is not None and any(done):
             log(f"resuming the export in {tmp}: {sum(done)} of {len(shards)} shards already written")
         remote = needs_remote_code(cfg, family, config)

@@ -139,6 +139,12 @@ def main(argv=None) -> int:
         returned = export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config,
                              source_dir=args.model)
         pipeline = run_pipeline(loaded, mesh, os.path.join(args.out, f"pipeline{i}")) if i == 0 else None
+        refused = None
+        if i == 0:  # the writer refuses an existing output: every process must stop, none may hang
+            try:
+                export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config)
+            except Exception as e:  # noqa: BLE001 - the report carries the type and message
+                refused = f"{type(e).__name__}: {e}"
         report["meshes"].append({
             "pipeline": pipeline,
             "mesh": spec,
@@ -150,6 +156,7 @@ def main(argv=None) -> int:
             "remote_gathers": gathers["remote"],
             "wrote": os.path.isdir(out),
             "returned": returned,
+            "refused": refused,
         })
     with open(args.report, "w") as f:
         json.dump(report, f)

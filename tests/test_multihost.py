@@ -117,6 +117,9 @@ def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
     for r in rep:
         assert r["meshes"][0]["pipeline"]["kept"] == ref_pipeline["kept"] != [8, 8]
         assert r["meshes"][0]["pipeline"]["freq"] == ref_pipeline["freq"]
+    # exporting again into the finished dir: the writer refuses, the other process stops too (no hang)
+    assert "OutputExistsError" in rep[0]["meshes"][0]["refused"] and "already exists" in rep[0]["meshes"][0]["refused"]
+    assert "failed on the writer process" in rep[1]["meshes"][0]["refused"]
     diff = _same_dirs(str(tmp_path / "ref" / "pipeline0"), str(tmp_path / "multi" / "pipeline0"))
     assert not diff, f"2-process pruned export differs from the 1-process one: {diff}"
     for i, spec in enumerate(MESHES):
