@@ -3,6 +3,8 @@
 The temp dir/file is created next to the target (same file system, so the final rename is atomic)
 with the process umask applied, like any other new file. A crash (or Ctrl-C) before the rename leaves
 the target untouched; the temp entry is removed on any exception that reaches us.
+`resumable_output_dir` is the variant for long writes: its work dir survives an interruption and a
+rerun of the same job (same fingerprint) continues in it.
 """
 
 from __future__ import annotations
