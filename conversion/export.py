@@ -96,6 +96,11 @@ def _column_sums(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float32).sum(axis=-2)
 
 
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(start, stop) per axis of a shard's index into an array of `shape`."""
+    return [sl.indices(d)[:2] for sl, d in zip(index, shape, strict=True)]
+
+
 def params_fingerprint(params: Mapping[str, jax.Array]) -> str:
     """A digest of every parameter's name, shape, dtype, placement and values.
 
@@ -111,11 +116,9 @@ def params_fingerprint(params: Mapping[str, jax.Array]) -> str:
     for name in sorted(params):
         arr = params[name]
         h.update(json.dumps([name, list(arr.shape), str(arr.dtype)]).encode())
-        def bounds(sh, shape=arr.shape):
-            return [sl.indices(d)[:2] for sl, d in zip(sh.index, shape, strict=True)]
-
-        for shard in sorted((sh for sh in arr.addressable_shards if sh.replica_id == 0), key=bounds):
-            h.update(json.dumps(bounds(shard)).encode())
+        shards = [sh for sh in arr.addressable_shards if sh.replica_id == 0]
+        for shard in sorted(shards, key=lambda sh, shape=arr.shape: _bounds(sh.index, shape)):
+            h.update(json.dumps(_bounds(shard.index, arr.shape)).encode())
             x = shard.data
             if x.nbytes < DEVICE_SUM_MIN_BYTES:  # small: on the host, no compile per shape
                 v = np.asarray(x).astype(np.float32)

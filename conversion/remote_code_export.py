@@ -73,10 +73,10 @@ def stock_config(config_dict: dict[str, Any], *, family: str, num_experts: int) 
     Refuses `num_experts < num_experts_per_tok` (and, for DeepSeek-V3, counts the group-limited
     router cannot split into `n_group` groups of at least two).
 
-    DeepSeek-MoE (`deepseek`) has no transformers class: its uniform export stays `model_type:
-    deepseek` and loads through the checkpoint's own `auto_map` (the published
-    `configuration_deepseek.py` / `modeling_deepseek.py`, which must sit next to the weights), so a
-    config without `auto_map` is refused.
+    DeepSeek-MoE (`deepseek`) has no transformers class: a stock config stays `model_type: deepseek`
+    and loads through the checkpoint's own `auto_map` (the published `configuration_deepseek.py` /
+    `modeling_deepseek.py` next to the weights), so a config without `auto_map` is refused here; for
+    such a config use `write_remote_code`, as `conversion.export.export_hf` does.
     """
     _base_family(config_dict, family)
     if config_dict.get("model_type") != family:
@@ -85,8 +85,9 @@ def stock_config(config_dict: dict[str, Any], *, family: str, num_experts: int) 
     if family == "deepseek":
         if not config_dict.get("auto_map"):
             raise ValueError(
-                "deepseek has no transformers class: a uniform export loads only through the original "
-                "checkpoint's auto_map (configuration_deepseek.py / modeling_deepseek.py), and this config has none"
+                "deepseek has no transformers class: a stock config loads only through the original "
+                "checkpoint's auto_map (configuration_deepseek.py / modeling_deepseek.py), and this config has none; "
+                "use write_remote_code for it"
             )
         is_moe = pruned.deepseek_moe_layers(
             layers, config_dict.get("first_k_dense_replace"), config_dict.get("moe_layer_freq")

@@ -120,3 +120,19 @@ def test_grape_rounds_its_global_allocation(scale):
 
 def test_grape_rounding_case_is_not_trivial():
     assert any(_two_layer_case(s)[1][0] % 4 for s in (0.9, 0.95))
+
+
+def test_group_fields_survive_the_stats_file(tmp_path):
+    stats = grouped(random_stats(2, 8, 2, seed=4), multiple=4, min_count=8)
+    stats.save(tmp_path / "s.npz")
+    again = ModelStats.load(tmp_path / "s.npz")
+    assert [(ls.count_multiple, ls.min_count) for ls in again.layers] == [(4, 8), (4, 8)]
+    with pytest.raises(PlanError, match="exceeds the 0 experts removable"):  # 8 experts, floor 8
+        make_plan("grape", again, budget=4)
+
+
+def test_stats_refuse_counts_off_the_multiple():
+    from grape_jax.stats import StatsError
+
+    with pytest.raises(StatsError, match="6 experts is not a multiple of count_multiple=4"):
+        grouped(random_stats(1, 6, 2, seed=5), multiple=4, min_count=4).validate()

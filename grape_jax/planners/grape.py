@@ -132,13 +132,11 @@ def _states(stats: ModelStats, metric: str, linkage: str) -> list[LayerClusters]
     return [LayerClusters(ls.similarity(metric), linkage) for ls in stats.layers]
 
 
-def _merged(stats: ModelStats, metric: str, linkage: str, removed: list[int]) -> list[LayerClusters]:
-    """Fresh states with `removed[l]` merges done in layer l, each layer in its own greedy order."""
-    states = _states(stats, metric, linkage)
+def _merge_counts(states: list[LayerClusters], removed: list[int]) -> None:
+    """`removed[l]` merges in layer l, each layer in its own greedy order (it depends on that layer only)."""
     for s, r in zip(states, removed, strict=True):
         for _ in range(r):
             s.merge(*s.best())
-    return states
 
 
 def grape(
@@ -174,7 +172,8 @@ def grape(
     greedy = guard_state.removed.tolist()
     removed = snap_allocation(stats, greedy)
     if removed != greedy:
-        states = _merged(stats, metric, linkage, removed)
+        states = _states(stats, metric, linkage)
+        _merge_counts(states, removed)
         red = np.array([s.redundancy for s in states])
     options = dict(metric=metric, gamma=gamma, guard=guard, cap_gamma=cap_gamma, linkage=linkage,
                    min_experts=min_experts)
@@ -201,8 +200,9 @@ def local(
     """B/L merges in every layer (remainder rule in the module docstring), same machinery as grape."""
     check_choice("operator", operator, MERGE_OPERATORS)
     floor = floors(stats, min_experts)
-    alloc = uniform_allocation(stats, budget, floor, [s.redundancy for s in _states(stats, metric, linkage)])
-    states = _merged(stats, metric, linkage, alloc)
+    states = _states(stats, metric, linkage)
+    alloc = uniform_allocation(stats, budget, floor, [s.redundancy for s in states])
+    _merge_counts(states, alloc)
     options = dict(metric=metric, linkage=linkage, min_experts=min_experts)
     return build_plan(stats, [s.groups() for s in states], method="local", budget=budget, operator=operator,
                       router_rule=router_rule, options=options, stats_sha256=stats_sha256,
