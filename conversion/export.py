@@ -4,7 +4,7 @@ The shard plan (file names, header offsets) comes from shapes alone; each HF ten
 the host from the device shards that hold it (one expert of one layer at a time for stacked experts), so
 host memory holds one HF tensor, never the model. Output goes to a work dir `.<name>.partial` renamed into
 place at the end; an interrupted export resumes there: shards already complete are kept when the new run
-exports the same parameters (`params_fingerprint`, a device-side checksum of every parameter) with
+exports the same parameters (`params_fingerprint`, a checksum of every parameter's row and column sums) with
 the same shard plan, and only the missing shards are produced.
 """
 
