@@ -5,11 +5,13 @@ Every leaf is assembled from the slices this process's devices own (`_make_leaf`
 (per-expert HF tensors are read one expert at a time and stacked only for the requested slice). The
 whole model is never held on the host; on several hosts each reads only its own shards.
 
-Large leaves take the fast path (`_stored_layout_leaf`): the host only copies bytes, in the checkpoint's
-own layout, from the file into page-aligned buffers (which the CPU backend adopts without a copy; an
-accelerator receives them as they are), and the [out, in] -> [in, out] transposes (and any dtype cast) run
-on the devices as one jitted permutation whose shardings are the target's with the axes permuted, so no
-data moves between devices. Small leaves are read and transposed on the host (no compile per shape).
+Large leaves take the fast path (`_stored_layout_leaf`): positioned reads into page-aligned buffers,
+which the CPU backend adopts without a copy (an accelerator receives them as they are). On accelerators
+the host only copies bytes in the checkpoint's own layout and the [out, in] -> [in, out] transposes (and
+any dtype cast) run on the devices as one jitted permutation whose shardings are the target's with the
+axes permuted, so no data moves between devices. On CPU devices, whose memory is the host's, the reading
+threads transpose as they copy out of the file instead (one write of each buffer, replicas share it).
+Small leaves are read and transposed on the host (no compile per shape).
 """
 
 from __future__ import annotations
@@ -158,28 +160,54 @@ def _permuted(sharding: jax.sharding.Sharding, perm: tuple[int, ...]) -> jax.sha
     return NamedSharding(sharding.mesh, PartitionSpec(*permuted))
 
 
+def _host_memory(sharding: jax.sharding.Sharding) -> bool:
+    """The devices are CPU devices, whose memory is host memory."""
+    return all(d.platform == "cpu" for d in sharding.device_set)
+
+
 def _stored_layout_leaf(ckpt: CheckpointIndex, b: Binding, perm: tuple[int, ...], sharding, target: np.dtype,
                         pool=None):
-    """The leaf read in the checkpoint's layout into aligned buffers, then permuted/cast on the devices."""
+    """The leaf read by positioned reads into page-aligned buffers, then permuted/cast on the devices.
+
+    On CPU devices a 2-D transpose is done by the reading threads instead, a few cached rows at a time
+    as they leave the file: the buffer is then written once in its final layout (not written and then
+    permuted into a second fresh buffer) and replicas of a slice share it."""
     stored = np.dtype(ckpt.info(b.hf_keys[0]).dtype)
-    raw_shape = tuple(b.spec.shape[p] for p in perm)
+    lead = 1 if b.per_expert else 0
+    identity = tuple(range(len(perm)))
+    transpose_on_read = (perm != identity and len(perm) - lead == 2 and _host_memory(sharding))
+    read_perm = identity if transpose_on_read else perm
+    raw_shape = tuple(b.spec.shape[p] for p in read_perm)
 
     def read(index: tuple) -> np.ndarray:
         index = _normalise(index, raw_shape)
         out = aligned_empty(tuple(s.stop - s.start for s in index), stored)
+        box = index[lead:][::-1] if transpose_on_read else index[lead:]
         if b.per_expert:
             for i, e in enumerate(range(index[0].start, index[0].stop)):
-                ckpt.read_into(b.hf_keys[e], index[1:], out[i])
+                ckpt.read_into(b.hf_keys[e], box, out[i], transpose=transpose_on_read)
         else:
-            ckpt.read_into(b.hf_keys[0], index, out)
+            ckpt.read_into(b.hf_keys[0], box, out, transpose=transpose_on_read)
         return out
 
-    raw = _make_leaf(raw_shape, _permuted(sharding, perm), read, pool=pool)
-    if perm == tuple(range(len(perm))) and stored == target:
+    raw = _make_leaf(raw_shape, _permuted(sharding, read_perm), read, pool=pool)
+    if read_perm == identity and stored == target:
         return raw
-    out = _relayout(perm, np.dtype(target), sharding)(raw)
+    out = _relayout(read_perm, np.dtype(target), sharding)(raw)
     raw.delete()
     return out
+
+
+def keys_read(b: Binding, sharding: jax.sharding.Sharding) -> list[str]:
+    """The checkpoint tensors this process reads for `b`: per-expert ones only for the experts its
+    devices hold (on several hosts each host reads its own)."""
+    if not b.per_expert:
+        return list(b.hf_sources())
+    experts: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(b.spec.shape).values():
+        experts.update(range(*index[0].indices(b.spec.shape[0])[:2]))
+    sources = getattr(b.transform, "sources", None)
+    return [k for e in sorted(experts) for k in (sources(b.hf_keys[e]) if sources else (b.hf_keys[e],))]
 
 
 def load_hf(
@@ -206,8 +234,13 @@ def load_hf(
     specs = param_specs(cfg)
     shardings = param_shardings(specs, mesh, rules)
     params = {}
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        for name, b in bindings.items():
+    names = list(bindings)
+    with ThreadPoolExecutor(READ_THREADS) as pool, ThreadPoolExecutor(1) as ahead:
+        for i, name in enumerate(names):
+            # Ask the page cache for this leaf (first) and the next one while this one is read/transposed.
+            for upcoming in names[i : i + 2] if i == 0 else names[i + 1 : i + 2]:
+                ahead.submit(ckpt.prefetch, keys_read(bindings[upcoming], shardings[upcoming]))
+            b = bindings[name]
             stored = b.value_dtype(ckpt.info(next(iter(b.hf_sources()))).dtype)
             target = stored if dtype is None else np.dtype(dtype)
             perm = stored_permutation(b)

@@ -28,6 +28,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from conversion.transpose import CHUNK_BYTES, copy_transposed, rows_per_chunk
+
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
@@ -45,6 +47,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # the reference refuses bigger headers too
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PREFETCH_BYTES = 8 << 20
 
 
 class CheckpointError(ValueError):
@@ -242,40 +245,60 @@ class CheckpointIndex:
                 self._fds[file] = os.open(file, os.O_RDONLY)
             return self._fds[file]
 
-    def read_into(self, key: str, index: tuple[slice, ...], out: np.ndarray, *, chunk_bytes: int = 32 << 20) -> None:
-        """Fill `out` with `tensor[index]` (unit-step slices, one per axis) by positioned reads.
+    def read_into(self, key: str, index: tuple[slice, ...], out: np.ndarray, *, transpose: bool = False,
+                  chunk_bytes: int = CHUNK_BYTES) -> None:
+        """Fill `out` with `tensor[index]` (unit-step slices, one per axis); with `transpose` (2-D
+        tensors) fill it with `tensor[index].T` instead.
 
-        Rows whose trailing axes are whole are one contiguous byte range: read straight into `out`
-        (no mapping, no intermediate copy). Otherwise whole rows are read `chunk_bytes` at a time into
-        a scratch buffer and the wanted columns copied out. Thread-safe (pread has no file position)."""
+        Whole rows are one contiguous byte range: a positioned read straight into `out` (no mapping,
+        no intermediate copy). Part rows are copied out of the file's mapping; transposes go
+        `chunk_bytes` of source rows at a time so that each chunk is still in cache while it is
+        packed and transposed (`conversion.transpose`). Thread-safe (pread has no file position)."""
         info = self.info(key)
-        if len(index) != len(info.shape) or out.shape != tuple(s.stop - s.start for s in index) \
-                or out.dtype != info.dtype or not out.flags.c_contiguous:
+        box = tuple(s.stop - s.start for s in index)
+        if len(index) != len(info.shape) or out.shape != (box[::-1] if transpose else box) \
+                or out.dtype != info.dtype or not out.flags.c_contiguous or (transpose and len(box) != 2):
             raise CheckpointError(f"{info.file}: tensor {key!r} {info.shape} {info.dtype}: cannot read {index} "
-                                  f"into a {out.shape} {out.dtype} buffer")
+                                  f"{'transposed ' if transpose else ''}into a {out.shape} {out.dtype} buffer")
         if out.size == 0:
             return
         if info.offset + info.nbytes > os.fstat(self._fd(info.file)).st_size:
             raise CheckpointError(f"{info.file}: file shrank since it was opened (truncated)")
-        if not info.shape:
-            self._pread(info, info.offset, memoryview(out.reshape(1).view(np.uint8)))
-            return
         row = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
-        first = index[0]
-        whole_rows = all(s.start == 0 and s.stop == d for s, d in zip(index[1:], info.shape[1:], strict=True))
-        if whole_rows:
-            self._pread(info, info.offset + first.start * row, memoryview(out.reshape(-1).view(np.uint8)))
+        if not transpose and all(s.start == 0 and s.stop == d
+                                 for s, d in zip(index[1:], info.shape[1:], strict=True)):
+            start = index[0].start * row if info.shape else 0
+            self._pread(info, info.offset + start, memoryview(out.reshape(-1).view(np.uint8)))
             return
-        step = max(1, chunk_bytes // max(row, 1))
-        bits = np.dtype(f"<u{info.dtype.itemsize}") if info.dtype.itemsize > 1 else np.dtype(np.uint8)
-        rows = min(step, first.stop - first.start)
-        scratch = self._scratch(rows * row).view(bits).reshape(rows, *info.shape[1:])
-        target = out.view(bits)
-        for r0 in range(first.start, first.stop, step):
-            r1 = min(r0 + step, first.stop)
-            buf = scratch[: r1 - r0]
-            self._pread(info, info.offset + r0 * row, memoryview(buf.reshape(-1).view(np.uint8)))
-            np.copyto(target[r0 - first.start : r1 - first.start], buf[(slice(None), *index[1:])])
+        source = self._bits(info)
+        target = out.view(source.dtype)
+        if not transpose:
+            np.copyto(target, source[index])
+            return
+        rows, columns = index
+        step = rows_per_chunk(row, chunk_bytes)
+        for r0 in range(rows.start, rows.stop, step):
+            r1 = min(r0 + step, rows.stop)
+            chunk = source[r0:r1, columns]
+            copy_transposed(chunk, target[:, r0 - rows.start : r1 - rows.start], self._scratch(chunk.nbytes))
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Hint that these tensors will be read soon: the kernel starts reading them into the page cache
+        (posix_fadvise WILLNEED, a few MiB per call so a caller on its own thread never waits long).
+        Only a hint: errors are ignored and nothing is read where the call is unavailable."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for key in keys:
+            info = self._infos.get(key)
+            if info is None:
+                continue
+            try:
+                fd = self._fd(info.file)
+                for start in range(0, info.nbytes, _PREFETCH_BYTES):
+                    os.posix_fadvise(fd, info.offset + start, min(_PREFETCH_BYTES, info.nbytes - start),
+                                     os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return
 
     def _scratch(self, nbytes: int) -> np.ndarray:
         """A reusable per-thread byte buffer of at least `nbytes` (already faulted in after first use)."""

@@ -90,6 +90,14 @@ def main(argv=None) -> int:
         return original_read_into(self, key, index, out, **kw)
 
     CheckpointIndex.read_into = recording_read_into
+    prefetched: list[str] = []
+    original_prefetch = CheckpointIndex.prefetch
+
+    def recording_prefetch(self, keys):  # page-cache hints must not pull in other processes' experts
+        prefetched.extend(keys)
+        return original_prefetch(self, keys)
+
+    CheckpointIndex.prefetch = recording_prefetch
 
     gathers = {"remote": 0}
     original_held_by = dist.held_by
@@ -109,6 +117,7 @@ def main(argv=None) -> int:
     for i, spec in enumerate(args.mesh):
         mesh = make_mesh(spec)
         reads.clear()
+        prefetched.clear()
         gathers["remote"] = 0
         loaded = load_hf(args.model, mesh=mesh)
         jax.block_until_ready(loaded.params)
@@ -124,6 +133,10 @@ def main(argv=None) -> int:
                 side = own if dev.process_index == jax.process_index() else other
                 side.setdefault(name, set()).update(range(lo, hi))
         violations, experts_read = [], {}
+        for key in prefetched:
+            m = expert_key.fullmatch(key)
+            if m and int(m[2]) not in own.get(f"layers.{m[1]}.mlp.{names[m[3]]}", set()):
+                violations.append(f"{key}: prefetched by process {jax.process_index()}, which does not hold it")
         for key, box in load_reads:
             m = expert_key.fullmatch(key)
             if not m:
@@ -153,6 +166,7 @@ def main(argv=None) -> int:
             "own_experts": {k: sorted(v) for k, v in own.items()},
             "experts_read": {k: sorted(v) for k, v in experts_read.items()},
             "violations": violations,
+            "prefetched_experts": sum(bool(expert_key.fullmatch(k)) for k in prefetched),
             "remote_gathers": gathers["remote"],
             "wrote": os.path.isdir(out),
             "returned": returned,

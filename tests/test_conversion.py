@@ -57,18 +57,22 @@ def test_bf16_round_trip_keeps_dtype_and_bits(bf16_mixtral, tmp_path):
 
 @pytest.mark.parametrize("mesh_spec", [None, "fsdp=2,expert=4", "expert=2,tensor=4"])
 @pytest.mark.parametrize("dtype", [None, "float32"])
-def test_device_layout_path_equals_host_path(bf16_mixtral, monkeypatch, mesh_spec, dtype):
-    """Leaves read in the stored layout and permuted/cast on the devices equal the host-transposed ones:
-    same bits, same shardings (every leaf of the tiny model takes the device path at threshold 0)."""
+@pytest.mark.parametrize("transpose_on", ["read", "devices"])
+def test_stored_layout_paths_equal_host_path(bf16_mixtral, monkeypatch, mesh_spec, dtype, transpose_on):
+    """Leaves read by positioned reads into aligned buffers (transposed by the reading threads, as on CPU
+    devices, or permuted on the devices, as on accelerators) equal the host-transposed ones: same bits,
+    same shardings (every leaf of the tiny model takes that path at threshold 0)."""
     from conversion import load as load_module
 
     mesh = None if mesh_spec is None else make_mesh(mesh_spec)
     host = load_hf(bf16_mixtral, mesh=mesh, dtype=dtype)
     monkeypatch.setattr(load_module, "DEVICE_LAYOUT_MIN_BYTES", 0)
-    device = load_hf(bf16_mixtral, mesh=mesh, dtype=dtype)
-    assert device.params.keys() == host.params.keys()
+    if transpose_on == "devices":
+        monkeypatch.setattr(load_module, "_host_memory", lambda sharding: False)
+    fast = load_hf(bf16_mixtral, mesh=mesh, dtype=dtype)
+    assert fast.params.keys() == host.params.keys()
     for name, a in host.params.items():
-        b = device.params[name]
+        b = fast.params[name]
         assert b.sharding == a.sharding and b.dtype == a.dtype and b.shape == a.shape, name
         assert np.asarray(b).tobytes() == np.asarray(a).tobytes(), name
 

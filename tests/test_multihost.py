@@ -129,6 +129,7 @@ def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
         for p, m in enumerate(per_proc):
             assert m["mesh"] == spec
             assert not m["violations"], "\n".join(m["violations"])
+            assert m["prefetched_experts"] > 0, f"process {p} prefetched no expert tensor"
             assert m["reads"], f"process {p} read nothing"
         # Both processes together read each expert once per weight; neither read the whole model.
         total = sum(m["read_elements"] for m in per_proc)

@@ -200,6 +200,36 @@ def test_read_into_equals_numpy_slicing(tmp_path, name, chunk_bytes):
     ckpt.close()
 
 
+@pytest.mark.parametrize("name", ["BF16", "F32", "F64", "F8_E4M3", "BOOL"])
+@pytest.mark.parametrize("chunk_bytes", [1, 100, 1 << 20])
+def test_transposed_read_into_equals_numpy(tmp_path, name, chunk_bytes):
+    """Transposing reads of random boxes: whole packs of rows and the rows left over, any columns."""
+    rng = np.random.default_rng(11)
+    full = random_array(rng, DTYPES[name][1], (37, 21))
+    safetensors.torch.save_file({"w": to_torch(full)}, tmp_path / "model.safetensors")
+    ckpt = CheckpointIndex.open(tmp_path)
+    boxes = [(slice(0, 37), slice(0, 21)), (slice(3, 3), slice(0, 21))]
+    for _ in range(20):
+        a, b = (int(rng.integers(0, d)) for d in full.shape)
+        boxes.append((slice(a, int(rng.integers(a, 38))), slice(b, int(rng.integers(b, 22)))))
+    for box in boxes:
+        out = np.empty(full[box].T.shape, full.dtype)
+        ckpt.read_into("w", box, out, transpose=True, chunk_bytes=chunk_bytes)
+        np.testing.assert_array_equal(bits(out), bits(np.ascontiguousarray(full[box].T)))
+    with pytest.raises(CheckpointError, match=r"tensor 'w' .*cannot read .* transposed into"):
+        ckpt.read_into("w", boxes[0], np.empty((37, 21), full.dtype), transpose=True)
+    ckpt.close()
+
+
+def test_prefetch_is_a_harmless_hint(tmp_path):
+    """Prefetching known, unknown and empty tensors neither fails nor changes what is read."""
+    write_all(tmp_path, {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "e": np.zeros((0,), np.float32)})
+    ckpt = CheckpointIndex.open(tmp_path)
+    ckpt.prefetch(["w", "e", "not-a-tensor"])
+    np.testing.assert_array_equal(ckpt.read("w"), np.arange(12, dtype=np.float32).reshape(3, 4))
+    ckpt.close()
+
+
 def test_read_into_detects_truncation(tmp_path):
     write_all(tmp_path, {"w": np.ones((64, 64), np.float32)})
     ckpt = CheckpointIndex.open(tmp_path)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from conversion.transpose import transposed
 from grape_jax.config import MoEConfig
 from grape_jax.params import ParamSpec, param_specs
 
@@ -60,15 +61,6 @@ class Transpose:
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
         return transposed(ours)
-
-
-def transposed(x: np.ndarray) -> np.ndarray:
-    """Contiguous `x.T`, copied through a same-width unsigned view: NumPy copies ml_dtypes' bfloat16
-    element by element (several times slower), the bits are the same either way."""
-    if x.dtype.itemsize in (1, 2, 4, 8):
-        bits = x.view(f"<u{x.dtype.itemsize}")
-        return np.ascontiguousarray(bits.T).view(x.dtype)
-    return np.ascontiguousarray(x.T)
 
 
 IDENTITY, TRANSPOSE = Identity(), Transpose()
