@@ -178,9 +178,7 @@ def needs_remote_code(cfg: MoEConfig, family: Family, config: Mapping[str, Any])
     no code of its own (`auto_map`; e.g. a re-export of one of our pruned exports): then ours."""
     if not cfg.is_uniform:
         return True
-    import transformers
-
-    return not hasattr(transformers, family.architectures[0]) and not config.get("auto_map")
+    return not family.in_transformers and not config.get("auto_map")
 
 
 def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> dict[str, Any]:

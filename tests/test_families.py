@@ -120,6 +120,14 @@ def cases(tmp_path_factory, tokens) -> dict[str, Case]:
     return get
 
 
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_in_transformers_matches_the_installed_transformers(model_type):
+    """The table's `in_transformers` (export decides on remote code with it, without importing
+    transformers) is what the installed transformers really ships."""
+    family = get_family(model_type)
+    assert family.in_transformers == hasattr(transformers, family.architectures[0])
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_single_device_logits_match_reference(cases, tokens, name):
     case = cases(name)

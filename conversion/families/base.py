@@ -247,6 +247,8 @@ class Family:
     experts_config_key: str
     # Rules for a quantised checkpoint (`quantization_config` in config.json), read-only; None: refused.
     quantized_rules: Callable[[MoEConfig, Mapping[str, Any]], Sequence[KeyRule]] | None = None
+    # transformers ships a class for `architectures[0]` (else loading needs the checkpoint's own code)
+    in_transformers: bool = True
 
 
 def _instantiate(pattern: str, **values: int) -> str:

@@ -71,4 +71,5 @@ FAMILY = Family(
     config_to_hf=config_to_hf,
     rules=rules,
     experts_config_key="n_routed_experts",
+    in_transformers=False,  # DeepSeek-MoE checkpoints carry their own modeling code
 )
