@@ -247,13 +247,14 @@ class CheckpointIndex:
 
     def read_into(self, key: str, index: tuple[slice, ...], out: np.ndarray, *, transpose: bool = False,
                   chunk_bytes: int = CHUNK_BYTES) -> None:
-        """Fill `out` with `tensor[index]` (unit-step slices, one per axis); with `transpose` (2-D
-        tensors) fill it with `tensor[index].T` instead.
+        """Fill `out` with `tensor[index]` (unit-step slices, one per axis) by positioned reads; with
+        `transpose` (2-D tensors) fill it with `tensor[index].T` instead.
 
-        Whole rows are one contiguous byte range: a positioned read straight into `out` (no mapping,
-        no intermediate copy). Part rows are copied out of the file's mapping; transposes go
-        `chunk_bytes` of source rows at a time so that each chunk is still in cache while it is
-        packed and transposed (`conversion.transpose`). Thread-safe (pread has no file position)."""
+        Whole rows are one contiguous byte range: read straight into `out` (no intermediate copy).
+        Otherwise whole rows are read `chunk_bytes` at a time into a per-thread scratch buffer, still in
+        cache when the wanted columns are copied (or transposed, `conversion.transpose`) out. Never
+        mapped: mapped file pages would count in the process's resident set. Thread-safe (pread has
+        no file position)."""
         info = self.info(key)
         box = tuple(s.stop - s.start for s in index)
         if len(index) != len(info.shape) or out.shape != (box[::-1] if transpose else box) \
@@ -270,17 +271,22 @@ class CheckpointIndex:
             start = index[0].start * row if info.shape else 0
             self._pread(info, info.offset + start, memoryview(out.reshape(-1).view(np.uint8)))
             return
-        source = self._bits(info)
-        target = out.view(source.dtype)
-        if not transpose:
-            np.copyto(target, source[index])
-            return
-        rows, columns = index
+        rows = index[0]
         step = rows_per_chunk(row, chunk_bytes)
+        bits = np.dtype(f"<u{info.dtype.itemsize}") if info.dtype.itemsize > 1 else np.dtype(np.uint8)
+        n = min(step, rows.stop - rows.start)
+        scratch = self._scratch(n * row, "rows").view(bits).reshape(n, *info.shape[1:])
+        target = out.view(bits)
         for r0 in range(rows.start, rows.stop, step):
             r1 = min(r0 + step, rows.stop)
-            chunk = source[r0:r1, columns]
-            copy_transposed(chunk, target[:, r0 - rows.start : r1 - rows.start], self._scratch(chunk.nbytes))
+            chunk = scratch[: r1 - r0]
+            self._pread(info, info.offset + r0 * row, memoryview(chunk.reshape(-1).view(np.uint8)))
+            wanted = chunk[(slice(None), *index[1:])]
+            if transpose:
+                copy_transposed(wanted, target[:, r0 - rows.start : r1 - rows.start],
+                                self._scratch(wanted.nbytes, "pack"))
+            else:
+                np.copyto(target[r0 - rows.start : r1 - rows.start], wanted)
 
     def prefetch(self, keys: list[str]) -> None:
         """Hint that these tensors will be read soon: the kernel starts reading them into the page cache
@@ -300,12 +306,12 @@ class CheckpointIndex:
             except OSError:
                 return
 
-    def _scratch(self, nbytes: int) -> np.ndarray:
-        """A reusable per-thread byte buffer of at least `nbytes` (already faulted in after first use)."""
-        local = self._local
-        if getattr(local, "buf", None) is None or local.buf.size < nbytes:
-            local.buf = np.empty(nbytes, np.uint8)
-        return local.buf[:nbytes]
+    def _scratch(self, nbytes: int, name: str) -> np.ndarray:
+        """A reusable per-thread byte buffer `name` of at least `nbytes` (faulted in after first use)."""
+        buffers = self._local.__dict__
+        if name not in buffers or buffers[name].size < nbytes:
+            buffers[name] = np.empty(nbytes, np.uint8)
+        return buffers[name][:nbytes]
 
     def _pread(self, info: TensorInfo, offset: int, into: memoryview) -> None:
         fd, done = self._fd(info.file), 0

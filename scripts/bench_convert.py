@@ -10,7 +10,8 @@ so that its peak RSS is its own:
             the child resets its peak RSS with /proc/self/clear_refs before exporting).
 
 On the CPU backend the "devices" are host memory, so converted parameters are resident in the child:
-"host overhead" is peak RSS minus the bytes of the parameter shards it holds, compared with the goal
+"host overhead" is peak RSS minus the bytes of the distinct buffers holding its parameter shards
+(replicas of a slice share one), compared with the goal
 1.5 x largest single tensor + 1 GB. Reads are measured cold (file pages evicted with
 posix_fadvise(DONTNEED) after fsync, no root needed) and warm (in page cache), unless --cache says one.
 
@@ -223,7 +224,13 @@ def _mesh(jax, spec: str):
 
 
 def _resident(jax, params) -> int:
-    return sum(s.data.nbytes for a in params.values() for s in a.addressable_shards)
+    """Bytes of the distinct host buffers behind this process's parameter shards (on the CPU backend
+    replicas of a slice read once share one buffer, so they are counted once)."""
+    seen: dict[int, int] = {}
+    for a in params.values():
+        for s in a.addressable_shards:
+            seen[s.data.unsafe_buffer_pointer()] = s.data.nbytes
+    return sum(seen.values())
 
 
 def child_convert(directory: str, devices: int, mesh_spec: str) -> dict:
@@ -411,8 +418,8 @@ def main(argv=None) -> int:
                       f"({r['bytes'] / GB / (r['seconds'] + r['fsync_seconds']):.2f} GB/s incl. fsync); "
                       f"output == input bit for bit: {verified}")
         print("cold: file pages evicted with fsync + posix_fadvise(DONTNEED) before the child starts; "
-              "warm: files read once just before. 'overhead' = peak RSS - bytes of resident parameter "
-              "shards (on CPU the devices are host memory); it includes the Python/JAX runtime.")
+              "warm: files read once just before. 'overhead' = peak RSS - bytes of the distinct buffers of "
+              "the parameter shards (on CPU the devices are host memory); it includes the Python/JAX runtime.")
         if verified is False:
             return 1
         return 0
