@@ -7,7 +7,9 @@ so that its peak RSS is its own:
   raw       every tensor read fully with plain `readinto` file reads (the ceiling),
   convert   `load_hf` onto a mesh of CPU devices + `block_until_ready` (HF -> sharded jax arrays),
   export    `export_hf` of those arrays back to safetensors (the load before it is not counted:
-            the child resets its peak RSS with /proc/self/clear_refs before exporting).
+            the child resets its peak RSS with /proc/self/clear_refs before exporting),
+  fill      no file: copy into one new buffer per tensor, kept (what materialising the converted bytes
+            in fresh host memory costs on this machine; `raw` reuses one buffer and never pays it).
 
 On the CPU backend the "devices" are host memory, so converted parameters are resident in the child:
 "host overhead" is peak RSS minus the bytes of the distinct buffers holding its parameter shards
@@ -205,6 +207,25 @@ def child_raw(directory: str) -> dict:
     return {"bytes": total, "seconds": seconds, "peak_rss": proc_status()["VmHWM"]}
 
 
+def child_fill(directory: str) -> dict:
+    """Copy into fresh memory, one new buffer per tensor (kept, as converted parameters are): the cost
+    of materialising the model's bytes in new host memory, which conversion pays and `raw` does not."""
+    from conversion.safetensors_io import CheckpointIndex
+
+    ckpt = CheckpointIndex.open(directory)
+    sizes = [ckpt.info(k).nbytes for k in ckpt.keys()]
+    source = np.ones(min(max(sizes), 64 << 20), np.uint8)
+    kept = []
+    t0 = time.perf_counter()
+    for n in sizes:
+        out = np.empty(n, np.uint8)
+        for start in range(0, n, source.size):
+            out[start : start + source.size] = source[: min(source.size, n - start)]
+        kept.append(out)
+    seconds = time.perf_counter() - t0
+    return {"bytes": sum(sizes), "seconds": seconds, "peak_rss": proc_status()["VmHWM"]}
+
+
 def _init_jax(devices: int):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
@@ -329,6 +350,7 @@ def main(argv=None) -> int:
 
     if args._child:
         fn = {"raw": lambda: child_raw(args.dir),
+              "fill": lambda: child_fill(args.dir),
               "convert": lambda: child_convert(args.dir, args.devices, args.mesh),
               "export": lambda: child_export(args.dir, args.devices, args.mesh, args._out)}[args._child]
         print(json.dumps(fn()))
@@ -375,6 +397,10 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(f"  {kind:8s} {mode}: {r['bytes'] / GB / r['seconds']:.2f} GB/s "
                       f"(page cache before: {'?' if cached is None else f'{cached:.0%}'})", flush=True)
+        r = run_child("fill", args)
+        r.update(kind="fill", mode="memory", cached=None)
+        rows.append(r)
+        print(f"  fill     fresh memory: {r['bytes'] / GB / r['seconds']:.2f} GB/s", flush=True)
         out = os.path.join(root or tempfile.mkdtemp(prefix="grape-bench-export-", dir="/tmp"), "export")
         r = run_child("export", args, "--_out", out)
         r.update(kind="export", mode="write", cached=None)
@@ -400,9 +426,10 @@ def main(argv=None) -> int:
             vs = f"{speed / ref:.0%}" if r["kind"] == "convert" and ref else "-"
             resident = r.get("resident", 0)
             over = r["peak_rss"] - resident
-            met = ("yes" if over <= goal else "NO") if r["kind"] != "raw" else "-"
-            cache = {"write": "n/a (writes)"}.get(r["mode"], r["mode"])
-            label = {"raw": "raw read", "convert": "HF -> jax", "export": "jax -> HF"}[r["kind"]]
+            met = ("yes" if over <= goal else "NO") if r["kind"] in ("convert", "export") else "-"
+            cache = {"write": "n/a (writes)", "memory": "n/a (no file)"}.get(r["mode"], r["mode"])
+            label = {"raw": "raw read", "convert": "HF -> jax", "export": "jax -> HF",
+                     "fill": "fill fresh memory"}[r["kind"]]
             print(f"| {label} | {cache} | {speed / GB:.2f} | {vs} | {r['peak_rss'] / GB:.2f} GB | "
                   f"{resident / GB:.2f} GB | {over / GB:.2f} GB | {met} |")
         print()
@@ -419,7 +446,9 @@ def main(argv=None) -> int:
                       f"output == input bit for bit: {verified}")
         print("cold: file pages evicted with fsync + posix_fadvise(DONTNEED) before the child starts; "
               "warm: files read once just before. 'overhead' = peak RSS - bytes of the distinct buffers of "
-              "the parameter shards (on CPU the devices are host memory); it includes the Python/JAX runtime.")
+              "the parameter shards (on CPU the devices are host memory); it includes the Python/JAX runtime. "
+              "'fill fresh memory': a copy into new buffers of the checkpoint's tensor sizes, kept; "
+              "conversion writes its output into new memory too, the raw read reuses one buffer.")
         if verified is False:
             return 1
         return 0
