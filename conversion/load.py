@@ -236,10 +236,13 @@ def load_hf(
     params = {}
     names = list(bindings)
     with ThreadPoolExecutor(READ_THREADS) as pool, ThreadPoolExecutor(1) as ahead:
+        def prefetch(i: int) -> None:  # a hint, on its own thread: the disk works while we copy
+            if i < len(names):
+                ahead.submit(ckpt.prefetch, keys_read(bindings[names[i]], shardings[names[i]]))
+
+        prefetch(0)
         for i, name in enumerate(names):
-            # Ask the page cache for this leaf (first) and the next one while this one is read/transposed.
-            for upcoming in names[i : i + 2] if i == 0 else names[i + 1 : i + 2]:
-                ahead.submit(ckpt.prefetch, keys_read(bindings[upcoming], shardings[upcoming]))
+            prefetch(i + 1)
             b = bindings[name]
             stored = b.value_dtype(ckpt.info(next(iter(b.hf_sources()))).dtype)
             target = stored if dtype is None else np.dtype(dtype)
