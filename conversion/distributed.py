@@ -201,13 +201,21 @@ def broadcast_flags(flags: Sequence[bool]) -> list[bool]:
     return [bool(f) for f in multihost_utils.broadcast_one_to_all(np.asarray(flags, np.int32))]
 
 
+def shard_gathers(shard, sources: Mapping) -> list[tuple[str, int | None]]:
+    """(parameter, expert) of every `gather_slice` the export of one planned shard makes, in order."""
+    return [(binding.name, expert) for entry in shard.entries for binding, expert in sources[entry.name].parts]
+
+
 def follow_export(
     params: Mapping[str, jax.Array], entries: Sequence, sources: Mapping, *, max_shard_bytes: int,
     skip: Sequence[bool] | None = None,
 ) -> None:
     """On a non-writer process: take part in every `gather_slice` of the writer's export, in its
     order, and write nothing (`entries`/`sources` as `conversion.export.hf_entries` returns them;
-    `skip[i]`: the writer resumes with shard i already written, so nothing of it is gathered)."""
+    `skip[i]`: the writer resumes with shard i already written, so nothing of it is gathered).
+
+    After each shard, and once the output is in place, the writer says whether that step succeeded
+    (`finish_shard`); if not, this raises instead of waiting in collectives for a writer that stopped."""
     from conversion.safetensors_write import plan_shards
 
     shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
@@ -215,6 +223,24 @@ def follow_export(
     for shard, done in zip(shards, skip, strict=True):
         if done:
             continue
-        for entry in shard.entries:
-            for binding, expert in sources[entry.name].parts:
-                gather_slice(params[binding.name], () if expert is None else (expert,))
+        for name, expert in shard_gathers(shard, sources):
+            gather_slice(params[name], () if expert is None else (expert,))
+        if not finish_shard(False):
+            raise ConversionError(f"export failed on the writer process (process {WRITER}) while writing "
+                                  f"{shard.filename}; its error says why")
+    if not finish_shard(False):
+        raise ConversionError(f"export failed on the writer process (process {WRITER}) after its last shard "
+                              f"(side files or moving the output into place); its error says why")
+
+
+def finish_shard(written: bool) -> bool:
+    """The writer's word after each shard of a multi-host export: `written` on the writer, a
+    placeholder elsewhere; every process returns the writer's value."""
+    return broadcast_flags([written])[0]
+
+
+def drain_shard(params: Mapping[str, jax.Array], shard, sources: Mapping, done: int) -> None:
+    """On a writer that failed after `done` of this shard's gathers: make the rest, so the other
+    processes reach the end of the shard (where `finish_shard(False)` tells them to stop)."""
+    for name, expert in shard_gathers(shard, sources)[done:]:
+        gather_slice(params[name], () if expert is None else (expert,))

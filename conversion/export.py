@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from conversion.atomic import resumable_output_dir
-from conversion.distributed import barrier, broadcast_flags, follow_export, gather_slice, is_writer
+from conversion.distributed import (
+    barrier,
+    broadcast_flags,
+    drain_shard,
+    finish_shard,
+    follow_export,
+    gather_slice,
+    is_writer,
+)
 from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
 from conversion.safetensors_write import TensorEntry, completed_shards, plan_shards, write_checkpoint
 from grape_jax.config import MoEConfig
@@ -233,43 +241,68 @@ def export_hf(
         barrier("export_hf")
         return os.fspath(out_dir)
 
+    # Where the writer is, so that on a failure it can bring the other processes to the end of the
+    # shard they are gathering and tell them to stop (`follow_export`), instead of leaving them waiting.
+    progress: dict[str, Any] = {"todo": None, "shard": 0, "gathers": 0}
+
+    def gather(name: str, e: int | None) -> np.ndarray:
+        out = gather_slice(params[name], () if e is None else (e,))
+        progress["gathers"] += 1
+        return out
+
     def produce(entry: TensorEntry) -> np.ndarray:
-        return sources[entry.name].produce(
-            lambda name, e: gather_slice(params[name], () if e is None else (e,))
-        )
+        return sources[entry.name].produce(gather)
+
+    report = _shard_hook(log)
+
+    def shard_written(path: str) -> None:
+        if report is not None:
+            report(path)
+        finish_shard(True)
+        progress.update(shard=progress["shard"] + 1, gathers=0)
 
     config = hf_config_for(cfg, family, base_config)
     out_dir = os.fspath(out_dir)
-    with contextlib.ExitStack() as stack:
-        try:  # the other processes wait for this outcome: tell them about a failure too, not only success
-            work = stack.enter_context(resumable_output_dir(out_dir, fingerprint=fingerprint, overwrite=overwrite))
-            done = completed_shards(work.path, shards) if work.resumed else [False] * len(shards)
-        except BaseException:
-            broadcast_flags([False] * (1 + len(shards)))
-            raise
-        done = broadcast_flags([True, *done])[1:]
-        tmp = work.path
-        if log is not None and any(done):
-            log(f"resuming the export in {tmp}: {sum(done)} of {len(shards)} shards already written")
-        remote = needs_remote_code(cfg, family, config)
-        if source_dir is not None:  # the source's own modeling code goes along unless ours replaces it
-            for fname in (*SIDE_FILES, *([] if remote else auto_map_files(config))):
-                src = os.path.join(source_dir, fname)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(tmp, fname))
-        if remote:
-            from conversion.remote_code_export import write_remote_code
+    try:
+        with contextlib.ExitStack() as stack:
+            try:  # the other processes wait for this outcome: tell them about a failure too
+                work = stack.enter_context(resumable_output_dir(out_dir, fingerprint=fingerprint, overwrite=overwrite))
+                done = completed_shards(work.path, shards) if work.resumed else [False] * len(shards)
+            except BaseException:
+                broadcast_flags([False] * (1 + len(shards)))
+                raise
+            done = broadcast_flags([True, *done])[1:]
+            progress["todo"] = [shard for shard, skipped in zip(shards, done, strict=True) if not skipped]
+            tmp = work.path
+            if log is not None and any(done):
+                log(f"resuming the export in {tmp}: {sum(done)} of {len(shards)} shards already written")
+            remote = needs_remote_code(cfg, family, config)
+            if source_dir is not None:  # the source's own modeling code goes along unless ours replaces it
+                for fname in (*SIDE_FILES, *([] if remote else auto_map_files(config))):
+                    src = os.path.join(source_dir, fname)
+                    if os.path.isfile(src):
+                        shutil.copyfile(src, os.path.join(tmp, fname))
+            if remote:
+                from conversion.remote_code_export import write_remote_code
 
-            config = write_remote_code(
-                tmp, config, family=family.name, num_experts_per_layer=list(cfg.num_experts)
-            )
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        write_checkpoint(tmp, entries, produce, max_shard_bytes=max_shard_bytes, skip=done,
-                         on_shard=_shard_hook(log))
-        for fname, text in (extra_files or {}).items():
-            with open(os.path.join(tmp, fname), "w") as f:
-                f.write(text)
+                config = write_remote_code(
+                    tmp, config, family=family.name, num_experts_per_layer=list(cfg.num_experts)
+                )
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+            write_checkpoint(tmp, entries, produce, max_shard_bytes=max_shard_bytes, skip=done,
+                             on_shard=shard_written)
+            for fname, text in (extra_files or {}).items():
+                with open(os.path.join(tmp, fname), "w") as f:
+                    f.write(text)
+    except Exception:
+        todo = progress["todo"]
+        if todo is not None and jax.process_count() > 1:
+            if progress["shard"] < len(todo):
+                drain_shard(params, todo[progress["shard"]], sources, progress["gathers"])
+            finish_shard(False)
+        raise
+    finish_shard(True)  # the output is in place
     barrier("export_hf")
     return out_dir
 

@@ -36,6 +36,42 @@ def run_pipeline(loaded, mesh, out: str) -> dict:
     return {"kept": list(plan.kept_per_layer), "freq": [np.round(ls.freq, 9).tolist() for ls in stats.layers]}
 
 
+def mid_export_failure(loaded, out: str) -> dict:
+    """The writer fails in the middle of a shard (a simulated full disk on one of its gathers): every
+    process must stop with an error, none may wait for the writer, and nothing is left behind."""
+    import jax
+
+    import conversion.export as export_module
+    from conversion.distributed import shard_gathers
+    from conversion.safetensors_write import plan_shards
+
+    max_shard_bytes = 60_000
+    entries, sources = export_module.hf_entries(export_module.bind(loaded.family, loaded.cfg), loaded.params)
+    shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
+    sizes = [len(shard_gathers(s, sources)) for s in shards]
+    fail_at = sizes[0] + sizes[1] // 2  # in the middle of the second shard
+    original, calls = export_module.gather_slice, [0]
+
+    def failing_gather(arr, index=()):
+        if jax.process_index() == 0 and calls[0] == fail_at:
+            raise OSError(28, "No space left on device (simulated)")
+        calls[0] += 1
+        return original(arr, index)
+
+    export_module.gather_slice = failing_gather
+    try:
+        export_module.export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config,
+                                max_shard_bytes=max_shard_bytes)
+        error = None
+    except Exception as e:  # noqa: BLE001 - the report carries the type and message
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        export_module.gather_slice = original
+    parent = os.path.dirname(out)
+    return {"error": error, "shards": len(shards), "gathers": calls[0], "fail_at": fail_at,
+            "left": sorted(f for f in os.listdir(parent) if "failed" in f) if os.path.isdir(parent) else []}
+
+
 def pipeline_blocks(vocab_size: int):
     import numpy as np
 
@@ -158,8 +194,10 @@ def main(argv=None) -> int:
                 export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config)
             except Exception as e:  # noqa: BLE001 - the report carries the type and message
                 refused = f"{type(e).__name__}: {e}"
+        failed = mid_export_failure(loaded, os.path.join(args.out, "failed")) if i == 0 else None
         report["meshes"].append({
             "pipeline": pipeline,
+            "failed": failed,
             "mesh": spec,
             "reads": load_reads,
             "read_elements": sum(_volume(b) for _, b in load_reads),

@@ -120,6 +120,12 @@ def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
     # exporting again into the finished dir: the writer refuses, the other process stops too (no hang)
     assert "OutputExistsError" in rep[0]["meshes"][0]["refused"] and "already exists" in rep[0]["meshes"][0]["refused"]
     assert "failed on the writer process" in rep[1]["meshes"][0]["refused"]
+    # the writer fails in the middle of its second shard: both stop with an error, nothing is left
+    writer, follower = (r["meshes"][0]["failed"] for r in rep)
+    assert writer["shards"] >= 3 and writer["gathers"] == writer["fail_at"], writer
+    assert writer["error"].startswith("OSError") and "No space left" in writer["error"], writer
+    assert "failed on the writer process (process 0) while writing model-00002-of-" in follower["error"], follower
+    assert writer["left"] == [] and follower["left"] == [], (writer, follower)
     diff = _same_dirs(str(tmp_path / "ref" / "pipeline0"), str(tmp_path / "multi" / "pipeline0"))
     assert not diff, f"2-process pruned export differs from the 1-process one: {diff}"
     for i, spec in enumerate(MESHES):
