@@ -119,7 +119,7 @@ def _make_leaf(shape: tuple[int, ...], sharding, callback, pool=None) -> jax.Arr
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-# Leaves at least this big are read in the stored layout and permuted on the devices.
+# Leaves at least this big take `_stored_layout_leaf` (smaller ones: the host path, no compile per shape).
 DEVICE_LAYOUT_MIN_BYTES = 4 << 20
 READ_THREADS = 4  # concurrent slice reads of one leaf (I/O and copies release the GIL)
 _PAGE = 4096
