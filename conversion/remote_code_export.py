@@ -65,37 +65,3 @@ def write_remote_code(
     )
     out[count_field] = max(counts)
     return out
-
-
-def stock_config(config_dict: dict[str, Any], *, family: str, num_experts: int) -> dict[str, Any]:
-    """Return `config_dict` for a uniform-count export: the stock class with `num_experts` per layer.
-
-    Refuses `num_experts < num_experts_per_tok` (and, for DeepSeek-V3, counts the group-limited
-    router cannot split into `n_group` groups of at least two).
-
-    DeepSeek-MoE (`deepseek`) has no transformers class: a stock config stays `model_type: deepseek`
-    and loads through the checkpoint's own `auto_map` (the published `configuration_deepseek.py` /
-    `modeling_deepseek.py` next to the weights), so a config without `auto_map` is refused here; for
-    such a config use `write_remote_code`, as `conversion.export.export_hf` does.
-    """
-    _base_family(config_dict, family)
-    if config_dict.get("model_type") != family:
-        raise ValueError(f"stock_config expects a stock {family!r} config, got {config_dict['model_type']!r}")
-    layers = int(config_dict["num_hidden_layers"])
-    if family == "deepseek":
-        if not config_dict.get("auto_map"):
-            raise ValueError(
-                "deepseek has no transformers class: a stock config loads only through the original "
-                "checkpoint's auto_map (configuration_deepseek.py / modeling_deepseek.py), and this config has none; "
-                "use write_remote_code for it"
-            )
-        is_moe = pruned.deepseek_moe_layers(
-            layers, config_dict.get("first_k_dense_replace"), config_dict.get("moe_layer_freq")
-        )
-        counts = [int(num_experts) if moe else 0 for moe in is_moe]
-    else:
-        counts = [int(num_experts)] * layers
-    _checked_counts(config_dict, family, counts)
-    out = dict(config_dict)
-    out[pruned.count_field(family)] = int(num_experts)
-    return out

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from conversion.load import load_hf
 from conversion.remote_code import modeling_pruned_moe as pruned
-from conversion.remote_code_export import stock_config, write_remote_code
+from conversion.remote_code_export import write_remote_code
 from grape_jax.calibration import CalibrationOptions, calibrate
 from grape_jax.model import logits
 from grape_jax.pipeline import apply_plan, export_pruned
@@ -170,14 +170,6 @@ def test_bad_counts_are_refused(tmp_path):
     assert not os.path.exists(tmp_path / "modeling_pruned_moe.py")  # nothing written for refused counts
 
 
-def test_stock_config_keeps_the_published_remote_code():
-    base = _tiny_config()
-    out = stock_config(base, family="deepseek", num_experts=5)
-    assert out["n_routed_experts"] == 5 and out["model_type"] == "deepseek"
-    assert out["auto_map"] == base["auto_map"] and "num_experts_per_layer" not in out
-    with pytest.raises(ValueError, match="fewer than num_experts_per_tok"):
-        stock_config(base, family="deepseek", num_experts=1)
-    with pytest.raises(ValueError, match="has none"):
-        stock_config({k: v for k, v in base.items() if k != "auto_map"}, family="deepseek", num_experts=5)
+def test_deepseek_names_in_the_remote_code_table():
     assert pruned.class_names("deepseek") == ("PrunedDeepseekConfig", "PrunedDeepseekForCausalLM")
     assert pruned.count_field("deepseek") == "n_routed_experts"
