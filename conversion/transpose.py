@@ -30,6 +30,8 @@ def copy_transposed(src: np.ndarray, dst: np.ndarray, scratch: np.ndarray | None
     n, c = src.shape
     if dst.shape != (c, n) or dst.dtype.itemsize != src.itemsize:
         raise ValueError(f"copy_transposed: cannot put {src.shape} {src.dtype} transposed into {dst.shape} {dst.dtype}")
+    if src.itemsize in (1, 2, 4, 8):  # copy bits: NumPy's loops for ml_dtypes' types are slower
+        src, dst = src.view(f"u{src.itemsize}"), dst.view(f"u{src.itemsize}")
     g = PACK_BYTES // src.itemsize if PACK_BYTES % src.itemsize == 0 else 0
     whole = n - n % g if g else 0
     if whole:
@@ -56,9 +58,10 @@ def transposed(x: np.ndarray, threads: int = TRANSPOSE_THREADS) -> np.ndarray:
     """Contiguous `x.T` with the same bits (2-D: packed and chunked as above, bands of rows on up to
     `threads` threads, NumPy's copies release the GIL; other ranks: NumPy)."""
     if x.ndim != 2:
+        if x.itemsize in (1, 2, 4, 8):
+            return np.ascontiguousarray(x.view(f"u{x.itemsize}").T).view(x.dtype)
         return np.ascontiguousarray(x.T)
-    bits = x.view(f"<u{x.itemsize}") if x.itemsize in (2, 4, 8) else x.view(np.uint8) if x.itemsize == 1 else x
-    out = np.empty(bits.shape[::-1], bits.dtype)
+    out = np.empty(x.shape[::-1], x.dtype)
     step = rows_per_chunk(x.shape[1] * x.itemsize)
     starts = range(0, x.shape[0], step)
     bands = [starts[i::threads] for i in range(min(threads, len(starts)))]
@@ -66,7 +69,7 @@ def transposed(x: np.ndarray, threads: int = TRANSPOSE_THREADS) -> np.ndarray:
     def band(chunks: range) -> None:
         scratch = np.empty(min(step, x.shape[0]) * x.shape[1] * x.itemsize, np.uint8)
         for r0 in chunks:
-            copy_transposed(bits[r0 : r0 + step], out[:, r0 : r0 + step], scratch)
+            copy_transposed(x[r0 : r0 + step], out[:, r0 : r0 + step], scratch)
 
     if len(bands) <= 1 or x.nbytes < PARALLEL_MIN_BYTES:
         for chunks in bands:
@@ -74,4 +77,4 @@ def transposed(x: np.ndarray, threads: int = TRANSPOSE_THREADS) -> np.ndarray:
     else:
         with ThreadPoolExecutor(len(bands)) as pool:
             list(pool.map(band, bands))
-    return out.view(x.dtype)
+    return out
