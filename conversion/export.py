@@ -253,19 +253,18 @@ def export_hf(
     def produce(entry: TensorEntry) -> np.ndarray:
         return sources[entry.name].produce(gather)
 
-    report = _shard_hook(log)
-
     def shard_written(path: str) -> None:
-        if report is not None:
-            report(path)
+        if log is not None:
+            log(f"wrote {os.path.basename(path)}")
+        _test_pause()
         finish_shard(True)
         progress.update(shard=progress["shard"] + 1, gathers=0)
 
-    config = hf_config_for(cfg, family, base_config)
     out_dir = os.fspath(out_dir)
     try:
         with contextlib.ExitStack() as stack:
             try:  # the other processes wait for this outcome: tell them about a failure too
+                config = hf_config_for(cfg, family, base_config)
                 work = stack.enter_context(resumable_output_dir(out_dir, fingerprint=fingerprint, overwrite=overwrite))
                 done = completed_shards(work.path, shards) if work.resumed else [False] * len(shards)
             except BaseException:
@@ -307,19 +306,11 @@ def export_hf(
     return out_dir
 
 
-def _shard_hook(log: Callable[[str], None] | None) -> Callable[[str], None] | None:
-    """Per written shard: report it; `GRAPE_EXPORT_SHARD_DELAY_S` (tests) pauses after each one so a
-    kill can land mid-export deterministically."""
-    delay = float(os.environ.get("GRAPE_EXPORT_SHARD_DELAY_S", "0") or 0)
-    if log is None and delay <= 0:
-        return None
+def _test_pause() -> None:
+    """`GRAPE_EXPORT_SHARD_DELAY_S` (tests) pauses after each shard so a kill can land mid-export
+    deterministically."""
+    delay = os.environ.get("GRAPE_EXPORT_SHARD_DELAY_S")
+    if delay:
+        import time
 
-    def hook(path: str) -> None:
-        if log is not None:
-            log(f"wrote {os.path.basename(path)}")
-        if delay > 0:
-            import time
-
-            time.sleep(delay)
-
-    return hook
+        time.sleep(float(delay))
