@@ -101,22 +101,25 @@ def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model
 
 def _make_leaf(shape: tuple[int, ...], sharding, callback, pool=None) -> jax.Array:
     """Like `jax.make_array_from_callback`, but each distinct shard is read once (replicas share the
-    host copy) and host copies are dropped as soon as the leaf is assembled. Only this process's
-    devices are visited, so on several hosts each reads only its own slices. With a thread `pool` the
-    distinct shards are read concurrently (positioned reads and copies release the GIL)."""
+    host copy) and put on its devices as soon as it is read, so the host holds at most one shard per
+    reading thread, not the whole leaf. Only this process's devices are visited, so on several hosts
+    each reads only its own slices. With a thread `pool` the distinct shards are read concurrently
+    (positioned reads and copies release the GIL)."""
     indices = sharding.addressable_devices_indices_map(shape)
-    keys = {device: tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
-            for device, index in indices.items()}
-    first = {}
-    for device, key in keys.items():
-        first.setdefault(key, indices[device])
-    if pool is None:
-        cache = {key: callback(index) for key, index in first.items()}
-    else:
-        futures = {key: pool.submit(callback, index) for key, index in first.items()}
-        cache = {key: f.result() for key, f in futures.items()}
-    arrays = [jax.device_put(cache[keys[device]], device) for device in indices]
-    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+    wanting: dict[tuple, list] = {}
+    first: dict[tuple, tuple] = {}
+    for device, index in indices.items():
+        key = tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
+        wanting.setdefault(key, []).append(device)
+        first.setdefault(key, index)
+
+    def load(key: tuple) -> list[tuple[Any, jax.Array]]:
+        host = callback(first[key])
+        return [(device, jax.device_put(host, device)) for device in wanting[key]]
+
+    loaded = map(load, wanting) if pool is None else pool.map(load, wanting)
+    arrays = dict(pair for pairs in loaded for pair in pairs)
+    return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in indices])
 
 
 # Leaves at least this big take `_stored_layout_leaf` (smaller ones: the host path, no compile per shape).
