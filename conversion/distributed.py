@@ -223,8 +223,7 @@ def follow_export(
     for shard, done in zip(shards, skip, strict=True):
         if done:
             continue
-        for name, expert in shard_gathers(shard, sources):
-            gather_slice(params[name], () if expert is None else (expert,))
+        gather_shard(params, shard, sources)
         if not finish_shard(False):
             raise ConversionError(f"export failed on the writer process (process {WRITER}) while writing "
                                   f"{shard.filename}; its error says why")
@@ -239,8 +238,9 @@ def finish_shard(written: bool) -> bool:
     return broadcast_flags([written])[0]
 
 
-def drain_shard(params: Mapping[str, jax.Array], shard, sources: Mapping, done: int) -> None:
-    """On a writer that failed after `done` of this shard's gathers: make the rest, so the other
-    processes reach the end of the shard (where `finish_shard(False)` tells them to stop)."""
-    for name, expert in shard_gathers(shard, sources)[done:]:
+def gather_shard(params: Mapping[str, jax.Array], shard, sources: Mapping, *, start: int = 0) -> None:
+    """Take part in one shard's gathers from the `start`-th on, keeping nothing: the other processes
+    all of them; a writer that failed after `start` of them the rest, so that the others reach the end
+    of the shard (where `finish_shard(False)` tells them to stop)."""
+    for name, expert in shard_gathers(shard, sources)[start:]:
         gather_slice(params[name], () if expert is None else (expert,))

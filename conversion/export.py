@@ -26,9 +26,9 @@ from conversion.atomic import resumable_output_dir
 from conversion.distributed import (
     barrier,
     broadcast_flags,
-    drain_shard,
     finish_shard,
     follow_export,
+    gather_shard,
     gather_slice,
     is_writer,
 )
@@ -298,7 +298,7 @@ def export_hf(
         todo = progress["todo"]
         if todo is not None and jax.process_count() > 1:
             if progress["shard"] < len(todo):
-                drain_shard(params, todo[progress["shard"]], sources, progress["gathers"])
+                gather_shard(params, todo[progress["shard"]], sources, start=progress["gathers"])
             finish_shard(False)
         raise
     finish_shard(True)  # the output is in place
