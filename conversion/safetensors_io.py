@@ -333,14 +333,13 @@ class CheckpointIndex:
         """The whole tensor, copied into host memory."""
         return self.read_slice(key, ())
 
-    def read_slice(self, key: str, index: Any, out: np.ndarray | None = None) -> np.ndarray:
+    def read_slice(self, key: str, index: Any) -> np.ndarray:
         """Copy of `tensor[index]` (ints and slices); only the pages the slice touches are read.
 
         The copy goes through an unsigned-integer view of the same width (NumPy's strided copy of
         ml_dtypes' bfloat16/float8 is several times slower than of uint16/uint8; bits are unchanged),
         and the mapped pages are released afterwards: they stay in the page cache but no longer count
         in this process's RSS (else a full load would hold the whole checkpoint as file-backed RSS).
-        `out` (the slice's shape and the stored dtype) receives the copy instead of a new array.
         """
         info = self.info(key)
         index = index if isinstance(index, tuple) else (index,)
@@ -350,13 +349,7 @@ class CheckpointIndex:
             src = self._bits(info)[index]
         except IndexError as e:
             raise CheckpointError(f"{info.file}: tensor {key!r} of shape {info.shape}: bad index {index!r} ({e})") from None
-        if out is None:
-            out = np.array(src).view(info.dtype)
-        else:
-            if out.shape != src.shape or out.dtype != info.dtype:
-                raise CheckpointError(f"{info.file}: tensor {key!r}{list(index)} is {src.shape} {info.dtype}, "
-                                      f"the output buffer {out.shape} {out.dtype}")
-            np.copyto(out.view(src.dtype), src)
+        out = np.array(src).view(info.dtype)
         self._release(info)
         return out
 
