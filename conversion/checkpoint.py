@@ -1,112 +1,101 @@
-"""Converted models as Orbax checkpoints: `CKPT/state` (Orbax) + `CKPT/grape.json` (config, family).
+"""Models as Orbax checkpoints: `CKPT/state` (the model's `nnx.State`, Orbax) + `CKPT/grape.json`
+(config, family, source config.json, provenance, leaf dtypes).
 
-Restore builds `ShapeDtypeStruct(shape, dtype, sharding=...)` for every leaf from the parameter table
-and the target mesh, so Orbax places each shard directly on its device; nothing is gathered on a host.
+Restore builds the abstract model (`nnx.eval_shape`) on the target run context, so Orbax places each
+shard directly on its device from the parameters' logical axes; nothing is gathered on a host.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.sharding import Mesh
 
-from conversion.atomic import atomic_output_dir
-from conversion.families import family_by_name
-from conversion.families.base import ConversionError, Family
-from grape_jax.config import MoEConfig
-from grape_jax.params import param_specs
-from grape_jax.sharding import DEFAULT_RULES, ShardingRules, param_shardings
+from conversion.families.base import ConversionError
+from grape_jax.atomic import atomic_output_dir
+from grape_jax.config import ConfigError, MoEConfig
+from grape_jax.model import ModelInfo, MoEModel, abstract_model, param_view
+from grape_jax.sharding import DEFAULT_RULES, RunContext, ShardingRules
 
 META_FILE = "grape.json"
 STATE_DIR = "state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-@dataclasses.dataclass(frozen=True)
-class Checkpoint:
-    """A restored checkpoint: config, flat parameters, family, and the HF config it came from."""
-
-    cfg: MoEConfig
-    params: dict[str, jax.Array]
-    family: Family
-    hf_config: dict[str, Any]
-    source_dir: str | None
-    extra: dict[str, Any]
-
-
-def save_checkpoint(
-    path: str | os.PathLike,
-    params: Mapping[str, jax.Array],
-    cfg: MoEConfig,
-    family: Family,
-    *,
-    hf_config: Mapping[str, Any],
-    source_dir: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> str:
-    """Write params + metadata; the directory appears only once complete."""
-    missing = sorted(set(param_specs(cfg)) ^ set(params))
-    if missing:
-        raise ConversionError(f"save_checkpoint: parameters do not match the config: {missing[:5]}")
+def save_checkpoint(path: str | os.PathLike, model: MoEModel, *, overwrite: bool = False) -> str:
+    """Write the model's state and metadata; the directory appears only once complete."""
     path = os.path.abspath(os.fspath(path))
+    info = model.info
     meta = {
         "format_version": FORMAT_VERSION,
-        "family": family.name,
-        "config": cfg.to_dict(),
-        "hf_config": dict(hf_config),
-        "source_dir": None if source_dir is None else os.path.abspath(source_dir),
-        "dtypes": {k: str(np.dtype(v.dtype)) for k, v in params.items()},
-        "extra": dict(extra or {}),
+        "config": model.cfg.to_dict(),
+        "family": info.family,
+        "source": info.source,
+        "hf_config": info.hf_config,
+        "provenance": info.provenance,
+        "dtypes": {k: str(np.dtype(v.dtype)) for k, v in param_view(model).items()},
     }
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, STATE_DIR), dict(params))
+            ckptr.save(os.path.join(tmp, STATE_DIR), nnx.state(model, nnx.Param))
         with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=1)
+            json.dump(meta, f, indent=1, sort_keys=True)
     return path
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of a grape-jax checkpoint directory (one-line errors for anything else)."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
         raise ConversionError(f"{meta_path}: missing; {path} is not a grape-jax checkpoint")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{meta_path}: not readable JSON ({e})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ConversionError(
-            f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+            f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION} "
+            f"(convert the HF model again with this version of grape-jax)"
         )
     return meta
 
 
+def checkpoint_config(path: str | os.PathLike) -> MoEConfig:
+    """The config of a checkpoint, from its metadata alone (no arrays read)."""
+    meta = read_checkpoint_meta(path)
+    try:
+        return MoEConfig.from_dict(meta["config"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise ConversionError(f"{os.path.join(path, META_FILE)}: field 'config' is not valid ({e})") from None
+
+
 def restore_checkpoint(
     path: str | os.PathLike, *, mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES
-) -> Checkpoint:
-    """Restore with every leaf placed directly on its target sharding (single device if no mesh)."""
+) -> MoEModel:
+    """The saved model with every leaf placed directly on its sharding in `RunContext(mesh, rules)`."""
     path = os.path.abspath(os.fspath(path))
     meta = read_checkpoint_meta(path)
-    cfg = MoEConfig.from_dict(meta["config"])
-    specs = param_specs(cfg)
-    shardings = param_shardings(specs, mesh, rules)
-    abstract = {
-        n: jax.ShapeDtypeStruct(s.shape, np.dtype(meta["dtypes"][n]), sharding=shardings[n])
-        for n, s in specs.items()
-    }
+    cfg = checkpoint_config(path)
+    ctx = RunContext(mesh, rules)
+    info = ModelInfo.create(family=meta.get("family", ""), source=meta.get("source", ""),
+                            hf_config=meta.get("hf_config"), provenance=meta.get("provenance"))
+    graphdef, abstract = nnx.split(abstract_model(cfg, ctx=ctx, info=info))
+    dtypes = meta.get("dtypes", {})
+    target = []
+    for key, var in nnx.to_flat_state(abstract):
+        name = ".".join(str(k) for k in key)
+        if name not in dtypes:
+            raise ConversionError(f"{os.path.join(path, META_FILE)}: field 'dtypes' has no entry for {name}")
+        spec = var.get_value()
+        sharding = ctx.sharding(spec.shape, var.get_metadata()["out_sharding"])
+        target.append((key, var.replace(jax.ShapeDtypeStruct(spec.shape, np.dtype(dtypes[name]), sharding=sharding))))
     with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(path, STATE_DIR), abstract)
-    return Checkpoint(
-        cfg=cfg,
-        params=dict(params),
-        family=family_by_name(meta["family"]),
-        hf_config=meta["hf_config"],
-        source_dir=meta.get("source_dir"),
-        extra=meta.get("extra", {}),
-    )
+        state = ckptr.restore(os.path.join(path, STATE_DIR), nnx.from_flat_state(target))
+    return nnx.merge(graphdef, state)

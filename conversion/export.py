@@ -22,20 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conversion.atomic import resumable_output_dir
-from conversion.distributed import (
-    barrier,
-    broadcast_flags,
-    finish_shard,
-    follow_export,
-    gather_shard,
-    gather_slice,
-    is_writer,
-)
+from conversion.distributed import finish_shard, follow_export, gather_shard
 from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
 from conversion.safetensors_write import TensorEntry, completed_shards, plan_shards, write_checkpoint
+from grape_jax.atomic import resumable_output_dir
+from conversion.families import family_by_name
 from grape_jax.config import MoEConfig
-from grape_jax.params import param_specs
+from grape_jax.model import MoEModel, param_view
+from grape_jax.multihost import all_processes_bytes, barrier, broadcast_flags, gather_slice, is_writer
 
 # Files copied verbatim from the source model dir when present.
 SIDE_FILES = (
@@ -137,10 +131,7 @@ def params_fingerprint(params: Mapping[str, jax.Array]) -> str:
                 h.update(np.ascontiguousarray(v).tobytes())
     digest = h.digest()
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        every = multihost_utils.process_allgather(np.frombuffer(digest, np.uint8))
-        digest = hashlib.sha256(np.asarray(every, np.uint8).tobytes()).digest()
+        digest = hashlib.sha256(all_processes_bytes(digest)).digest()
     return digest.hex()
 
 
@@ -153,21 +144,6 @@ def hf_entries(
         entries.append(TensorEntry(t.key, t.shape, np.dtype(params[t.parts[0][0].name].dtype)))
         sources[t.key] = t
     return entries, sources
-
-
-def check_expert_counts(cfg: MoEConfig, family: Family) -> None:
-    """Refuse expert counts the family's router cannot run (group-limited routers: multiples of n_group
-    with enough experts per group)."""
-    multiple, least = cfg.expert_count_multiple, cfg.min_routable_experts
-    bad = [(layer, e) for layer, e in enumerate(cfg.num_experts) if e and (e % multiple or e < least)]
-    if bad:
-        raise ConversionError(
-            f"{family.name}: every MoE layer must keep a multiple of {multiple} experts, at least {least} (its "
-            f"group-limited router splits experts into n_group={multiple} equal groups and picks top_k="
-            f"{cfg.top_k} from topk_group={cfg.topk_group} of them); layers (layer, count) {bad} do not. "
-            f"Plan from statistics of this model (the planners keep these counts) or with --per-layer a "
-            f"multiple of {multiple}"
-        )
 
 
 def auto_map_files(config: Mapping[str, Any]) -> list[str]:
@@ -206,25 +182,26 @@ def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> di
 
 
 def export_hf(
-    params: Mapping[str, jax.Array],
-    cfg: MoEConfig,
-    family: Family,
+    model: MoEModel,
     out_dir: str | os.PathLike,
     *,
-    base_config: Mapping[str, Any],
-    source_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     extra_files: Mapping[str, str] | None = None,
+    copy_side_files: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> str:
-    """Write an HF checkpoint dir that `transformers` loads (see module docstring); returns its path.
+    """Write `model` as an HF checkpoint dir that `transformers` loads (see module docstring); returns
+    its path. The family, the base config.json and the tokenizer files come from `model.info`
+    (`copy_side_files=False` leaves the tokenizer and other side files out).
 
     `log` receives one line per shard written (and a line when resuming)."""
-    missing = sorted(set(param_specs(cfg)) - set(params))
-    if missing:
-        raise ConversionError(f"export: parameters missing for this config: {missing[:5]}")
-    check_expert_counts(cfg, family)
+    if not model.info.family:
+        raise ConversionError("export: the model has no family (info.family); load it with load_hf or "
+                              "restore_checkpoint, or build it with ModelInfo.create(family=...)")
+    family = family_by_name(model.info.family)
+    cfg, params, base_config = model.cfg, param_view(model), model.info.hf_config
+    source_dir = model.info.source if copy_side_files and os.path.isdir(model.info.source or "") else None
     bindings = bind(family, cfg)
     entries, sources = hf_entries(bindings, params)
     shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)

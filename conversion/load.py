@@ -16,8 +16,8 @@ Small leaves are read and transposed on the host (no compile per shape).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -31,21 +31,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from conversion.families import get_family
 from conversion.families.base import Binding, ConversionError, Family, Identity, Transpose, bind
+from conversion.fingerprint import source_fingerprint
 from conversion.safetensors_io import CheckpointIndex
-from grape_jax.config import MoEConfig
-from grape_jax.params import param_specs
-from grape_jax.sharding import DEFAULT_RULES, ShardingRules, param_shardings
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """What `load_hf` returns: config, flat sharded parameters, family and the raw HF config."""
-
-    cfg: MoEConfig
-    params: dict[str, jax.Array]
-    family: Family
-    hf_config: dict[str, Any]
-    source_dir: str
+from grape_jax.model import ModelInfo, MoEModel, fill_model
+from grape_jax.sharding import DEFAULT_RULES, RunContext, ShardingRules
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -219,23 +208,21 @@ def load_hf(
     mesh: Mesh | None = None,
     rules: ShardingRules = DEFAULT_RULES,
     dtype: Any = None,
-) -> LoadedModel:
-    """Convert an HF MoE checkpoint into flat sharded parameters (see module docstring).
+) -> MoEModel:
+    """An HF MoE checkpoint as a `MoEModel` whose parameters are sharded on `mesh` by `rules` (see the
+    module docstring); `info` records the family, the source and its config.json.
 
     dtype None keeps each tensor's stored dtype (bit-identical round trips); otherwise leaves are cast.
     """
     model_dir = os.fspath(model_dir)
     hf = read_hf_config(model_dir)
-    model_type = hf.get("model_type")
-    if isinstance(model_type, str) and model_type.startswith("grape_pruned_"):
-        model_type = hf.get("base_model_type")  # our own export with per-layer expert counts
-    family = get_family(model_type, source=os.path.join(model_dir, "config.json"))
+    family = family_of(hf, source=os.path.join(model_dir, "config.json"))
     cfg = family.config_from_hf(hf)
     ckpt = CheckpointIndex.open(model_dir)
     bindings = bind(family, cfg, hf_config=hf)
     check_bindings(ckpt, bindings, model_dir)
-    specs = param_specs(cfg)
-    shardings = param_shardings(specs, mesh, rules)
+    ctx = RunContext(mesh, rules)
+    shardings = {name: ctx.sharding(b.spec.shape, b.spec.axes) for name, b in bindings.items()}
     params = {}
     names = list(bindings)
     with ThreadPoolExecutor(READ_THREADS) as pool, ThreadPoolExecutor(1) as ahead:
@@ -259,5 +246,22 @@ def load_hf(
                 return read(index).astype(target, copy=False)
 
             params[name] = _make_leaf(b.spec.shape, shardings[name], callback)
-    return LoadedModel(cfg=cfg, params=params, family=family, hf_config=hf, source_dir=model_dir)
+    info = ModelInfo.create(family=family.name, source=os.path.abspath(model_dir), hf_config=hf,
+                            provenance=[load_record(model_dir, dtype)])
+    return fill_model(cfg, lambda name, spec, sharding: params.pop(name), ctx=ctx, info=info)
 
+
+def load_record(model_dir: str | os.PathLike, dtype: Any = None) -> dict[str, Any]:
+    """The provenance record of loading `model_dir` (cast to `dtype`): its fingerprint combines the
+    source's (`conversion.fingerprint`) with the cast, since a cast changes the weights."""
+    cast = None if dtype is None else str(np.dtype(dtype))
+    fingerprint = hashlib.sha256(json.dumps([source_fingerprint(model_dir), cast]).encode()).hexdigest()
+    return {"stage": "load", "source": os.path.abspath(model_dir), "dtype": cast, "fingerprint": fingerprint}
+
+
+def family_of(hf_config: dict[str, Any], *, source: str) -> Family:
+    """The family of a config.json (our pruned exports name theirs in `base_model_type`)."""
+    model_type = hf_config.get("model_type")
+    if isinstance(model_type, str) and model_type.startswith("grape_pruned_"):
+        model_type = hf_config.get("base_model_type")
+    return get_family(model_type, source=source)

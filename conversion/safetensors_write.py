@@ -3,8 +3,9 @@
 Every offset comes from shapes alone: the header is written first, then each tensor as it is produced,
 so peak host memory is one tensor. Files are byte-for-byte what `safetensors.torch.save_file` writes for
 the same tensors (format notes in `conversion.safetensors_io`); sharding and the index follow
-`transformers`' `save_pretrained`. Each shard is written as `<file>.part` and renamed when complete, so
-a file under its final name is always whole; `completed_shards` finds them for a resumed export.
+`transformers`' `save_pretrained`. Each shard is written through `grape_jax.atomic.atomic_write` (a temp
+sibling renamed when complete), so a file under its final name is always whole; `completed_shards` finds
+them for a resumed export.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from conversion.safetensors_io import (
     dtype_to_numpy,
     numpy_to_dtype,
 )
+from grape_jax.atomic import atomic_write, atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +127,8 @@ def header_bytes(entries: Sequence[TensorEntry], metadata: dict[str, str] | None
 def _write_shard(path: str, shard: ShardPlan, produce: Callable[[TensorEntry], Any],
                  metadata: dict[str, str] | None) -> None:
     header = header_bytes(shard.entries, metadata)
-    part = path + ".part"
-    with open(part, "wb") as f:
+
+    def write(f) -> None:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for e in shard.entries:
@@ -141,9 +143,8 @@ def _write_shard(path: str, shard: ShardPlan, produce: Callable[[TensorEntry], A
         expected = 8 + len(header) + sum(e.nbytes for e in shard.entries)
         if f.tell() != expected:
             raise CheckpointError(f"{path}: wrote {f.tell()} bytes, planned {expected}")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
+
+    atomic_write(path, write)
 
 
 def _default_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
@@ -216,7 +217,6 @@ def write_checkpoint(
             "weight_map": {e.name: s.filename for s in shards for e in s.entries},
         }
         path = os.path.join(out_dir, INDEX_FILE)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(path)
     return written

@@ -11,38 +11,75 @@ stay sharded over the `expert` mesh axis and tokens over `data`, as the paramete
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
+from tqdm.auto import tqdm
 
 from grape_jax import layers, similarity
 from grape_jax.config import MoEConfig
+from grape_jax.model import MoEModel, param_view
+from grape_jax.resume import Progress
+from grape_jax.sharding import RunContext, replicate
 from grape_jax.stats import LayerStats, ModelStats, StatsError
 
 Accumulators = dict[str, Any]  # str(layer) -> similarity.Accumulators
+_clock = time.monotonic  # when periodic saves are due (a seam for tests)
+
+
+class CalibrationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during calibration; `saved` is the number of blocks whose statistics are saved for resuming
+    (0 when nothing could be saved)."""
+
+    def __init__(self, saved: int, total: int, directory: str | None):
+        super().__init__(saved, total, directory)
+        self.saved, self.total, self.directory = saved, total, directory
 
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationOptions:
+    """How calibration runs (none of it changes the statistics beyond fp32 summation order).
+
+    batch_size          blocks per jitted step (rounded up to a multiple of the data-parallel size)
+    token_chunk         tokens per expert chunk inside a step (bounds memory)
+    cka                 'exact' | 'minibatch' | 'auto' (see `grape_jax.similarity`)
+    checkpoint_seconds  with a resume directory: save the accumulators at most this often (0: never by time)
+    checkpoint_every    with a resume directory: also save every this many batches (0: never by count)
+    """
+
     batch_size: int = 4
     token_chunk: int = 512
-    cka: str = "auto"  # exact | minibatch | auto
+    cka: str = "auto"
     exact_cka_max_bytes: int = 1 << 30
-    checkpoint_every: int = 0  # batches between resumable saves (0: only at the end)
+    checkpoint_seconds: float = 60.0
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "token_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"calibration option {name}: expected an integer >= 1, got {value!r}")
+        if self.cka not in ("auto", *similarity.CKA_MODES):
+            raise ValueError(f"calibration option cka: {self.cka!r} unknown; expected auto, exact or minibatch")
+        if not self.checkpoint_seconds >= 0:
+            raise ValueError(f"calibration option checkpoint_seconds: expected >= 0, got {self.checkpoint_seconds!r}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 0:
+            raise ValueError(f"calibration option checkpoint_every: expected an integer >= 0, got "
+                             f"{self.checkpoint_every!r}")
 
 
 def choose_cka_mode(cfg: MoEConfig, options: CalibrationOptions) -> str:
     """'exact' when the d x d cross-moments of every expert pair fit the byte budget, else 'minibatch'."""
     if options.cka != "auto":
-        if options.cka not in ("exact", "minibatch"):
-            raise ValueError(f"cka mode {options.cka!r} unknown; expected auto, exact or minibatch")
         return options.cka
     worst = max(similarity.exact_cka_bytes(e, cfg.hidden_size) for e in cfg.num_experts if e)
     return "exact" if worst * len(cfg.moe_layers) <= options.exact_cka_max_bytes else "minibatch"
@@ -57,21 +94,16 @@ def init_accumulators(cfg: MoEConfig, *, cka: str, token_chunk: int) -> Accumula
     }
 
 
-def accumulator_shardings(acc: Accumulators, mesh: jax.sharding.Mesh | None) -> Accumulators:
-    """Where each accumulator lives: by its logical axes on `mesh`, else on the first local device.
+def accumulator_shardings(acc: Accumulators, ctx: RunContext) -> Accumulators:
+    """Where each accumulator lives: by its logical axes on the run context.
 
     The initial (zero) accumulators are placed here and every step keeps them here, so the jitted step
     sees the same input placement each batch and compiles once per run."""
-    from grape_jax.sharding import logical_to_pspec
 
     def place(a: similarity.Accumulators) -> similarity.Accumulators:
-        def one(name: str, axes: tuple) -> jax.sharding.Sharding:
-            if mesh is None:
-                return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            x = getattr(a, name)
-            return jax.sharding.NamedSharding(mesh, logical_to_pspec(x.shape, axes, mesh))
-
-        return dataclasses.replace(a, **{n: one(n, ax) for n, ax in similarity.accumulator_axes(a.cka).items()})
+        return dataclasses.replace(a, **{
+            n: ctx.sharding(getattr(a, n).shape, axes) for n, axes in similarity.accumulator_axes(a.cka).items()
+        })
 
     return {k: place(v) for k, v in acc.items()}
 
@@ -134,19 +166,14 @@ calibration_step_jit = jax.jit(
 
 
 def finalize_stats(
-    acc: Accumulators,
-    params: Mapping[str, jax.Array],
-    cfg: MoEConfig,
-    *,
-    meta: Mapping[str, Any],
-    mesh: jax.sharding.Mesh | None = None,
+    acc: Accumulators, model: MoEModel, *, meta: Mapping[str, Any]
 ) -> ModelStats:
     """Host statistics of every MoE layer, with weight-space cosine added (needs no data).
 
     On a mesh the accumulators are first replicated (an all-reduce/all-gather of E x E-sized sums), so
     every process, on any number of hosts, finalises the same statistics."""
-    from grape_jax.sharding import replicate
-
+    cfg, mesh = model.cfg, model.ctx.mesh
+    params = param_view(model)
     out = []
     for layer in cfg.moe_layers:
         p = f"layers.{layer}.mlp."
@@ -189,25 +216,12 @@ def pad_batches(blocks: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.nda
     return tokens.reshape(k, batch_size, t), mask.reshape(k, batch_size, t)
 
 
-def calibrate(
-    params: Mapping[str, jax.Array],
-    cfg: MoEConfig,
-    blocks: np.ndarray,
-    *,
-    options: CalibrationOptions = CalibrationOptions(),
-    mesh: jax.sharding.Mesh | None = None,
-    meta: Mapping[str, Any] | None = None,
-    resume_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> ModelStats:
-    """Accumulate statistics over `blocks` [n, seq_len]; resumable when `resume_dir` is given."""
-    from tqdm.auto import tqdm
-
-    from grape_jax.sharding import data_parallel_size, shard_batch
-
-    blocks = np.asarray(blocks, np.int32)
-    if blocks.ndim != 2 or blocks.shape[0] == 0:
-        raise ValueError(f"calibration blocks must be a non-empty [n, seq_len] array, got {blocks.shape}")
+def check_blocks(blocks: np.ndarray, cfg: MoEConfig) -> np.ndarray:
+    """[n, seq_len] int32 token ids the model can take (one-line errors otherwise)."""
+    blocks = np.asarray(blocks)
+    if blocks.ndim != 2 or blocks.shape[0] == 0 or not np.issubdtype(blocks.dtype, np.integer):
+        raise ValueError(f"calibration blocks must be a non-empty [n, seq_len] integer array, got "
+                         f"{blocks.shape} {blocks.dtype}")
     if blocks.shape[1] > cfg.max_position_embeddings:
         raise ValueError(
             f"sequence length {blocks.shape[1]} exceeds the model's max_position_embeddings="
@@ -215,37 +229,77 @@ def calibrate(
         )
     if blocks.min() < 0 or blocks.max() >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{blocks.min()}, {blocks.max()}]")
+    return blocks.astype(np.int32)
+
+
+def calibrate(
+    model: MoEModel,
+    blocks: Int[np.ndarray, "n seq"],
+    *,
+    options: CalibrationOptions = CalibrationOptions(),
+    meta: Mapping[str, Any] | None = None,
+    resume_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ModelStats:
+    """Statistics of every MoE layer over `blocks` [n, seq_len] of token ids.
+
+    With `resume_dir` the accumulators are saved every `options.checkpoint_seconds` (and/or
+    `checkpoint_every` batches) and when interrupted (Ctrl-C raises `CalibrationInterrupted` after
+    saving); a later call with the same model, blocks and options continues from the last save and
+    ends with the same statistics, bit for bit."""
+    cfg, ctx = model.cfg, model.ctx
+    blocks = check_blocks(blocks, cfg)
     cka = choose_cka_mode(cfg, options)
-    dp = data_parallel_size(mesh)
+    dp = ctx.data_parallel_size
     batch_size = -(-options.batch_size // dp) * dp  # a multiple of the data-parallel size
     chunk = min(options.token_chunk, batch_size * blocks.shape[1])
     tokens, mask = pad_batches(blocks, batch_size)
-    acc = init_accumulators(cfg, cka=cka, token_chunk=chunk)
-    placement = accumulator_shardings(acc, mesh)
-    acc = jax.device_put(acc, placement)
+    placement = accumulator_shardings(init_accumulators(cfg, cka=cka, token_chunk=chunk), ctx)
+    acc = jax.device_put(init_accumulators(cfg, cka=cka, token_chunk=chunk), placement)
     flat_placement = tuple(jax.tree.leaves(placement))
+    params = param_view(model)
+    fingerprint = calibration_fingerprint(model.info.fingerprint, cfg, blocks, options)
+    saver = Progress(resume_dir, fingerprint=fingerprint) if resume_dir is not None else None
     start = 0
-    if resume_dir is not None:
-        from grape_jax.resume import load_progress
-
-        restored = load_progress(resume_dir, acc, fingerprint=_fingerprint(blocks, cfg, options, cka))
-        if restored is not None:
-            acc, start = restored
-    put = (lambda a: shard_batch(a, mesh)) if mesh is not None else jnp.asarray
-    bar = tqdm(total=int(mask.sum()), unit="tok", disable=not progress, desc="calibrate", initial=int(mask[:start].sum()))
-    t0 = time.perf_counter()
-    for i in range(start, tokens.shape[0]):
-        acc = calibration_step_jit(acc, dict(params), put(tokens[i]), put(mask[i]), cfg=cfg, token_chunk=chunk,
-                                   acc_shardings=flat_placement)
-        bar.update(int(mask[i].sum()))
-        last = i == tokens.shape[0] - 1
-        if resume_dir is not None and (last or (options.checkpoint_every and (i + 1) % options.checkpoint_every == 0)):
-            from grape_jax.resume import save_progress
-
-            save_progress(resume_dir, acc, i + 1, fingerprint=_fingerprint(blocks, cfg, options, cka))
-    jax.block_until_ready(acc)
-    bar.close()
-    elapsed = time.perf_counter() - t0
+    try:
+        if saver is not None:
+            restored = saver.restore(acc)
+            if restored is not None:
+                acc, start, _ = restored
+                if log is not None:
+                    log(f"resuming calibration after batch {start} of {tokens.shape[0]} (saved in {saver.directory})")
+        done, saved_at, last_save = start, start, _clock()
+        bar = tqdm(total=int(mask.sum()), unit="tok", disable=not progress, desc="calibrate",
+                   initial=int(mask[:start].sum()))
+        t0 = time.perf_counter()
+        try:
+            for i in range(start, tokens.shape[0]):
+                acc = calibration_step_jit(acc, params, ctx.put_batch(tokens[i]), ctx.put_batch(mask[i]), cfg=cfg,
+                                           token_chunk=chunk, acc_shardings=flat_placement)
+                done = i + 1
+                bar.update(int(mask[i].sum()))
+                due = (options.checkpoint_seconds and _clock() - last_save >= options.checkpoint_seconds) or (
+                    options.checkpoint_every and done % options.checkpoint_every == 0)
+                if saver is not None and due and done < tokens.shape[0]:
+                    saver.save(acc, done)
+                    saved_at, last_save = done, _clock()
+            jax.block_until_ready(acc)
+        except KeyboardInterrupt:
+            bar.close()
+            if saver is not None and done > saved_at:
+                try:
+                    saver.save(acc, done)
+                    saved_at = done
+                except (RuntimeError, ValueError):  # the step it interrupted had taken (donated) acc
+                    pass
+            raise CalibrationInterrupted(min(saved_at * batch_size, blocks.shape[0]), blocks.shape[0],
+                                         None if saver is None else saver.directory) from None
+        bar.close()
+        elapsed = time.perf_counter() - t0
+    finally:
+        if saver is not None:
+            saver.close()
     info = {
         "num_blocks": int(blocks.shape[0]),
         "seq_len": int(blocks.shape[1]),
@@ -254,12 +308,19 @@ def calibrate(
         "token_chunk": chunk,
         "seconds": round(elapsed, 3),
     }
-    return finalize_stats(acc, params, cfg, meta={**dict(meta or {}), "calibration": info}, mesh=mesh)
+    model_record = {"fingerprint": model.info.fingerprint, "source": model.info.source}
+    return finalize_stats(acc, model, meta={**dict(meta or {}), "model": model_record, "calibration": info,
+                                            "fingerprint": fingerprint})
 
 
-def _fingerprint(blocks: np.ndarray, cfg: MoEConfig, options: CalibrationOptions, cka: str) -> str:
-    import hashlib
-
+def calibration_fingerprint(
+    model_fingerprint: str, cfg: MoEConfig, blocks: Int[np.ndarray, "n seq"], options: CalibrationOptions
+) -> str:
+    """The identity of a calibration: the model's weights (`ModelInfo.fingerprint`), its architecture, the
+    token blocks and the options that shape the accumulators. Statistics record it; a resumed calibration
+    and a re-run that wants to reuse saved statistics must match it."""
+    blocks = np.ascontiguousarray(blocks, np.int32)
     h = hashlib.sha256(blocks.tobytes())
-    h.update(json.dumps([cfg.to_dict(), dataclasses.asdict(options), cka], sort_keys=True).encode())
+    h.update(json.dumps([model_fingerprint, list(blocks.shape), cfg.to_dict(), options.batch_size,
+                         options.token_chunk, choose_cka_mode(cfg, options)], sort_keys=True).encode())
     return h.hexdigest()

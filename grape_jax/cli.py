@@ -1,145 +1,84 @@
-"""The `grape` command line: convert, calibrate, plan, merge, export, prune, evaluate, demo.
+"""The `grape` command line: a thin layer over the Python API (`grape_jax.api`).
 
-Each sub-command is a thin wrapper over library functions; errors the user can fix (bad paths, bad
-files, bad options) print one line `grape: error: ...` and exit 2. Set GRAPE_DEBUG=1 for tracebacks.
+Commands are listed in one table (`COMMANDS`). Errors the user can fix (bad paths, files, flags,
+options) print one line `grape: error: ...` and exit 2; Ctrl-C prints one line saying what was saved
+and how to resume, and exits 130. Set GRAPE_DEBUG=1 for tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+from grape_jax import cli_demo, cli_method, cli_model
+from grape_jax.cli_args import add_distributed_args, init_distributed
+from grape_jax.pipeline import Interrupted
 
 
-def command(name: str, configure: Callable[[argparse.ArgumentParser], None]):
-    """Register `fn(args) -> exit code` as sub-command `name`."""
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One sub-command: its help line, its arguments, what it runs, and whether it can span hosts."""
 
-    def deco(fn: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = (configure, fn)
-        return fn
-
-    return deco
-
-
-def add_mesh_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", default=None, help="mesh axes, e.g. 'expert=4,fsdp=2' (default: all devices on data)")
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    multihost: bool = False
 
 
-def add_distributed_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("multi-host (or the environment jax.distributed.initialize reads)")
-    g.add_argument("--coordinator", default=None, help="host:port of process 0")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
+DESCRIPTION = ("Shrink a Hugging Face Mixture-of-Experts LLM by merging and pruning experts chosen globally across "
+               "layers (GRAPE), in JAX on a device mesh.")
 
-
-def init_runtime(args: argparse.Namespace) -> None:
-    """Start multi-host JAX when asked; must run before any other JAX call."""
-    if getattr(args, "coordinator", None) or getattr(args, "num_processes", None):
-        import jax
-
-        jax.distributed.initialize(
-            coordinator_address=args.coordinator,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-        )
-
-
-def mesh_from_args(args: argparse.Namespace):
-    from grape_jax.sharding import make_mesh
-
-    return make_mesh(args.mesh)
-
-
-# --------------------------------------------------------------------------------------- convert
-
-
-def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", help="Hugging Face model directory (config.json + *.safetensors)")
-    p.add_argument("out", help="output Orbax checkpoint directory")
-    p.add_argument("--dtype", default=None, help="cast parameters (default: keep stored dtypes)")
-    p.add_argument("--overwrite", action="store_true")
-    add_mesh_args(p)
-
-
-@command("convert", _convert_args)
-def cmd_convert(args: argparse.Namespace) -> int:
-    from conversion.checkpoint import save_checkpoint
-    from conversion.load import load_hf
-
-    loaded = load_hf(args.hf_dir, mesh=mesh_from_args(args), dtype=args.dtype)
-    save_checkpoint(
-        args.out, loaded.params, loaded.cfg, loaded.family,
-        hf_config=loaded.hf_config, source_dir=loaded.source_dir, overwrite=args.overwrite,
-    )
-    print(f"converted {args.hf_dir} ({loaded.family.name}, {len(loaded.params)} tensors) -> {args.out}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------- export
-
-
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="grape-jax Orbax checkpoint (from convert or merge)")
-    p.add_argument("out", help="output Hugging Face directory")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--max-shard-gb", type=float, default=5.0)
-    add_mesh_args(p)
-
-
-@command("export", _export_args)
-def cmd_export(args: argparse.Namespace) -> int:
-    from conversion.checkpoint import restore_checkpoint
-    from conversion.export import export_hf
-
-    ckpt = restore_checkpoint(args.ckpt, mesh=mesh_from_args(args))
-    export_hf(
-        ckpt.params, ckpt.cfg, ckpt.family, args.out,
-        base_config=ckpt.hf_config, source_dir=ckpt.source_dir, overwrite=args.overwrite,
-        max_shard_bytes=int(args.max_shard_gb * 1e9),
-        extra_files=ckpt.extra.get("export_files"), log=print,
-    )
-    print(f"exported {args.ckpt} -> {args.out}")
-    return 0
-
-
-# -------------------------------------------------------------------------------------- families
-
-
-@command("families", lambda p: None)
-def cmd_families(args: argparse.Namespace) -> int:
-    from conversion.families import FAMILIES
-
-    for model_type in sorted(FAMILIES):
-        f = FAMILIES[model_type]
-        print(f"{model_type:14s} {', '.join(f.architectures)}")
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ main
+COMMANDS: dict[str, Command] = {
+    "families": Command("list the supported model families", cli_model.configure_families, cli_model.run_families),
+    "convert": Command("Hugging Face directory -> grape checkpoint (streamed, sharded, Orbax)",
+                       cli_model.configure_convert, cli_model.run_convert, multihost=True),
+    "calibrate": Command("routing statistics and expert similarities over calibration text",
+                         cli_method.configure_calibrate, cli_method.run_calibrate, multihost=True),
+    "stats": Command("summarise (and plot) a stats file", cli_method.configure_stats, cli_method.run_stats),
+    "plan": Command("statistics + budget -> merge plan (the recipe)", cli_method.configure_plan, cli_method.run_plan),
+    "merge": Command("apply a plan to a grape checkpoint", cli_method.configure_merge, cli_method.run_merge,
+                     multihost=True),
+    "export": Command("grape checkpoint -> Hugging Face directory with recipe.json and a model card",
+                      cli_model.configure_export, cli_model.run_export, multihost=True),
+    "prune": Command("load -> calibrate -> plan -> merge -> export in one go (resumable)",
+                     cli_method.configure_prune, cli_method.run_prune, multihost=True),
+    "eval": Command("held-out perplexity and multiple-choice accuracy of a model", cli_model.configure_eval,
+                    cli_model.run_eval, multihost=True),
+    "compare": Command("every planner and operator at equal budgets from one calibration",
+                       cli_demo.configure_compare, cli_demo.run_compare, multihost=True),
+    "demo": Command("prune the embedded demo MoE with several methods and report", cli_demo.configure_demo,
+                    cli_demo.run_demo),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import grape_jax.cli_demo  # noqa: F401  (registers demo/compare)
-    import grape_jax.cli_pipeline  # noqa: F401  (registers calibrate/stats/plan/merge/prune)
-
-    parser = argparse.ArgumentParser(prog="grape", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (configure, fn) in COMMANDS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
-        configure(p)
-        add_distributed_args(p)
-        p.set_defaults(func=fn)
+    parser = argparse.ArgumentParser(prog="grape", description=DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        command.configure(p)
+        if command.multihost:
+            add_distributed_args(p)
+        p.set_defaults(command_run=command.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        init_runtime(args)
-        return int(args.func(args) or 0)
+        init_distributed(args)
+        return int(args.command_run(args) or 0)
+    except Interrupted as e:
+        print(f"grape: {e.hint}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("grape: interrupted; nothing of this command was saved", file=sys.stderr)
+        return 130
     except (ValueError, OSError, KeyError) as e:
         if os.environ.get("GRAPE_DEBUG"):
             raise
@@ -149,8 +88,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m grape_jax.cli`: run the imported module's main so sub-command modules register into
-    # the same registry they import (not into this __main__ copy).
-    from grape_jax.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

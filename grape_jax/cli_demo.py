@@ -5,21 +5,45 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Sequence
 
-from grape_jax.cli import add_mesh_args, command, mesh_from_args
-from grape_jax.cli_pipeline import add_data_args, calibration_options, data_spec
+from conversion.load import load_hf
+from grape_jax.calibration import CalibrationOptions, calibrate
+from grape_jax.cli_args import (
+    UsageError,
+    add_calibration_args,
+    add_data_args,
+    add_mesh_args,
+    calibration_options,
+    data_spec,
+    mesh_from_args,
+    parse_int_list,
+)
+from grape_jax.compare import Variant, markdown_table, run_comparison, write_report
+from grape_jax.data import DataSpec
+from grape_jax.demo_model import SEQ_LEN, ensure_demo_model
+from grape_jax.pipeline import blocks_for, check_output, load_model, model_fingerprint
+from grape_jax.planners import PLANNERS
+from grape_jax.plan import OPERATORS
+from grape_jax.stats import ModelStats, StatsError
 
 DEMO_METHODS = ("grape", "grape-r", "local", "frequency", "reap")
+MERGING = ("grape", "local", "hc-smoe", "m-smoe", "grape-r")
 
 
-def default_variants(methods, per_layer_list, *, operators=("freq",)):
-    from grape_jax.compare import Variant
-
-    merge_methods = {"grape", "local", "hc-smoe", "m-smoe", "grape-r"}
+def default_variants(methods: Sequence[str], per_layer_list: Sequence[int], *,
+                     operators: Sequence[str] = ("freq",)) -> list[Variant]:
+    """One row per (method, operator, budget); pruning planners also get their global-rank twin."""
+    unknown = sorted(set(methods) - set(PLANNERS))
+    if unknown:
+        raise UsageError(f"--methods: {unknown} unknown; expected some of {sorted(PLANNERS)}")
+    bad = sorted(set(operators) - set(OPERATORS))
+    if bad:
+        raise UsageError(f"--operators: {bad} unknown; expected some of {list(OPERATORS)}")
     out = []
     for r in per_layer_list:
         for m in methods:
-            if m in merge_methods:
+            if m in MERGING:
                 for op in operators:
                     label = m if len(operators) == 1 else f"{m} ({op})"
                     out.append(Variant(m, r, {"operator": op}, label))
@@ -30,89 +54,83 @@ def default_variants(methods, per_layer_list, *, operators=("freq",)):
     return out
 
 
-def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="grape-demo", help="report directory (report.md, results.csv, PNGs)")
+def configure_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="grape-demo",
+                   help="report directory (report.md, results.csv, PNGs; a re-run replaces them)")
     p.add_argument("--per-layer", default="2,4", help="experts removed per layer, comma-separated")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS))
-    p.add_argument("--operators", default="dominant", help="merge operators for merging planners")
-    p.add_argument("--quick", action="store_true", help="fewer calibration/evaluation tokens (CI)")
+    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="planners to compare, comma-separated")
+    p.add_argument("--operators", default="dominant", help="merge operators for merging planners, comma-separated")
+    p.add_argument("--quick", action="store_true", help="fewer calibration/evaluation tokens (for CI)")
 
 
-@command("demo", _demo_args)
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Prune the embedded demo MoE with several methods and print/write a comparison."""
-    from conversion.load import load_hf
-    from grape_jax.calibration import CalibrationOptions, calibrate
-    from grape_jax.compare import markdown_table, run_comparison, write_report
-    from grape_jax.demo_model import SEQ_LEN, ensure_demo_model
-    from grape_jax.pipeline import DataSpec, load_tokenizer, token_blocks
-
+def run_demo(args: argparse.Namespace) -> int:
+    """Prune the embedded demo MoE with several methods; print a table and write a report."""
     t0 = time.perf_counter()
-    model_dir = ensure_demo_model()
-    loaded = load_hf(model_dir, dtype="float32")
-    tok = load_tokenizer(model_dir)
-    n_cal, n_eval = (16, 16) if args.quick else (64, 96)
-    cal = token_blocks(DataSpec(seq_len=SEQ_LEN, num_samples=n_cal, seed=0), tok, max_positions=512)
-    held = token_blocks(DataSpec(seq_len=SEQ_LEN, num_samples=n_eval, seed=0), tok, max_positions=512, heldout=True)
-    print(f"demo model {model_dir}: {loaded.cfg.num_layers} layers x {loaded.cfg.num_experts[0]} experts; "
-          f"calibrating on {cal.size} tokens, evaluating on {held.size} held-out tokens")
-    stats = calibrate(loaded.params, loaded.cfg, cal, options=CalibrationOptions(batch_size=8, token_chunk=1024),
-                      meta={"model": "demo"}, progress=False)
-    per_layer = [int(x) for x in args.per_layer.split(",")]
+    out = check_output(args.out, overwrite=True)
+    per_layer = parse_int_list(args.per_layer, "--per-layer")
     variants = default_variants(args.methods.split(","), per_layer, operators=tuple(args.operators.split(",")))
-    original, rows = run_comparison(loaded.params, loaded.cfg, stats, variants, held)
-    notes = (f"Embedded demo model ({loaded.cfg.num_layers} MoE layers x {loaded.cfg.num_experts[0]} experts, top-"
-             f"{loaded.cfg.top_k}, trained on the shipped KJV text); calibration {cal.size} tokens (Genesis/Exodus), "
+    model_dir = ensure_demo_model()
+    n_cal, n_eval = (16, 16) if args.quick else (64, 96)
+    cal = blocks_for(model_dir, DataSpec(seq_len=SEQ_LEN, num_samples=n_cal, seed=0))
+    held = blocks_for(model_dir, DataSpec(seq_len=SEQ_LEN, num_samples=n_eval, seed=0), heldout=True)
+    model = load_hf(model_dir, dtype="float32")
+    print(f"demo model {model_dir}: {model.cfg.num_layers} layers x {model.cfg.num_experts[0]} experts; "
+          f"calibrating on {cal.size} tokens, evaluating on {held.size} held-out tokens")
+    stats = calibrate(model, cal, options=CalibrationOptions(batch_size=8, token_chunk=1024), progress=False,
+                      meta={"data": DataSpec(seq_len=SEQ_LEN, num_samples=n_cal).record()})
+    original, rows = run_comparison(model, stats, variants, held)
+    notes = (f"Embedded demo model ({model.cfg.num_layers} MoE layers x {model.cfg.num_experts[0]} experts, top-"
+             f"{model.cfg.top_k}, trained on the shipped KJV text); calibration {cal.size} tokens (Genesis/Exodus), "
              f"held-out perplexity on {held.size} tokens (Mark/Ruth). Merging planners use the "
              f"'{args.operators}' operator.")
-    report = write_report(args.out, original, rows, title="grape-jax demo", notes=notes)
+    report = write_report(out, original, rows, title="grape-jax demo", notes=notes)
     print()
     print(markdown_table(original, rows))
     print(f"\nreport: {report}  ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
-def _compare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hugging Face model dir")
+def configure_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hugging Face directory or grape checkpoint")
     p.add_argument("--out", required=True, help="results directory")
-    p.add_argument("--per-layer", default="1,2,4")
-    p.add_argument("--methods", default="grape,grape-r,local,frequency,reap,hc-smoe,m-smoe")
-    p.add_argument("--operators", default="dominant,freq")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
+    p.add_argument("--per-layer", default="1,2,4", help="experts removed per layer, comma-separated")
+    p.add_argument("--methods", default="grape,grape-r,local,frequency,reap,hc-smoe,m-smoe",
+                   help="planners to compare, comma-separated")
+    p.add_argument("--operators", default="dominant,freq", help="merge operators for merging planners")
     p.add_argument("--eval-data", nargs="*", default=None, help="held-out text (default: shipped held-out text)")
-    p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--stats", default=None, help="reuse a stats file instead of calibrating")
+    p.add_argument("--eval-samples", type=int, default=64, help="held-out blocks")
+    p.add_argument("--stats", default=None, help="reuse a stats file of this model instead of calibrating")
     add_data_args(p)
+    add_calibration_args(p)
     add_mesh_args(p)
 
 
-@command("compare", _compare_args)
-def cmd_compare(args: argparse.Namespace) -> int:
-    """Run every planner x operator at equal budgets from one calibration pass; write a results table."""
-    from conversion.load import load_hf
-    from grape_jax.calibration import calibrate
-    from grape_jax.compare import markdown_table, run_comparison, write_report
-    from grape_jax.pipeline import DataSpec, load_tokenizer, token_blocks
-    from grape_jax.stats import ModelStats
-
-    mesh = mesh_from_args(args)
-    loaded = load_hf(args.model, mesh=mesh)
-    tok = load_tokenizer(args.model)
+def run_compare(args: argparse.Namespace) -> int:
+    """Every planner x operator at equal budgets from one calibration pass; a results table and report."""
+    out = check_output(args.out, overwrite=args.overwrite)
+    variants = default_variants(args.methods.split(","), parse_int_list(args.per_layer, "--per-layer"),
+                                operators=tuple(args.operators.split(",")))
     spec = data_spec(args)
+    eval_spec = DataSpec(paths=tuple(args.eval_data) if args.eval_data else None, text_field=args.text_field,
+                         seq_len=args.seq_len, num_samples=args.eval_samples, seed=args.seed + 1)
+    held = blocks_for(args.model, eval_spec, heldout=not args.eval_data)
+    stats = None
     if args.stats:
         stats = ModelStats.load(args.stats)
+        have = model_fingerprint(args.model)
+        if stats.model_fingerprint and stats.model_fingerprint != have:
+            raise StatsError(f"{args.stats}: statistics of model {stats.model_fingerprint[:16]}, but {args.model} is "
+                             f"model {have[:16]}; calibrate this model (drop --stats)")
     else:
-        blocks = token_blocks(spec, tok, max_positions=loaded.cfg.max_position_embeddings)
-        stats = calibrate(loaded.params, loaded.cfg, blocks, options=calibration_options(args), mesh=mesh,
-                          meta={"model": os.path.abspath(args.model), "data": spec.describe()})
-        os.makedirs(args.out, exist_ok=True)
-        stats.save(os.path.join(args.out, "stats.npz"))
-    held = token_blocks(DataSpec(paths=tuple(args.eval_data) if args.eval_data else None, text_field=args.text_field,
-                                 seq_len=args.seq_len, num_samples=args.eval_samples, seed=args.seed + 1),
-                        tok, max_positions=loaded.cfg.max_position_embeddings, heldout=not args.eval_data)
-    variants = default_variants(args.methods.split(","), [int(x) for x in args.per_layer.split(",")],
-                                operators=tuple(args.operators.split(",")))
-    original, rows = run_comparison(loaded.params, loaded.cfg, stats, variants, held)
-    report = write_report(args.out, original, rows, title=f"grape-jax comparison: {args.model}")
+        blocks = blocks_for(args.model, spec)
+    model = load_model(args.model, mesh=mesh_from_args(args))
+    if stats is None:
+        stats = calibrate(model, blocks, options=calibration_options(args), meta={"data": spec.record()})
+        os.makedirs(out, exist_ok=True)
+        stats.save(os.path.join(out, "stats.npz"))
+    original, rows = run_comparison(model, stats, variants, held)
+    report = write_report(out, original, rows, title=f"grape-jax comparison: {args.model}")
     print(markdown_table(original, rows))
     print(f"report: {report}")
     return 0

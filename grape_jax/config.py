@@ -24,6 +24,37 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertCountRule:
+    """Which expert counts one MoE layer's router can run: the single statement of that rule, used by
+    the config, statistics, planners, plans, merge and export alike.
+
+    top_k     experts each token is routed to
+    least     fewest experts the router can use: `top_k`, more for group-limited routers (enough per
+              group that `topk_group` groups hold `top_k` experts)
+    multiple  the count must be a multiple of this (group-limited routers split the experts into
+              `n_group` equal groups; 1 otherwise)
+    """
+
+    top_k: int
+    least: int
+    multiple: int = 1
+
+    def floor(self, min_experts: int = 0) -> int:
+        """Fewest experts a layer may keep: max(least, min_experts, 1) rounded up to `multiple`."""
+        need = max(self.top_k, self.least, int(min_experts), 1)
+        return -(-need // self.multiple) * self.multiple
+
+    def problem(self, count: int, *, min_experts: int = 0) -> str | None:
+        """None when `count` experts can be routed, else what is wrong (for an error message)."""
+        floor = self.floor(min_experts)
+        if count < floor or count % self.multiple:
+            extra = f" and a multiple of {self.multiple} (n_group)" if self.multiple > 1 else ""
+            why = f"max(top_k={self.top_k}, router minimum={self.least}, min_experts={min_experts})"
+            return f"keeps {count} experts; needs at least {floor} ({why}){extra}"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """Architecture of a decoder-only MoE transformer.
 
@@ -72,7 +103,6 @@ class MoEConfig:
     layer_types: tuple[str, ...] | None = None
     swiglu_limit: float = 7.0
     swiglu_alpha: float = 1.702
-    min_experts: int = 0
     # q/k RMSNorm over the whole projection ([heads*head_dim], OLMoE) instead of per head (Qwen3).
     qk_norm_full: bool = False
     clip_qkv: float | None = None  # OLMoE: clamp the q/k/v projections to [-clip, clip]
@@ -113,11 +143,11 @@ class MoEConfig:
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
         for layer, e in enumerate(self.num_experts):
-            if e < 0 or (0 < e < self.top_k):
-                raise ConfigError(
-                    f"layer {layer}: {e} experts cannot serve top_k={self.top_k} (need 0 for a "
-                    f"dense layer or >= top_k)"
-                )
+            if e < 0:
+                raise ConfigError(f"layer {layer}: {e} experts (expected 0 for a dense layer, or a routable count)")
+            problem = self.expert_rule.problem(e) if e > 0 else None
+            if problem:
+                raise ConfigError(f"num_experts: MoE layer {layer} {problem}")
             if e == 0 and self.dense_intermediate_size <= 0:
                 raise ConfigError(f"layer {layer} is dense but dense_intermediate_size is not set")
         if self.layer_types is not None and len(self.layer_types) != self.num_layers:
@@ -152,6 +182,11 @@ class MoEConfig:
         if self.router == "sigmoid_group_topk":
             per_group = max(per_group, 2)
         return max(self.top_k, self.n_group * per_group)
+
+    @property
+    def expert_rule(self) -> ExpertCountRule:
+        """The expert counts every MoE layer of this architecture can keep."""
+        return ExpertCountRule(self.top_k, self.min_routable_experts, self.expert_count_multiple)
 
     def with_num_experts(self, num_experts: tuple[int, ...]) -> MoEConfig:
         """The same architecture with new per-layer expert counts (after a merge)."""

@@ -19,17 +19,24 @@ A trailing partial block is dropped. `num_samples` blocks are then drawn without
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 from importlib import resources
+from typing import Any
 
 import numpy as np
 from jaxtyping import Int
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
 class DataError(ValueError):
     """Calibration/evaluation data that cannot be used."""
+
+
+CALIBRATION_ASSET, HELDOUT_ASSET = "kjv_calibration.txt", "kjv_heldout.txt"
 
 
 def _asset(name: str) -> str:
@@ -42,12 +49,12 @@ def _paragraphs(text: str) -> list[str]:
 
 def default_calibration_texts() -> list[str]:
     """The shipped public-domain calibration text (KJV Genesis and Exodus), one chapter per document."""
-    return _paragraphs(_asset("kjv_calibration.txt"))
+    return _paragraphs(_asset(CALIBRATION_ASSET))
 
 
 def default_heldout_texts() -> list[str]:
     """The shipped held-out text (KJV Mark and Ruth), disjoint from the calibration text."""
-    return _paragraphs(_asset("kjv_heldout.txt"))
+    return _paragraphs(_asset(HELDOUT_ASSET))
 
 
 def load_texts(paths: Sequence[str | os.PathLike], *, text_field: str | None = None) -> list[str]:
@@ -170,3 +177,71 @@ def tokenize_and_pack(
         raise DataError(f"asked for {num_samples} blocks of {seq_len} tokens; the corpus has only {n}")
     idx = np.sort(np.random.default_rng(seed).choice(n, size=num_samples, replace=False))
     return blocks[idx]
+
+
+def _sha256_of(path: str) -> str:
+    """sha256 of a file, or of a directory's files (names and bytes, sorted)."""
+    h = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    for name in files:
+        h.update(os.path.relpath(name, path).encode() if name != path else b"")
+        with open(name, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Calibration (or evaluation) text and how it becomes token blocks: files (None: the shipped
+    public-domain sample), the JSONL/dataset text field, block length, number of blocks and the seed
+    that picks them."""
+
+    paths: tuple[str, ...] | None = None
+    text_field: str | None = None
+    seq_len: int = 128
+    num_samples: int | None = 64
+    seed: int = 0
+
+    def check(self) -> None:
+        """Cheap checks (before any model is loaded): files exist, numbers make sense."""
+        for path in self.paths or ():
+            if not os.path.exists(path):
+                raise DataError(f"{path}: file not found (--data)")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise DataError(f"--seq-len must be an integer >= 2, got {self.seq_len!r}")
+        if self.num_samples is not None and (not isinstance(self.num_samples, int) or self.num_samples < 1):
+            raise DataError(f"--num-samples must be an integer >= 1, got {self.num_samples!r}")
+
+    def record(self, *, heldout: bool = False) -> dict[str, Any]:
+        """What statistics and recipes record of the data: every field plus each file's sha256."""
+        if self.paths:
+            files = [{"path": os.path.abspath(p), "sha256": _sha256_of(p)} for p in self.paths]
+        else:
+            name = HELDOUT_ASSET if heldout else CALIBRATION_ASSET
+            text = _asset(name).encode("utf-8")
+            files = [{"path": f"grape_jax/assets/{name} (shipped)", "sha256": hashlib.sha256(text).hexdigest()}]
+        return {"files": files, "text_field": self.text_field, "seq_len": self.seq_len,
+                "num_samples": self.num_samples, "seed": self.seed}
+
+    def blocks(
+        self, tokenizer: PreTrainedTokenizerBase, *, max_positions: int, heldout: bool = False
+    ) -> Int[np.ndarray, "n seq_len"]:
+        """Tokenise and pack the text into [n, seq_len] int32 blocks (`heldout`: the shipped held-out
+        sample when no paths are given)."""
+        if self.paths:
+            texts = load_texts(list(self.paths), text_field=self.text_field)
+        else:
+            texts = default_heldout_texts() if heldout else default_calibration_texts()
+        return tokenize_and_pack(texts, tokenizer, seq_len=self.seq_len, num_samples=self.num_samples,
+                                 seed=self.seed, max_positions=max_positions)
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model directory, offline and without running any code from it."""
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(model_dir), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{model_dir}: no usable tokenizer files ({str(e).splitlines()[0]}); calibration and "
+                        f"evaluation tokenise text with the model's own tokenizer") from None

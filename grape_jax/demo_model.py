@@ -9,9 +9,16 @@ from __future__ import annotations
 import os
 from importlib import resources
 
+import jax.numpy as jnp
 import numpy as np
+import transformers
 
+from conversion.export import export_hf
 from grape_jax.config import MoEConfig
+from grape_jax.data import default_calibration_texts, tokenize_and_pack
+from grape_jax.model import ModelInfo, model_from_arrays
+from grape_jax.tokenizer import default_tokenizer
+from grape_jax.train import TrainOptions, train
 
 DEMO_CONFIG = MoEConfig(
     family="mixtral", vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
@@ -27,8 +34,6 @@ def shipped_path() -> str:
 
 def mixtral_hf_config(cfg: MoEConfig) -> dict:
     """A stock transformers Mixtral config.json for `cfg` (uniform expert counts)."""
-    import transformers
-
     return transformers.MixtralConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.moe_intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
@@ -41,24 +46,16 @@ def mixtral_hf_config(cfg: MoEConfig) -> dict:
 
 def train_demo_model(out: str, *, steps: int = 300, seed: int = 0, log=print) -> str:
     """Train the demo model from scratch and write it as an HF directory (with tokenizer)."""
-    import jax.numpy as jnp
-
-    from conversion.export import export_hf
-    from conversion.families import get_family
-    from grape_jax.data import default_calibration_texts, tokenize_and_pack
-    from grape_jax.tokenizer import default_tokenizer
-    from grape_jax.train import TrainOptions, train
-
     tok = default_tokenizer(DEMO_CONFIG.vocab_size)
     blocks = tokenize_and_pack(default_calibration_texts(), tok, seq_len=SEQ_LEN, num_samples=None)
     log(f"training on {blocks.shape[0]} blocks of {SEQ_LEN} tokens")
     params, curve = train(DEMO_CONFIG, blocks, options=TrainOptions(steps=steps, seed=seed), log=log)
-    params = {k: v.astype(jnp.bfloat16) for k, v in params.items()}
     hf = mixtral_hf_config(DEMO_CONFIG)
     hf["dtype"] = "bfloat16"
     hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"] = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    export_hf(params, DEMO_CONFIG, get_family("mixtral"), out, base_config=hf, overwrite=True,
-              extra_files={"TRAINING.md": _training_card(steps, seed, curve)})
+    info = ModelInfo.create(family="mixtral", source="grape_jax demo training", hf_config=hf)
+    model = model_from_arrays(DEMO_CONFIG, {k: v.astype(jnp.bfloat16) for k, v in params.items()}, info=info)
+    export_hf(model, out, overwrite=True, extra_files={"TRAINING.md": _training_card(steps, seed, curve)})
     tok.save_pretrained(out)
     return out
 

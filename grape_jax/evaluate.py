@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
+from tqdm.auto import tqdm
 
 LogitsFn = Callable[[Int[Array, "B T"], Bool[Array, "B T"]], Float[Array, "B T V"]]
 _MIN_WIDTH = 16
@@ -70,9 +70,10 @@ class PerplexityResult:
 
 
 def perplexity(
-    logits_fn: LogitsFn, blocks: Int[np.ndarray, "n T"], *, batch_size: int = 8
+    logits_fn: LogitsFn, blocks: Int[np.ndarray, "n T"], *, batch_size: int = 8, progress: bool = False
 ) -> PerplexityResult:
-    """Token-weighted perplexity of packed [n, T] blocks (see module docstring)."""
+    """Token-weighted perplexity of packed [n, T] blocks (see module docstring). `logits_fn` may be a
+    `MoEModel` itself (it is called as `model(tokens, mask)`)."""
     blocks = np.asarray(blocks)
     if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
         raise ValueError(f"perplexity needs [n, T>=2] token blocks, got shape {blocks.shape}")
@@ -84,14 +85,13 @@ def perplexity(
     n, width = blocks.shape
     rows = min(batch_size, n)
     nll = 0.0
-    for start in range(0, n, rows):
+    for start in tqdm(range(0, n, rows), desc="perplexity", unit="batch", disable=not progress):
         real = min(rows, n - start)
         tokens = np.zeros((rows, width), np.int32)
         tokens[:real] = blocks[start : start + real]
         mask = np.zeros((rows, width), bool)
         mask[:real] = True
-        t, m = jnp.asarray(tokens), jnp.asarray(mask)
-        row_nll, _ = _row_nll_and_greedy(logits_fn(t, m), t, m)
+        row_nll, _ = _row_nll_and_greedy(logits_fn(tokens, mask), tokens, mask)
         nll += float(np.asarray(row_nll)[:real].astype(np.float64).sum())
     return PerplexityResult(nll, n * (width - 1))
 
@@ -179,8 +179,7 @@ def score_requests(
             tokens[row, : len(seq)] = seq
             mask[row, : len(seq)] = True
             scored[row, len(seq) - n_cont : len(seq)] = True
-        t = jnp.asarray(tokens)
-        nll, hit = _row_nll_and_greedy(logits_fn(t, jnp.asarray(mask)), t, jnp.asarray(scored))
+        nll, hit = _row_nll_and_greedy(logits_fn(tokens, mask), tokens, scored)
         nll, hit = np.asarray(nll), np.asarray(hit)
         for row, i in enumerate(idx):
             scores[i] = -float(nll[row])
@@ -212,30 +211,3 @@ def multiple_choice(
         acc += int(np.argmax(s) == ex.label)
         acc_norm += int(np.argmax(s / lengths) == ex.label)
     return {"acc": acc / len(examples), "acc_norm": acc_norm / len(examples), "n": len(examples)}
-
-
-def evaluate_tasks(
-    logits_fn: LogitsFn,
-    tokenizer,
-    task_files: Mapping[str, str | os.PathLike],
-    *,
-    batch_size: int = 8,
-    max_length: int = 2048,
-    add_bos: bool = True,
-) -> dict[str, dict[str, float]]:
-    """{task: {"acc", "acc_norm", "n"}} for local JSONL task files (formats: `grape_jax.tasks`)."""
-    from grape_jax.tasks import load_task
-
-    if not task_files:
-        raise ValueError("no task files given (expected {task name: path to a JSONL file})")
-    loaded = {task: load_task(task, path) for task, path in task_files.items()}  # all errors before any compute
-    return {task: multiple_choice(logits_fn, tokenizer, examples, batch_size=batch_size, max_length=max_length,
-                                  add_bos=add_bos)
-            for task, examples in loaded.items()}
-
-
-def jax_logits_fn(params, cfg) -> LogitsFn:
-    """`logits_fn` of a grape-jax model (jitted; placed like the parameters)."""
-    from grape_jax.model import forward_jit
-
-    return lambda tokens, mask: forward_jit(params, cfg=cfg, tokens=tokens, mask=mask)

@@ -27,21 +27,6 @@ def rms_norm(x: Float[Array, "... d"], weight: Float[Array, " d"], eps: float) -
     return (weight.astype(jnp.float32) * y).astype(x.dtype)
 
 
-def rope(
-    x: Float[Array, "b t h hd"], positions: Int[Array, "b t"], theta: float
-) -> Float[Array, "b t h hd"]:
-    """Rotary embedding in the rotate-half convention of HF Llama-style models."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, half]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = x32[..., :half], x32[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
 def attention_mask(
     mask: Bool[Array, "b t"], *, sliding_window: int | None = None
 ) -> Bool[Array, "b 1 t t"]:

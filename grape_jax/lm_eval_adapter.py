@@ -14,21 +14,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from grape_jax.evaluate import jax_logits_fn, perplexity, score_requests
+from grape_jax.data import load_tokenizer
+from grape_jax.evaluate import perplexity, score_requests
+from grape_jax.pipeline import load_model, tokenizer_dir
+from grape_jax.sharding import make_mesh
 
 
 class GrapeJaxLM:
+    """The harness's LM interface over a grape-jax model (HF directory or grape checkpoint)."""
+
     def __init__(self, pretrained: str, *, batch_size: int = 8, max_length: int | None = None,
                  mesh: str | None = None, dtype: str | None = None):
-        from conversion.load import load_hf
-        from grape_jax.pipeline import load_tokenizer
-        from grape_jax.sharding import make_mesh
-
-        self.loaded = load_hf(pretrained, mesh=make_mesh(mesh) if mesh else None, dtype=dtype)
-        self.tokenizer = load_tokenizer(pretrained)
+        self.model = load_model(pretrained, mesh=make_mesh(mesh) if mesh else None, dtype=dtype)
+        self.tokenizer = load_tokenizer(tokenizer_dir(pretrained))
         self.batch_size = int(batch_size)
-        self.max_length = int(max_length or self.loaded.cfg.max_position_embeddings)
-        self._logits = jax_logits_fn(self.loaded.params, self.loaded.cfg)
+        self.max_length = int(max_length or self.model.cfg.max_position_embeddings)
+        self._logits = self.model
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         pairs = [tuple(r.args[:2]) for r in requests]
@@ -57,8 +58,8 @@ class GrapeJaxLM:
 def register() -> type:
     """Register `grape_jax` with lm-evaluation-harness (needs `pip install lm-eval`)."""
     try:
-        from lm_eval.api.model import LM
-        from lm_eval.api.registry import register_model
+        from lm_eval.api.model import LM  # noqa: PLC0415  (deferred: optional dependency)
+        from lm_eval.api.registry import register_model  # noqa: PLC0415  (deferred: optional dependency)
     except ImportError:
         raise ImportError("lm-evaluation-harness is not installed: pip install lm-eval") from None
 

@@ -1,32 +1,58 @@
-"""Pure merge: (flat parameters, plan) -> merged flat parameters with new per-layer expert counts.
+"""Merge: a model state and a Plan -> the merged state, as one pure function (`merge_state`).
 
 A layer's plan becomes two matrices over experts, `mix [E_new, E_old]` for expert weights (α of each
 group's members) and `route [E_new, E_old]` for the router columns/biases (one-hot on the dominant
-member, or α for the 'mean' rule). Every parameter whose table entry has an `experts` axis follows
-them (`role` picks which), so biases, DeepSeek's score bias and GPT-OSS's router bias need no special
-code. Rows that are one-hot are gathered rather than multiplied, so pruning and budget 0 are exact
-bit for bit; merged rows are summed in fp32 and cast back. Results keep the input's mesh and
-partition specs (a dimension that no longer divides its mesh axis is replicated).
+member, or α for the 'mean' rule). Every parameter whose logical axes hold `experts` follows them (its
+`merge_role` metadata picks which), so biases, DeepSeek's score bias and GPT-OSS's router bias need no
+special code. Rows that are one-hot are gathered rather than multiplied, so pruning and budget 0 are
+exact bit for bit; merged rows are summed in fp32 and cast back.
+
+Work that needs data runs first on the host and yields plain arrays (`MergeInputs`): the neuron
+permutations of the 'aligned' operator (`merge_inputs`, one group of experts gathered to the writer
+process at a time) and whole replacement leaves (`overrides`, e.g. fitted experts). `merge_state` maps
+(state, plan, inputs) to the new state with no other input: it runs under `jax.jit` and
+`jax.eval_shape`. `apply_plan` runs it as one jitted program whose output shardings come from the new
+config's parameter table on the model's run context.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from flax import nnx
+from jaxtyping import Array, Int
 
-from grape_jax.config import MoEConfig
-from grape_jax.params import layer_of, param_specs
-from grape_jax.sharding import DEFAULT_RULES, ShardingRules, logical_to_pspec
+from grape_jax.alignment import neuron_permutation
+from grape_jax.config import ConfigError, MoEConfig
+from grape_jax.model import MoEModel, abstract_model, param_view, state_shardings
+from grape_jax.multihost import broadcast_array, gather_slice, is_writer
+from grape_jax.params import EXPERTS, layer_of
+from grape_jax.plan import LayerPlan, Plan, PlanError
+
+# Expert leaves with an intermediate-neuron axis, and where it is (b_down has none).
+NEURON_AXIS = {"w_gate": 2, "w_up": 2, "w_down": 1, "b_gate": 1, "b_up": 1}
 
 
 class MergeError(ValueError):
     """A plan that does not fit the model it is applied to."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MergeInputs:
+    """Host-computed arrays a merge may need besides the state.
+
+    permutations  MoE-block prefix (`layers.3.mlp.`) -> [E_old, f] int32: expert e's neuron n of the
+                  aligned expert is its neuron `perm[e, n]` (identity rows where nothing is averaged)
+    overrides     parameter name -> the whole merged leaf (new shape), used instead of mixing
+    """
+
+    permutations: Mapping[str, Int[Array, "experts mlp"]] = dataclasses.field(default_factory=dict)
+    overrides: Mapping[str, Array] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +62,7 @@ class LayerMix:
     layer: int
     mix: np.ndarray  # [E_new, E_old], rows sum to 1
     route: np.ndarray  # [E_new, E_old], rows sum to 1
-    align_to: tuple[int, ...] | None = None  # per new expert: the anchor members are aligned to
+    aligned: bool = False
 
     @property
     def is_identity(self) -> bool:
@@ -45,175 +71,170 @@ class LayerMix:
         return n == o and np.array_equal(self.mix, eye) and np.array_equal(self.route, eye)
 
     @property
-    def aligns(self) -> bool:
+    def averages(self) -> bool:
         """Whether some merged expert averages several members (only those need alignment)."""
-        return self.align_to is not None and bool(np.any(np.count_nonzero(self.mix, axis=1) > 1))
+        return bool(np.any(np.count_nonzero(self.mix, axis=1) > 1))
 
 
-def layer_mix(
-    *,
-    layer: int,
-    num_experts: int,
-    groups: Sequence[Sequence[int]],
-    weights: Sequence[Sequence[float]],
-    dominant: Sequence[int],
-    router_rule: str,
-    align: bool = False,
-) -> LayerMix:
-    """Matrices of one layer from its groups (each group -> one new expert, in order); with `align`,
-    members are neuron-aligned to the group's dominant member before averaging."""
-    if router_rule not in ("dominant", "mean"):
-        raise MergeError(f"router rule {router_rule!r} unknown; expected 'dominant' or 'mean'")
-    mix = np.zeros((len(groups), num_experts))
-    route = np.zeros_like(mix)
-    for row, (members, alphas, dom) in enumerate(zip(groups, weights, dominant, strict=True)):
-        for e, a in zip(members, alphas, strict=True):
-            if not 0 <= e < num_experts:
-                raise MergeError(f"layer {layer}: expert id {e} out of range [0, {num_experts})")
-            mix[row, e] = a
-        if router_rule == "dominant":
-            route[row, dom] = 1.0
-        else:
-            route[row] = mix[row]
-    return LayerMix(layer, mix, route, tuple(int(d) for d in dominant) if align else None)
+def layer_mixes(plan: Plan) -> dict[int, LayerMix]:
+    """The mix/route matrices of every planned layer (identity layers included)."""
+    out = {}
+    for lp in plan.layers:
+        mix = np.zeros((lp.num_kept, lp.num_experts_before))
+        route = np.zeros_like(mix)
+        for row, (members, alphas, dom) in enumerate(zip(lp.groups, lp.weights, lp.dominant, strict=True)):
+            mix[row, list(members)] = alphas
+            if plan.router_rule == "dominant":
+                route[row, dom] = 1.0
+            else:
+                route[row] = mix[row]
+        out[lp.layer] = LayerMix(lp.layer, mix, route, aligned=plan.operator == "aligned")
+    return out
 
 
-@jax.jit
-def _gather_rows(v: jax.Array, idx: jax.Array) -> jax.Array:
-    return jnp.take(v, idx, axis=0)
-
-
-@jax.jit
-def _mix_rows(v: jax.Array, m: jax.Array) -> jax.Array:
-    out = jnp.tensordot(m, v.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST)
-    return out.astype(v.dtype)
-
-
-def _apply(x: jax.Array, matrix: np.ndarray, axis: int, sharding) -> jax.Array:
-    """Mix `x` along `axis` with `matrix`: gathered where rows are one-hot, else fp32 weighted sums."""
-    v = jnp.moveaxis(x, axis, 0) if axis else x
-    if np.all(np.isin(matrix, (0.0, 1.0))) and np.all(matrix.sum(1) == 1.0):
-        out = _gather_rows(v, jnp.asarray(np.argmax(matrix, axis=1), jnp.int32))
-    else:
-        out = _mix_rows(v, jnp.asarray(matrix, jnp.float32))
-    out = jnp.moveaxis(out, 0, axis) if axis else out
-    return out if sharding is None else jax.device_put(out, sharding)
-
-
-def _target_sharding(x: jax.Array, shape, axes, rules: ShardingRules):
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, logical_to_pspec(shape, axes, sharding.mesh, rules))
-    return sharding
-
-
-def merge_params(
-    params: Mapping[str, jax.Array],
-    cfg: MoEConfig,
-    mixes: Sequence[LayerMix],
-    *,
-    rules: ShardingRules = DEFAULT_RULES,
-) -> tuple[dict[str, jax.Array], MoEConfig]:
-    """Apply per-layer mixes; layers without a mix (or with an identity mix) pass through untouched."""
-    by_layer = {m.layer: m for m in mixes}
+def merged_config(cfg: MoEConfig, plan: Plan) -> MoEConfig:
+    """The config after `plan`; refuses a plan made for another architecture or one that breaks the
+    router's expert-count rule."""
+    moe = list(cfg.moe_layers)
+    planned = [lp.layer for lp in plan.layers]
+    if planned != moe:
+        raise MergeError(f"plan covers MoE layers {planned}, the model's MoE layers are {moe}")
     counts = list(cfg.num_experts)
-    for layer, m in by_layer.items():
-        if not 0 <= layer < cfg.num_layers or cfg.num_experts[layer] == 0:
-            raise MergeError(f"plan names layer {layer}, which is not an MoE layer of this model")
-        if m.mix.shape[1] != cfg.num_experts[layer]:
-            raise MergeError(
-                f"layer {layer}: plan is for {m.mix.shape[1]} experts, model has "
-                f"{cfg.num_experts[layer]}"
-            )
-        if m.mix.shape[0] < cfg.top_k:
-            raise MergeError(
-                f"layer {layer}: plan keeps {m.mix.shape[0]} experts, fewer than top_k={cfg.top_k}"
-            )
-        counts[layer] = m.mix.shape[0]
-    new_cfg = cfg.with_num_experts(tuple(counts))
-    new_specs = param_specs(new_cfg)
-    out: dict[str, jax.Array] = {}
-    for name, spec in param_specs(cfg).items():
-        x = params[name]
-        layer = layer_of(name)
-        m = by_layer.get(layer) if layer is not None else None
-        if spec.expert_axis is None or m is None or m.is_identity:
-            out[name] = x
-            continue
-        new = new_specs[name]
-        target = _target_sharding(x, new.shape, new.axes, rules)
-        if spec.role == "expert" and m.aligns:
-            if name.rsplit(".", 1)[1] == "w_gate":  # one alignment per layer serves all its expert leaves
-                prefix = name.rsplit(".", 1)[0] + "."
-                out.update(_aligned_layer(params, prefix, m, new_specs, rules))
-            continue
-        matrix = m.route if spec.role == "router" else m.mix
-        out[name] = _apply(x, matrix, spec.expert_axis, target)
-    return out, new_cfg
+    for lp in plan.layers:
+        if lp.num_experts_before != cfg.num_experts[lp.layer]:
+            raise MergeError(f"layer {lp.layer}: plan is for {lp.num_experts_before} experts, the model has "
+                             f"{cfg.num_experts[lp.layer]}")
+        counts[lp.layer] = lp.num_kept
+    try:
+        return cfg.with_num_experts(tuple(counts))
+    except ConfigError as e:
+        raise MergeError(f"plan {plan.method!r}: {e}") from None
 
 
-EXPERT_LEAVES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+def _mix(x: jax.Array, matrix: np.ndarray, axis: int) -> jax.Array:
+    """`x` mixed along `axis` by `matrix`: gathered where every row is one-hot (exact), else fp32 sums."""
+    v = jnp.moveaxis(x, axis, 0)
+    if np.all(np.isin(matrix, (0.0, 1.0))) and np.all(matrix.sum(1) == 1.0):
+        out = jnp.take(v, jnp.asarray(np.argmax(matrix, axis=1), jnp.int32), axis=0)
+    else:
+        out = jnp.tensordot(jnp.asarray(matrix, jnp.float32), v.astype(jnp.float32), axes=1,
+                            precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+    return jnp.moveaxis(out, 0, axis)
 
 
-NEURON_AXIS = {"w_gate": 2, "w_up": 2, "w_down": 1, "b_gate": 1, "b_up": 1}  # b_down has no neuron axis
-
-
-@functools.partial(jax.jit, static_argnames="axis")
-def _permute_neurons(x: jax.Array, perms: jax.Array, axis: int = 2) -> jax.Array:
+def _permute_neurons(x: jax.Array, perms: jax.Array, axis: int) -> jax.Array:
     """Expert e's neurons reordered by perms[e] along `axis` (new neuron n = old neuron perms[e, n])."""
     shape = [1] * x.ndim
     shape[0], shape[axis] = perms.shape
     return jnp.take_along_axis(x, perms.reshape(shape), axis=axis)
 
 
-def _alignment_permutations(params, prefix: str, m: LayerMix, keys: list[str]) -> np.ndarray:
-    """perms [E, f]: each group member's neurons matched to its group's anchor (identity elsewhere).
+def merge_state(state: nnx.State, plan: Plan, inputs: MergeInputs | None = None) -> nnx.State:
+    """The merged state (pure; `plan` is static Python data, so jit/eval_shape it over `state`).
 
-    One group's member experts at a time are gathered to the writer process (as export gathers an HF
-    tensor); the writer computes the permutations and they are broadcast, so no process ever holds more
-    than one group of experts on the host."""
-    from conversion.distributed import gather_slice, is_writer
-    from grape_jax.alignment import neuron_permutation
+    Leaves of planned layers with an `experts` axis are mixed (or replaced by `inputs.overrides`);
+    every other leaf passes through untouched."""
+    inputs = MergeInputs() if inputs is None else inputs
+    mixes = layer_mixes(plan)
+    out, seen = [], set()
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(str(k) for k in path)
+        axes = var.get_metadata().get("out_sharding", ())
+        layer = layer_of(name)
+        m = mixes.get(layer) if layer is not None else None
+        if EXPERTS not in axes or m is None:
+            out.append((path, var))
+            continue
+        seen.add(layer)
+        axis = axes.index(EXPERTS)
+        x = var.get_value()
+        if x.shape[axis] != m.mix.shape[1]:
+            raise MergeError(f"{name}: {x.shape[axis]} experts, the plan is for {m.mix.shape[1]}")
+        if name in inputs.overrides:
+            new = inputs.overrides[name]
+            want = (*x.shape[:axis], m.mix.shape[0], *x.shape[axis + 1 :])
+            if tuple(new.shape) != want:
+                raise MergeError(f"override for {name}: shape {tuple(new.shape)}, expected {want}")
+            out.append((path, var.replace(jnp.asarray(new, x.dtype))))
+            continue
+        if m.is_identity:
+            out.append((path, var))
+            continue
+        role = var.get_metadata().get("merge_role")
+        leaf = name.rsplit(".", 1)[1]
+        if role == "expert" and m.aligned and m.averages and leaf in NEURON_AXIS:
+            prefix = name.rsplit(".", 1)[0] + "."
+            if prefix not in inputs.permutations:
+                raise MergeError(f"operator 'aligned' needs neuron permutations for {prefix} (merge_inputs)")
+            x = _permute_neurons(x, jnp.asarray(inputs.permutations[prefix]), NEURON_AXIS[leaf])
+        out.append((path, var.replace(_mix(x, m.route if role == "router" else m.mix, axis))))
+    missing = sorted(set(mixes) - seen)
+    if missing:
+        raise MergeError(f"plan names layers {missing}, which hold no experts in this state")
+    return nnx.from_flat_state(out)
 
+
+def merge_inputs(model: MoEModel, plan: Plan) -> MergeInputs:
+    """The host-computed arrays `plan` needs: neuron permutations for operator 'aligned' (else none)."""
+    if plan.operator != "aligned":
+        return MergeInputs()
+    params = param_view(model)
+    mixes = layer_mixes(plan)
+    return MergeInputs(permutations={
+        f"layers.{lp.layer}.mlp.": _alignment_permutations(params, f"layers.{lp.layer}.mlp.", lp)
+        for lp in plan.layers if mixes[lp.layer].averages
+    })
+
+
+def _alignment_permutations(params: Mapping[str, jax.Array], prefix: str, lp: LayerPlan) -> np.ndarray:
+    """perms [E, f]: each group member's neurons matched to its group's dominant member (identity
+    elsewhere). One group's member experts at a time are gathered to the writer process, which computes
+    the permutations; they are then broadcast, so no process holds more than one group on the host."""
     num_experts, f = params[prefix + "w_gate"].shape[0], params[prefix + "w_gate"].shape[2]
     perms = np.tile(np.arange(f, dtype=np.int32), (num_experts, 1))
-    neuron_keys = [k for k in keys if k in NEURON_AXIS]
-    for row, anchor in enumerate(m.align_to):
-        members = [int(e) for e in np.flatnonzero(m.mix[row])]
+    keys = [k for k in NEURON_AXIS if prefix + k in params]
+    for members, anchor in zip(lp.groups, lp.dominant, strict=True):
         if len(members) < 2:
             continue
-        group = {e: {k: gather_slice(params[prefix + k], (e,)) for k in neuron_keys} for e in members}
+        group = {e: {k: gather_slice(params[prefix + k], (e,)) for k in keys} for e in members}
         if is_writer():
             for e in members:
                 if e != anchor:
                     perms[e] = neuron_permutation(group[anchor], group[e])
         del group
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        perms = np.asarray(multihost_utils.broadcast_one_to_all(perms), np.int32)
-    return perms
+    return broadcast_array(perms).astype(np.int32)
 
 
-def _aligned_layer(params, prefix: str, m: LayerMix, new_specs, rules: ShardingRules) -> dict[str, jax.Array]:
-    """Expert leaves of one layer merged with neuron alignment: permutations from the host (one group
-    at a time, `_alignment_permutations`), then on the devices every member is permuted to its anchor
-    and the layer is mixed like any other operator (fp32 weighted sums), shardings kept."""
-    keys = [k for k in EXPERT_LEAVES if prefix + k in params]
-    perms = jnp.asarray(_alignment_permutations(params, prefix, m, keys))
-    out = {}
-    for k in keys:
-        x, new = params[prefix + k], new_specs[prefix + k]
-        target = _target_sharding(x, new.shape, new.axes, rules)
-        aligned = _permute_neurons(x, perms, NEURON_AXIS[k]) if k in NEURON_AXIS else x
-        out[prefix + k] = _apply(aligned, m.mix, 0, target)
-    return out
+def apply_plan(model: MoEModel, plan: Plan, *, inputs: MergeInputs | None = None) -> MoEModel:
+    """A new model with the plan's experts (one jitted merge; shardings from the new config on the
+    model's run context). `inputs` defaults to `merge_inputs(model, plan)`."""
+    try:
+        plan.validate()
+    except PlanError as e:
+        raise MergeError(str(e)) from None
+    check_made_for(model, plan)
+    new_cfg = merged_config(model.cfg, plan)
+    inputs = merge_inputs(model, plan) if inputs is None else inputs
+    info = model.info.with_record(plan_record(plan))
+    graphdef, _ = nnx.split(abstract_model(new_cfg, ctx=model.ctx, info=info))
+    state = nnx.state(model, nnx.Param)
+    def merge(state: nnx.State, inputs: MergeInputs) -> nnx.State:
+        return merge_state(state, plan, inputs)
+
+    shapes = jax.eval_shape(merge, state, inputs)
+    merged = jax.jit(merge, out_shardings=state_shardings(shapes, model.ctx))(state, inputs)
+    return nnx.merge(graphdef, merged)
 
 
-def mixes_from_plan(plan) -> list[LayerMix]:
-    """One LayerMix per planned layer (identity layers included; merge_params passes them through)."""
-    return [
-        layer_mix(layer=lp.layer, num_experts=lp.num_experts_before, groups=lp.groups, weights=lp.weights,
-                  dominant=lp.dominant, router_rule=plan.router_rule, align=plan.operator == "aligned")
-        for lp in plan.layers
-    ]
+def check_made_for(model: MoEModel, plan: Plan) -> None:
+    """Refuse a plan whose statistics were computed on another model (when both identities are known)."""
+    made_for = str(plan.made_from.get("model_fingerprint") or "")
+    have = model.info.fingerprint
+    if made_for and have and made_for != have:
+        raise MergeError(f"plan was made from statistics of model {made_for[:16]} ({plan.made_from.get('model_source')}), "
+                         f"but this model is {have[:16]} ({model.info.source}); calibrate this model and plan again")
+
+
+def plan_record(plan: Plan) -> dict:
+    """What a model's provenance keeps of a plan applied to it (the whole plan: recipes are built from it)."""
+    return {"stage": "merge", "fingerprint": plan.fingerprint, "plan": plan.to_dict()}

@@ -12,45 +12,17 @@ of q/k gets RoPE. Parameters (x @ W layout):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from grape_jax.config import MoEConfig
-from grape_jax.params import EMBED, HEADS, NORM, ParamSpec
 from grape_jax.rope import apply_rope
 
 # transformers builds q_a_layernorm / kv_a_layernorm with RMSNorm's default eps, not rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
-
-
-def qk_head_dim(cfg: MoEConfig) -> int:
-    return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-
-
-def mla_specs(cfg: MoEConfig, p: str) -> Iterator[tuple[str, ParamSpec]]:
-    d, h = cfg.hidden_size, cfg.num_heads
-    q_out = h * qk_head_dim(cfg)
-    if cfg.q_lora_rank:
-        yield p + "q_a_proj", ParamSpec((d, cfg.q_lora_rank), (EMBED, None))
-        if cfg.attention_bias:
-            yield p + "q_a_bias", ParamSpec((cfg.q_lora_rank,), (None,), "zeros")
-        yield p + "q_a_norm", ParamSpec((cfg.q_lora_rank,), (NORM,), "ones")
-        yield p + "q_b_proj", ParamSpec((cfg.q_lora_rank, q_out), (None, HEADS))
-    else:
-        yield p + "q_proj", ParamSpec((d, q_out), (EMBED, HEADS))
-    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    yield p + "kv_a_proj", ParamSpec((d, latent), (EMBED, None))
-    if cfg.attention_bias:
-        yield p + "kv_a_bias", ParamSpec((latent,), (None,), "zeros")
-    yield p + "kv_a_norm", ParamSpec((cfg.kv_lora_rank,), (NORM,), "ones")
-    kv_out = h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    yield p + "kv_b_proj", ParamSpec((cfg.kv_lora_rank, kv_out), (None, HEADS))
-    yield p + "o_proj", ParamSpec((h * cfg.v_head_dim, d), (HEADS, EMBED))
-    if cfg.attention_bias:
-        yield p + "o_bias", ParamSpec((d,), (EMBED,), "zeros")
 
 
 def _rms(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

@@ -1,9 +1,9 @@
 """One declaration per parameter: name, shape, logical axes and initialiser, derived from `MoEConfig`.
 
-Everything else is derived from this table: the NNX module tree, abstract arrays, shardings, random
-initialisation, the HF key tables' shape checks, merge (every leaf with an `experts` axis follows the
-plan) and export. Parameters are a flat dict `{dotted.name: jax.Array}`; its keys are exactly the
-dotted paths of the NNX model's state.
+Everything else is derived from this table: the NNX module tree (`grape_jax.model`: each entry is an
+`nnx.Param` at the same dotted path, carrying its logical axes and merge role), abstract arrays,
+shardings, random initialisation, the HF key tables' shape checks, merge (every leaf with an `experts`
+axis follows the plan) and export.
 
 Layouts (x @ W convention, so HF's `[out, in]` linear weights are transposed on load):
   embed [vocab, embed]; lm_head [embed, vocab]; attention q_proj [embed, heads*head_dim], ...;
@@ -13,10 +13,9 @@ Layouts (x @ W convention, so HF's `[out, in]` linear weights are transposed on 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from grape_jax.config import MoEConfig
@@ -49,11 +48,33 @@ class ParamSpec:
         return self.axes.index(EXPERTS) if EXPERTS in self.axes else None
 
 
+def _mla_specs(cfg: MoEConfig, p: str) -> Iterator[tuple[str, ParamSpec]]:
+    """Multi-head latent attention (DeepSeek-V2/V3; layouts in `grape_jax.mla`)."""
+    d, h = cfg.hidden_size, cfg.num_heads
+    q_out = h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+    if cfg.q_lora_rank:
+        yield p + "q_a_proj", ParamSpec((d, cfg.q_lora_rank), (EMBED, None))
+        if cfg.attention_bias:
+            yield p + "q_a_bias", ParamSpec((cfg.q_lora_rank,), (None,), "zeros")
+        yield p + "q_a_norm", ParamSpec((cfg.q_lora_rank,), (NORM,), "ones")
+        yield p + "q_b_proj", ParamSpec((cfg.q_lora_rank, q_out), (None, HEADS))
+    else:
+        yield p + "q_proj", ParamSpec((d, q_out), (EMBED, HEADS))
+    latent = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    yield p + "kv_a_proj", ParamSpec((d, latent), (EMBED, None))
+    if cfg.attention_bias:
+        yield p + "kv_a_bias", ParamSpec((latent,), (None,), "zeros")
+    yield p + "kv_a_norm", ParamSpec((cfg.kv_lora_rank,), (NORM,), "ones")
+    kv_out = h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    yield p + "kv_b_proj", ParamSpec((cfg.kv_lora_rank, kv_out), (None, HEADS))
+    yield p + "o_proj", ParamSpec((h * cfg.v_head_dim, d), (HEADS, EMBED))
+    if cfg.attention_bias:
+        yield p + "o_bias", ParamSpec((d,), (EMBED,), "zeros")
+
+
 def _attention_specs(cfg: MoEConfig, p: str) -> Iterator[tuple[str, ParamSpec]]:
     if cfg.attention == "mla":
-        from grape_jax.mla import mla_specs  # mla builds on this module's ParamSpec
-
-        yield from mla_specs(cfg, p)
+        yield from _mla_specs(cfg, p)
         return
     d, hd = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
@@ -124,43 +145,23 @@ def layer_of(name: str) -> int | None:
     return int(parts[1]) if parts[0] == "layers" else None
 
 
-def abstract_params(
-    cfg: MoEConfig, *, dtype: jnp.dtype = jnp.float32, shardings: Mapping | None = None
-) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shape/dtype(/sharding) of every parameter, without allocating anything."""
-    return {
-        name: jax.ShapeDtypeStruct(
-            spec.shape, dtype, sharding=None if shardings is None else shardings[name]
-        )
-        for name, spec in param_specs(cfg).items()
-    }
-
-
 def init_params(
-    cfg: MoEConfig,
-    key: jax.Array,
-    *,
-    dtype: jnp.dtype = jnp.float32,
-    scale: float = 0.02,
-    shardings: Mapping | None = None,
-) -> dict[str, jax.Array]:
-    """Random parameters (normal(0, scale) weights, unit norms, zero biases), optionally sharded.
+    cfg: MoEConfig, *, seed: int = 0, dtype: Any = np.float32, scale: float = 0.02
+) -> dict[str, np.ndarray]:
+    """Random host values of every parameter: normal(0, scale) weights, unit norms, zero biases.
 
-    Values come from NumPy's generator seeded with the key's bits, made on the host and placed with
-    `shardings`: no compile at all (a jitted initialiser compiled for seconds per tiny test model)."""
-    specs = param_specs(cfg)
-    bits = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    rng = np.random.default_rng(np.asarray(bits, np.uint32).ravel().tolist())
+    NumPy's generator seeded with `seed`: no compile at all (a jitted initialiser compiled for seconds
+    per tiny test model)."""
+    rng = np.random.default_rng(seed)
     out = {}
-    for name, spec in specs.items():
+    for name, spec in param_specs(cfg).items():
         if spec.init == "ones":
             value = np.ones(spec.shape, np.float32)
         elif spec.init == "zeros":
             value = np.zeros(spec.shape, np.float32)
         else:
             value = scale * rng.standard_normal(spec.shape, np.float32)
-        value = value.astype(np.dtype(dtype))
-        out[name] = jax.device_put(value, None if shardings is None else shardings[name])
+        out[name] = value.astype(np.dtype(dtype))
     return out
 
 

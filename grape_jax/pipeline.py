@@ -1,181 +1,232 @@
-"""The end-to-end jobs, as library functions the CLI and scripts call.
+"""The end-to-end jobs and the pieces they share, as library functions the API, CLI and scripts call.
 
-`prune` = load (streamed, sharded) -> calibrate -> plan -> merge -> export. Each stage writes its
-result into a work directory (`stats.npz`, `plan.json`) before the next begins, so a rerun after a
-crash resumes at the first missing stage (and calibration resumes inside itself from its last saved
-accumulator, export from its last completed shard).
+`prune` = check the request -> load (streamed, sharded) -> calibrate -> plan -> merge -> export. Every
+check that needs no weights (output path, method, option names and values, budget against the
+per-layer floors from config.json, data files, tokenizer) runs before anything expensive. Statistics
+saved in the work directory are reused only when their fingerprint (model weights, token blocks,
+options) matches the request; otherwise they are recomputed, and the run says so. Calibration resumes
+inside itself from its last saved accumulators, export from its last complete shard; the work directory
+is removed once the export is in place (unless kept on request).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from conversion.checkpoint import checkpoint_config, read_checkpoint_meta, restore_checkpoint
+from conversion.export import export_hf
+from conversion.families.base import ConversionError
+from conversion.load import family_of, load_hf, load_record, read_hf_config
+from grape_jax import recipe as rc
+from grape_jax.atomic import OutputExistsError
+from grape_jax.calibration import CalibrationInterrupted, CalibrationOptions, calibrate, calibration_fingerprint
 from grape_jax.config import MoEConfig
-from grape_jax.stats import ModelStats, file_sha256
+from grape_jax.data import DataSpec, load_tokenizer
+from grape_jax.merge import apply_plan
+from grape_jax.model import ModelInfo, MoEModel
+from grape_jax.plan import Plan
+from grape_jax.planners import DEFAULT_METHOD, make_plan
+from grape_jax.resume import Progress, ResumeError
+from grape_jax.sharding import DEFAULT_RULES, ShardingRules
+from grape_jax.stats import ModelStats, StatsError, neutral_stats
+
+Log = Callable[[str], None]
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """Calibration (or evaluation) text: files, or the shipped public-domain sample when None."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a job; `hint` says in one line what was saved and how to resume."""
 
-    paths: tuple[str, ...] | None = None
-    text_field: str | None = None
-    seq_len: int = 128
-    num_samples: int | None = 64
-    seed: int = 0
-
-    def describe(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["paths"] = list(self.paths) if self.paths else "grape_jax/assets/kjv_calibration.txt (shipped)"
-        return d
+    def __init__(self, hint: str):
+        super().__init__(hint)
+        self.hint = hint
 
 
-def token_blocks(spec: DataSpec, tokenizer, *, max_positions: int, heldout: bool = False) -> np.ndarray:
-    """Tokenise and pack the spec's text into [n, seq_len] int32 blocks."""
-    from grape_jax import data
-
-    if spec.paths:
-        texts = data.load_texts(list(spec.paths), text_field=spec.text_field)
-    else:
-        texts = data.default_heldout_texts() if heldout else data.default_calibration_texts()
-    return data.tokenize_and_pack(
-        texts, tokenizer, seq_len=spec.seq_len, num_samples=spec.num_samples, seed=spec.seed,
-        max_positions=max_positions,
-    )
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A grape-jax (Orbax) checkpoint directory rather than a Hugging Face one."""
+    return os.path.isfile(os.path.join(path, "grape.json"))
 
 
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{model_dir}: no usable tokenizer files ({str(e).splitlines()[0]})") from None
-
-
-def apply_plan(
-    params: Mapping[str, jax.Array], cfg: MoEConfig, plan
-) -> tuple[dict[str, jax.Array], MoEConfig]:
-    """Merge parameters by a Plan (validated against the model first)."""
-    from grape_jax.merge import merge_params, mixes_from_plan
-
-    moe_counts = [cfg.num_experts[layer] for layer in cfg.moe_layers]
-    plan.validate_against(moe_counts, top_k=cfg.top_k, min_experts=cfg.min_experts)
-    if [lp.layer for lp in plan.layers] != list(cfg.moe_layers):
-        raise ValueError(
-            f"plan covers layers {[lp.layer for lp in plan.layers]}, model's MoE layers are "
-            f"{list(cfg.moe_layers)}"
-        )
-    return merge_params(params, cfg, mixes_from_plan(plan))
+def model_config(path: str | os.PathLike) -> MoEConfig:
+    """The architecture of an HF directory or grape checkpoint from its metadata alone (no weights)."""
+    path = os.fspath(path)
+    if is_checkpoint(path):
+        return checkpoint_config(path)
+    hf = read_hf_config(path)
+    return family_of(hf, source=os.path.join(path, "config.json")).config_from_hf(hf)
 
 
-def export_pruned(
-    params: Mapping[str, jax.Array],
-    cfg: MoEConfig,
-    *,
-    original_cfg: MoEConfig,
-    family,
-    out: str,
-    base_config: Mapping[str, Any],
-    source_dir: str | None,
-    plan,
-    stats: ModelStats | None = None,
-    calibration: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-    log=None,
+def model_fingerprint(path: str | os.PathLike, *, dtype: Any = None) -> str:
+    """The fingerprint `load_model(path, dtype=dtype).info.fingerprint` will have, without loading it."""
+    path = os.fspath(path)
+    if is_checkpoint(path):
+        return ModelInfo.create(provenance=read_checkpoint_meta(path).get("provenance")).fingerprint
+    return ModelInfo.create(provenance=[load_record(path, dtype)]).fingerprint
+
+
+def load_model(
+    path: str | os.PathLike, *, mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES, dtype: Any = None
+) -> MoEModel:
+    """An HF directory (streamed, sharded) or a grape checkpoint as a model on `mesh`."""
+    if is_checkpoint(path):
+        if dtype is not None:
+            raise ConversionError(f"{path}: a grape checkpoint keeps its stored dtypes; --dtype applies to HF "
+                                  f"directories")
+        return restore_checkpoint(path, mesh=mesh, rules=rules)
+    return load_hf(path, mesh=mesh, rules=rules, dtype=dtype)
+
+
+def tokenizer_dir(path: str | os.PathLike) -> str:
+    """Where a model's tokenizer lives: the HF directory itself, or a checkpoint's source directory."""
+    path = os.fspath(path)
+    if is_checkpoint(path):
+        source = read_checkpoint_meta(path).get("source") or ""
+        if not os.path.isdir(source):
+            raise ConversionError(f"{path}: its source directory {source!r} (which holds the tokenizer) is gone")
+        return source
+    return path
+
+
+def check_output(out: str | os.PathLike, *, overwrite: bool, flag: str = "--out") -> str:
+    """An output path that may be written: refused when it exists (unless `overwrite`) or when its parent
+    is not a writable directory."""
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it ({flag})")
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise OSError(f"{flag} {out}: {parent} is not a writable directory")
+    return out
+
+
+def check_plan_request(
+    cfg: MoEConfig, *, method: str, budget: int | None, per_layer: int | None, options: Mapping[str, Any]
+) -> None:
+    """Run the planner on statistics with the model's shapes and rules (`neutral_stats`): method, option
+    names, types and values, and the budget against the per-layer floors are checked by the planners'
+    own code, from config.json alone, before any weight is loaded."""
+    make_plan(neutral_stats(cfg), method=method, budget=budget, per_layer=per_layer, **dict(options))
+
+
+def save_hf(
+    model: MoEModel, out: str | os.PathLike, *, overwrite: bool = False, max_shard_bytes: int | None = None,
+    log: Log | None = None,
 ) -> str:
-    """Export a merged model with `recipe.json` and a README model card (`log`: see `export_hf`)."""
-    from conversion.export import export_hf
-    from grape_jax import recipe as rc
-
-    recipe = rc.build_recipe(
-        plan=plan.to_dict() if hasattr(plan, "to_dict") else dict(plan),
-        before=original_cfg, after=cfg, source=os.fspath(source_dir or "?"),
-        stats_meta=None if stats is None else dict(stats.meta), calibration=calibration,
-    )
-    files = {"recipe.json": rc.dumps(recipe), "README.md": rc.model_card(recipe, uniform=cfg.is_uniform)}
-    return export_hf(params, cfg, family, out, base_config=base_config, source_dir=source_dir,
-                     overwrite=overwrite, extra_files=files, log=log)
+    """Export `model` as an HF directory with `recipe.json` and a README model card built from its
+    provenance (any model: original, merged, healed)."""
+    recipe = rc.build_recipe(model)
+    files = {"recipe.json": rc.dumps(recipe)}
+    if recipe["method"] is not None:
+        files["README.md"] = rc.model_card(recipe, uniform=model.cfg.is_uniform)
+    kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    return export_hf(model, out, overwrite=overwrite, extra_files=files, log=log, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
 class PruneResult:
     out: str
-    plan: Any
+    plan: Plan
     stats: ModelStats
     cfg_before: MoEConfig
     cfg_after: MoEConfig
+
+
+def _reusable_stats(path: str, fingerprint: str, log: Log) -> ModelStats | None:
+    """Saved statistics when they were made from exactly this request, else None (saying why)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        stats = ModelStats.load(path)
+    except StatsError:
+        log(f"{path}: unreadable; calibrating again")
+        return None
+    if stats.fingerprint != fingerprint:
+        log(f"{path} was made from another model, other data or other options; calibrating again")
+        return None
+    log(f"reusing the statistics in {path} (same model, data and options)")
+    return stats
 
 
 def prune(
     hf_dir: str,
     out: str,
     *,
-    method: str,
+    method: str = DEFAULT_METHOD,
     budget: int | None = None,
     per_layer: int | None = None,
     data: DataSpec = DataSpec(),
     planner_options: Mapping[str, Any] | None = None,
-    calibration_options=None,
+    calibration_options: CalibrationOptions = CalibrationOptions(),
     work_dir: str | None = None,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: Mesh | None = None,
     overwrite: bool = False,
+    keep_work: bool = False,
     progress: bool = True,
+    log: Log = print,
 ) -> PruneResult:
-    """convert -> calibrate -> plan -> merge -> export, resumable at stage boundaries (and inside
-    calibration and export)."""
-    from conversion.atomic import OutputExistsError
-    from conversion.load import load_hf
-    from grape_jax.calibration import CalibrationOptions, calibrate
-    from grape_jax.plan import Plan
-    from grape_jax.planners import budget_from_per_layer, make_plan
+    """check -> load -> calibrate -> plan -> merge -> export (module docstring)."""
+    options = dict(planner_options or {})
+    out = check_output(out, overwrite=overwrite)
+    work_dir = os.path.abspath(work_dir or out.rstrip("/") + ".work")
+    if os.path.abspath(work_dir) == out:
+        raise ValueError(f"--work-dir {work_dir} must differ from --out")
+    cfg = model_config(hf_dir)
+    check_plan_request(cfg, method=method, budget=budget, per_layer=per_layer, options=options)
+    data.check()
+    blocks = data.blocks(load_tokenizer(tokenizer_dir(hf_dir)), max_positions=cfg.max_position_embeddings)
+    fingerprint = calibration_fingerprint(model_fingerprint(hf_dir), cfg, blocks, calibration_options)
 
-    if os.path.exists(out) and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if (budget is None) == (per_layer is None):
-        raise ValueError("give exactly one of budget (total experts removed) or per_layer")
-    work_dir = work_dir or out.rstrip("/") + ".work"
     os.makedirs(work_dir, exist_ok=True)
-    loaded = load_hf(hf_dir, mesh=mesh)
-    cfg = loaded.cfg
     stats_path = os.path.join(work_dir, "stats.npz")
-    if os.path.isfile(stats_path):
-        stats = ModelStats.load(stats_path)
-    else:
-        tokenizer = load_tokenizer(hf_dir)
-        blocks = token_blocks(data, tokenizer, max_positions=cfg.max_position_embeddings)
-        stats = calibrate(
-            loaded.params, cfg, blocks, options=calibration_options or CalibrationOptions(), mesh=mesh,
-            meta={"model": os.path.abspath(hf_dir), "data": data.describe()},
-            resume_dir=os.path.join(work_dir, "calibration"), progress=progress,
-        )
+    stats = _reusable_stats(stats_path, fingerprint, log)
+    model = load_model(hf_dir, mesh=mesh)
+    if stats is None:
+        progress_dir = os.path.join(work_dir, "calibration")
+        _drop_stale_progress(progress_dir, fingerprint, log)
+        try:
+            stats = calibrate(model, blocks, options=calibration_options, meta={"data": data.record()},
+                              resume_dir=progress_dir, progress=progress, log=log)
+        except CalibrationInterrupted as e:
+            raise Interrupted(f"interrupted during calibration; statistics of {e.saved} of {e.total} blocks are "
+                              f"saved in {progress_dir}: run the same command again to resume") from None
         stats.save(stats_path)
-    total = budget if budget is not None else budget_from_per_layer(per_layer, stats)
-    plan_path = os.path.join(work_dir, f"plan-{method}-{total}.json")
-    if os.path.isfile(plan_path):
-        plan = Plan.load(plan_path)
-    else:
-        plan = make_plan(method, stats, budget=total, stats_sha256=file_sha256(stats_path),
-                         **dict(planner_options or {}))
-        plan.save(plan_path)
-    params, new_cfg = apply_plan(loaded.params, cfg, plan)
-    from conversion.export import check_expert_counts
-
-    check_expert_counts(new_cfg, loaded.family)  # before any work is written
-    export_pruned(params, new_cfg, original_cfg=cfg, family=loaded.family, out=out,
-                  base_config=loaded.hf_config, source_dir=hf_dir, plan=plan, stats=stats,
-                  calibration=data.describe(), overwrite=overwrite, log=print if progress else None)
-    return PruneResult(out=out, plan=plan, stats=stats, cfg_before=cfg, cfg_after=new_cfg)
-
-
-def parse_per_layer_list(text: str) -> Sequence[int]:
+        shutil.rmtree(progress_dir, ignore_errors=True)
+    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **options)
+    plan.save(os.path.join(work_dir, "plan.json"))
+    merged = apply_plan(model, plan)
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected a comma-separated list of integers, got {text!r}") from None
+        save_hf(merged, out, overwrite=overwrite, log=log if progress else None)
+    except KeyboardInterrupt:
+        partial = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+        raise Interrupted(f"interrupted during export; the shards written so far are kept in {partial}: run the "
+                          f"same command again to resume") from None
+    if not keep_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return PruneResult(out=out, plan=plan, stats=stats, cfg_before=cfg, cfg_after=merged.cfg)
+
+
+def _drop_stale_progress(directory: str, fingerprint: str, log: Log) -> None:
+    """Remove saved calibration progress that belongs to another request (it can never be resumed)."""
+    if not os.path.isdir(directory):
+        return
+    try:
+        with Progress(directory, fingerprint=fingerprint) as saved:
+            saved.meta()
+    except ResumeError:
+        log(f"{directory}: saved calibration progress is for another model, data or options; starting afresh")
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def blocks_for(path: str, spec: DataSpec, *, heldout: bool = False) -> np.ndarray:
+    """Token blocks of `spec` with the tokenizer of the model at `path` (HF dir or checkpoint)."""
+    spec.check()
+    return spec.blocks(load_tokenizer(tokenizer_dir(path)), max_positions=model_config(path).max_position_embeddings,
+                       heldout=heldout)

@@ -16,14 +16,16 @@ How a group becomes one expert (the operator, chosen independently of the groupi
   'drop'      pruning planners only: every group is a singleton, removed experts are in `dropped`
 Router rule: 'dominant' (the dominant member's router column; default) or 'mean' (α-weighted mean).
 
-The plan also records the recipe: method, budget (experts removed in total), options, seed, the stats
-file's sha256 and diagnostics. `kept_per_layer` is written to JSON for readers; it is derived from the
+The plan also records the recipe: method, budget (experts removed in total), options, seed, what it was
+made from (`made_from`: the statistics' fingerprint, the model's and the calibration data) and
+diagnostics. `kept_per_layer` is written to JSON for readers; it is derived from the
 groups, so it is recomputed (not trusted) on load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
+from grape_jax.atomic import atomic_write_text
 from grape_jax.stats import LayerStats, ModelStats
 
 OPERATORS = ("freq", "uniform", "dominant", "aligned")
@@ -112,12 +115,19 @@ class Plan:
     router_rule: str = "dominant"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int | None = None
-    stats_sha256: str | None = None
+    made_from: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     diagnostics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def num_removed(self) -> int:
         return sum(lp.num_experts_before - lp.num_kept for lp in self.layers)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of what the plan does (method, operator, groups, weights, made_from), not its diagnostics."""
+        d = self.to_dict()
+        d.pop("diagnostics")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     @property
     def kept_per_layer(self) -> tuple[int, ...]:
@@ -139,24 +149,6 @@ class Plan:
         if self.num_removed != self.budget:
             raise PlanError(f"budget: plan removes {self.num_removed} experts but its budget is {self.budget}")
 
-    def validate_against(
-        self, num_experts_per_layer: Sequence[int], *, top_k: int, min_experts: int = 0
-    ) -> None:
-        """Refuse a plan made for another model (MoE layers in order), or one that breaks the floor."""
-        if len(num_experts_per_layer) != len(self.layers):
-            raise PlanError(
-                f"plan has {len(self.layers)} MoE layers, the model has {len(num_experts_per_layer)}"
-            )
-        floor = max(top_k, min_experts)
-        for lp, n in zip(self.layers, num_experts_per_layer, strict=True):
-            if lp.num_experts_before != n:
-                raise PlanError(f"layer {lp.layer}: plan is for {lp.num_experts_before} experts, the model has {n}")
-            if lp.num_kept < floor:
-                raise PlanError(
-                    f"layer {lp.layer}: plan keeps {lp.num_kept} experts, below the floor {floor} "
-                    f"(max(top_k={top_k}, min_experts={min_experts}))"
-                )
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
@@ -165,7 +157,7 @@ class Plan:
             "router_rule": self.router_rule,
             "options": _json_native(self.options),
             "seed": self.seed,
-            "stats_sha256": self.stats_sha256,
+            "made_from": _json_native(self.made_from),
             "diagnostics": _json_native(self.diagnostics),
             "kept_per_layer": list(self.kept_per_layer),
             "layers": [
@@ -203,9 +195,7 @@ class Plan:
         return cls.from_dict(data, source=source)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the JSON atomically (temp file beside `path`, then os.replace)."""
-        from conversion.atomic import atomic_write_text
-
+        """Write the JSON atomically (never half-written)."""
         atomic_write_text(path, self.to_json())
 
     @classmethod
@@ -280,9 +270,8 @@ def _parse_layer(x: Any, where: str) -> LayerPlan:
 def _parse_plan(d: Any) -> Plan:
     layers = _list(_field(d, "layers", "plan"), "layers")
     seed = d.get("seed")
-    sha = d.get("stats_sha256")
-    options, diagnostics = d.get("options", {}), d.get("diagnostics", {})
-    for name, value in (("options", options), ("diagnostics", diagnostics)):
+    options, diagnostics, made_from = d.get("options", {}), d.get("diagnostics", {}), d.get("made_from", {})
+    for name, value in (("options", options), ("diagnostics", diagnostics), ("made_from", made_from)):
         if not isinstance(value, Mapping):
             raise PlanError(f"{name}: expected a JSON object, got {type(value).__name__}")
     return Plan(
@@ -293,7 +282,7 @@ def _parse_plan(d: Any) -> Plan:
         router_rule=_str(d.get("router_rule", "dominant"), "router_rule"),
         options=dict(options),
         seed=None if seed is None else _int(seed, "seed"),
-        stats_sha256=None if sha is None else _str(sha, "stats_sha256"),
+        made_from=dict(made_from),
         diagnostics=dict(diagnostics),
     )
 
@@ -377,7 +366,6 @@ def build_plan(
     dominant_per_layer: Sequence[Sequence[int] | None] | None = None,
     options: Mapping[str, Any] | None = None,
     seed: int | None = None,
-    stats_sha256: str | None = None,
     diagnostics: Mapping[str, Any] | None = None,
 ) -> Plan:
     """The one way planners make a Plan: canonical groups, operator weights, validated."""
@@ -394,12 +382,12 @@ def build_plan(
                                  strict=True)
     )
     plan = Plan(layers=layers, method=method, budget=int(budget), operator=operator, router_rule=router_rule,
-                options=_json_native(dict(options or {})), seed=seed, stats_sha256=stats_sha256,
+                options=_json_native(dict(options or {})), seed=seed,
                 diagnostics=_json_native(dict(diagnostics or {})))
     plan.validate()
     for ls, groups in zip(stats.layers, groups_per_layer, strict=True):
-        kept = len(groups)
-        if kept % ls.count_multiple or kept < ls.min_count:
-            raise PlanError(f"{method}: layer {ls.layer} keeps {kept} experts; its router needs a multiple of "
-                            f"{ls.count_multiple}, at least {ls.min_count}")
+        wanted = min(int(plan.options.get("min_experts", 0)), ls.num_experts)  # a smaller layer stays as it is
+        problem = ls.expert_rule.problem(len(groups), min_experts=wanted)
+        if problem:
+            raise PlanError(f"{method}: layer {ls.layer} {problem}")
     return plan

@@ -1,4 +1,10 @@
-"""What travels with every export: `recipe.json` (how it was made) and a README model card."""
+"""What travels with every export: `recipe.json` (how the model was made) and a README model card.
+
+Both are built from the model's own provenance (`ModelInfo.provenance`: where it was loaded from with
+that source's fingerprint, and every plan applied with the statistics, data and model it was made
+from), so an export made stage by stage and one made by `grape prune` carry the same recipe, and a
+recipe cannot disagree with the fingerprints it was built from.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,14 @@ import platform
 from collections.abc import Mapping
 from typing import Any
 
-from grape_jax.config import MoEConfig
-from grape_jax.params import count_params, param_specs
+from grape_jax.model import ModelInfo, MoEModel
+from grape_jax.params import count_params
 
 PACKAGES = ("grape-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "torch")
+
+
+class RecipeError(ValueError):
+    """Provenance that does not hold together (a plan applied to another model than it was made for)."""
 
 
 def package_versions() -> dict[str, str | None]:
@@ -24,40 +34,50 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def expert_param_count(cfg: MoEConfig) -> int:
-    """Parameters that scale with the number of routed experts (experts, router columns, biases)."""
-    total = 0
-    for spec in param_specs(cfg).values():
-        if spec.expert_axis is not None:
-            n = 1
-            for s in spec.shape:
-                n *= s
-            total += n
-    return total
+def check_provenance(records: list[Mapping[str, Any]]) -> None:
+    """Every merge record's plan was made for the model the records before it describe."""
+    for n, record in enumerate(records):
+        if record.get("stage") != "merge":
+            continue
+        made_for = (record.get("plan") or {}).get("made_from", {}).get("model_fingerprint")
+        before = ModelInfo.create(provenance=records[:n]).fingerprint
+        if made_for and before and made_for != before:
+            raise RecipeError(f"provenance record {n}: the plan applied here was made from model {made_for[:12]}, "
+                              f"but was applied to model {before[:12]}")
 
 
-def build_recipe(
-    *,
-    plan: Mapping[str, Any],
-    before: MoEConfig,
-    after: MoEConfig,
-    source: str,
-    stats_meta: Mapping[str, Any] | None = None,
-    calibration: Mapping[str, Any] | None = None,
-    seed: int | None = None,
-) -> dict[str, Any]:
+def build_recipe(model: MoEModel) -> dict[str, Any]:
+    """recipe.json of `model` (see module docstring)."""
+    records = model.info.provenance
+    check_provenance(records)
+    load = next((r for r in records if r.get("stage") == "load"), {})
+    merges = [r for r in records if r.get("stage") == "merge"]
+    plan = merges[-1].get("plan", {}) if merges else {}
+    made_from = plan.get("made_from", {})
+    first_counts = list(model.cfg.num_experts)
+    if merges:
+        first_plan = merges[0].get("plan", {})
+        before = {lp["layer"]: lp["num_experts_before"] for lp in first_plan.get("layers", [])}
+        first_counts = [before.get(layer, e) for layer, e in enumerate(model.cfg.num_experts)]
+    cfg_before = model.cfg.with_num_experts(tuple(first_counts))
     return {
-        "source_model": source,
+        "source_model": {"path": load.get("source", model.info.source), "fingerprint": load.get("fingerprint")},
+        "model_fingerprint": model.info.fingerprint,
         "method": plan.get("method"),
         "budget": plan.get("budget"),
-        "seed": seed if seed is not None else plan.get("seed"),
-        "num_experts_before": list(before.num_experts),
-        "num_experts_after": list(after.num_experts),
-        "params_before": count_params(before),
-        "params_after": count_params(after),
-        "calibration": dict(calibration or {}),
-        "stats": dict(stats_meta or {}),
-        "plan": dict(plan),
+        "operator": plan.get("operator"),
+        "router_rule": plan.get("router_rule"),
+        "options": plan.get("options", {}),
+        "seed": plan.get("seed"),
+        "num_experts_before": first_counts,
+        "num_experts_after": list(model.cfg.num_experts),
+        "params_before": count_params(cfg_before),
+        "params_after": count_params(model.cfg),
+        "calibration": {"data": made_from.get("data"), "run": made_from.get("calibration"),
+                        "stats_fingerprint": made_from.get("stats_fingerprint"),
+                        "model_fingerprint": made_from.get("model_fingerprint")},
+        "plan": plan,
+        "provenance": records,
         "versions": package_versions(),
     }
 
@@ -82,12 +102,17 @@ def model_card(recipe: Mapping[str, Any], *, uniform: bool) -> str:
         else "Layers keep different numbers of experts (`num_experts_per_layer` in config.json); the "
         "small modeling file shipped here (registered through `auto_map`) reuses the stock "
         "transformers classes and only sets each layer's expert count, so loading needs "
-        "`trust_remote_code=True` and works offline."
+        "`trust_remote_code=True` and works offline. The tokenizer loads without it."
     )
-    return f"""# {recipe['source_model']} pruned with grape-jax ({recipe['method']})
+    data = (recipe.get("calibration") or {}).get("data") or {}
+    files = ", ".join(f"`{f['path']}` (sha256 {f['sha256'][:12]})" for f in data.get("files", [])) or "unknown"
+    source = recipe["source_model"]
+    fingerprint = (source.get("fingerprint") or "unknown")[:16]
+    stages = ", ".join(r.get("stage", "?") for r in recipe.get("provenance", []))
+    return f"""# {source['path']} pruned with grape-jax ({recipe['method']})
 
 Experts removed in total: **{sum(before) - sum(after)}** (budget {recipe['budget']}), method
-`{recipe['method']}`, seed {recipe['seed']}. Parameters: {pb:,} -> {pa:,}
+`{recipe['method']}`, operator `{recipe['operator']}`, seed {recipe['seed']}. Parameters: {pb:,} -> {pa:,}
 ({100.0 * (pb - pa) / pb:.1f}% fewer).
 
 | layer | experts before | after | removed |
@@ -103,8 +128,12 @@ from transformers import AutoModelForCausalLM
 
 {note}
 
+## How it was made
+
+Source model fingerprint `{fingerprint}`; calibration data {files}
+({data.get('num_samples')} blocks of {data.get('seq_len')} tokens, seed {data.get('seed')}); stages: {stages}.
 `recipe.json` records the plan (which original experts were merged or dropped in each layer), the
-calibration data specification, statistics summary and package versions.
+fingerprints of the source model, the statistics and the data, and the package versions.
 """
 
 

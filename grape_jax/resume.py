@@ -1,69 +1,79 @@
-"""Resumable long runs: save a pytree carry plus a progress counter, restore it after a kill.
+"""Resumable long loops (calibration, healing): a pytree carry saved with its loop position through
+Orbax's `CheckpointManager`, restored after a kill.
 
-Layout: `DIR/progress.json` ({fingerprint, next, state}) names the last complete Orbax state directory
-`DIR/state-<next>`. The JSON is replaced atomically only after its state is fully written, so a run
-killed at any point resumes from the last completed unit, never from a half-written one.
+Each save is one Orbax step (`DIR/<next unit>/`: the carry in `state`, {fingerprint, next, extra} in
+`meta`); Orbax writes a step into a temporary directory and renames it when complete, and keeps the last
+`keep` complete steps, so a run killed at any point resumes from the last completed save, never from a
+half-written one. The fingerprint names the job (data, model, options): progress of another job is
+refused, never mixed in.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-
-PROGRESS = "progress.json"
 
 
 class ResumeError(ValueError):
     """Saved progress that belongs to another run."""
 
 
-def save_progress(directory: str | os.PathLike, carry: Any, next_unit: int, *, fingerprint: str) -> None:
-    directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
-    state_name = f"state-{next_unit}"
-    state_dir = os.path.join(directory, state_name)
-    if os.path.exists(state_dir):
-        shutil.rmtree(state_dir)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(state_dir, carry)
-    previous = _read(directory)
-    tmp = os.path.join(directory, PROGRESS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fingerprint, "next": next_unit, "state": state_name}, f)
-    os.replace(tmp, os.path.join(directory, PROGRESS))
-    if previous and previous["state"] != state_name:
-        shutil.rmtree(os.path.join(directory, previous["state"]), ignore_errors=True)
+class Progress:
+    """A directory of resumable progress for one job (`fingerprint`)."""
 
+    def __init__(self, directory: str | os.PathLike, *, fingerprint: str, keep: int = 1):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.fingerprint = fingerprint
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
-def _read(directory: str) -> dict[str, Any] | None:
-    path = os.path.join(directory, PROGRESS)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    def __enter__(self) -> Progress:
+        return self
 
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-def load_progress(
-    directory: str | os.PathLike, template: Any, *, fingerprint: str
-) -> tuple[Any, int] | None:
-    """(carry, next unit) from the last completed save, or None when there is none yet."""
-    directory = os.path.abspath(os.fspath(directory))
-    progress = _read(directory)
-    if progress is None:
-        return None
-    if progress["fingerprint"] != fingerprint:
-        raise ResumeError(
-            f"{directory}: holds progress of a different run (other data, model or options); "
-            f"remove it or choose another output"
+    def close(self) -> None:
+        self._manager.close()
+
+    @property
+    def latest(self) -> int | None:
+        """The loop position of the last complete save, or None."""
+        return self._manager.latest_step()
+
+    def save(self, carry: Any, next_unit: int, *, extra: dict[str, Any] | None = None) -> None:
+        """Save `carry` as the state after `next_unit` units (replacing an older save)."""
+        if self.latest == next_unit:
+            return
+        meta = {"fingerprint": self.fingerprint, "next": int(next_unit), "extra": dict(extra or {})}
+        self._manager.save(next_unit, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(carry), meta=ocp.args.JsonSave(meta)))
+        self._manager.wait_until_finished()
+
+    def meta(self) -> dict[str, Any] | None:
+        """The metadata of the last complete save (None when there is none); refuses another job's."""
+        step = self.latest
+        if step is None:
+            return None
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ResumeError(
+                f"{self.directory}: holds progress of a different run (other data, model or options); "
+                f"remove it or choose another output"
+            )
+        return meta
+
+    def restore(self, template: Any) -> tuple[Any, int, dict[str, Any]] | None:
+        """(carry shaped and placed like `template`, next unit, extra) from the last save, or None."""
+        meta = self.meta()
+        if meta is None:
+            return None
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), template
         )
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), template
-    )
-    with ocp.StandardCheckpointer() as ckptr:
-        carry = ckptr.restore(os.path.join(directory, progress["state"]), abstract)
-    return carry, int(progress["next"])
+        restored = self._manager.restore(
+            int(meta["next"]), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        return restored["state"], int(meta["next"]), dict(meta.get("extra", {}))

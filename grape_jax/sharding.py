@@ -16,8 +16,6 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from grape_jax import params as P
-
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 
@@ -50,6 +48,36 @@ class ShardingRules:
 DEFAULT_RULES = ShardingRules()
 
 
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """Where a model's arrays live: the device mesh (None: the first local device) and the rules that
+    map logical axes onto it. One value travels with the model through loading, calibration, merge and
+    export, so no stage can pair a mesh with other rules than the ones the parameters were placed by."""
+
+    mesh: Mesh | None = None
+    rules: ShardingRules = DEFAULT_RULES
+
+    def sharding(self, shape: Sequence[int], axes: Sequence[str | None]) -> jax.sharding.Sharding:
+        """Where an array of `shape` with logical `axes` goes (replicated along non-dividing axes)."""
+        if self.mesh is None:
+            return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return NamedSharding(self.mesh, logical_to_pspec(shape, axes, self.mesh, self.rules))
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many ways a batch is split (batches are padded to a multiple of this)."""
+        return data_parallel_size(self.mesh, self.rules)
+
+    def put_batch(self, x: np.ndarray) -> jax.Array:
+        """A host [batch, ...] array placed with its batch over the data axes (replicated when the batch
+        does not divide them; on one device, simply put there)."""
+        if self.mesh is None:
+            return jax.device_put(x, self.sharding(x.shape, (None,) * x.ndim))
+        if x.shape[0] % self.data_parallel_size:
+            return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
+        return shard_batch(x, self.mesh, self.rules)
+
+
 def parse_mesh_spec(spec: str | Mapping[str, int] | None) -> dict[str, int]:
     """'expert=4,fsdp=2' -> {'data': 1, 'fsdp': 2, 'expert': 4, 'tensor': 1}."""
     sizes = {axis: 1 for axis in MESH_AXES}
@@ -74,27 +102,40 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None) -> dict[str, int]:
 def make_mesh(
     spec: str | Mapping[str, int] | None = None, *, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """A mesh over all four named axes (unused ones have size 1); `data` absorbs leftover devices
-    when the spec names fewer devices than exist and `data` is not given."""
+    """A mesh over all four named axes (unused ones have size 1) and every device: when `data` is not
+    named it takes the devices the other axes leave (their product must divide the device count); a
+    spec that would leave devices idle, or needs more than exist, is refused."""
     sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)
     named = math.prod(sizes.values())
     given = spec if isinstance(spec, Mapping) else dict(
         p.split("=", 1) for p in (spec or "").split(",") if "=" in p
     )
+    text = spec if isinstance(spec, str) else ",".join(f"{k}={v}" for k, v in (spec or {}).items())
     if named != len(devices):
         if "data" not in given and len(devices) % named == 0:
             sizes["data"] = len(devices) // named
-        elif named < len(devices):
-            devices = devices[:named]
+        elif named > len(devices):
+            raise MeshError(f"--mesh {text}: needs {named} devices, {len(devices)} are available")
         else:
-            raise MeshError(
-                f"mesh {sizes} needs {named} devices but {len(devices)} are available"
-            )
+            hint = "name axis sizes whose product is " + str(len(devices))
+            if "data" not in given:
+                hint += f" or divides it (data takes the rest; {len(devices)} is not a multiple of {named})"
+            raise MeshError(f"--mesh {text}: uses {named} of the {len(devices)} devices; {hint}")
     shape = tuple(sizes[a] for a in MESH_AXES)
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
+
+
+def describe_mesh(mesh: Mesh | None) -> str:
+    """One line saying what runs where (printed by the CLI)."""
+    if mesh is None:
+        device = jax.local_devices()[0]
+        return f"mesh: none (one {device.platform} device)"
+    axes = " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+    platform = mesh.devices.flat[0].platform
+    return f"mesh: {axes} on {mesh.devices.size} {platform} devices ({jax.process_count()} process(es))"
 
 
 def logical_to_pspec(
@@ -122,19 +163,6 @@ def logical_to_pspec(
     while parts and parts[-1] is None:
         parts.pop()
     return PartitionSpec(*parts)
-
-
-def param_shardings(
-    specs: Mapping[str, P.ParamSpec], mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES
-) -> dict[str, jax.sharding.Sharding]:
-    """Sharding of every parameter of a `param_specs` table (the first local device when no mesh)."""
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return {name: device for name in specs}
-    return {
-        name: NamedSharding(mesh, logical_to_pspec(spec.shape, spec.axes, mesh, rules))
-        for name, spec in specs.items()
-    }
 
 
 def batch_sharding(mesh: Mesh, rank: int = 2, rules: ShardingRules = DEFAULT_RULES) -> NamedSharding:

@@ -11,11 +11,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from grape_jax.atomic import atomic_write, atomic_write_text
+from grape_jax.config import ExpertCountRule, MoEConfig
 
 SIMILARITY_METRICS = ("cka", "cos_mean", "router", "weight")
 
@@ -54,6 +57,16 @@ class LayerStats:
     def num_experts(self) -> int:
         return int(self.freq.shape[0])
 
+    @property
+    def expert_rule(self) -> ExpertCountRule:
+        """The expert counts this layer's router can keep (recorded by calibration from the config)."""
+        return ExpertCountRule(self.top_k, max(self.min_count, self.top_k), self.count_multiple)
+
+    @property
+    def routing_share(self) -> np.ndarray:
+        """Each expert's share of the layer's routed top-k slots (`freq / top_k`; sums to 1)."""
+        return self.freq / self.top_k
+
     def similarity(self, metric: str) -> np.ndarray:
         if metric not in self.sim:
             raise StatsError(
@@ -64,10 +77,12 @@ class LayerStats:
 
     def validate(self) -> None:
         e = self.num_experts
-        if self.count_multiple < 1 or e % self.count_multiple:
-            raise StatsError(
-                f"layer {self.layer}: {e} experts is not a multiple of count_multiple={self.count_multiple}"
-            )
+        if self.count_multiple < 1 or self.top_k < 1:
+            raise StatsError(f"layer {self.layer}: count_multiple and top_k must be >= 1, got "
+                             f"{self.count_multiple} and {self.top_k}")
+        problem = self.expert_rule.problem(e)
+        if problem:
+            raise StatsError(f"layer {self.layer} {problem}")
         vectors = {"freq": self.freq, "gate_mass": self.gate_mass, "reap": self.reap}
         matrices = dict(self.sim)
         if self.routed_m is not None:
@@ -93,6 +108,24 @@ class ModelStats:
 
     layers: tuple[LayerStats, ...]
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """The calibration's identity (model, tokens, options) recorded by `calibrate`; '' if unknown."""
+        return str(self.meta.get("fingerprint", ""))
+
+    @property
+    def model_fingerprint(self) -> str:
+        """The fingerprint of the model the statistics were computed on; '' if unknown."""
+        model = self.meta.get("model")
+        return str(model.get("fingerprint", "")) if isinstance(model, Mapping) else ""
+
+    def provenance(self) -> dict[str, Any]:
+        """What a plan made from these statistics records of them (`Plan.made_from`)."""
+        model = self.meta.get("model") if isinstance(self.meta.get("model"), Mapping) else {}
+        return {"stats_fingerprint": self.fingerprint, "model_fingerprint": self.model_fingerprint,
+                "model_source": model.get("source", ""), "data": self.meta.get("data"),
+                "calibration": self.meta.get("calibration")}
 
     def validate(self) -> None:
         if not self.layers:
@@ -121,11 +154,7 @@ class ModelStats:
         arrays["__header__"] = np.frombuffer(
             json.dumps({"layers": header, "meta": dict(self.meta)}).encode(), dtype=np.uint8
         )
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz", delete=False) as tmp:
-            np.savez(tmp, **arrays)
-        os.replace(tmp.name, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         summary = {
             "meta": dict(self.meta),
             "sha256": file_sha256(path),
@@ -143,23 +172,29 @@ class ModelStats:
                 for ls in self.layers
             ],
         }
-        with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".json", delete=False) as tmp:
-            json.dump(summary, tmp, indent=1)
-        os.replace(tmp.name, path + ".json")
+        atomic_write_text(path + ".json", json.dumps(summary, indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelStats:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise StatsError(f"{path}: stats file not found")
-        try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise StatsError(f"{path}: not a grape-jax stats file (expected the .npz archive `grape calibrate` "
+                                 f"writes)")
+        try:  # arrays only: object arrays (pickles) are refused by allow_pickle=False
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise StatsError(f"{path}: not a readable stats .npz ({e})") from None
+        except (OSError, ValueError, zipfile.BadZipFile):
+            raise StatsError(f"{path}: not a readable stats .npz archive (damaged, or holds non-array data)") from None
         if "__header__" not in data:
             raise StatsError(f"{path}: missing '__header__' entry; not a grape-jax stats file")
-        header = json.loads(bytes(data["__header__"]).decode())
+        try:
+            header = json.loads(bytes(data["__header__"]).decode())
+            header["layers"]
+        except (ValueError, KeyError, TypeError):
+            raise StatsError(f"{path}: '__header__' is not the JSON header grape-jax writes") from None
         layers = []
         for n, h in enumerate(header["layers"]):
             p = f"l{n}."
@@ -208,3 +243,25 @@ def _mean_offdiag(m: np.ndarray | None) -> float | None:
         return None
     e = m.shape[0]
     return float((m.sum() - np.trace(m)) / (e * (e - 1)))
+
+
+def neutral_stats(cfg: MoEConfig) -> ModelStats:
+    """Statistics with the model's MoE layers, expert counts and routing rules and arbitrary but valid
+    values (seeded): planners run on them to check a request (method, options, budget against the
+    floors) from config.json alone, before any weight is loaded or token calibrated."""
+    rng = np.random.default_rng(0)
+    layers = []
+    for layer in cfg.moe_layers:
+        e = cfg.num_experts[layer]
+        y = rng.standard_normal((e, 8))
+        gram = y @ y.T
+        norm = np.sqrt(np.diag(gram))
+        sim = np.clip(gram / np.outer(norm, norm), 0.0, 1.0)
+        np.fill_diagonal(sim, 1.0)
+        freq = np.full(e, cfg.top_k / e)
+        layers.append(LayerStats(
+            layer=layer, num_tokens=1, top_k=cfg.top_k, freq=freq, gate_mass=np.full(e, 1.0 / e), reap=np.ones(e),
+            sim={m: sim for m in SIMILARITY_METRICS}, routed_m=freq[:, None] * gram,
+            routed_n=freq[:, None] * np.diag(gram)[None, :], count_multiple=cfg.expert_count_multiple,
+            min_count=cfg.min_routable_experts))
+    return ModelStats(layers=tuple(layers), meta={"neutral": True})

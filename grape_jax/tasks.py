@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any
 
-from grape_jax.evaluate import Example
+from grape_jax.evaluate import Example, LogitsFn, multiple_choice
 
 
 class TaskError(ValueError):
@@ -126,3 +126,21 @@ def sample_task_path(task: str) -> str:
     """Path of the tiny hand-written sample shipped for `task` (format reference and tests)."""
     name = "arc" if task.startswith("arc") else task
     return str(resources.files("grape_jax").joinpath("assets", "tasks", f"{name}.jsonl"))
+
+
+def evaluate_tasks(
+    logits_fn: LogitsFn,
+    tokenizer,
+    task_files: Mapping[str, str | os.PathLike],
+    *,
+    batch_size: int = 8,
+    max_length: int = 2048,
+    add_bos: bool = True,
+) -> dict[str, dict[str, float]]:
+    """{task: {"acc", "acc_norm", "n"}} for local JSONL task files (formats above)."""
+    if not task_files:
+        raise TaskError("no task files given (expected {task name: path to a JSONL file})")
+    loaded = {task: load_task(task, path) for task, path in task_files.items()}  # all errors before any compute
+    return {task: multiple_choice(logits_fn, tokenizer, examples, batch_size=batch_size, max_length=max_length,
+                                  add_bos=add_bos)
+            for task, examples in loaded.items()}

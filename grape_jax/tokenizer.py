@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from grape_jax.data import default_calibration_texts
+
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 _BYTE_ALPHABET = 256
 _CACHE: dict[int, PreTrainedTokenizerFast] = {}
@@ -56,7 +58,5 @@ def default_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
 
     The cached object is shared: do not mutate it (copy.deepcopy it first if you must)."""
     if vocab_size not in _CACHE:
-        from grape_jax.data import default_calibration_texts
-
         _CACHE[vocab_size] = train_tokenizer(default_calibration_texts(), vocab_size=vocab_size)
     return _CACHE[vocab_size]

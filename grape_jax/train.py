@@ -68,7 +68,7 @@ def train(
 ) -> tuple[dict[str, jax.Array], list[float]]:
     """Train from random init on token blocks [n, T]; returns parameters and the NLL curve."""
     rng = np.random.default_rng(options.seed)
-    params = init_params(cfg, jax.random.key(options.seed), scale=options.init_scale)
+    params = {k: jnp.asarray(v) for k, v in init_params(cfg, seed=options.seed, scale=options.init_scale).items()}
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, options.learning_rate, options.warmup, max(options.steps, options.warmup + 1)
     )

@@ -257,16 +257,17 @@ def _resident(jax, params) -> int:
 def child_convert(directory: str, devices: int, mesh_spec: str) -> dict:
     jax = _init_jax(devices)
     from conversion.load import load_hf
+    from grape_jax.model import param_view
 
     mesh, spec = _mesh(jax, mesh_spec)
     base = proc_status()["VmRSS"]
     t0 = time.perf_counter()
-    loaded = load_hf(directory, mesh=mesh)
-    jax.block_until_ready(loaded.params)
+    params = param_view(load_hf(directory, mesh=mesh))
+    jax.block_until_ready(params)
     seconds = time.perf_counter() - t0
     status = proc_status()
-    resident = _resident(jax, loaded.params)
-    logical = sum(a.nbytes for a in loaded.params.values())
+    resident = _resident(jax, params)
+    logical = sum(a.nbytes for a in params.values())
     return {"seconds": seconds, "bytes": logical, "resident": resident, "base_rss": base,
             "peak_rss": status["VmHWM"], "end_rss": status["VmRSS"], "end_rss_file": status.get("RssFile", 0),
             "mesh": spec, "devices": len(jax.devices())}
@@ -276,15 +277,17 @@ def child_export(directory: str, devices: int, mesh_spec: str, out: str) -> dict
     jax = _init_jax(devices)
     from conversion.export import export_hf
     from conversion.load import load_hf
+    from grape_jax.model import param_view
 
     mesh, spec = _mesh(jax, mesh_spec)
     loaded = load_hf(directory, mesh=mesh)
-    jax.block_until_ready(loaded.params)
-    resident = _resident(jax, loaded.params)
+    params = param_view(loaded)
+    jax.block_until_ready(params)
+    resident = _resident(jax, params)
     reset = reset_peak_rss()
     base = proc_status()["VmRSS"]
     t0 = time.perf_counter()
-    export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config)
+    export_hf(loaded, out, copy_side_files=False)
     seconds = time.perf_counter() - t0
     status = proc_status()
     files = checkpoint_files(out)
@@ -294,7 +297,7 @@ def child_export(directory: str, devices: int, mesh_spec: str, out: str) -> dict
         os.fsync(fd)
         os.close(fd)
     sync = time.perf_counter() - t1
-    return {"seconds": seconds, "fsync_seconds": sync, "bytes": sum(a.nbytes for a in loaded.params.values()),
+    return {"seconds": seconds, "fsync_seconds": sync, "bytes": sum(a.nbytes for a in params.values()),
             "resident": resident, "base_rss": base, "peak_rss": status["VmHWM"], "peak_reset": reset,
             "mesh": spec}
 

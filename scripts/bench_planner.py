@@ -140,8 +140,8 @@ def main() -> None:
     for name, (layers, experts, k) in SHAPES.items():
         stats = random_stats(layers, experts, k)
         budget = int(args.fraction * layers * experts)
-        t_g, plan = _timed(lambda: make_plan("grape", stats, budget=budget), args.repeat)
-        t_r, plan_r = _timed(lambda: make_plan("grape-r", stats, budget=budget), args.repeat)
+        t_g, plan = _timed(lambda: make_plan(stats, method="grape", budget=budget), args.repeat)
+        t_r, plan_r = _timed(lambda: make_plan(stats, method="grape-r", budget=budget), args.repeat)
         t_n, naive = _timed(lambda: naive_grape(stats, budget), 1)
         t_nr, naive_r = _timed(lambda: naive_grape_r(stats, budget), 1)
         same = [list(map(list, lp.groups)) for lp in plan.layers] == naive

@@ -14,8 +14,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
+
+from conversion.load import family_of, load_hf, read_hf_config
+from grape_jax.atomic import atomic_write_json
+from grape_jax.calibration import CalibrationOptions, calibrate
+from grape_jax.cli_demo import default_variants
+from grape_jax.compare import run_comparison, write_report
+from grape_jax.data import DataSpec, load_tokenizer
+from grape_jax.evaluate import multiple_choice
+from grape_jax.merge import apply_plan
+from grape_jax.pipeline import blocks_for, model_config
+from grape_jax.planners import make_plan
+from grape_jax.sharding import make_mesh
+from grape_jax.tasks import load_task
 
 PRESETS = {
     # name: (model_type, MoE layers, experts, top_k, per-layer budgets)
@@ -52,46 +64,33 @@ class RunConfig:
 
 
 def run(rc: RunConfig) -> str:
-    from conversion.load import load_hf
-    from grape_jax.calibration import CalibrationOptions, calibrate
-    from grape_jax.cli_demo import default_variants
-    from grape_jax.compare import run_comparison, write_report
-    from grape_jax.evaluate import jax_logits_fn, multiple_choice
-    from grape_jax.pipeline import DataSpec, apply_plan, load_tokenizer, token_blocks
-    from grape_jax.planners import budget_from_per_layer, make_plan
-    from grape_jax.sharding import make_mesh
-    from grape_jax.tasks import load_task
-
     model_type, layers, experts, top_k, budgets = PRESETS[rc.preset]
     mesh = make_mesh(rc.mesh) if rc.mesh else None
-    loaded = load_hf(rc.hf_dir, mesh=mesh)
-    cfg = loaded.cfg
+    cfg = model_config(rc.hf_dir)  # checks before the weights are loaded
     if model_type is not None:
+        family = family_of(read_hf_config(rc.hf_dir), source=rc.hf_dir).name
         got = (len(cfg.moe_layers), max(cfg.num_experts), cfg.top_k)
-        if loaded.family.name != model_type or got != (layers, experts, top_k):
+        if family != model_type or got != (layers, experts, top_k):
             raise SystemExit(f"{rc.hf_dir}: preset {rc.preset} expects {model_type} {layers}x{experts} top-{top_k}, "
-                             f"found {loaded.family.name} {got[0]}x{got[1]} top-{got[2]}")
-    tok = load_tokenizer(rc.hf_dir)
-    cal = token_blocks(DataSpec(rc.calib, rc.text_field, rc.seq_len, rc.num_samples, 0), tok,
-                       max_positions=cfg.max_position_embeddings)
-    held = token_blocks(DataSpec(None, None, rc.seq_len, rc.eval_samples, 1), tok,
-                        max_positions=cfg.max_position_embeddings, heldout=True)
-    stats = calibrate(loaded.params, cfg, cal, options=CalibrationOptions(), mesh=mesh, meta={"preset": rc.preset})
+                             f"found {family} {got[0]}x{got[1]} top-{got[2]}")
+    calib = DataSpec(rc.calib, rc.text_field, rc.seq_len, rc.num_samples, 0)
+    cal = blocks_for(rc.hf_dir, calib)
+    held = blocks_for(rc.hf_dir, DataSpec(None, None, rc.seq_len, rc.eval_samples, 1), heldout=True)
+    tasks = {t: load_task(t, p) for t, p in rc.tasks.items()}
+    model = load_hf(rc.hf_dir, mesh=mesh)
+    stats = calibrate(model, cal, options=CalibrationOptions(), meta={"preset": rc.preset, "data": calib.record()})
     os.makedirs(rc.out, exist_ok=True)
     stats.save(os.path.join(rc.out, "stats.npz"))
     variants = default_variants(METHODS, budgets, operators=("dominant",))
-    original, rows = run_comparison(loaded.params, cfg, stats, variants, held)
+    original, rows = run_comparison(model, stats, variants, held)
     notes = f"Preset `{rc.preset}`, model `{rc.hf_dir}`, mesh `{rc.mesh}`, calibration {cal.size} tokens."
-    if rc.tasks:
-        acc = {"original": {t: multiple_choice(jax_logits_fn(loaded.params, cfg), tok, load_task(t, p))
-                            for t, p in rc.tasks.items()}}
+    if tasks:
+        tok = load_tokenizer(rc.hf_dir)
+        acc = {"original": {t: multiple_choice(model, tok, ex) for t, ex in tasks.items()}}
         for v in variants:
-            plan = make_plan(v.method, stats, budget=budget_from_per_layer(v.per_layer, stats), **dict(v.options))
-            merged, new_cfg = apply_plan(loaded.params, cfg, plan)
-            acc[f"{v.name} r={v.per_layer}"] = {t: multiple_choice(jax_logits_fn(merged, new_cfg), tok, load_task(t, p))
-                                                for t, p in rc.tasks.items()}
-        with open(os.path.join(rc.out, "zero_shot.json"), "w") as f:
-            json.dump(acc, f, indent=1)
+            merged = apply_plan(model, make_plan(stats, method=v.method, per_layer=v.per_layer, **dict(v.options)))
+            acc[f"{v.name} r={v.per_layer}"] = {t: multiple_choice(merged, tok, ex) for t, ex in tasks.items()}
+        atomic_write_json(os.path.join(rc.out, "zero_shot.json"), acc)
         notes += "\n\nZero-shot accuracies: `zero_shot.json`."
     return write_report(rc.out, original, rows, title=f"Reproduction: {rc.preset}", notes=notes)
 

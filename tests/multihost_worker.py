@@ -24,15 +24,15 @@ def run_pipeline(loaded, mesh, out: str) -> dict:
 
     from conversion.export import export_hf
     from grape_jax.calibration import CalibrationOptions, calibrate
-    from grape_jax.pipeline import apply_plan
+    from grape_jax.merge import apply_plan
     from grape_jax.planners import make_plan
 
     blocks = pipeline_blocks(loaded.cfg.vocab_size)
-    stats = calibrate(loaded.params, loaded.cfg, blocks, mesh=mesh, progress=False,
+    stats = calibrate(loaded, blocks, progress=False,
                       options=CalibrationOptions(batch_size=8, token_chunk=32, cka="exact"))
-    plan = make_plan("grape", stats, budget=3, operator="aligned", guard="none")  # aligned: collectives too
-    merged, cfg = apply_plan(loaded.params, loaded.cfg, plan)
-    export_hf(merged, cfg, loaded.family, out, base_config=loaded.hf_config, source_dir=None)
+    plan = make_plan(stats, method="grape", budget=3, operator="aligned", guard="none")  # aligned: collectives too
+    merged = apply_plan(loaded, plan)
+    export_hf(merged, out)
     return {"kept": list(plan.kept_per_layer), "freq": [np.round(ls.freq, 9).tolist() for ls in stats.layers]}
 
 
@@ -46,7 +46,11 @@ def mid_export_failure(loaded, out: str) -> dict:
     from conversion.safetensors_write import plan_shards
 
     max_shard_bytes = 60_000
-    entries, sources = export_module.hf_entries(export_module.bind(loaded.family, loaded.cfg), loaded.params)
+    from conversion.families import family_by_name
+    from grape_jax.model import param_view
+
+    entries, sources = export_module.hf_entries(export_module.bind(family_by_name(loaded.info.family), loaded.cfg),
+                                                param_view(loaded))
     shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
     sizes = [len(shard_gathers(s, sources)) for s in shards]
     fail_at = sizes[0] + sizes[1] // 2  # in the middle of the second shard
@@ -60,7 +64,7 @@ def mid_export_failure(loaded, out: str) -> dict:
 
     export_module.gather_slice = failing_gather
     try:
-        export_module.export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config,
+        export_module.export_hf(loaded, out,
                                 max_shard_bytes=max_shard_bytes)
         error = None
     except Exception as e:  # noqa: BLE001 - the report carries the type and message
@@ -103,7 +107,8 @@ def main(argv=None) -> int:
         args.num_processes * args.local_devices
     ), (jax.process_count(), jax.devices())
 
-    import conversion.distributed as dist
+    import grape_jax.multihost as dist
+    from grape_jax.model import param_view
     from conversion.load import load_hf
     from conversion.safetensors_io import CheckpointIndex
     from grape_jax.sharding import make_mesh
@@ -156,12 +161,12 @@ def main(argv=None) -> int:
         prefetched.clear()
         gathers["remote"] = 0
         loaded = load_hf(args.model, mesh=mesh)
-        jax.block_until_ready(loaded.params)
+        jax.block_until_ready(param_view(loaded))
         load_reads = list(reads)
         # Experts held by this process's devices and by the others, per stacked parameter.
         own: dict[str, set[int]] = {}
         other: dict[str, set[int]] = {}
-        for name, arr in loaded.params.items():
+        for name, arr in param_view(loaded).items():
             if not re.fullmatch(r"layers\.\d+\.mlp\.w_(gate|up|down)", name):
                 continue
             for dev, idx in arr.sharding.devices_indices_map(arr.shape).items():
@@ -185,13 +190,12 @@ def main(argv=None) -> int:
                                   f"devices ({sorted(other.get(param, set()))}), read by process "
                                   f"{jax.process_index()}")
         out = os.path.join(args.out, str(i))
-        returned = export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config,
-                             source_dir=args.model)
+        returned = export_hf(loaded, out)
         pipeline = run_pipeline(loaded, mesh, os.path.join(args.out, f"pipeline{i}")) if i == 0 else None
         refused = None
         if i == 0:  # the writer refuses an existing output: every process must stop, none may hang
             try:
-                export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config)
+                export_hf(loaded, out)
             except Exception as e:  # noqa: BLE001 - the report carries the type and message
                 refused = f"{type(e).__name__}: {e}"
         failed = mid_export_failure(loaded, os.path.join(args.out, "failed")) if i == 0 else None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conversion.load import load_hf
-from grape_jax.calibration import CalibrationOptions, calibrate
+from grape_jax.calibration import CalibrationInterrupted, CalibrationOptions, calibrate
 from grape_jax.sharding import make_mesh
 from grape_jax.stats import ModelStats, StatsError
 from tests.hf_models import random_tokens
@@ -16,7 +16,7 @@ OPTS = CalibrationOptions(batch_size=2, token_chunk=16, cka="exact")
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_mixtral):
+def model(tiny_mixtral):
     return load_hf(tiny_mixtral.path)
 
 
@@ -26,8 +26,8 @@ def blocks():
 
 
 @pytest.fixture(scope="module")
-def stats(loaded, blocks):
-    return calibrate(loaded.params, loaded.cfg, blocks, options=OPTS, progress=False)
+def stats(model, blocks):
+    return calibrate(model, blocks, options=OPTS, progress=False)
 
 
 def test_frequencies_are_transformers_top_k(tiny_mixtral, stats, blocks):
@@ -43,15 +43,15 @@ def test_frequencies_are_transformers_top_k(tiny_mixtral, stats, blocks):
         gates = torch.zeros_like(probs).scatter(1, torch.topk(probs, k, -1).indices, topv / topv.sum(-1, keepdim=True))
         np.testing.assert_allclose(ls.gate_mass, gates.mean(0).numpy(), rtol=1e-5)
     assert stats.meta["calibration"]["num_tokens"] == blocks.size
+    assert stats.model_fingerprint and stats.model_fingerprint == load_hf(tiny_mixtral.path).info.fingerprint
 
 
-def test_batching_and_sharding_do_not_change_stats(loaded, blocks, stats, tiny_mixtral):
-    other = calibrate(loaded.params, loaded.cfg, blocks, options=CalibrationOptions(batch_size=3, token_chunk=8, cka="exact"),
+def test_batching_and_sharding_do_not_change_stats(model, blocks, stats, tiny_mixtral):
+    other = calibrate(model, blocks, options=CalibrationOptions(batch_size=3, token_chunk=8, cka="exact"),
                       progress=False)
-    mesh = make_mesh("fsdp=2,expert=4")
-    sharded_params = load_hf(tiny_mixtral.path, mesh=mesh).params
-    sharded = calibrate(sharded_params, loaded.cfg, blocks, options=CalibrationOptions(batch_size=2, token_chunk=16, cka="exact"),
-                        mesh=make_mesh("data=2,expert=4"), progress=False)
+    sharded_model = load_hf(tiny_mixtral.path, mesh=make_mesh("data=2,expert=4"))
+    sharded = calibrate(sharded_model, blocks, options=CalibrationOptions(batch_size=2, token_chunk=16, cka="exact"),
+                        progress=False)
     for a, b, c in zip(stats.layers, other.layers, sharded.layers):
         for field in ("freq", "gate_mass", "reap", "routed_m", "routed_n"):
             np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-6)
@@ -71,11 +71,18 @@ def test_stats_file_round_trip(stats, tmp_path):
         np.testing.assert_array_equal(a.routed_m, b.routed_m)
 
 
-def test_bad_inputs(loaded, stats, tmp_path):
+def test_bad_inputs(model, stats, tmp_path):
     with pytest.raises(ValueError, match="non-empty"):
-        calibrate(loaded.params, loaded.cfg, np.zeros((0, 8), np.int32), options=OPTS, progress=False)
+        calibrate(model, np.zeros((0, 8), np.int32), options=OPTS, progress=False)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=128"):
-        calibrate(loaded.params, loaded.cfg, np.zeros((1, 129), np.int32), options=OPTS, progress=False)
+        calibrate(model, np.zeros((1, 129), np.int32), options=OPTS, progress=False)
+    with pytest.raises(ValueError, match="calibration option batch_size: expected an integer >= 1"):
+        CalibrationOptions(batch_size=0)
+    not_npz = tmp_path / "stats.txt"
+    not_npz.write_text("hello")
+    with pytest.raises(StatsError, match="not a grape-jax stats file") as e:
+        ModelStats.load(not_npz)
+    assert "pickle" not in str(e.value)
     bad = stats.layers[0]
     sim = dict(bad.sim)
     sim["cka"] = np.full_like(sim["cka"], np.nan)
@@ -87,11 +94,15 @@ def test_bad_inputs(loaded, stats, tmp_path):
         ModelStats.load(tmp_path / "bad.npz")
 
 
-def test_resume_after_interruption(loaded, blocks, stats, tmp_path, monkeypatch):
-    """Kill calibration after 3 of 4 batches; a rerun resumes there and gives the uninterrupted stats."""
+@pytest.mark.parametrize("every", ["batch", "interrupt"])
+def test_resume_after_interruption(model, blocks, tmp_path, monkeypatch, every):
+    """Ctrl-C in the 4th of 4 batches: the accumulators of 3 are saved (periodically, or on the
+    interrupt itself); a rerun computes only the last batch and gives the uninterrupted stats bit for bit."""
     import grape_jax.calibration as cal
 
-    opts = CalibrationOptions(batch_size=1, token_chunk=16, cka="exact", checkpoint_every=1)
+    opts = CalibrationOptions(batch_size=1, token_chunk=16, cka="exact", checkpoint_every=int(every == "batch"),
+                              checkpoint_seconds=0)
+    whole = calibrate(model, blocks, options=opts, progress=False)
     resume = tmp_path / "progress"
     real, calls = cal.calibration_step_jit, []
 
@@ -102,26 +113,42 @@ def test_resume_after_interruption(loaded, blocks, stats, tmp_path, monkeypatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cal, "calibration_step_jit", dying)
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(loaded.params, loaded.cfg, blocks, options=opts, progress=False, resume_dir=resume)
+    with pytest.raises(CalibrationInterrupted) as e:
+        calibrate(model, blocks, options=opts, progress=False, resume_dir=resume)
+    assert (e.value.saved, e.value.total) == (3, 4)
     calls.clear()
-    resumed = calibrate(loaded.params, loaded.cfg, blocks, options=opts, progress=False, resume_dir=resume)
+    resumed = calibrate(model, blocks, options=opts, progress=False, resume_dir=resume)
     assert len(calls) == 1  # only the last batch was computed again
-    for a, b in zip(stats.layers, resumed.layers):
-        np.testing.assert_allclose(b.freq, a.freq, atol=1e-12)
-        np.testing.assert_allclose(b.sim["cka"], a.sim["cka"], rtol=1e-4, atol=1e-5)
+    for a, b in zip(whole.layers, resumed.layers):
+        for field in ("freq", "gate_mass", "reap", "routed_m", "routed_n"):
+            np.testing.assert_array_equal(getattr(b, field), getattr(a, field))
+        for metric in a.sim:
+            np.testing.assert_array_equal(b.sim[metric], a.sim[metric])
     with pytest.raises(Exception, match="different run"):
-        calibrate(loaded.params, loaded.cfg, blocks[:2], options=opts, progress=False, resume_dir=resume)
+        calibrate(model, blocks[:2], options=opts, progress=False, resume_dir=resume)
+
+
+def test_periodic_saves_by_time(model, blocks, tmp_path, monkeypatch):
+    """checkpoint_seconds: a save whenever that much time has passed since the last one."""
+    import grape_jax.calibration as cal
+
+    saves = []
+    real_save = cal.Progress.save
+    monkeypatch.setattr(cal.Progress, "save", lambda self, carry, n, **kw: (saves.append(n), real_save(self, carry, n)))
+    clock = iter(range(0, 1000, 40))  # each call to the clock advances 40 s
+    monkeypatch.setattr(cal, "_clock", lambda: next(clock))
+    calibrate(model, blocks, options=CalibrationOptions(batch_size=1, token_chunk=16, cka="exact",
+                                                        checkpoint_seconds=60), progress=False,
+              resume_dir=tmp_path / "p")
+    assert saves == [2]  # 80 s after the start (the last batch needs no save: its stats are returned)
 
 
 @pytest.mark.parametrize("mesh_spec", [None, "fsdp=2,expert=4"])
-def test_one_compile_per_run(loaded, blocks, tiny_mixtral, mesh_spec):
+def test_one_compile_per_run(blocks, tiny_mixtral, mesh_spec):
     """Accumulators start where every step leaves them, so the jitted step compiles once, not twice."""
     from grape_jax.calibration import calibration_step_jit
 
-    mesh = None if mesh_spec is None else make_mesh(mesh_spec)
-    params = loaded.params if mesh is None else load_hf(tiny_mixtral.path, mesh=mesh).params
+    model = load_hf(tiny_mixtral.path, mesh=None if mesh_spec is None else make_mesh(mesh_spec))
     before = calibration_step_jit._cache_size()
-    calibrate(params, loaded.cfg, blocks, options=CalibrationOptions(batch_size=1, token_chunk=12, cka="exact"),
-              mesh=mesh, progress=False)
+    calibrate(model, blocks, options=CalibrationOptions(batch_size=1, token_chunk=12, cka="exact"), progress=False)
     assert calibration_step_jit._cache_size() - before == 1

@@ -16,6 +16,7 @@ from conversion.families.base import ConversionError
 from conversion.load import load_hf
 from conversion.safetensors_io import CheckpointError, CheckpointIndex
 from grape_jax.cli import main as grape
+from grape_jax.model import param_view
 from grape_jax.sharding import make_mesh
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
 
@@ -37,9 +38,8 @@ def bf16_mixtral(tmp_path_factory):
 
 @pytest.mark.parametrize("mesh_spec", [None, "fsdp=2,expert=4"])
 def test_hf_jax_hf_round_trip_is_bit_identical(tiny_mixtral, tmp_path, mesh_spec):
-    loaded = load_hf(tiny_mixtral.path, mesh=None if mesh_spec is None else make_mesh(mesh_spec))
-    out = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "out",
-                    base_config=loaded.hf_config, source_dir=tiny_mixtral.path)
+    model = load_hf(tiny_mixtral.path, mesh=None if mesh_spec is None else make_mesh(mesh_spec))
+    out = export_hf(model, tmp_path / "out")
     assert_same_tensors(tiny_mixtral.path, out)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tokens = random_tokens(128, seed=4)
@@ -48,10 +48,9 @@ def test_hf_jax_hf_round_trip_is_bit_identical(tiny_mixtral, tmp_path, mesh_spec
 
 
 def test_bf16_round_trip_keeps_dtype_and_bits(bf16_mixtral, tmp_path):
-    loaded = load_hf(bf16_mixtral)
-    assert str(loaded.params["layers.0.mlp.w_gate"].dtype) == "bfloat16"
-    out = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "out",
-                    base_config=loaded.hf_config, source_dir=bf16_mixtral)
+    model = load_hf(bf16_mixtral)
+    assert str(model.layers[0].mlp.w_gate.get_value().dtype) == "bfloat16"
+    out = export_hf(model, tmp_path / "out")
     assert_same_tensors(bf16_mixtral, out)
 
 
@@ -65,14 +64,14 @@ def test_stored_layout_paths_equal_host_path(bf16_mixtral, monkeypatch, mesh_spe
     from conversion import load as load_module
 
     mesh = None if mesh_spec is None else make_mesh(mesh_spec)
-    host = load_hf(bf16_mixtral, mesh=mesh, dtype=dtype)
+    host = param_view(load_hf(bf16_mixtral, mesh=mesh, dtype=dtype))
     monkeypatch.setattr(load_module, "DEVICE_LAYOUT_MIN_BYTES", 0)
     if transpose_on == "devices":
         monkeypatch.setattr(load_module, "_host_memory", lambda sharding: False)
-    fast = load_hf(bf16_mixtral, mesh=mesh, dtype=dtype)
-    assert fast.params.keys() == host.params.keys()
-    for name, a in host.params.items():
-        b = fast.params[name]
+    fast = param_view(load_hf(bf16_mixtral, mesh=mesh, dtype=dtype))
+    assert fast.keys() == host.keys()
+    for name, a in host.items():
+        b = fast[name]
         assert b.sharding == a.sharding and b.dtype == a.dtype and b.shape == a.shape, name
         assert np.asarray(b).tobytes() == np.asarray(a).tobytes(), name
 
@@ -86,9 +85,7 @@ def test_aligned_buffers_are_page_aligned():
 
 
 def test_sharded_export_writes_index(tiny_mixtral, tmp_path):
-    loaded = load_hf(tiny_mixtral.path)
-    out = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "out",
-                    base_config=loaded.hf_config, max_shard_bytes=40_000)
+    out = export_hf(load_hf(tiny_mixtral.path), tmp_path / "out", max_shard_bytes=40_000)
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
     files = set(index["weight_map"].values())
     assert len(files) > 2
@@ -118,9 +115,7 @@ def _copy(src, dst):
 
 def test_missing_shard_file(tiny_mixtral, tmp_path):
     d = _copy(tiny_mixtral.path, tmp_path / "m")
-    loaded = load_hf(d)
-    sharded = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "sharded",
-                        base_config=loaded.hf_config, max_shard_bytes=40_000)
+    sharded = export_hf(load_hf(d), tmp_path / "sharded", max_shard_bytes=40_000)
     os.remove(os.path.join(sharded, "model-00002-of-" + sorted(os.listdir(sharded))[-2][-17:]))
     with pytest.raises(CheckpointError, match=r"model-00002-of-\d+\.safetensors: shard named in"):
         load_hf(sharded)
@@ -147,12 +142,12 @@ def test_shape_contradicting_config(tiny_mixtral, tmp_path):
 def test_unknown_model_type(tiny_mixtral, tmp_path, capsys):
     d = _copy(tiny_mixtral.path, tmp_path / "m")
     cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg["model_type"] = "llama4_text"
+    cfg["model_type"] = "not_a_moe"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     assert grape(["convert", d, str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "config.json: model_type 'llama4_text' is not supported; supported:" in err and "mixtral" in err
+    assert "config.json: model_type 'not_a_moe' is not supported; supported:" in err and "mixtral" in err
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -165,9 +160,9 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
 
 
 def test_failed_export_leaves_nothing(tiny_mixtral, tmp_path):
-    loaded = load_hf(tiny_mixtral.path)
-    params = dict(loaded.params)
-    params["layers.1.mlp.w_up"] = params["layers.1.mlp.w_up"][:, :, :5]  # wrong shape mid-way
+    model = load_hf(tiny_mixtral.path)
+    w_up = model.layers[1].mlp.w_up
+    w_up.set_value(w_up.get_value()[:, :, :5])  # wrong shape mid-way
     with pytest.raises(Exception, match="w3|produced"):
-        export_hf(params, loaded.cfg, loaded.family, tmp_path / "out", base_config=loaded.hf_config)
+        export_hf(model, tmp_path / "out")
     assert os.listdir(tmp_path) == []

@@ -20,8 +20,9 @@ from conversion.load import load_hf
 from conversion.remote_code import modeling_pruned_moe as pruned
 from conversion.remote_code_export import write_remote_code
 from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.model import logits
-from grape_jax.pipeline import apply_plan, export_pruned
+from grape_jax.model import param_view
+from grape_jax.merge import apply_plan
+from grape_jax.pipeline import save_hf
 from grape_jax.planners import make_plan
 from tests import deepseek_reference as dsref
 from tests.hf_models import random_tokens, torch_logits
@@ -50,13 +51,12 @@ def export(request, tmp_path_factory):
     hf_cfg = _tiny_config(norm_topk_prob=request.param)
     src = dsref.save_checkpoint(str(root / "src"), hf_cfg, dsref.random_weights(hf_cfg, seed=WEIGHT_SEED))
     loaded = load_hf(src)
-    stats = calibrate(loaded.params, loaded.cfg, random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
+    stats = calibrate(loaded, random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
                       options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
-    plan = make_plan("grape", stats, budget=BUDGET, guard="none", operator="freq")
-    merged, new_cfg = apply_plan(loaded.params, loaded.cfg, plan)
-    out = export_pruned(merged, new_cfg, original_cfg=loaded.cfg, family=loaded.family, out=str(root / "out"),
-                        base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
-    return dict(hf_cfg=hf_cfg, merged=merged, cfg=new_cfg, out=out)
+    plan = make_plan(stats, method="grape", budget=BUDGET, guard="none", operator="freq")
+    merged = apply_plan(loaded, plan)
+    out = save_hf(merged, root / "out")
+    return dict(hf_cfg=hf_cfg, merged=merged, cfg=merged.cfg, out=out)
 
 
 def test_grape_plan_gives_uneven_counts_and_remote_code_config(export):
@@ -92,7 +92,7 @@ def test_remote_code_logits_match_jax_and_float64_reference(export, tmp_path):
     tokens = random_tokens(export["cfg"].vocab_size, batch=2, seq=12, seed=6)
     got = torch_logits(model, tokens)
     assert np.abs(got).max() > 0.1  # not a degenerate comparison
-    assert_close_logits(got, logits(export["merged"], export["cfg"], tokens))
+    assert_close_logits(got, export["merged"](tokens))
     weights = _exported_weights(out)
     config = json.load(open(os.path.join(out, "config.json")))
     for layer, count in enumerate(counts):  # the reference reads each layer's count off its gate
@@ -114,11 +114,11 @@ def test_remote_code_logits_match_jax_and_float64_reference(export, tmp_path):
 
 def test_load_hf_round_trip_is_bit_identical(export):
     again = load_hf(export["out"])
-    assert again.family.name == "deepseek"
+    assert again.info.family == "deepseek"
     assert again.cfg == export["cfg"]
-    assert set(again.params) == set(export["merged"])
-    for name, arr in export["merged"].items():
-        assert np.asarray(arr).tobytes() == np.asarray(again.params[name]).tobytes(), name
+    assert set(param_view(again)) == set(param_view(export["merged"]))
+    for name, arr in param_view(export["merged"]).items():
+        assert np.asarray(arr).tobytes() == np.asarray(param_view(again)[name]).tobytes(), name
 
 
 def _pruned_config(counts, **overrides) -> pruned.PrunedDeepseekConfig:

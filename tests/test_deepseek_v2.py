@@ -13,13 +13,15 @@ import pytest
 import torch
 import transformers
 
-from conversion.export import check_expert_counts, export_hf
-from conversion.families import get_family
+from conversion.export import export_hf
+from conversion.families import family_by_name, get_family
 from conversion.families.base import ConversionError
+from grape_jax.config import ConfigError
 from conversion.load import load_hf
 from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.model import logits
-from grape_jax.pipeline import apply_plan, export_pruned
+from grape_jax.model import param_view
+from grape_jax.merge import apply_plan
+from grape_jax.pipeline import save_hf
 from grape_jax.plan import PlanError
 from grape_jax.planners import make_plan
 from grape_jax.routing import route
@@ -73,11 +75,11 @@ def cases(tmp_path_factory, tokens):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_single_device_logits_match_transformers(cases, tokens, name):
     path, _, ref, loaded = cases(name)
-    assert loaded.family.name == "deepseek_v2"
+    assert loaded.info.family == "deepseek_v2"
     cfg = loaded.cfg
     assert cfg.num_experts == (0, 8, 8) and cfg.router == "softmax_group_topk" and not cfg.norm_topk_prob
     assert (cfg.n_group, cfg.topk_group) == ((1, 1) if name == "greedy" else (4, 3))
-    assert_close_logits(logits(loaded.params, cfg, tokens), ref)
+    assert_close_logits(loaded(tokens), ref)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -85,9 +87,9 @@ def test_mesh_logits_match_transformers(cases, tokens, name):
     path, _, ref, _ = cases(name)
     mesh = make_mesh("fsdp=2,expert=4")
     loaded = load_hf(path, mesh=mesh)
-    assert loaded.params["layers.1.mlp.w_up"].sharding.spec[0] == "expert"
+    assert param_view(loaded)["layers.1.mlp.w_up"].sharding.spec[0] == "expert"
     with jax.set_mesh(mesh):
-        ours = logits(loaded.params, loaded.cfg, tokens)
+        ours = loaded(tokens)
     assert_close_logits(ours, ref)
 
 
@@ -108,15 +110,14 @@ def test_router_matches_transformers(cases, name):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_round_trip_is_bit_identical(cases, tmp_path, tokens, name):
     src, _, ref, loaded = cases(name)
-    out = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "export",
-                    base_config=loaded.hf_config, source_dir=src)
+    out = export_hf(loaded, tmp_path / "export")
     _assert_same_tensors(src, out)
     assert any(".mlp.experts.0.gate_proj.weight" in k for k in open(os.path.join(out, "model.safetensors"), "rb")
                .read(1 << 16).decode("latin-1").split('"'))  # per-expert keys on disk, as save_pretrained
     source_cfg = json.load(open(os.path.join(src, "config.json")))
     exported_cfg = json.load(open(os.path.join(out, "config.json")))
     assert {k: exported_cfg.get(k) for k in source_cfg} == source_cfg
-    assert loaded.family.config_from_hf(exported_cfg) == loaded.cfg
+    assert family_by_name(loaded.info.family).config_from_hf(exported_cfg) == loaded.cfg
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     np.testing.assert_array_equal(torch_logits(reloaded, tokens), ref)
 
@@ -125,46 +126,46 @@ def test_grape_prune_export_reload_uneven_counts(cases, tmp_path):
     src, _, _, loaded = cases("greedy")
     cfg = loaded.cfg
     blocks = random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2)
-    stats = calibrate(loaded.params, cfg, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48),
+    stats = calibrate(loaded, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48),
                       progress=False)
     total = sum(cfg.num_experts)
-    plan = make_plan("grape", stats, budget=total // 4, guard="none", operator="freq")
-    merged, new_cfg = apply_plan(loaded.params, cfg, plan)
+    plan = make_plan(stats, method="grape", budget=total // 4, guard="none", operator="freq")
+    merged = apply_plan(loaded, plan)
+    new_cfg = merged.cfg
     assert sum(new_cfg.num_experts) == total - total // 4
-    out = export_pruned(merged, new_cfg, original_cfg=cfg, family=loaded.family, out=str(tmp_path / "out"),
-                        base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
+    out = save_hf(merged, str(tmp_path / "out"))
     config = json.load(open(os.path.join(out, "config.json")))
     assert ("auto_map" in config) == (not new_cfg.is_uniform)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not new_cfg.is_uniform).eval()
     tokens = random_tokens(cfg.vocab_size, batch=2, seq=12, seed=3)
-    assert_close_logits(logits(merged, new_cfg, tokens), torch_logits(model, tokens))
+    assert_close_logits(merged(tokens), torch_logits(model, tokens))
     again = load_hf(out)
     assert again.cfg == new_cfg
-    for name, arr in merged.items():
-        assert np.asarray(arr).tobytes() == np.asarray(again.params[name]).tobytes(), name
+    for name, arr in param_view(merged).items():
+        assert np.asarray(arr).tobytes() == np.asarray(param_view(again)[name]).tobytes(), name
 
 
 def test_group_limited_prune_keeps_group_multiples(cases, tmp_path):
     """Statistics carry the router's granularity; the global planner keeps every count a multiple of
     n_group = 4 (top_k 3 from 3 groups: at least 1 per group, so 4 is the floor)."""
     src, _, _, loaded = cases("group_limited_greedy")
-    cfg, family = loaded.cfg, loaded.family
+    cfg = loaded.cfg
     assert cfg.expert_count_multiple == 4 and cfg.min_routable_experts == 4
-    with pytest.raises(ConversionError, match="multiple of 4 experts"):
-        check_expert_counts(cfg.with_num_experts((0, 6, 8)), family)
-    stats = calibrate(loaded.params, cfg, random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2),
+    with pytest.raises(ConfigError, match=r"MoE layer 1 keeps 6 experts; needs at least 4 .* and a multiple of 4"):
+        cfg.with_num_experts((0, 6, 8))
+    stats = calibrate(loaded, random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2),
                       options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
     assert [(ls.count_multiple, ls.min_count) for ls in stats.layers] == [(4, 4), (4, 4)]
     with pytest.raises(PlanError, match=r"multiple of 4.*nearest: 4 or 8"):
-        make_plan("grape", stats, budget=6, guard="none")
-    plan = make_plan("grape", stats, budget=4, guard="none", operator="dominant")
-    merged, new_cfg = apply_plan(loaded.params, cfg, plan)
+        make_plan(stats, method="grape", budget=6, guard="none")
+    plan = make_plan(stats, method="grape", budget=4, guard="none", operator="dominant")
+    merged = apply_plan(loaded, plan)
+    new_cfg = merged.cfg
     assert sorted(new_cfg.num_experts) == [0, 4, 8]
-    out = export_pruned(merged, new_cfg, original_cfg=cfg, family=family, out=str(tmp_path / "out"),
-                        base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
+    out = save_hf(merged, str(tmp_path / "out"))
     model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     tokens = random_tokens(cfg.vocab_size, batch=2, seq=12, seed=3)
-    assert_close_logits(logits(merged, new_cfg, tokens), torch_logits(model, tokens))
+    assert_close_logits(merged(tokens), torch_logits(model, tokens))
 
 
 def test_unsupported_configs_are_refused():

@@ -14,8 +14,8 @@ import torch
 import grape_jax.evaluate as ev
 from conversion.load import load_hf
 from grape_jax.data import default_heldout_texts, tokenize_and_pack
-from grape_jax.evaluate import Example, evaluate_tasks, jax_logits_fn, multiple_choice, perplexity, score_requests
-from grape_jax.tasks import TASKS, TaskError, load_task, sample_task_path
+from grape_jax.evaluate import Example, multiple_choice, perplexity, score_requests
+from grape_jax.tasks import TASKS, TaskError, evaluate_tasks, load_task, sample_task_path
 from grape_jax.tokenizer import default_tokenizer
 from tests.hf_models import random_tokens
 
@@ -60,8 +60,7 @@ def test_perplexity_equals_float64_bigram_nll(bigram):
 
 @pytest.fixture(scope="module")
 def mixtral_fn(tiny_mixtral):
-    loaded = load_hf(tiny_mixtral.path)
-    return jax_logits_fn(loaded.params, loaded.cfg)
+    return load_hf(tiny_mixtral.path)  # the module is itself a logits_fn
 
 
 def test_perplexity_equals_transformers_nll(tiny_mixtral, mixtral_fn):

@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from conversion.atomic import OutputExistsError
+from grape_jax.atomic import OutputExistsError
 from conversion.export import export_hf, params_fingerprint
 from conversion.load import load_hf
+from grape_jax.model import model_from_arrays, param_view
 from grape_jax.sharding import make_mesh
 
 SHARD = 60_000  # bytes: the tiny model splits into several files
@@ -25,7 +26,7 @@ def loaded(tiny_mixtral):
 @pytest.fixture(scope="module")
 def clean_export(loaded, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("clean") / "hf")
-    export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config, max_shard_bytes=SHARD)
+    export_hf(loaded, out, max_shard_bytes=SHARD)
     return out
 
 
@@ -52,16 +53,16 @@ def _interrupt_after(n):
 def test_interrupted_export_resumes_and_equals_a_clean_one(loaded, clean_export, tmp_path):
     assert len([f for f in os.listdir(clean_export) if f.endswith(".safetensors")]) >= 4
     out = str(tmp_path / "hf")
-    kw = dict(base_config=loaded.hf_config, max_shard_bytes=SHARD)
+    kw = dict(max_shard_bytes=SHARD)
     with pytest.raises(Stop):
-        export_hf(loaded.params, loaded.cfg, loaded.family, out, log=_interrupt_after(2), **kw)
+        export_hf(loaded, out, log=_interrupt_after(2), **kw)
     partial = str(tmp_path / ".hf.partial")
     assert not os.path.exists(out) and os.path.isdir(partial)
     kept = sorted(f for f in os.listdir(partial) if f.endswith(".safetensors"))
     assert len(kept) == 2
     inodes = {f: os.stat(os.path.join(partial, f)).st_ino for f in kept}
     lines = []
-    export_hf(loaded.params, loaded.cfg, loaded.family, out, log=lines.append, **kw)
+    export_hf(loaded, out, log=lines.append, **kw)
     assert lines[0].startswith("resuming the export") and "2 of" in lines[0], lines
     assert sorted(line[len("wrote "):] for line in lines[1:]) == sorted(
         f for f in _files(clean_export) if f.endswith(".safetensors") and f not in kept)
@@ -72,47 +73,49 @@ def test_interrupted_export_resumes_and_equals_a_clean_one(loaded, clean_export,
 
 def test_changed_parameters_start_afresh(loaded, clean_export, tmp_path):
     out = str(tmp_path / "hf")
-    kw = dict(base_config=loaded.hf_config, max_shard_bytes=SHARD)
+    kw = dict(max_shard_bytes=SHARD)
     with pytest.raises(Stop):
-        export_hf(loaded.params, loaded.cfg, loaded.family, out, log=_interrupt_after(2), **kw)
-    changed = dict(loaded.params)
-    changed["layers.0.mlp.w_up"] = loaded.params["layers.0.mlp.w_up"][::-1]  # experts reordered
+        export_hf(loaded, out, log=_interrupt_after(2), **kw)
+    arrays = {k: np.asarray(v) for k, v in param_view(loaded).items()}
+    arrays["layers.0.mlp.w_up"] = arrays["layers.0.mlp.w_up"][::-1]  # experts reordered
+    changed = model_from_arrays(loaded.cfg, arrays, info=loaded.info)
     lines = []
-    export_hf(changed, loaded.cfg, loaded.family, out, log=lines.append, **kw)
+    export_hf(changed, out, log=lines.append, **kw)
     assert not any(line.startswith("resuming") for line in lines)
     fresh = str(tmp_path / "fresh")
-    export_hf(changed, loaded.cfg, loaded.family, fresh, **kw)
+    export_hf(changed, fresh, **kw)
     assert _files(out) == _files(fresh) != _files(clean_export)
 
 
 def test_failed_export_leaves_nothing_and_concurrent_export_is_refused(loaded, tmp_path):
     out = str(tmp_path / "hf")
-    kw = dict(base_config=loaded.hf_config, max_shard_bytes=SHARD)
+    kw = dict(max_shard_bytes=SHARD)
 
     def fail(line):
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        export_hf(loaded.params, loaded.cfg, loaded.family, out, log=fail, **kw)
+        export_hf(loaded, out, log=fail, **kw)
     assert os.listdir(tmp_path) == []
     with open(str(tmp_path / ".hf.partial.lock"), "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(OutputExistsError, match=r"hf is being written by another running process"):
-            export_hf(loaded.params, loaded.cfg, loaded.family, out, **kw)
+            export_hf(loaded, out, **kw)
     assert not os.path.exists(out)
 
 
 def test_fingerprint_sees_values_and_order(loaded, tiny_mixtral):
-    base = params_fingerprint(loaded.params)
-    assert params_fingerprint(load_hf(tiny_mixtral.path).params) == base  # deterministic
+    params = param_view(loaded)
+    base = params_fingerprint(params)
+    assert params_fingerprint(param_view(load_hf(tiny_mixtral.path))) == base  # deterministic
     mesh = make_mesh("fsdp=2,expert=4")
-    sharded = load_hf(tiny_mixtral.path, mesh=mesh).params
+    sharded = param_view(load_hf(tiny_mixtral.path, mesh=mesh))
     assert sharded["layers.0.mlp.w_up"].sharding.spec[0] == "expert"
-    assert params_fingerprint(sharded) == params_fingerprint(load_hf(tiny_mixtral.path, mesh=mesh).params)
-    w = np.asarray(loaded.params["layers.1.mlp.w_down"]).copy()
+    assert params_fingerprint(sharded) == params_fingerprint(param_view(load_hf(tiny_mixtral.path, mesh=mesh)))
+    w = np.asarray(param_view(loaded)["layers.1.mlp.w_down"]).copy()
     w.view(np.uint32)[0, 0, 0] ^= 1 << 10  # one weight changed by ~1e-4 of itself
-    assert params_fingerprint({**loaded.params, "layers.1.mlp.w_down": jax.numpy.asarray(w)}) != base
-    swapped = np.asarray(loaded.params["layers.1.mlp.w_down"])[[1, 0, *range(2, w.shape[0])]]
-    assert params_fingerprint({**loaded.params, "layers.1.mlp.w_down": jax.numpy.asarray(swapped)}) != base
-    neurons = np.asarray(loaded.params["layers.1.mlp.w_down"])[:, ::-1]  # permuted hidden neurons
-    assert params_fingerprint({**loaded.params, "layers.1.mlp.w_down": jax.numpy.asarray(neurons)}) != base
+    assert params_fingerprint({**params, "layers.1.mlp.w_down": jax.numpy.asarray(w)}) != base
+    swapped = np.asarray(param_view(loaded)["layers.1.mlp.w_down"])[[1, 0, *range(2, w.shape[0])]]
+    assert params_fingerprint({**params, "layers.1.mlp.w_down": jax.numpy.asarray(swapped)}) != base
+    neurons = np.asarray(param_view(loaded)["layers.1.mlp.w_down"])[:, ::-1]  # permuted hidden neurons
+    assert params_fingerprint({**params, "layers.1.mlp.w_down": jax.numpy.asarray(neurons)}) != base

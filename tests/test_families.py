@@ -20,11 +20,11 @@ from safetensors import safe_open
 from conversion import export as export_module
 from conversion import load as load_module
 from conversion.export import export_hf
-from conversion.families import FAMILIES, get_family
+from conversion.families import FAMILIES, family_by_name, get_family
 from conversion.families.base import ConversionError, Interleaved, bind, hf_tensors
 from conversion.load import load_hf
 from conversion.mxfp4 import decode_mxfp4, encode_mxfp4
-from grape_jax.model import logits
+from grape_jax.model import param_view
 from grape_jax.routing import route
 from grape_jax.sharding import make_mesh
 from tests import deepseek_reference as dsref
@@ -132,8 +132,8 @@ def test_in_transformers_matches_the_installed_transformers(model_type):
 def test_single_device_logits_match_reference(cases, tokens, name):
     case = cases(name)
     loaded = case.loaded
-    assert loaded.family.name == json.load(open(os.path.join(case.path, "config.json")))["model_type"]
-    assert_close_logits(logits(loaded.params, loaded.cfg, tokens), case.ref)
+    assert loaded.info.family == json.load(open(os.path.join(case.path, "config.json")))["model_type"]
+    assert_close_logits(loaded(tokens), case.ref)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -142,9 +142,9 @@ def test_mesh_logits_match_reference(cases, tokens, name):
     mesh = make_mesh("fsdp=2,expert=4")
     loaded = load_hf(case.path, mesh=mesh)
     moe = loaded.cfg.moe_layers[0]
-    assert loaded.params[f"layers.{moe}.mlp.w_up"].sharding.spec[0] == "expert"
+    assert param_view(loaded)[f"layers.{moe}.mlp.w_up"].sharding.spec[0] == "expert"
     with jax.set_mesh(mesh):
-        ours = logits(loaded.params, loaded.cfg, tokens)
+        ours = loaded(tokens)
     assert_close_logits(ours, case.ref)
 
 
@@ -188,13 +188,12 @@ def test_round_trip_is_bit_identical(cases, tmp_path, tokens, name):
     if name == "gpt_oss":  # the bf16 form, as GPT-OSS exports are bf16
         src = save_model(build_model(HF_CONFIGS[name](), seed=0, dtype=torch.bfloat16), tmp_path / "bf16")
     loaded = case.loaded if src == case.path else load_hf(src)
-    out = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "export",
-                    base_config=loaded.hf_config, source_dir=src)
+    out = export_hf(loaded, tmp_path / "export")
     _assert_same_tensors(src, out)
     source_cfg = json.load(open(os.path.join(src, "config.json")))
     exported_cfg = json.load(open(os.path.join(out, "config.json")))
     assert {k: exported_cfg.get(k) for k in source_cfg} == source_cfg
-    assert loaded.family.config_from_hf(exported_cfg) == loaded.cfg
+    assert family_by_name(loaded.info.family).config_from_hf(exported_cfg) == loaded.cfg
     if case.hf_model is not None and src == case.path:  # transformers reloads the export unchanged
         reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
         np.testing.assert_array_equal(torch_logits(reloaded, tokens), case.ref)
@@ -203,12 +202,12 @@ def test_round_trip_is_bit_identical(cases, tmp_path, tokens, name):
 def test_gpt_oss_fused_tensors_are_written_from_both_parts(cases):
     """What export does for GPT-OSS: gate_up_proj (and its bias) from w_gate/w_up interleaved."""
     loaded = cases("gpt_oss").loaded
-    groups = {t.key: t for t in hf_tensors(bind(loaded.family, loaded.cfg))}
+    groups = {t.key: t for t in hf_tensors(bind(family_by_name(loaded.info.family), loaded.cfg))}
     fused = groups["model.layers.1.mlp.experts.gate_up_proj"]
     assert [b.name for b, _ in fused.parts] == ["layers.1.mlp.w_gate", "layers.1.mlp.w_up"]
     source = _tensors(cases("gpt_oss").path)
     for key, t in groups.items():
-        out = t.produce(lambda name, e: np.asarray(loaded.params[name])[() if e is None else e])
+        out = t.produce(lambda name, e: np.asarray(param_view(loaded)[name])[() if e is None else e])
         np.testing.assert_array_equal(out, source[key].numpy(), err_msg=key)
     with pytest.raises(ConversionError, match="interleaved"):
         Interleaved(0).to_hf(np.zeros((2, 2)))
@@ -240,7 +239,7 @@ def _mxfp4_reads(path: str, mesh=None):
     """Parameters of an MXFP4 checkpoint through the family's quantised table (load_hf's job once
     conversion/load.py reads via Binding.read / Binding.hf_sources)."""
     if _load_reads_multi_source():
-        return load_hf(path, mesh=mesh).params
+        return param_view(load_hf(path, mesh=mesh))
     hf = json.load(open(os.path.join(path, "config.json")))
     family = get_family(hf["model_type"])
     cfg = family.config_from_hf(hf)
@@ -287,8 +286,8 @@ def test_gpt_oss_mxfp4_checkpoint_decodes_per_expert_slice(cases, tmp_path):
 def test_gpt_oss_mxfp4_load_hf_on_mesh(tmp_path):
     bf16 = save_model(build_model(HF_CONFIGS["gpt_oss"](), seed=0, dtype=torch.bfloat16), tmp_path / "bf16")
     path = _mxfp4_checkpoint(bf16, str(tmp_path / "mxfp4"))
-    single = load_hf(path).params
-    sharded = load_hf(path, mesh=make_mesh("fsdp=2,expert=4")).params
+    single = param_view(load_hf(path))
+    sharded = param_view(load_hf(path, mesh=make_mesh("fsdp=2,expert=4")))
     for name in single:
         np.testing.assert_array_equal(np.asarray(sharded[name]), np.asarray(single[name]))
 
@@ -296,7 +295,7 @@ def test_gpt_oss_mxfp4_load_hf_on_mesh(tmp_path):
 def test_quantised_checkpoint_of_other_family_is_refused(cases):
     loaded = cases("qwen3_moe").loaded
     with pytest.raises(ConversionError, match="quantization_config 'fp8' is not supported"):
-        bind(loaded.family, loaded.cfg, hf_config={"quantization_config": {"quant_method": "fp8"}})
+        bind(family_by_name(loaded.info.family), loaded.cfg, hf_config={"quantization_config": {"quant_method": "fp8"}})
 
 
 def test_deepseek_v3_router_matches_transformers(cases):
@@ -310,7 +309,7 @@ def test_deepseek_v3_router_matches_transformers(cases):
         _, ref_w, ref_i = gate(x)
         logits_ = torch.nn.functional.linear(x, gate.weight).numpy()
         bias = gate.e_score_correction_bias.numpy().copy()
-        gate.e_score_correction_bias.copy_(torch.tensor(np.array(loaded.params["layers.1.mlp.router_bias"])))
+        gate.e_score_correction_bias.copy_(torch.tensor(np.array(param_view(loaded)["layers.1.mlp.router_bias"])))
     ours = route(jax.numpy.asarray(logits_), loaded.cfg, bias=jax.numpy.asarray(bias))
     dense_ref = np.zeros((64, 8), np.float32)
     np.put_along_axis(dense_ref, ref_i.numpy(), ref_w.numpy(), axis=1)
@@ -335,8 +334,8 @@ def test_config_translation_layouts(cases):
     q2 = cases("qwen2_moe").loaded.cfg
     assert q2.num_experts == (0, 4) and q2.dense_intermediate_size == TINY["intermediate_size"]
     assert q2.shared_expert_gate and q2.attention_bias and not q2.norm_topk_prob
-    assert cases("olmoe").loaded.params["layers.0.attn.q_norm"].shape == (TINY["hidden_size"],)
-    assert cases("qwen3_moe").loaded.params["layers.0.attn.q_norm"].shape == (8,)
+    assert param_view(cases("olmoe").loaded)["layers.0.attn.q_norm"].shape == (TINY["hidden_size"],)
+    assert param_view(cases("qwen3_moe").loaded)["layers.0.attn.q_norm"].shape == (8,)
     ds = cases("deepseek").loaded.cfg
     assert ds.num_experts == (0, 8, 8) and ds.shared_expert_intermediate_size == 24
     assert ds.family == "deepseek" and not ds.norm_topk_prob

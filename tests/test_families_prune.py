@@ -14,8 +14,9 @@ import transformers
 
 from conversion.load import load_hf
 from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.model import logits
-from grape_jax.pipeline import apply_plan, export_pruned
+from grape_jax.model import param_view
+from grape_jax.merge import apply_plan
+from grape_jax.pipeline import save_hf
 from grape_jax.planners import make_plan
 from tests.hf_models import TINY, build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
 from tests.test_families import HF_CONFIGS
@@ -43,26 +44,26 @@ def test_prune_quarter_export_and_reload(family, tmp_path):
     loaded = load_hf(src)
     cfg = loaded.cfg
     blocks = random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2)
-    stats = calibrate(loaded.params, cfg, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48),
+    stats = calibrate(loaded, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48),
                       progress=False)
     total = sum(cfg.num_experts)
     budget = total // 4
-    plan = make_plan("grape", stats, budget=budget, guard="none", operator="freq")
-    merged, new_cfg = apply_plan(loaded.params, cfg, plan)
+    plan = make_plan(stats, method="grape", budget=budget, guard="none", operator="freq")
+    merged = apply_plan(loaded, plan)
+    new_cfg = merged.cfg
     assert sum(new_cfg.num_experts) == total - budget
     assert all(e % cfg.expert_count_multiple == 0 for e in new_cfg.num_experts)
-    out = export_pruned(merged, new_cfg, original_cfg=cfg, family=loaded.family, out=str(tmp_path / "out"),
-                        base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
+    out = save_hf(merged, str(tmp_path / "out"))
     config = json.load(open(os.path.join(out, "config.json")))
     assert ("auto_map" in config) == (not new_cfg.is_uniform)
     assert "quantization_config" not in config
     model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not new_cfg.is_uniform).eval()
     tokens = random_tokens(cfg.vocab_size, batch=2, seq=12, seed=3)
-    assert_close_logits(logits(merged, new_cfg, tokens), torch_logits(model, tokens))
+    assert_close_logits(merged(tokens), torch_logits(model, tokens))
     again = load_hf(out)
     assert again.cfg == new_cfg
-    for name, arr in merged.items():
-        assert np.asarray(arr).tobytes() == np.asarray(again.params[name]).tobytes(), name
+    for name, arr in param_view(merged).items():
+        assert np.asarray(arr).tobytes() == np.asarray(param_view(again)[name]).tobytes(), name
 
 
 @pytest.mark.parametrize("source_code", ["files", "auto_map_only", "none"])
@@ -84,12 +85,12 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, source_c
             with open(os.path.join(src, name), "w") as f:
                 f.write(f"# stand-in for the published {name}\n")
     loaded = load_hf(src)
-    stats = calibrate(loaded.params, loaded.cfg, random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
+    stats = calibrate(loaded, random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
                       options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
-    plan = make_plan("local", stats, budget=len(stats.layers), operator="dominant")
-    merged, new_cfg = apply_plan(loaded.params, loaded.cfg, plan)
-    out = export_pruned(merged, new_cfg, original_cfg=loaded.cfg, family=loaded.family, out=str(tmp_path / "out"),
-                        base_config=loaded.hf_config, source_dir=src, plan=plan, stats=stats)
+    plan = make_plan(stats, method="local", budget=len(stats.layers), operator="dominant")
+    merged = apply_plan(loaded, plan)
+    new_cfg = merged.cfg
+    out = save_hf(merged, str(tmp_path / "out"))
     exported_cfg = json.load(open(os.path.join(out, "config.json")))
     assert exported_cfg["n_routed_experts"] == hf_cfg["n_routed_experts"] - 1
     tokens = random_tokens(loaded.cfg.vocab_size, batch=2, seq=12, seed=6)
@@ -104,20 +105,20 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, source_c
         assert exported_cfg["model_type"] == "grape_pruned_deepseek"
         assert not os.path.exists(os.path.join(out, "modeling_deepseek.py"))
         model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-        assert_close_logits(logits(merged, new_cfg, tokens), torch_logits(model, tokens))
+        assert_close_logits(merged(tokens), torch_logits(model, tokens))
     weights = load_file(os.path.join(out, "model.safetensors"))
     assert set(weights) == {k for k in load_file(os.path.join(src, "model.safetensors"))
                             if ".experts." not in k or int(k.split(".experts.")[1].split(".")[0]) < exported_cfg["n_routed_experts"]}
     ref = dsref.reference_logits(exported_cfg, weights, tokens)
-    assert_close_logits(logits(merged, new_cfg, tokens), ref)
+    assert_close_logits(merged(tokens), ref)
     again = load_hf(out)
     assert again.cfg == new_cfg
 
 
 def test_deepseek_v3_counts_must_be_multiples_of_n_group(tmp_path):
-    from conversion.export import check_expert_counts
-    from conversion.families import get_family
-    from conversion.families.base import ConversionError
+    """The one expert-count rule (`MoEConfig.expert_rule`) refuses counts the group-limited router cannot
+    run: a config with them cannot even be built, so no merge or export can produce one."""
+    from grape_jax.config import ConfigError
 
     cfg = transformers.DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, n_routed_experts=8,
                                         num_experts_per_tok=2, moe_intermediate_size=16, n_group=4, topk_group=2,
@@ -125,7 +126,6 @@ def test_deepseek_v3_counts_must_be_multiples_of_n_group(tmp_path):
                                         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
     src = save_model(build_model(cfg, seed=1), tmp_path / "src")
     loaded = load_hf(src)
-    family = get_family("deepseek_v3")
-    check_expert_counts(loaded.cfg, family)
-    with pytest.raises(ConversionError, match=r"multiple of 4 experts, at least 8 .* \[\(1, 6\)\]"):
-        check_expert_counts(loaded.cfg.with_num_experts((0, 6)), family)
+    assert loaded.cfg.expert_rule.floor() == 8
+    with pytest.raises(ConfigError, match=r"MoE layer 1 keeps 6 experts; needs at least 8 .* and a multiple of 4"):
+        loaded.cfg.with_num_experts((0, 6))

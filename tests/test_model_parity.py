@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from conversion.load import load_hf
 from grape_jax import layers
-from grape_jax.model import MoEModel, flat_params, logits
+from grape_jax.model import abstract_model, param_view
 from grape_jax.params import param_specs
 from grape_jax.sharding import make_mesh
 from tests.hf_models import random_tokens, torch_logits
@@ -31,15 +31,16 @@ def tokens(tiny_mixtral):
 
 
 def test_single_device_logits_match_transformers(tiny_mixtral, tokens):
-    loaded = load_hf(tiny_mixtral.path)
-    assert_close_logits(logits(loaded.params, loaded.cfg, tokens), torch_logits(tiny_mixtral.model, tokens))
+    model = load_hf(tiny_mixtral.path)
+    assert isinstance(model, nnx.Module)
+    assert_close_logits(model(tokens), torch_logits(tiny_mixtral.model, tokens))
 
 
 def test_padded_batch_matches_transformers(tiny_mixtral, tokens):
-    loaded = load_hf(tiny_mixtral.path)
+    model = load_hf(tiny_mixtral.path)
     mask = np.ones(tokens.shape, bool)
     mask[1, 7:] = False
-    ours = np.asarray(logits(loaded.params, loaded.cfg, tokens, mask))
+    ours = np.asarray(model(tokens, mask))
     ref = torch_logits(tiny_mixtral.model, tokens, mask)
     assert_close_logits(ours[mask], ref[mask])
 
@@ -47,34 +48,48 @@ def test_padded_batch_matches_transformers(tiny_mixtral, tokens):
 def test_mesh_logits_and_shardings(tiny_mixtral, tokens):
     mesh = make_mesh("fsdp=2,expert=4")
     assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
-    loaded = load_hf(tiny_mixtral.path, mesh=mesh)
-    w_gate = loaded.params["layers.0.mlp.w_gate"]
+    model = load_hf(tiny_mixtral.path, mesh=mesh)
+    params = param_view(model)
+    w_gate = params["layers.0.mlp.w_gate"]
     assert w_gate.sharding.spec == P("expert", "fsdp")
-    assert loaded.params["layers.1.mlp.w_down"].sharding.spec == P("expert", None, "fsdp")
-    assert loaded.params["layers.0.mlp.router"].sharding.spec == P("fsdp", "expert")
-    assert loaded.params["embed"].sharding.spec == P(None, "fsdp")
+    assert model.layers[0].mlp.w_gate.get_value() is w_gate
+    assert params["layers.1.mlp.w_down"].sharding.spec == P("expert", None, "fsdp")
+    assert params["layers.0.mlp.router"].sharding.spec == P("fsdp", "expert")
+    assert params["embed"].sharding.spec == P(None, "fsdp")
     # each device holds 1/8 of the stacked experts
     shard = w_gate.addressable_shards[0].data
     assert shard.shape == (w_gate.shape[0] // 4, w_gate.shape[1] // 2, w_gate.shape[2])
-    with jax.set_mesh(mesh):
-        ours = logits(loaded.params, loaded.cfg, tokens)
+    ours = model(tokens)
     assert_close_logits(ours, torch_logits(tiny_mixtral.model, tokens))
     single = load_hf(tiny_mixtral.path)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(logits(single.params, single.cfg, tokens)),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(single(tokens)), atol=1e-5, rtol=1e-5)
 
 
-def test_nnx_model_state_paths_are_the_parameter_table(tiny_mixtral, tokens):
-    loaded = load_hf(tiny_mixtral.path)
-    model = MoEModel(loaded.cfg, loaded.params)
+def test_nnx_model_is_the_parameter_table(tiny_mixtral, tokens):
+    """State paths are the table's names; every Param carries its logical axes and merge role;
+    split/merge round-trips; the module's submodules compute with the same pure functions."""
+    model = load_hf(tiny_mixtral.path)
     graphdef, state = nnx.split(model)
-    names = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(state)}
-    assert names == set(param_specs(loaded.cfg))
+    specs = param_specs(model.cfg)
+    flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(state)}
+    assert set(flat) == set(specs)
+    for name, var in flat.items():
+        assert isinstance(var, nnx.Param)
+        assert var.get_metadata()["out_sharding"] == specs[name].axes, name
+        assert var.get_metadata()["merge_role"] == specs[name].role, name
     restored = nnx.merge(graphdef, state)
-    np.testing.assert_array_equal(np.asarray(restored(jnp.asarray(tokens))),
-                                  np.asarray(logits(flat_params(model), loaded.cfg, tokens)))
-    for name, value in flat_params(restored).items():
-        assert value is loaded.params[name] or np.array_equal(np.asarray(value), np.asarray(loaded.params[name]))
+    np.testing.assert_array_equal(np.asarray(restored(tokens)), np.asarray(model(tokens)))
+    x = np.random.default_rng(0).normal(size=(5, model.cfg.hidden_size)).astype(np.float32)
+    block = model.layers[1].mlp
+    np.testing.assert_allclose(np.asarray(block(jnp.asarray(x))),
+                               np.asarray(layers.moe_block(param_view(model), "layers.1.mlp.", model.cfg, x)[0]),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_abstract_model_allocates_nothing(tiny_mixtral):
+    model = abstract_model(load_hf(tiny_mixtral.path).cfg)
+    leaves = jax.tree.leaves(nnx.state(model))
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
 
 def _moe_reference(x, router, w_gate, w_up, w_down, top_k):
@@ -97,19 +112,20 @@ def _moe_reference(x, router, w_gate, w_up, w_down, top_k):
 @pytest.mark.parametrize("num_experts", [4, 3, 2])
 def test_moe_block_with_any_expert_count_matches_float64_reference(tiny_mixtral, num_experts):
     """Pruned layers keep fewer experts: the block is exact for any count (here a subset of experts)."""
-    loaded = load_hf(tiny_mixtral.path)
+    model = load_hf(tiny_mixtral.path)
+    params = param_view(model)
     p = "layers.1.mlp."
     keep = np.arange(num_experts)
     sub = {
-        p + "router": np.asarray(loaded.params[p + "router"])[:, keep],
-        **{p + k: np.asarray(loaded.params[p + k])[keep] for k in ("w_gate", "w_up", "w_down")},
+        p + "router": np.asarray(params[p + "router"])[:, keep],
+        **{p + k: np.asarray(params[p + k])[keep] for k in ("w_gate", "w_up", "w_down")},
     }
-    x = np.random.default_rng(0).normal(size=(10, loaded.cfg.hidden_size)).astype(np.float32)
-    cfg = loaded.cfg.with_num_experts((4, num_experts))
+    x = np.random.default_rng(0).normal(size=(10, model.cfg.hidden_size)).astype(np.float32)
+    cfg = model.cfg.with_num_experts((4, num_experts))
     out, routing, y_all = jax.jit(layers.moe_block, static_argnums=(1, 2))(
         {k: jnp.asarray(v) for k, v in sub.items()}, p, cfg, jnp.asarray(x)
     )
     ref = _moe_reference(x, sub[p + "router"], sub[p + "w_gate"], sub[p + "w_up"], sub[p + "w_down"], cfg.top_k)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6)
-    assert y_all.shape == (num_experts, 10, loaded.cfg.hidden_size)
+    assert y_all.shape == (num_experts, 10, model.cfg.hidden_size)
     np.testing.assert_allclose(np.asarray(routing.gates).sum(-1), 1.0, rtol=1e-6)

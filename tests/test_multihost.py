@@ -85,6 +85,7 @@ def _same_dirs(a: str, b: str) -> list[str]:
 def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
     import jax
     import torch
+    from flax import nnx
 
     from conversion.export import export_hf
     from conversion.load import load_hf
@@ -98,9 +99,8 @@ def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
 
     for i, spec in enumerate(MESHES):  # single-process references on this process's 8 devices
         ref = load_hf(src, mesh=make_mesh(spec))
-        jax.block_until_ready(ref.params)
-        export_hf(ref.params, ref.cfg, ref.family, tmp_path / "ref" / str(i),
-                  base_config=ref.hf_config, source_dir=src)
+        jax.block_until_ready(jax.tree.leaves(nnx.state(ref)))
+        export_hf(ref, tmp_path / "ref" / str(i))
         if i == 0:
             ref_pipeline = run_pipeline(ref, make_mesh(spec), str(tmp_path / "ref" / "pipeline0"))
 

@@ -6,6 +6,8 @@ import json
 import os
 
 import numpy as np
+
+from grape_jax.config import ExpertCountRule
 import pytest
 
 from grape_jax.plan import LayerPlan, Plan, PlanError, build_plan, group_weights, layer_plan
@@ -27,7 +29,7 @@ STATS = stats_of([[0.1, 0.4, 0.3, 0.2], [0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.25,
 def merge_plan(operator="freq", router_rule="dominant") -> Plan:
     groups = [[[2, 0], [1], [3]], [[3], [1, 0, 2]], [[0], [1], [2], [3]]]
     return build_plan(STATS, groups, method="test", budget=3, operator=operator, router_rule=router_rule,
-                      options={"gamma": 0.01, "pair": (1, 2)}, seed=7, stats_sha256="ab" * 32,
+                      options={"gamma": 0.01, "pair": (1, 2)}, seed=7,
                       diagnostics={"restarts": 2, "entropy": np.float64(0.5), "order": np.array([1, 0])})
 
 
@@ -200,17 +202,17 @@ def test_invalid_json():
         Plan.from_json("[1, 2]")
 
 
-def test_validate_against():
-    plan = merge_plan()
-    plan.validate_against([4, 4, 4], top_k=2)
-    with pytest.raises(PlanError, match="plan has 3 MoE layers, the model has 2"):
-        plan.validate_against([4, 4], top_k=1)
-    with pytest.raises(PlanError, match="layer 1: plan is for 4 experts, the model has 8"):
-        plan.validate_against([4, 8, 4], top_k=1)
-    with pytest.raises(PlanError, match=r"layer 1: plan keeps 2 experts, below the floor 3 \(max\(top_k=3"):
-        plan.validate_against([4, 4, 4], top_k=3)
-    with pytest.raises(PlanError, match=r"below the floor 3 \(max\(top_k=1, min_experts=3\)\)"):
-        plan.validate_against([4, 4, 4], top_k=1, min_experts=3)
+def test_expert_count_rule_is_one_statement():
+    """The router's expert-count rule, as the config, the stats, the planners and merge all read it."""
+    rule = ExpertCountRule(top_k=2, least=2)
+    assert rule.floor() == 2 and rule.floor(min_experts=3) == 3
+    assert rule.problem(2) is None and rule.problem(1) == (
+        "keeps 1 experts; needs at least 2 (max(top_k=2, router minimum=2, min_experts=0))")
+    assert "needs at least 3" in rule.problem(2, min_experts=3)
+    grouped = ExpertCountRule(top_k=3, least=4, multiple=4)
+    assert grouped.floor() == 4 and grouped.floor(min_experts=5) == 8
+    assert grouped.problem(8) is None and "and a multiple of 4 (n_group)" in grouped.problem(6)
+    assert [ls.expert_rule for ls in STATS.layers] == [ExpertCountRule(1, 1, 1)] * 3
 
 
 def test_layer_plan_validate_direct():

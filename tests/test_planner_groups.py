@@ -32,11 +32,11 @@ def test_floors_round_up_to_whole_groups():
 def test_budget_must_be_whole_groups():
     stats = grouped(random_stats(3, 8, 2, seed=1), multiple=4, min_count=4)
     with pytest.raises(PlanError, match=r"budget 6 is not a multiple of 4: .*n_group=4 \(nearest: 4 or 8\)"):
-        make_plan("grape", stats, budget=6)
+        make_plan(stats, method="grape", budget=6)
     with pytest.raises(PlanError, match=r"nearest: 8 or 12\)"):
-        make_plan("local", stats, budget=11)
+        make_plan(stats, method="local", budget=11)
     with pytest.raises(PlanError, match="exceeds the 12 experts removable"):
-        make_plan("grape", stats, budget=16)
+        make_plan(stats, method="grape", budget=16)
 
 
 def test_snap_allocation_by_largest_remainder():
@@ -72,7 +72,7 @@ def test_every_planner_keeps_whole_groups(num_layers, groups, multiple, frac, se
         budget = int(frac * room) // multiple * multiple
         if any(f > num_experts for f in floor):
             continue
-        plan = make_plan(method, stats, budget=budget, **options)
+        plan = make_plan(stats, method=method, budget=budget, **options)
         assert plan.num_removed == budget, method
         for lp, f in zip(plan.layers, floor, strict=True):
             assert lp.num_kept % multiple == 0 and lp.num_kept >= f, (method, lp.num_kept)
@@ -96,7 +96,7 @@ def _two_layer_case(scale: float) -> tuple[ModelStats, list[int]]:
         sims.append(x)
     free = ModelStats(tuple(dataclasses.replace(ls, sim={k: s for k in ls.sim})
                             for ls, s in zip(base.layers, sims, strict=True)))
-    greedy = [e - lp.num_kept for lp in make_plan("grape", free, budget=8, guard="none").layers]
+    greedy = [e - lp.num_kept for lp in make_plan(free, method="grape", budget=8, guard="none").layers]
     return free, greedy
 
 
@@ -111,10 +111,10 @@ def test_grape_rounds_its_global_allocation(scale):
     owed = (8 - sum(expected)) // 4
     for i in sorted(range(2), key=lambda i: (-(greedy[i] % 4), i))[:owed]:
         expected[i] += 4
-    plan = make_plan("grape", grouped(free, 4, 4), budget=8, guard="none")
+    plan = make_plan(grouped(free, 4, 4), method="grape", budget=8, guard="none")
     assert [e - lp.num_kept for lp in plan.layers] == plan.diagnostics["removed_per_layer"] == expected
     for l, r in enumerate(expected):
-        alone = make_plan("local", ModelStats((free.layers[l],)), budget=r)
+        alone = make_plan(ModelStats((free.layers[l],)), method="local", budget=r)
         assert plan.layers[l].groups == alone.layers[0].groups
 
 
@@ -128,11 +128,11 @@ def test_group_fields_survive_the_stats_file(tmp_path):
     again = ModelStats.load(tmp_path / "s.npz")
     assert [(ls.count_multiple, ls.min_count) for ls in again.layers] == [(4, 8), (4, 8)]
     with pytest.raises(PlanError, match="exceeds the 0 experts removable"):  # 8 experts, floor 8
-        make_plan("grape", again, budget=4)
+        make_plan(again, method="grape", budget=4)
 
 
 def test_stats_refuse_counts_off_the_multiple():
     from grape_jax.stats import StatsError
 
-    with pytest.raises(StatsError, match="6 experts is not a multiple of count_multiple=4"):
+    with pytest.raises(StatsError, match=r"layer 0 keeps 6 experts; .* and a multiple of 4 \(n_group\)"):
         grouped(random_stats(1, 6, 2, seed=5), multiple=4, min_count=4).validate()

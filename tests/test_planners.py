@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from grape_jax.config import ExpertCountRule
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -86,7 +88,7 @@ def test_every_plan_is_a_partition_at_exactly_the_budget(num_layers, num_experts
         floor = max(k, options["min_experts"])
         room = num_layers * max(num_experts - floor, 0)
         budget = int(frac * room)
-        plan = make_plan(method, stats, budget=budget, **options)
+        plan = make_plan(stats, method=method, budget=budget, **options)
         assert plan.num_removed == budget == plan.budget, method
         for lp in plan.layers:
             members = sorted([e for g in lp.groups for e in g] + list(lp.dropped))
@@ -95,8 +97,9 @@ def test_every_plan_is_a_partition_at_exactly_the_budget(num_layers, num_experts
             for w in lp.weights:
                 assert min(w) >= 0 and abs(sum(w) - 1) < 1e-9
         if floor <= num_experts:
-            plan.validate_against([num_experts] * num_layers, top_k=k, min_experts=options["min_experts"])
-        assert make_plan(method, stats, budget=budget, **options) == plan, method  # deterministic
+            rule = ExpertCountRule(k, k)
+            assert all(rule.problem(lp.num_kept, min_experts=options["min_experts"]) is None for lp in plan.layers)
+        assert make_plan(stats, method=method, budget=budget, **options) == plan, method  # deterministic
         assert Plan.from_json(plan.to_json()) == plan, method
 
 
@@ -167,7 +170,7 @@ def test_grape_equals_naive_algorithm(num_layers, num_experts, k, frac, seed, ga
     stats = random_stats(num_layers, num_experts, min(k, num_experts), seed)
     floor = max(k, min_experts, 1)
     budget = int(frac * num_layers * max(num_experts - floor, 0))
-    plan = make_plan("grape", stats, budget=budget, gamma=gamma, guard=guard, linkage=linkage_,
+    plan = make_plan(stats, method="grape", budget=budget, gamma=gamma, guard=guard, linkage=linkage_,
                      min_experts=min_experts, cap_gamma=0.5)
     expected = naive_grape(stats, budget, gamma=gamma, guard=guard, linkage_=linkage_, min_experts=min_experts,
                            cap_gamma=0.5)
@@ -203,7 +206,7 @@ def naive_grape_r(stats, budget, *, normalise="none"):
 def test_grape_r_equals_brute_force(num_layers, num_experts, frac, seed, normalise):
     stats = random_stats(num_layers, num_experts, 1, seed)
     budget = int(frac * num_layers * (num_experts - 1))
-    plan = make_plan("grape-r", stats, budget=budget, normalise=normalise)
+    plan = make_plan(stats, method="grape-r", budget=budget, normalise=normalise)
     groups, reps, total = naive_grape_r(stats, budget, normalise=normalise)
     assert [lp.groups for lp in plan.layers] == groups
     assert [dict(zip(lp.groups, lp.dominant)) for lp in plan.layers] == reps
@@ -233,7 +236,7 @@ def test_substitution_cost_matches_brute_force():
 
 def test_hc_smoe_equals_scipy_average_linkage():
     stats = random_stats(3, 12, 2, 5)
-    plan = make_plan("hc-smoe", stats, budget=3 * 7)
+    plan = make_plan(stats, method="hc-smoe", budget=3 * 7)
     for ls, lp in zip(stats.layers, plan.layers):
         dist = 1.0 - ls.sim["cos_mean"]
         np.fill_diagonal(dist, 0.0)
@@ -248,8 +251,8 @@ def test_hc_smoe_equals_scipy_average_linkage():
 def test_equally_redundant_layers_get_local_allocation():
     s = sym(np.random.default_rng(0), 8)
     stats = ModelStats(tuple(layer(l, s) for l in range(4)))
-    g = make_plan("grape", stats, budget=8)
-    lo = make_plan("local", stats, budget=8)
+    g = make_plan(stats, method="grape", budget=8)
+    lo = make_plan(stats, method="local", budget=8)
     assert g.kept_per_layer == lo.kept_per_layer == (6, 6, 6, 6)
     assert [lp.groups for lp in g.layers] == [lp.groups for lp in lo.layers]
 
@@ -261,7 +264,7 @@ def test_redundant_layer_loses_more():
     np.fill_diagonal(sims[2], 1)
     stats = ModelStats(tuple(layer(l, s) for l, s in enumerate(sims)))
     for guard in ("none", "entropy"):
-        removed = [8 - k for k in make_plan("grape", stats, budget=8, guard=guard, gamma=0.05).kept_per_layer]
+        removed = [8 - k for k in make_plan(stats, method="grape", budget=8, guard=guard, gamma=0.05).kept_per_layer]
         assert removed[2] == max(removed) and removed[2] > 2, guard
 
 
@@ -278,11 +281,11 @@ def test_entropy_guard_restarts_and_keeps_entropy():
     stats = ModelStats(tuple(layer(l, s) for l, s in enumerate(sims)))
     budget, gamma = 16, 0.01
     tau = 1 - 2 * gamma
-    free = make_plan("grape", stats, budget=budget, guard="none")
+    free = make_plan(stats, method="grape", budget=budget, guard="none")
     removed_free = [16 - k for k in free.kept_per_layer]
     assert removed_free[0] > budget / 2
     assert normalised_entropy(free.kept_per_layer) < tau
-    guarded = make_plan("grape", stats, budget=budget, gamma=gamma)
+    guarded = make_plan(stats, method="grape", budget=budget, gamma=gamma)
     diag = guarded.diagnostics
     assert diag["restarts"] >= 1
     assert diag["entropy_threshold_normalised"] == pytest.approx(1 - gamma)
@@ -311,7 +314,7 @@ def test_hand_computed_grape_steps():
     s1 = hand({(0, 1): 0.9, (2, 3): 0.8, (0, 2): 0.7, (1, 3): 0.6})
     s2 = hand({(1, 2): 0.7, (0, 3): 0.3})
     stats = ModelStats(tuple(layer(l, s, k=1) for l, s in enumerate((s0, s1, s2))))
-    plan = make_plan("grape", stats, budget=5, gamma=0.01)
+    plan = make_plan(stats, method="grape", budget=5, gamma=0.01)
     d = plan.diagnostics
     assert d["merge_order"] == [1, 1, 2, 0, 1]
     assert d["restarts"] == 1
@@ -319,7 +322,7 @@ def test_hand_computed_grape_steps():
     assert d["entropy_final"] == pytest.approx(6 / 7 * math.log(7 / 3) + math.log(7) / 7, rel=1e-12)  # 1.00424
     np.testing.assert_allclose(d["redundancy_final"], [0.4, 0.0, 0.6], atol=1e-12)
     assert [lp.groups for lp in plan.layers] == [((0, 1), (2,), (3,)), ((0, 1, 2, 3),), ((0,), (1, 2), (3,))]
-    free = make_plan("grape", stats, budget=5, guard="none")
+    free = make_plan(stats, method="grape", budget=5, guard="none")
     assert free.diagnostics["merge_order"] == [1, 1, 1, 2, 0]
     assert free.diagnostics["restarts"] == 0
 
@@ -332,7 +335,7 @@ def test_identical_experts_merged_first():
     y[5] = y[2]
     stats = ModelStats((layer(0, s, y=y), layer(1, sym(rng, 6, 0.0, 0.1), seed=1)))
     for method in ("grape", "local", "hc-smoe", "grape-r"):
-        plan = make_plan(method, stats, budget=2 if method == "local" else 1)
+        plan = make_plan(stats, method=method, budget=2 if method == "local" else 1)
         assert (2, 5) in plan.layers[0].groups, method
 
 
@@ -343,9 +346,9 @@ def test_never_routed_expert_goes_first():
     stats = ModelStats((layer(0, s, freq, k=2, reap=reap), layer(1, s, [0.5] * 4, k=2, seed=1)))
     for method, options, budget in (("frequency", {}, 2), ("reap", {}, 2), ("frequency", {"global_rank": True}, 1),
                                     ("reap", {"global_rank": True}, 1)):
-        plan = make_plan(method, stats, budget=budget, **options)
+        plan = make_plan(stats, method=method, budget=budget, **options)
         assert plan.layers[0].dropped == (1,), (method, options)
-    plan = make_plan("grape-r", stats, budget=1)
+    plan = make_plan(stats, method="grape-r", budget=1)
     assert plan.kept_per_layer == (3, 4)
     [group] = [g for g in plan.layers[0].groups if 1 in g]
     assert len(group) == 2 and plan.layers[0].dominant[plan.layers[0].groups.index(group)] != 1
@@ -356,10 +359,10 @@ def test_global_rank_uses_shares_of_each_layer():
     stats = ModelStats((layer(0, s, [0.5, 0.0, 0.7, 0.8], k=2, reap=[10, 20, 30, 40]),
                         layer(1, s, [0.5] * 4, k=2, reap=[1, 2, 3, 4])))
     # frequency shares: l0 (0.25, 0, 0.35, 0.4), l1 0.25 each; ties -> lowest layer, then lowest id
-    assert [lp.dropped for lp in make_plan("frequency", stats, budget=3, global_rank=True).layers] == [(0, 1), (0,)]
+    assert [lp.dropped for lp in make_plan(stats, method="frequency", budget=3, global_rank=True).layers] == [(0, 1), (0,)]
     # REAP shares are equal across the two layers although the scales differ tenfold
-    assert [lp.dropped for lp in make_plan("reap", stats, budget=2, global_rank=True).layers] == [(0,), (0,)]
-    assert [lp.dropped for lp in make_plan("reap", stats, budget=3, global_rank=True).layers] == [(0, 1), (0,)]
+    assert [lp.dropped for lp in make_plan(stats, method="reap", budget=2, global_rank=True).layers] == [(0,), (0,)]
+    assert [lp.dropped for lp in make_plan(stats, method="reap", budget=3, global_rank=True).layers] == [(0, 1), (0,)]
 
 
 def test_uniform_remainder_rules():
@@ -367,14 +370,14 @@ def test_uniform_remainder_rules():
     sims = [sym(rng, 6, 0.0, hi) for hi in (0.2, 0.9, 0.5)]
     stats = ModelStats(tuple(layer(l, s) for l, s in enumerate(sims)))
     # local: B // L = 1 each, the remainder 1 to the most redundant layer (layer 1)
-    assert make_plan("local", stats, budget=4).kept_per_layer == (5, 4, 5)
-    assert make_plan("hc-smoe", stats, budget=5).kept_per_layer == (5, 4, 4)
+    assert make_plan(stats, method="local", budget=4).kept_per_layer == (5, 4, 5)
+    assert make_plan(stats, method="hc-smoe", budget=5).kept_per_layer == (5, 4, 4)
     # scores: remainder to the lowest total score; equal frequency totals -> lowest layer
-    assert make_plan("frequency", stats, budget=4).kept_per_layer == (4, 5, 5)
+    assert make_plan(stats, method="frequency", budget=4).kept_per_layer == (4, 5, 5)
     # a layer at its floor passes its share on: 9 // 3 = 3 each, layer 0 (4 experts, top-2) can give 2
     uneven = ModelStats((layer(0, sym(rng, 4, 0.0, 0.9)), *stats.layers[1:]))
-    assert make_plan("local", uneven, budget=9).kept_per_layer == (2, 2, 3)
-    assert make_plan("frequency", uneven, budget=9).kept_per_layer == (2, 2, 3)
+    assert make_plan(uneven, method="local", budget=9).kept_per_layer == (2, 2, 3)
+    assert make_plan(uneven, method="frequency", budget=9).kept_per_layer == (2, 2, 3)
 
 
 def test_m_smoe_by_hand():
@@ -384,7 +387,7 @@ def test_m_smoe_by_hand():
     s[4, 1] = s[1, 4] = 0.6
     s[4, 2] = s[2, 4] = 0.6  # tie -> lowest centre id (1)
     stats = ModelStats((layer(0, s, [0.6, 0.5, 0.5, 0.2, 0.2], k=2),))
-    plan = make_plan("m-smoe", stats, budget=2)
+    plan = make_plan(stats, method="m-smoe", budget=2)
     lp = plan.layers[0]
     assert lp.groups == ((0, 3), (1, 4), (2,))
     np.testing.assert_allclose(lp.weights[0], [0.75, 0.25])
@@ -397,9 +400,9 @@ def test_folding_pruned_experts():
     s[0, 2] = s[2, 0] = 0.1
     s[1, 3] = s[3, 1] = 0.2
     stats = ModelStats((layer(0, s, [0.1, 0.6, 0.5, 0.8], k=2),))
-    drop = make_plan("frequency", stats, budget=1)
+    drop = make_plan(stats, method="frequency", budget=1)
     assert drop.operator == "drop" and drop.layers[0].dropped == (0,)
-    fold = make_plan("frequency", stats, budget=1, operator="freq", router_rule="mean")
+    fold = make_plan(stats, method="frequency", budget=1, operator="freq", router_rule="mean")
     lp = fold.layers[0]
     assert lp.dropped == () and lp.groups == ((0, 3), (1,), (2,))
     assert lp.dominant[0] == 3  # the kept expert represents its group
@@ -408,8 +411,8 @@ def test_folding_pruned_experts():
 
 def test_random_is_seeded():
     stats = random_stats(3, 16, 2, 0)
-    a, b = (make_plan("random", stats, budget=12, seed=s) for s in (1, 2))
-    assert a == make_plan("random", stats, budget=12, seed=1) and a.seed == 1
+    a, b = (make_plan(stats, method="random", budget=12, seed=s) for s in (1, 2))
+    assert a == make_plan(stats, method="random", budget=12, seed=1) and a.seed == 1
     assert [lp.dropped for lp in a.layers] != [lp.dropped for lp in b.layers]
 
 
@@ -431,19 +434,19 @@ def test_errors():
     ]
     for (method, options), message in cases:
         with pytest.raises(ValueError, match=message):
-            make_plan(method, stats, budget=1, **options)
+            make_plan(stats, method=method, budget=1, **options)
     with pytest.raises(PlanError, match="budget 5 exceeds the 4 experts removable above the per-layer floors"):
-        make_plan("grape", stats, budget=5)
+        make_plan(stats, method="grape", budget=5)
     with pytest.raises(PlanError, match="budget 3 exceeds the 2 experts removable"):
-        make_plan("local", stats, budget=3, min_experts=3)
+        make_plan(stats, method="local", budget=3, min_experts=3)
     with pytest.raises(PlanError, match="budget must be >= 0"):
-        make_plan("reap", stats, budget=-1)
+        make_plan(stats, method="reap", budget=-1)
     no_moments = ModelStats(tuple(LayerStats(l.layer, l.num_tokens, l.top_k, l.freq, l.gate_mass, l.reap, l.sim)
                                   for l in stats.layers))
     with pytest.raises(PlanError, match=r"layer 0: stats have no routed moments \(routed_m/routed_n\)"):
-        make_plan("grape-r", no_moments, budget=1)
+        make_plan(no_moments, method="grape-r", budget=1)
     assert budget_from_per_layer(2, stats) == 4
-    with pytest.raises(PlanError, match="--per-layer must be an integer >= 0"):
+    with pytest.raises(PlanError, match=r"per_layer \(--per-layer\) must be an integer >= 0"):
         budget_from_per_layer(-1, stats)
     assert "gamma" in planner_options("grape") and "seed" in planner_options("random")
     assert all({"operator", "router_rule", "min_experts"} <= set(planner_options(m)) for m in PLANNERS)

@@ -11,9 +11,10 @@ import transformers
 
 from conversion.load import load_hf
 from grape_jax.cli import main as grape
-from grape_jax.model import logits
+from grape_jax.model import param_view
 from grape_jax.plan import Plan
-from grape_jax.recipe import expert_param_count
+from grape_jax.merge import apply_plan
+from grape_jax.params import count_params
 from tests.hf_models import random_tokens, torch_logits
 from tests.test_model_parity import assert_close_logits
 
@@ -40,7 +41,7 @@ def _dir_bytes(d):
 def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work, method, trust):
     out = str(work / f"out-{method}")
     args = ["prune", tiny_mixtral_tok.path, "--method", method, "--per-layer", "2", "--out", out,
-            "--work-dir", str(work), *DATA]
+            "--work-dir", str(work / f"work-{method}"), "--keep-work", *DATA]
     if method == "grape":  # make it non-uniform
         args += ["--option", "guard=none"]
     assert grape(args) == 0
@@ -55,22 +56,21 @@ def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work
     pruned = load_hf(out)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=trust).eval()
     tokens = random_tokens(pruned.cfg.vocab_size, batch=2, seq=16, seed=9)
-    assert_close_logits(logits(pruned.params, pruned.cfg, tokens), torch_logits(torch_model, tokens))
+    assert_close_logits(pruned(tokens), torch_logits(torch_model, tokens))
     # parameters and bytes on disk shrink by exactly the removed experts' share
     original = load_hf(tiny_mixtral_tok.path)
-    per_expert = expert_param_count(original.cfg) // sum(original.cfg.num_experts)
+    per_expert = count_params(original.cfg) - count_params(original.cfg.with_num_experts((7, 8, 8)))
     n_before = sum(p.numel() for p in tiny_mixtral_tok.model.parameters())
     n_after = sum(p.numel() for p in torch_model.parameters())
     assert n_before - n_after == 6 * per_expert == recipe["params_before"] - recipe["params_after"]
     assert _dir_bytes(tiny_mixtral_tok.path) - _dir_bytes(out) in range(6 * per_expert * 4 - 4096, 6 * per_expert * 4 + 4096)
     # re-converting the export gives the merged state bit for bit
-    from grape_jax.pipeline import apply_plan
-
-    plan = Plan.load(str(work / f"plan-{method}-6.json"))
-    merged, cfg = apply_plan(original.params, original.cfg, plan)
+    plan = Plan.load(str(work / f"work-{method}" / "plan.json"))
+    merged = apply_plan(original, plan)
+    cfg = merged.cfg
     assert cfg == pruned.cfg
-    for name, arr in merged.items():
-        assert np.asarray(arr).tobytes() == np.asarray(pruned.params[name]).tobytes(), name
+    for name, arr in param_view(merged).items():
+        assert np.asarray(arr).tobytes() == np.asarray(param_view(pruned)[name]).tobytes(), name
 
 
 def test_plan_merge_export_cli_chain(tiny_mixtral_tok, stats_path, work, capsys):
@@ -90,7 +90,7 @@ def test_plan_merge_export_cli_chain(tiny_mixtral_tok, stats_path, work, capsys)
     other["budget"] = 2
     json.dump(other, open(work / "other.json", "w"))
     assert grape(["merge", ckpt, str(work / "other.json"), "--out", str(work / "x")]) == 2
-    assert "plan has 2 MoE layers, the model has 3" in capsys.readouterr().err
+    assert "plan covers MoE layers [0, 1], the model's MoE layers are [0, 1, 2]" in capsys.readouterr().err
     assert grape(["plan", stats_path, "--method", "grape", "--budget", "19", "--out", str(work / "y.json")]) == 2
     assert "exceeds the 18 experts removable" in capsys.readouterr().err
     assert not os.path.exists(work / "x") and not os.path.exists(work / "y.json")

@@ -11,6 +11,7 @@ max(top_k, min_experts). Every planner takes `operator` and `router_rule` (see g
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 
@@ -33,10 +34,13 @@ PLANNERS: dict[str, Callable[..., Plan]] = {
 }
 
 
+DEFAULT_METHOD = "grape"
+
+
 def budget_from_per_layer(per_layer: int, stats: ModelStats) -> int:
-    """`--per-layer r` means B = r · L (L = number of MoE layers)."""
+    """`per_layer=r` means B = r · L (L = number of MoE layers)."""
     if isinstance(per_layer, bool) or not isinstance(per_layer, int) or per_layer < 0:
-        raise PlanError(f"--per-layer must be an integer >= 0, got {per_layer!r}")
+        raise PlanError(f"per_layer (--per-layer) must be an integer >= 0, got {per_layer!r}")
     return per_layer * len(stats.layers)
 
 
@@ -47,11 +51,40 @@ def planner_options(method: str) -> list[str]:
     return sorted(set(inspect.signature(PLANNERS[method]).parameters) - {"stats", "budget"})
 
 
-def make_plan(method: str, stats: ModelStats, *, budget: int, **options) -> Plan:
-    """Validate the stats and run planner `method`; unknown methods or options are errors."""
+def make_plan(
+    stats: ModelStats,
+    *,
+    method: str = DEFAULT_METHOD,
+    budget: int | None = None,
+    per_layer: int | None = None,
+    **options,
+) -> Plan:
+    """Run planner `method` on `stats` for a budget of `budget` experts removed in total, or `per_layer`
+    removed per MoE layer on average; options are the planner's keywords (unknown ones are errors)."""
     accepted = planner_options(method)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise PlanError(f"{method}: unknown option(s) {unknown}; accepted: {accepted}")
+    if (budget is None) == (per_layer is None):
+        raise PlanError("give exactly one of budget (experts removed in total) or per_layer")
+    check_option_types(method, options)
     stats.validate()
-    return PLANNERS[method](stats, budget=budget, **options)
+    total = budget_from_per_layer(per_layer, stats) if budget is None else budget
+    plan = PLANNERS[method](stats, budget=total, **options)
+    return dataclasses.replace(plan, made_from=stats.provenance())
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_option_types(method: str, options: dict) -> None:
+    """Each option's value has the type the planner declares (`gamma=abc` is an error naming the option,
+    not a TypeError deep inside the planner)."""
+    params = inspect.signature(PLANNERS[method]).parameters
+    for name, value in options.items():
+        declared = str(params[name].annotation).replace(" ", "").split("|")
+        allowed = tuple(t for d in declared for t in _TYPES.get(d, ()))
+        ok = (value is None and "None" in declared) or (
+            isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed))
+        if not ok:
+            raise PlanError(f"{method}: option {name}={value!r}: expected {' or '.join(declared)}")

@@ -31,11 +31,7 @@ def floors(stats: ModelStats, min_experts: int = 0) -> np.ndarray:
     layer's count multiple (group-limited routers keep whole groups)."""
     if isinstance(min_experts, bool) or not isinstance(min_experts, (int, np.integer)) or min_experts < 0:
         raise PlanError(f"min_experts must be an integer >= 0, got {min_experts!r}")
-    out = []
-    for ls in stats.layers:
-        least, m = max(ls.top_k, int(min_experts), ls.min_count, 1), ls.count_multiple
-        out.append(-(-least // m) * m)
-    return np.array(out, np.int64)
+    return np.array([ls.expert_rule.floor(int(min_experts)) for ls in stats.layers], np.int64)
 
 
 def granularity(stats: ModelStats) -> int:

@@ -151,7 +151,6 @@ def grape(
     operator: str = "freq",
     router_rule: str = "dominant",
     min_experts: int = 0,
-    stats_sha256: str | None = None,
 ) -> Plan:
     """GRAPE's global greedy (module docstring). Default operator 'freq' (α ∝ routing frequency)."""
     check_choice("operator", operator, MERGE_OPERATORS)
@@ -182,7 +181,7 @@ def grape(
     if removed != greedy:
         diagnostics["removed_per_layer_greedy"] = greedy
     return build_plan(stats, [s.groups() for s in states], method="grape", budget=budget, operator=operator,
-                      router_rule=router_rule, options=options, stats_sha256=stats_sha256,
+                      router_rule=router_rule, options=options,
                       diagnostics=diagnostics)
 
 
@@ -195,7 +194,6 @@ def local(
     operator: str = "freq",
     router_rule: str = "dominant",
     min_experts: int = 0,
-    stats_sha256: str | None = None,
 ) -> Plan:
     """B/L merges in every layer (remainder rule in the module docstring), same machinery as grape."""
     check_choice("operator", operator, MERGE_OPERATORS)
@@ -205,5 +203,5 @@ def local(
     _merge_counts(states, alloc)
     options = dict(metric=metric, linkage=linkage, min_experts=min_experts)
     return build_plan(stats, [s.groups() for s in states], method="local", budget=budget, operator=operator,
-                      router_rule=router_rule, options=options, stats_sha256=stats_sha256,
+                      router_rule=router_rule, options=options,
                       diagnostics={"removed_per_layer": alloc})

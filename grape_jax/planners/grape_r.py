@@ -113,7 +113,6 @@ def grape_r(
     router_rule: str = "dominant",
     normalise: str = "none",
     min_experts: int = 0,
-    stats_sha256: str | None = None,
 ) -> Plan:
     """Global cheapest-absorption greedy on the routed substitution cost (module docstring)."""
     check_choice("operator", operator, MERGE_OPERATORS)
@@ -148,5 +147,4 @@ def grape_r(
     groups, reps = zip(*(s.groups_and_reps() for s in states), strict=True)
     options = dict(gamma=gamma, guard=guard, cap_gamma=cap_gamma, normalise=normalise, min_experts=min_experts)
     return build_plan(stats, list(groups), method="grape-r", budget=budget, operator=operator,
-                      router_rule=router_rule, dominant_per_layer=list(reps), options=options,
-                      stats_sha256=stats_sha256, diagnostics=diagnostics)
+                      router_rule=router_rule, dominant_per_layer=list(reps), options=options, diagnostics=diagnostics)

@@ -1,5 +1,8 @@
 """Outputs that appear whole or not at all: write into a temp sibling, then rename it into place.
 
+Every file grape-jax writes goes through `atomic_write` (statistics, plans, recipes, checkpoints'
+metadata, safetensors shards); directories through `atomic_output_dir` / `resumable_output_dir`.
+
 The temp dir/file is created next to the target (same file system, so the final rename is atomic)
 with the process umask applied, like any other new file. A crash (or Ctrl-C) before the rename leaves
 the target untouched; the temp entry is removed on any exception that reaches us.
@@ -11,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 
 class OutputExistsError(FileExistsError):
@@ -136,8 +140,6 @@ def resumable_output_dir(path: str | os.PathLike, *, fingerprint: str, overwrite
 def _locked(lock_path: str, target: str) -> Iterator[None]:
     """Hold an exclusive advisory lock on `lock_path` (created; removed when released) while writing
     `target`."""
-    import fcntl
-
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -156,8 +158,10 @@ def _locked(lock_path: str, target: str) -> Iterator[None]:
         os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to `path` via a synced temp file renamed over it: never half-written."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """The one way grape-jax writes a file: `write(f)` into a temp sibling opened for binary writing,
+    flushed and fsynced, then renamed over `path`. Never half-written; the temp file is removed on any
+    exception (KeyboardInterrupt included)."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     while True:
@@ -168,8 +172,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         except FileExistsError:
             continue
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -177,6 +181,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write` of `text` as UTF-8."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

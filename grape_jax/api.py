@@ -1,0 +1,71 @@
+"""The Python API (re-exported by `grape_jax`): load a model, calibrate, plan, merge, evaluate, export.
+
+    import grape_jax as gj
+    model = gj.load_hf(hf_dir, mesh=gj.make_mesh("expert=8"))   # a flax.nnx.Module, sharded
+    blocks = gj.token_blocks(hf_dir, num_samples=64)             # int32 [n, seq_len] from the shipped text
+    stats = gj.calibrate(model, blocks)
+    plan = gj.make_plan(stats, method="grape", per_layer=2)
+    pruned = gj.apply_plan(model, plan)                           # a new module with fewer experts
+    logits = pruned(blocks[:2])
+    gj.save_hf(pruned, out_dir)                                   # HF directory + recipe.json + card
+
+The pure core: `graphdef, state = nnx.split(model)`; `gj.merge_state(state, plan)` under `jax.jit` or
+`jax.eval_shape`. The CLI (`grape ...`) is a thin layer over these functions.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from jaxtyping import Int
+
+from conversion.checkpoint import restore_checkpoint, save_checkpoint
+from conversion.load import load_hf
+from grape_jax.calibration import CalibrationOptions, calibrate
+from grape_jax.config import MoEConfig
+from grape_jax.data import DataSpec
+from grape_jax.demo_model import shipped_path as demo_model_path
+from grape_jax.evaluate import PerplexityResult, perplexity
+from grape_jax.merge import MergeInputs, apply_plan, merge_inputs, merge_state
+from grape_jax.model import MoEModel, ModelInfo, abstract_model, init_model, param_view
+from grape_jax.pipeline import blocks_for, load_model, prune, save_hf
+from grape_jax.plan import Plan
+from grape_jax.planners import PLANNERS, make_plan
+from grape_jax.sharding import RunContext, ShardingRules, make_mesh
+from grape_jax.stats import ModelStats
+
+__all__ = [
+    "CalibrationOptions", "DataSpec", "MergeInputs", "ModelInfo", "ModelStats", "MoEConfig", "MoEModel",
+    "PLANNERS", "PerplexityResult", "Plan", "RunContext", "ShardingRules", "abstract_model", "apply_plan",
+    "calibrate", "demo_model_path", "describe", "init_model", "load_hf", "load_model", "make_mesh", "make_plan",
+    "merge_inputs", "merge_state", "param_view", "perplexity", "prune", "restore_checkpoint", "save_checkpoint",
+    "save_hf", "token_blocks",
+]
+
+
+def token_blocks(
+    model_dir: str | os.PathLike,
+    paths: str | os.PathLike | list[str] | None = None,
+    *,
+    text_field: str | None = None,
+    seq_len: int = 128,
+    num_samples: int | None = 64,
+    seed: int = 0,
+    heldout: bool = False,
+) -> Int[np.ndarray, "n seq_len"]:
+    """[n, seq_len] int32 token blocks of text files (None: the shipped public-domain sample, or its
+    held-out part with `heldout`), tokenised with the tokenizer of the model in `model_dir` (an HF
+    directory or a grape checkpoint, whose source directory holds it)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [os.fspath(paths)]
+    spec = DataSpec(paths=tuple(paths) if paths else None, text_field=text_field, seq_len=seq_len,
+                    num_samples=num_samples, seed=seed)
+    return blocks_for(os.fspath(model_dir), spec, heldout=heldout)
+
+
+def describe(model: MoEModel) -> dict[str, Any]:
+    """A short summary of a model: family, source, experts per layer, parameters, fingerprint."""
+    return {"family": model.info.family, "source": model.info.source, "num_experts": list(model.cfg.num_experts),
+            "params": model.num_params, "fingerprint": model.info.fingerprint}
