@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from conversion.distributed import finish_shard, follow_export, gather_shard
+from conversion.families import family_by_name
 from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
 from conversion.safetensors_write import TensorEntry, completed_shards, plan_shards, write_checkpoint
 from grape_jax.atomic import resumable_output_dir
-from conversion.families import family_by_name
 from grape_jax.config import MoEConfig
 from grape_jax.model import MoEModel, param_view
 from grape_jax.multihost import all_processes_bytes, barrier, broadcast_flags, gather_slice, is_writer
@@ -259,7 +260,8 @@ def export_hf(
                     if os.path.isfile(src):
                         shutil.copyfile(src, os.path.join(tmp, fname))
             if remote:
-                from conversion.remote_code_export import write_remote_code
+                # deferred: the modeling file imports torch and transformers (~5 s), needed only here
+                from conversion.remote_code_export import write_remote_code  # noqa: PLC0415
 
                 config = write_remote_code(
                     tmp, config, family=family.name, num_experts_per_layer=list(cfg.num_experts)
@@ -288,6 +290,4 @@ def _test_pause() -> None:
     deterministically."""
     delay = os.environ.get("GRAPE_EXPORT_SHARD_DELAY_S")
     if delay:
-        import time
-
         time.sleep(float(delay))

@@ -137,7 +137,7 @@ def stored_permutation(b: Binding) -> tuple[int, ...] | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _relayout(perm: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding):
     return jax.jit(lambda x: jnp.transpose(x, perm).astype(dtype), out_shardings=sharding)
 

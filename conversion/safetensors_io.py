@@ -22,7 +22,6 @@ import mmap
 import os
 import struct
 import threading
-
 from typing import Any
 
 import ml_dtypes

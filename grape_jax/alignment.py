@@ -153,7 +153,7 @@ def match_features(
     max_exact: int | None = DEFAULT_MAX_EXACT,
     top_k: int = 8,
     chunk: int = 1024,
-) -> Int[np.ndarray, "f"]:
+) -> Int[np.ndarray, " f"]:
     """Permutation [f] matching member feature rows to anchor feature rows ([f, k] each).
 
     Exact assignment when f <= `max_exact` (None: always exact), else greedy (module docstring).
@@ -179,7 +179,7 @@ def neuron_permutation(
     activation: Activation | None = None,
     max_exact: int | None = DEFAULT_MAX_EXACT,
     top_k: int = 8,
-) -> Int[np.ndarray, "f"]:
+) -> Int[np.ndarray, " f"]:
     """Permutation `perm` [f] (int64) of the member's neurons that best matches the anchor's.
 
     Experts are mappings w_gate [d, f], w_up [d, f], w_down [f, d], optional b_gate/b_up [f]. Member
@@ -200,10 +200,10 @@ def permute_expert(
     w_gate: Float[np.ndarray, "d f"],
     w_up: Float[np.ndarray, "d f"],
     w_down: Float[np.ndarray, "f d"],
-    perm: Int[np.ndarray, "f"],
+    perm: Int[np.ndarray, " f"],
     *,
-    b_gate: Float[np.ndarray, "f"] | None = None,
-    b_up: Float[np.ndarray, "f"] | None = None,
+    b_gate: Float[np.ndarray, " f"] | None = None,
+    b_up: Float[np.ndarray, " f"] | None = None,
 ) -> dict[str, np.ndarray]:
     """The same expert with neurons reordered: w_gate/w_up [d, f] columns, w_down [f, d] rows, b_gate/b_up [f].
 

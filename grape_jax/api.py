@@ -29,7 +29,7 @@ from grape_jax.data import DataSpec
 from grape_jax.demo_model import shipped_path as demo_model_path
 from grape_jax.evaluate import PerplexityResult, perplexity
 from grape_jax.merge import MergeInputs, apply_plan, merge_inputs, merge_state
-from grape_jax.model import MoEModel, ModelInfo, abstract_model, init_model, param_view
+from grape_jax.model import ModelInfo, MoEModel, abstract_model, init_model, param_view
 from grape_jax.pipeline import blocks_for, load_model, prune, save_hf
 from grape_jax.plan import Plan
 from grape_jax.planners import PLANNERS, make_plan

@@ -23,8 +23,8 @@ from grape_jax.compare import Variant, markdown_table, run_comparison, write_rep
 from grape_jax.data import DataSpec
 from grape_jax.demo_model import SEQ_LEN, ensure_demo_model
 from grape_jax.pipeline import blocks_for, check_output, load_model, model_fingerprint
-from grape_jax.planners import PLANNERS
 from grape_jax.plan import OPERATORS
+from grape_jax.planners import PLANNERS
 from grape_jax.stats import ModelStats, StatsError
 
 DEMO_METHODS = ("grape", "grape-r", "local", "frequency", "reap")

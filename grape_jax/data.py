@@ -109,7 +109,7 @@ def _load_jsonl(path: str, text_field: str | None) -> list[str]:
 
 def _load_dataset_dir(path: str, text_field: str | None) -> list[str]:
     try:
-        import datasets
+        import datasets  # noqa: PLC0415  (deferred: optional dependency, only for saved dataset dirs)
     except ImportError:
         raise DataError(f"{path}: reading a saved dataset directory needs the `datasets` package: "
                         "install datasets (pip install datasets)") from None

@@ -306,7 +306,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def group_weights(
-    members: Sequence[int], freq: Float[np.ndarray, "experts"], operator: str
+    members: Sequence[int], freq: Float[np.ndarray, " experts"], operator: str
 ) -> tuple[tuple[float, ...], int]:
     """(α per member, most frequent member) of one group (members in the given order) under `operator`."""
     members = [int(e) for e in members]

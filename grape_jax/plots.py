@@ -15,10 +15,10 @@ from grape_jax.stats import ModelStats
 def _pyplot():
     """matplotlib.pyplot on the Agg backend; deferred: importing matplotlib takes ~0.5 s and only the
     plotting commands need it."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415  (deferred: see the docstring)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (deferred: see the docstring)
 
     return plt
 

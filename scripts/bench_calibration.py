@@ -393,9 +393,9 @@ def main(argv=None) -> None:
 
         torch_s = ref = None
         if args.device == "cpu":
-            from grape_jax.calibration import CalibrationOptions, choose_cka_mode
-            from conversion.load import read_hf_config
             from conversion.families import get_family
+            from conversion.load import read_hf_config
+            from grape_jax.calibration import CalibrationOptions, choose_cka_mode
 
             hf = read_hf_config(model_dir)
             cfg0 = get_family(hf["model_type"]).config_from_hf(hf)

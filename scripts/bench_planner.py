@@ -140,10 +140,10 @@ def main() -> None:
     for name, (layers, experts, k) in SHAPES.items():
         stats = random_stats(layers, experts, k)
         budget = int(args.fraction * layers * experts)
-        t_g, plan = _timed(lambda: make_plan(stats, method="grape", budget=budget), args.repeat)
-        t_r, plan_r = _timed(lambda: make_plan(stats, method="grape-r", budget=budget), args.repeat)
-        t_n, naive = _timed(lambda: naive_grape(stats, budget), 1)
-        t_nr, naive_r = _timed(lambda: naive_grape_r(stats, budget), 1)
+        t_g, plan = _timed(lambda s=stats, b=budget: make_plan(s, method="grape", budget=b), args.repeat)
+        t_r, plan_r = _timed(lambda s=stats, b=budget: make_plan(s, method="grape-r", budget=b), args.repeat)
+        t_n, naive = _timed(lambda s=stats, b=budget: naive_grape(s, b), 1)
+        t_nr, naive_r = _timed(lambda s=stats, b=budget: naive_grape_r(s, b), 1)
         same = [list(map(list, lp.groups)) for lp in plan.layers] == naive
         same_r = [list(map(list, lp.groups)) for lp in plan_r.layers] == naive_r
         print(f"{name:31s} {budget:6d} {t_g:8.3f} {t_n:8.3f} {t_n / t_g:7.1f}x {same!s:>5} "

@@ -18,6 +18,7 @@ import os
 import re
 import sys
 
+
 def run_pipeline(loaded, mesh, out: str) -> dict:
     """calibrate -> plan -> merge -> export on the global mesh (the test repeats it in one process)."""
     import numpy as np
@@ -108,9 +109,9 @@ def main(argv=None) -> int:
     ), (jax.process_count(), jax.devices())
 
     import grape_jax.multihost as dist
-    from grape_jax.model import param_view
     from conversion.load import load_hf
     from conversion.safetensors_io import CheckpointIndex
+    from grape_jax.model import param_view
     from grape_jax.sharding import make_mesh
 
     reads: list[tuple[str, list[list[int]]]] = []
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
             m = expert_key.fullmatch(key)
             if m and int(m[2]) not in own.get(f"layers.{m[1]}.mlp.{names[m[3]]}", set()):
                 violations.append(f"{key}: prefetched by process {jax.process_index()}, which does not hold it")
-        for key, box in load_reads:
+        for key, _box in load_reads:
             m = expert_key.fullmatch(key)
             if not m:
                 continue

@@ -20,8 +20,8 @@ from conversion.load import load_hf
 from conversion.remote_code import modeling_pruned_moe as pruned
 from conversion.remote_code_export import write_remote_code
 from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.model import param_view
 from grape_jax.merge import apply_plan
+from grape_jax.model import param_view
 from grape_jax.pipeline import save_hf
 from grape_jax.planners import make_plan
 from tests import deepseek_reference as dsref

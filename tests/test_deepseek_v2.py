@@ -16,11 +16,11 @@ import transformers
 from conversion.export import export_hf
 from conversion.families import family_by_name, get_family
 from conversion.families.base import ConversionError
-from grape_jax.config import ConfigError
 from conversion.load import load_hf
 from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.model import param_view
+from grape_jax.config import ConfigError
 from grape_jax.merge import apply_plan
+from grape_jax.model import param_view
 from grape_jax.pipeline import save_hf
 from grape_jax.plan import PlanError
 from grape_jax.planners import make_plan

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from grape_jax.atomic import OutputExistsError
 from conversion.export import export_hf, params_fingerprint
 from conversion.load import load_hf
+from grape_jax.atomic import OutputExistsError
 from grape_jax.model import model_from_arrays, param_view
 from grape_jax.sharding import make_mesh
 

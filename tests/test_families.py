@@ -5,7 +5,6 @@ HF -> JAX -> HF round trips, routing exactness, MXFP4 reads, and the registry's 
 from __future__ import annotations
 
 import dataclasses
-
 import inspect
 import json
 import os

@@ -14,8 +14,8 @@ import transformers
 
 from conversion.load import load_hf
 from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.model import param_view
 from grape_jax.merge import apply_plan
+from grape_jax.model import param_view
 from grape_jax.pipeline import save_hf
 from grape_jax.planners import make_plan
 from tests.hf_models import TINY, build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits

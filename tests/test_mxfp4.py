@@ -4,8 +4,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
 from safetensors import safe_open
+from safetensors.numpy import save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from conversion.mxfp4 import decode_mxfp4, decode_mxfp4_experts, encode_mxfp4

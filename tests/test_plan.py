@@ -6,10 +6,9 @@ import json
 import os
 
 import numpy as np
-
-from grape_jax.config import ExpertCountRule
 import pytest
 
+from grape_jax.config import ExpertCountRule
 from grape_jax.plan import LayerPlan, Plan, PlanError, build_plan, group_weights, layer_plan
 from grape_jax.stats import LayerStats, ModelStats
 

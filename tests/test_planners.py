@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from grape_jax.config import ExpertCountRule
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
+from grape_jax.config import ExpertCountRule
 from grape_jax.plan import Plan, PlanError
 from grape_jax.planners import PLANNERS, budget_from_per_layer, make_plan, planner_options
 from grape_jax.planners.common import normalised_entropy

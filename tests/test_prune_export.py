@@ -11,10 +11,10 @@ import transformers
 
 from conversion.load import load_hf
 from grape_jax.cli import main as grape
-from grape_jax.model import param_view
-from grape_jax.plan import Plan
 from grape_jax.merge import apply_plan
+from grape_jax.model import param_view
 from grape_jax.params import count_params
+from grape_jax.plan import Plan
 from tests.hf_models import random_tokens, torch_logits
 from tests.test_model_parity import assert_close_logits
 

@@ -28,8 +28,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from conversion.remote_code import modeling_pruned_moe as pruned
 from conversion.families import get_family
+from conversion.remote_code import modeling_pruned_moe as pruned
 from conversion.remote_code_export import write_remote_code
 from tests.hf_models import TINY, build_model, random_tokens, torch_logits
 

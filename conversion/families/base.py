@@ -13,11 +13,14 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
+from conversion.mxfp4 import decode_mxfp4
 from conversion.transpose import transposed
 from grape_jax.config import MoEConfig
 from grape_jax.params import ParamSpec, param_specs
+from grape_jax.rope import yarn_mscale
 
 Index = tuple[slice, ...]
 SliceReader = Callable[[Index], np.ndarray]
@@ -118,16 +121,12 @@ class Mxfp4:
         return (e, rows, groups, 16), (e, rows, groups)
 
     def value_dtype(self) -> np.dtype:
-        import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
-
         return np.dtype(self.dtype)
 
     def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
         return (*ours[:-1], ours[-1] * self.parts)
 
     def read_sources(self, srcs: Sequence[SliceReader], index: Index) -> np.ndarray:
-        from conversion.mxfp4 import decode_mxfp4
-
         experts, cols, rows = index
         lo, hi = rows.start * self.parts, rows.stop * self.parts
         blocks = srcs[0]((experts, slice(lo, hi), slice(None), slice(None)))
@@ -330,8 +329,6 @@ def rope_theta(hf: Mapping[str, Any], default: float = 10000.0) -> float:
 
 def rope_fields(hf: Mapping[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
     """MoEConfig rope fields for default RoPE or YaRN (as `transformers.modeling_rope_utils`)."""
-    from grape_jax.rope import yarn_mscale
-
     params = rope_params(hf)
     theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
     kind = params["rope_type"] or "default"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from conversion.families.base import TRANSPOSE, ConversionError, KeyRule
+from conversion.families.base import TRANSPOSE, ConversionError, KeyRule, require, rope_fields
 from grape_jax.config import MoEConfig
 
 LP, HP = "layers.{l}.", "model.layers.{l}."
@@ -92,8 +92,6 @@ def update_counts(cfg: MoEConfig, base: Mapping[str, Any], *keys: str) -> dict[s
 
 def llama_fields(hf: Mapping[str, Any], *, eps: float, theta: float = 10000.0) -> dict[str, Any]:
     """MoEConfig fields every family reads the same way (sizes, heads, norms, RoPE, tying)."""
-    from conversion.families.base import require, rope_fields
-
     heads = int(require(hf, "num_attention_heads"))
     hidden = int(require(hf, "hidden_size"))
     return dict(

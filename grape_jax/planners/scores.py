@@ -27,7 +27,7 @@ from grape_jax.stats import ModelStats
 PRUNE_OPERATORS = ("drop",) + OPERATORS
 
 
-def lowest(scores: Float[np.ndarray, "experts"], count: int) -> list[int]:
+def lowest(scores: Float[np.ndarray, " experts"], count: int) -> list[int]:
     """Ids of the `count` lowest scores (ties -> lowest id), ascending."""
     return sorted(int(e) for e in np.lexsort((np.arange(len(scores)), scores))[:count])
 
