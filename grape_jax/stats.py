@@ -123,9 +123,9 @@ class ModelStats:
     def provenance(self) -> dict[str, Any]:
         """What a plan made from these statistics records of them (`Plan.made_from`)."""
         model = self.meta.get("model") if isinstance(self.meta.get("model"), Mapping) else {}
+        run = {k: v for k, v in (self.meta.get("calibration") or {}).items() if k != "seconds"}  # not a timing
         return {"stats_fingerprint": self.fingerprint, "model_fingerprint": self.model_fingerprint,
-                "model_source": model.get("source", ""), "data": self.meta.get("data"),
-                "calibration": self.meta.get("calibration")}
+                "model_source": model.get("source", ""), "data": self.meta.get("data"), "calibration": run}
 
     def validate(self) -> None:
         if not self.layers:
