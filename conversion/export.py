@@ -48,44 +48,6 @@ DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 PRUNED_FIELDS = ("auto_map", "num_experts_per_layer", "base_model_type", "grape_remote_code_transformers_version")
 
 
-def host_slice(arr: jax.Array, index: tuple[int | slice, ...] = ()) -> np.ndarray:
-    """`np.asarray(arr[index])` assembled from the addressable shards that overlap the slice.
-
-    No device computation is launched (no compile per index) and only overlapping shards are copied.
-    """
-    norm: list[slice] = []
-    squeeze: list[int] = []
-    for axis, dim in enumerate(arr.shape):
-        s = index[axis] if axis < len(index) else slice(None)
-        if isinstance(s, int | np.integer):
-            norm.append(slice(int(s), int(s) + 1))
-            squeeze.append(axis)
-        else:
-            start, stop, _ = s.indices(dim)
-            norm.append(slice(start, stop))
-    out = np.empty(tuple(s.stop - s.start for s in norm), dtype=arr.dtype)
-    filled = 0
-    for shard in arr.addressable_shards:
-        if shard.replica_id != 0:
-            continue
-        src, dst = [], []
-        for want, have, dim in zip(norm, shard.index, arr.shape, strict=True):
-            h0, h1, _ = have.indices(dim)
-            lo, hi = max(want.start, h0), min(want.stop, h1)
-            if lo >= hi:
-                break
-            src.append(slice(lo - h0, hi - h0))
-            dst.append(slice(lo - want.start, hi - want.start))
-        else:
-            out[tuple(dst)] = np.asarray(shard.data)[tuple(src)]
-            filled += int(np.prod([d.stop - d.start for d in dst]))
-    if filled != out.size:
-        raise ConversionError(
-            f"host_slice: only {filled} of {out.size} elements are addressable from this process"
-        )
-    return out.squeeze(axis=tuple(squeeze)) if squeeze else out
-
-
 DEVICE_SUM_MIN_BYTES = 4 << 20  # shards this big are summed on their device for the fingerprint
 
 

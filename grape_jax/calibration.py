@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +142,9 @@ def calibration_step(
     """One batch through the model, updating every MoE layer's accumulators (pure; jit it).
 
     `acc_shardings` (flattened `accumulator_shardings`) pins the updated accumulators' placement."""
+    chex.assert_rank(tokens, 2)
+    chex.assert_type(tokens, int)
+    chex.assert_equal_shape([tokens, mask])
     positions = layers.default_positions(mask)
     acc = dict(acc)
 

@@ -33,6 +33,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +50,9 @@ def _row_nll_and_greedy(
 ) -> tuple[Float[Array, " B"], Bool[Array, " B"]]:
     """Per row: Σ -log p(tokens[p] | tokens[:p]) over positions p with scored[p] (p >= 1), in fp32,
     and whether every scored token is the argmax prediction from its prefix."""
+    chex.assert_rank(logits, 3)
+    chex.assert_equal_shape([tokens, scored])
+    chex.assert_equal_shape_prefix([logits, tokens], 2)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     keep = scored[:, 1:]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -197,6 +198,9 @@ def forward(
     """Logits of a causal LM over right-padded token batches."""
     if mask is None:
         mask = jnp.ones(tokens.shape, dtype=bool)
+    chex.assert_rank(tokens, 2)
+    chex.assert_type(tokens, int)
+    chex.assert_equal_shape([tokens, mask])
     positions = default_positions(mask)
     x = embed(params, tokens)
     for layer in range(cfg.num_layers):

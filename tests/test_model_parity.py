@@ -86,6 +86,14 @@ def test_nnx_model_is_the_parameter_table(tiny_mixtral, tokens):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_wrong_shapes_fail_at_the_entry_of_the_jitted_forward(tiny_mixtral, tokens):
+    model = load_hf(tiny_mixtral.path)
+    with pytest.raises(AssertionError, match="shapes"):
+        model(tokens, np.ones((2, 5), bool))
+    with pytest.raises(AssertionError, match="rank"):
+        model(tokens[0])
+
+
 def test_abstract_model_allocates_nothing(tiny_mixtral):
     model = abstract_model(load_hf(tiny_mixtral.path).cfg)
     leaves = jax.tree.leaves(nnx.state(model))
