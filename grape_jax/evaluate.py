@@ -234,8 +234,8 @@ def evaluate_tasks(
             for task, examples in loaded.items()}
 
 
-def jax_logits_fn(params, cfg) -> LogitsFn:
-    """`logits_fn` of a grape-jax model (jitted; placed like the parameters)."""
-    from grape_jax.model import forward_jit
+def jax_logits_fn(params, cfg, *, dispatch: str = "auto") -> LogitsFn:
+    """`logits_fn` of a grape-jax model (jitted; placed like the parameters; MoE blocks by `dispatch`)."""
+    from grape_jax.model import logits
 
-    return lambda tokens, mask: forward_jit(params, cfg=cfg, tokens=tokens, mask=mask)
+    return lambda tokens, mask: logits(params, cfg, tokens, mask, dispatch=dispatch)

@@ -18,6 +18,7 @@ from jaxtyping import Array, Bool, Float, Int
 from grape_jax import layers
 from grape_jax.config import MoEConfig
 from grape_jax.params import param_specs
+from grape_jax.sharding import mesh_scope
 
 
 class ParamGroup(nnx.Module):
@@ -64,11 +65,9 @@ class MoEModel(nnx.Module):
             self.lm_head = nnx.Param(top["lm_head"])
 
     def __call__(
-        self, tokens: Int[Array, "b t"], mask: Bool[Array, "b t"] | None = None
+        self, tokens: Int[Array, "b t"], mask: Bool[Array, "b t"] | None = None, *, dispatch: str = "auto"
     ) -> Float[Array, "b t v"]:
-        if mask is None:
-            mask = jnp.ones(tokens.shape, dtype=bool)
-        return forward_jit(flat_params(self), cfg=self.cfg, tokens=tokens, mask=mask)
+        return logits(flat_params(self), self.cfg, tokens, mask, dispatch=dispatch)
 
 
 def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
@@ -82,14 +81,22 @@ def with_params(model: MoEModel, params: Mapping[str, jax.Array], cfg: MoEConfig
     return MoEModel(model.cfg if cfg is None else cfg, params)
 
 
-forward_jit = jax.jit(layers.forward, static_argnames=("cfg",))
-"""Jitted `forward(params, cfg, tokens, mask)`; `cfg` is static (hashable), one compile per config/shape."""
+forward_jit = jax.jit(layers.forward, static_argnames=("cfg", "dispatch"))
+"""Jitted `forward(params, cfg, tokens, mask, *, dispatch)`; `cfg` and `dispatch` are static (hashable),
+one compile per config/shape."""
 
 
 def logits(
-    params: Mapping[str, jax.Array], cfg: MoEConfig, tokens: jax.Array, mask: jax.Array | None = None
+    params: Mapping[str, jax.Array],
+    cfg: MoEConfig,
+    tokens: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    dispatch: str = "auto",
 ) -> jax.Array:
-    """Logits of a right-padded token batch through the jitted forward."""
+    """Logits of a right-padded token batch through the jitted forward (under the parameters' mesh, so
+    the routed MoE dispatch runs each device's experts where they are)."""
     if mask is None:
         mask = jnp.ones(tokens.shape, dtype=bool)
-    return forward_jit(dict(params), cfg=cfg, tokens=tokens, mask=mask)
+    with mesh_scope(params):
+        return forward_jit(dict(params), cfg=cfg, tokens=tokens, mask=mask, dispatch=dispatch)
