@@ -6,6 +6,13 @@ token of the chunk (`layers.moe_block` returns all expert outputs), feeds them w
 routing to `similarity.update_accumulators`, and continues the forward pass with the same chunk outputs.
 Memory per step is bounded by the chunk size, independent of how many tokens are calibrated. Experts
 stay sharded over the `expert` mesh axis and tokens over `data`, as the parameters and batch are placed.
+
+The experts (routed and shared: nearly all of the forward's FLOPs) and the big statistics matmuls run in
+`compute_dtype`: by default the parameters' own dtype on accelerators (bf16 for bf16 checkpoints) and
+float32 on CPU (where XLA's bf16 matmuls are slow and fp32 costs no more). The rest of the forward
+(attention, norms, router, residual stream) runs in fp32, so the routing the statistics describe is the
+fp32 reference's wherever the layer input is (the first MoE layer: always). Statistics are fp32 sums:
+matmuls over bf16 expert outputs accumulate in fp32 (`preferred_element_type`; each product is exact).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from jaxtyping import Array, Bool, Int
 
 from grape_jax import layers, similarity
 from grape_jax.config import MoEConfig
+from grape_jax.params import param_specs
 from grape_jax.stats import LayerStats, ModelStats, StatsError
 
 Accumulators = dict[str, Any]  # str(layer) -> similarity.Accumulators
@@ -36,6 +44,26 @@ class CalibrationOptions:
     cka: str = "auto"  # exact | minibatch | auto
     exact_cka_max_bytes: int = 1 << 30
     checkpoint_every: int = 0  # batches between resumable saves (0: only at the end)
+    compute_dtype: str | None = None  # float32 | bfloat16 | float16; None: `resolve_compute_dtype`
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_compute_dtype(params: Mapping[str, jax.Array], options: CalibrationOptions) -> str:
+    """The dtype the calibration forward runs in: `options.compute_dtype` if given, else the routed
+    experts' parameter dtype on accelerators and float32 on CPU devices."""
+    if options.compute_dtype is not None:
+        if options.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype {options.compute_dtype!r} unknown; expected one of {COMPUTE_DTYPES}")
+        return options.compute_dtype
+    experts = [v for k, v in params.items() if k.endswith(".mlp.w_gate") and v.ndim == 3]
+    sample = experts[0] if experts else next(iter(params.values()))
+    devices = sample.sharding.device_set if hasattr(sample, "sharding") else set(jax.devices()[:1])
+    if all(d.platform == "cpu" for d in devices):
+        return "float32"
+    name = jnp.dtype(sample.dtype).name
+    return name if name in COMPUTE_DTYPES else "float32"
 
 
 def choose_cka_mode(cfg: MoEConfig, options: CalibrationOptions) -> str:
@@ -76,7 +104,7 @@ def accumulator_shardings(acc: Accumulators, mesh: jax.sharding.Mesh | None) -> 
     return {k: place(v) for k, v in acc.items()}
 
 
-def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk):
+def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk, expert_dtype):
     """MoE block over token chunks (lax.scan), accumulating statistics of every chunk."""
     t, d = h.shape
     pad = (-t) % chunk
@@ -86,14 +114,23 @@ def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk):
 
     def body(acc, xs):
         x, m = xs
-        out, routing, y_all = layers.moe_block(params, p, cfg, x)
-        acc = similarity.update_accumulators(
-            acc, y_all.astype(jnp.float32), routing.gates, routing.selected, routing.logits, m
-        )
+        out, routing, y_all = layers.moe_block(params, p, cfg, x, expert_dtype=expert_dtype)
+        acc = similarity.update_accumulators(acc, y_all, routing.gates, routing.selected, routing.logits, m)
         return acc, out
 
     acc, outs = jax.lax.scan(body, acc, (h.reshape(n, chunk, d), mask.reshape(n, chunk)))
     return outs.reshape(n * chunk, d)[:t], acc
+
+
+def cast_for_compute(params: Mapping[str, jax.Array], cfg: MoEConfig, expert_dtype: jnp.dtype) -> dict[str, jax.Array]:
+    """Routed experts (the table's role 'expert') and shared experts of MoE layers to `expert_dtype`, every
+    other floating parameter to fp32."""
+    specs = param_specs(cfg)
+
+    def target(name: str) -> jnp.dtype:
+        return expert_dtype if specs[name].role == "expert" or ".mlp.shared." in name else jnp.dtype(jnp.float32)
+
+    return {k: v.astype(target(k)) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in params.items()}
 
 
 def calibration_step(
@@ -105,16 +142,24 @@ def calibration_step(
     cfg: MoEConfig,
     token_chunk: int,
     acc_shardings: tuple[jax.sharding.Sharding, ...] | None = None,
+    compute_dtype: str | None = None,
 ) -> Accumulators:
     """One batch through the model, updating every MoE layer's accumulators (pure; jit it).
 
-    `acc_shardings` (flattened `accumulator_shardings`) pins the updated accumulators' placement."""
+    `acc_shardings` (flattened `accumulator_shardings`) pins the updated accumulators' placement;
+    `compute_dtype` (None: the parameters' own dtypes throughout) is the dtype of the experts' weights and
+    inputs, every other floating parameter computing in fp32 (module docstring)."""
+    expert_dtype = None
+    if compute_dtype is not None:
+        expert_dtype = jnp.dtype(compute_dtype)
+        params = cast_for_compute(params, cfg, expert_dtype)
     positions = layers.default_positions(mask)
     acc = dict(acc)
 
     def moe_fn(prefix: str, h: jax.Array, m: jax.Array) -> jax.Array:
         key = prefix.split(".")[1]
-        out, acc[key] = _moe_layer_with_stats(params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]))
+        out, acc[key] = _moe_layer_with_stats(params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]),
+                                              expert_dtype)
         return out
 
     x = layers.embed(params, tokens)
@@ -129,7 +174,7 @@ def calibration_step(
 
 
 calibration_step_jit = jax.jit(
-    calibration_step, static_argnames=("cfg", "token_chunk", "acc_shardings"), donate_argnums=(0,)
+    calibration_step, static_argnames=("cfg", "token_chunk", "acc_shardings", "compute_dtype"), donate_argnums=(0,)
 )
 
 
@@ -216,6 +261,8 @@ def calibrate(
     if blocks.min() < 0 or blocks.max() >= cfg.vocab_size:
         raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got [{blocks.min()}, {blocks.max()}]")
     cka = choose_cka_mode(cfg, options)
+    compute_dtype = resolve_compute_dtype(params, options)
+    fingerprint = _fingerprint(blocks, cfg, options, cka, compute_dtype)
     dp = data_parallel_size(mesh)
     batch_size = -(-options.batch_size // dp) * dp  # a multiple of the data-parallel size
     chunk = min(options.token_chunk, batch_size * blocks.shape[1])
@@ -228,7 +275,7 @@ def calibrate(
     if resume_dir is not None:
         from grape_jax.resume import load_progress
 
-        restored = load_progress(resume_dir, acc, fingerprint=_fingerprint(blocks, cfg, options, cka))
+        restored = load_progress(resume_dir, acc, fingerprint=fingerprint)
         if restored is not None:
             acc, start = restored
     put = (lambda a: shard_batch(a, mesh)) if mesh is not None else jnp.asarray
@@ -236,13 +283,13 @@ def calibrate(
     t0 = time.perf_counter()
     for i in range(start, tokens.shape[0]):
         acc = calibration_step_jit(acc, dict(params), put(tokens[i]), put(mask[i]), cfg=cfg, token_chunk=chunk,
-                                   acc_shardings=flat_placement)
+                                   acc_shardings=flat_placement, compute_dtype=compute_dtype)
         bar.update(int(mask[i].sum()))
         last = i == tokens.shape[0] - 1
         if resume_dir is not None and (last or (options.checkpoint_every and (i + 1) % options.checkpoint_every == 0)):
             from grape_jax.resume import save_progress
 
-            save_progress(resume_dir, acc, i + 1, fingerprint=_fingerprint(blocks, cfg, options, cka))
+            save_progress(resume_dir, acc, i + 1, fingerprint=fingerprint)
     jax.block_until_ready(acc)
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -252,14 +299,15 @@ def calibrate(
         "num_tokens": int(blocks.size),
         "cka_mode": cka,
         "token_chunk": chunk,
+        "compute_dtype": compute_dtype,
         "seconds": round(elapsed, 3),
     }
     return finalize_stats(acc, params, cfg, meta={**dict(meta or {}), "calibration": info}, mesh=mesh)
 
 
-def _fingerprint(blocks: np.ndarray, cfg: MoEConfig, options: CalibrationOptions, cka: str) -> str:
+def _fingerprint(blocks: np.ndarray, cfg: MoEConfig, options: CalibrationOptions, cka: str, dtype: str) -> str:
     import hashlib
 
     h = hashlib.sha256(blocks.tobytes())
-    h.update(json.dumps([cfg.to_dict(), dataclasses.asdict(options), cka], sort_keys=True).encode())
+    h.update(json.dumps([cfg.to_dict(), dataclasses.asdict(options), cka, dtype], sort_keys=True).encode())
     return h.hexdigest()

@@ -20,6 +20,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--token-chunk", type=int, default=512, help="tokens per expert chunk (bounds memory)")
     g.add_argument("--cka", default="auto", choices=["auto", "exact", "minibatch"])
+    g.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the experts and statistics matmuls (default: the checkpoint's on "
+                        "accelerators, float32 on CPU)")
 
 
 def data_spec(args: argparse.Namespace):
@@ -33,7 +36,8 @@ def calibration_options(args: argparse.Namespace):
     from grape_jax.calibration import CalibrationOptions
 
     return CalibrationOptions(batch_size=args.batch_size, token_chunk=args.token_chunk, cka=args.cka,
-                              checkpoint_every=getattr(args, "checkpoint_every", 0))
+                              checkpoint_every=getattr(args, "checkpoint_every", 0),
+                              compute_dtype=getattr(args, "compute_dtype", None))
 
 
 def add_planner_args(p: argparse.ArgumentParser) -> None:

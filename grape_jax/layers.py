@@ -147,19 +147,22 @@ def shared_expert(params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"]
 
 
 def moe_block(
-    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"]
+    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"], *, expert_dtype: jnp.dtype | None = None
 ) -> tuple[Float[Array, "t d"], Routing, Float[Array, "e t d"]]:
     """Routed experts (+ shared expert). Returns the block output, the routing and every expert's output.
 
     All experts run on all tokens and are combined with the dense gates: exact, shards trivially over
     the `expert` mesh axis, and calibration needs every expert's output anyway. The forward pass uses
-    `moe_apply`, which can take the routed path instead.
+    `moe_apply`, which can take the routed path instead. With `expert_dtype` the experts (routed and
+    shared) run on x cast to it while the router sees x as given; the output comes back in x's dtype.
     """
     routing = router(params, p, cfg, x)
-    y_all = all_expert_outputs(params, p, cfg, x)
+    xe = x if expert_dtype is None else x.astype(expert_dtype)
+    y_all = all_expert_outputs(params, p, cfg, xe)
     out = jnp.einsum("etd,te->td", y_all, routing.gates.astype(y_all.dtype))
-    shared = shared_expert(params, p, cfg, x)
-    return (out if shared is None else out + shared), routing, y_all
+    shared = shared_expert(params, p, cfg, xe)
+    out = out if shared is None else out + shared
+    return out.astype(x.dtype), routing, y_all
 
 
 def moe_apply(

@@ -113,7 +113,7 @@ def test_routed_gradients_match_dense(name):
     probe = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape, np.float32))
 
     def grads(kind):
-        loss = lambda params, x: jnp.sum(layers.moe_output(params, p, cfg, x, dispatch=kind) * probe)  # noqa: E731
+        loss = lambda params, x: jnp.sum(layers.moe_output(params, p, cfg, x, dispatch=kind) * probe)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
 
     (g_params, g_x), (ref_params, ref_x) = grads("blocked"), grads("dense")
@@ -193,8 +193,8 @@ def test_model_and_training_loss_take_the_dispatch():
 
 
 def test_auto_choice_and_bad_modes():
-    tiny = dict(num_experts=4, top_k=2, tokens=24, hidden=32, ffn=48)
-    demo = dict(num_experts=8, top_k=2, tokens=1024, hidden=128, ffn=256)
+    tiny = {"num_experts": 4, "top_k": 2, "tokens": 24, "hidden": 32, "ffn": 48}
+    demo = {"num_experts": 8, "top_k": 2, "tokens": 1024, "hidden": 128, "ffn": 256}
     assert dispatch.choose("auto", **tiny, platform="cpu") == "dense"
     assert dispatch.choose("auto", **demo, platform="cpu") == "blocked"
     assert dispatch.choose("auto", **{**demo, "num_experts": 2}, platform="cpu") == "dense"  # E == k
@@ -230,7 +230,7 @@ def test_skewed_routing_against_numpy(name):
     rng = np.random.default_rng(10)
     weights = jnp.asarray(rng.uniform(0.1, 1.0, (TOKENS, 2)), jnp.float32)
     routings = [np.tile([e - 1, 1], (TOKENS, 1)), np.stack([np.arange(TOKENS) % e, (np.arange(TOKENS) + 1) % e], 1)]
-    act = lambda gate, up: layers.swiglu(gate, up, cfg)  # noqa: E731
+    act = lambda gate, up: layers.swiglu(gate, up, cfg)
     for indices in routings:
         indices = jnp.asarray(indices, jnp.int32)
         ref = _numpy_reference(params, p, cfg, x, indices, weights)
