@@ -5,11 +5,11 @@ model is built (fp32 on CPU, bf16 on GPU; norm weights perturbed), saved, and lo
 the same random token batches then go through, in one process:
 
   jax dense     `grape_jax.model.logits(..., dispatch="dense")`: every expert on every token;
-  jax routed    `dispatch="routed"`: each token through its top-k experts by the backend's grouped
-                matmul (`grape_jax.dispatch.grouped_matmul_kind`), and each grouped matmul by name
-                (`blocked`, `ragged_dot`; on GPU `ragged_dot+pallas` too where the installed jax
-                ships the Pallas Triton lowering);
-  jax auto      `dispatch="auto"` (what evaluation uses by default);
+  jax blocked / ragged_dot
+                each token through its top-k experts by that grouped matmul (`grape_jax.dispatch`; on
+                GPU also `ragged_dot+pallas`, ragged_dot through the Pallas Triton lowering, where the
+                installed jax ships it); the title line says which one `dispatch="routed"` and
+                `dispatch="auto"` (what evaluation uses by default) run here;
   transformers  the model's own forward (its default experts implementation, printed), torch threads =
                 CPU count on CPU.
 
@@ -166,15 +166,22 @@ def time_batches(run, batches) -> tuple[float, float, object]:
     return warm, seconds / max(1, sum(b.size for b in batches[1:])), first
 
 
-def jax_variants(platform: str) -> list[str]:
-    from grape_jax.dispatch import grouped_matmul_kind
+def jax_variants(platform: str, requested: str | None) -> list[str]:
+    """The JAX forwards to time: dense and each grouped matmul (on GPU also ragged_dot through the Pallas
+    Triton lowering where the installed jax ships it; on CPU by default only dense and blocked);
+    `requested`: a comma-separated subset."""
+    import importlib.util
 
-    out = ["dense", f"routed ({grouped_matmul_kind(platform)})", "blocked", "ragged_dot", "auto"]
-    if platform == "gpu":
-        import importlib.util
-
-        if importlib.util.find_spec("jax._src.lax.pallas_lowerings") is not None:
-            out.append("ragged_dot+pallas")
+    out = ["dense", "blocked", "ragged_dot"]
+    if platform == "gpu" and importlib.util.find_spec("jax._src.lax.pallas_lowerings") is not None:
+        out.append("ragged_dot+pallas")
+    if platform == "cpu" and not requested:  # XLA:CPU expands ragged_dot densely (see --sweep): skip it
+        requested = "dense,blocked"
+    if requested:
+        unknown = set(requested.split(",")) - set(out)
+        if unknown:
+            raise SystemExit(f"bench_forward: --variants {sorted(unknown)} not available here; choose from {out}")
+        out = [v for v in out if v in requested.split(",")]
     return out
 
 
@@ -184,7 +191,7 @@ def run_jax(loaded, batches, variant: str):
 
     from grape_jax.model import logits
 
-    dispatch = variant.split(" ")[0].replace("+pallas", "")
+    dispatch = variant.replace("+pallas", "")
     pallas = variant.endswith("+pallas")
     flag = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
     before = bool(getattr(jax.config, flag, False))
@@ -244,12 +251,22 @@ def bench_model(kind: str, args) -> list[str]:
         loaded = load_hf(tmp)
         load_s = time.perf_counter() - t0
     impl = getattr(model.config, "_experts_implementation", "?")
+    from grape_jax.dispatch import choose
+
+    shape = {
+        "num_experts": dims["experts"],
+        "top_k": dims["top_k"],
+        "tokens": args.batch_size * args.seq_len,
+        "hidden": dims["hidden"],
+        "ffn": dims["ffn"],
+    }
+    auto, routed = choose("auto", **shape), choose("routed", **shape)
     params = sum(int(np.prod(a.shape)) for a in loaded.params.values())
     title = (
         f"## {kind} ({'full' if args.full else 'small'}): d {dims['hidden']}, f {dims['ffn']}, "
         f"{dims['experts']} experts top-{dims['top_k']}, {dims['layers']} layers, {params / 1e9:.2f} B params, "
         f"{loaded.params['embed'].dtype!s}; {args.batches} x {args.batch_size} x {args.seq_len} tokens timed "
-        f"(built {built:.1f} s, load_hf {load_s:.1f} s)"
+        f"(built {built:.1f} s, load_hf {load_s:.1f} s); here dispatch='auto' runs {auto}, 'routed' runs {routed}"
     )
     lines = [
         title,
@@ -258,26 +275,28 @@ def bench_model(kind: str, args) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     results = {}
-    for variant in jax_variants(args.device):
+    for variant in jax_variants(args.device, args.variants):
         try:
             results[variant] = run_jax(loaded, batches, variant)
         except Exception as e:  # noqa: BLE001 - a lowering that does not exist here is reported, not fatal
             print(f"# {kind} {variant}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})", flush=True)
         gc.collect()
-    torch_res = run_torch(model, batches, args.device)
+    torch_res = None if args.no_torch else run_torch(model, batches, args.device)
     del model
     gc.collect()
     if args.device == "gpu":
         torch.cuda.empty_cache()
     dense = results.get("dense")
-    torch_tps = 1 / torch_res[1]
+    torch_tps = None if torch_res is None else 1 / torch_res[1]
     for variant, (warm, per_token, first) in results.items():
         check = f"{rel_diff(first, dense[2]):.1e} vs dense" if dense is not None and variant != "dense" else "-"
         tps = 1 / per_token
         vs_dense = f"{tps * dense[1]:.2f}x" if dense is not None else "-"
-        lines.append(f"| jax {variant} | {tps:,.0f} | {tps / torch_tps:.2f}x | {vs_dense} | {warm:.1f} | {check} |")
-    check = f"{rel_diff(torch_res[2], dense[2]):.1e} vs jax dense" if dense is not None else "-"
-    lines.append(f"| transformers ({impl}) | {torch_tps:,.0f} | 1.00x | - | {torch_res[0]:.1f} | {check} |")
+        vs_torch = f"{tps / torch_tps:.2f}x" if torch_tps else "-"
+        lines.append(f"| jax {variant} | {tps:,.0f} | {vs_torch} | {vs_dense} | {warm:.1f} | {check} |")
+    if torch_res is not None:
+        check = f"{rel_diff(torch_res[2], dense[2]):.1e} vs jax dense" if dense is not None else "-"
+        lines.append(f"| transformers ({impl}) | {torch_tps:,.0f} | 1.00x | - | {torch_res[0]:.1f} | {check} |")
     return lines
 
 
@@ -348,6 +367,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=0, help="0: 128 on CPU, 512 on GPU")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated JAX forwards to time (default: all): dense, blocked, ragged_dot, ragged_dot+pallas (GPU)",
+    )
+    ap.add_argument("--no-torch", action="store_true", help="skip the transformers forward")
     ap.add_argument("--sweep", action="store_true", help="time the MoE block alone over a grid of shapes")
     ap.add_argument("--sweep-seconds", type=float, default=0.5, help="timing budget per sweep cell")
     args = ap.parse_args(argv)
