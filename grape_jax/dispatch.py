@@ -80,7 +80,7 @@ def grouped_matmul_kind(platform: str) -> str:
 
 
 # On CPU the blocked routed path beat dense on every measured shape whose dense work (6 T E d f FLOPs) is
-# at least this, when E > k (1.5x-15x); below it both take tens of microseconds and dense won by a few
+# at least this, when E > k (1.4x-14x); below it both take tens of microseconds and dense won by a few
 # (scripts/bench_forward.py --sweep; BENCHMARKS.md "Routed MoE dispatch").
 CPU_MIN_DENSE_FLOPS = 1e8
 

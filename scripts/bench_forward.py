@@ -23,6 +23,7 @@ in `grape_jax/dispatch.py`.
 
     python scripts/bench_forward.py                       # CPU, small shapes, about a minute on 2 cores
     python scripts/bench_forward.py --sweep               # CPU, MoE block only, the auto rule's grid
+    python scripts/bench_forward.py --demo                # CPU, the embedded demo model's evaluation
     python scripts/bench_forward.py --device gpu --full   # Mixtral-8x7B / Qwen3-30B-A3B layer dims, bf16
 """
 
@@ -354,6 +355,35 @@ def sweep(args) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- demo
+
+
+def demo(args) -> list[str]:
+    """The embedded demo model (fp32, as `grape demo` evaluates it): perplexity of random 8 x 128 token
+    batches by dispatch, tokens/s and the perplexities (which must agree)."""
+    import jax
+
+    from conversion.load import load_hf
+    from grape_jax.demo_model import shipped_path
+    from grape_jax.evaluate import jax_logits_fn, perplexity
+
+    loaded = load_hf(shipped_path(), dtype="float32")
+    blocks = np.random.default_rng(args.seed).integers(0, loaded.cfg.vocab_size, (args.demo_blocks, 128), np.int32)
+    lines = ["| demo model forward | tokens/s | vs dense | perplexity |", "|---|---|---|---|"]
+    dense_tps = None
+    for dispatch in ("dense", "auto", "blocked"):
+        fn = jax_logits_fn(loaded.params, loaded.cfg, dispatch=dispatch)
+        perplexity(fn, blocks[:8], batch_size=8)  # compile
+        t0 = time.perf_counter()
+        result = perplexity(fn, blocks, batch_size=8)
+        tps = blocks.size / (time.perf_counter() - t0)
+        dense_tps = dense_tps or tps
+        lines.append(f"| {dispatch} | {tps:,.0f} | {tps / dense_tps:.2f}x | {result.ppl:.6f} |")
+        print(lines[-1], flush=True)
+    jax.clear_caches()
+    return lines
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -375,6 +405,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers forward")
     ap.add_argument("--sweep", action="store_true", help="time the MoE block alone over a grid of shapes")
     ap.add_argument("--sweep-seconds", type=float, default=0.5, help="timing budget per sweep cell")
+    ap.add_argument("--demo", action="store_true", help="the embedded demo model's evaluation by dispatch")
+    ap.add_argument("--demo-blocks", type=int, default=64)
     args = ap.parse_args(argv)
     args.batches = args.batches or (16 if args.device == "gpu" else 3)
     args.seq_len = args.seq_len or (512 if args.device == "gpu" else 128)
@@ -398,6 +430,9 @@ def main(argv=None) -> int:
     )
     if args.sweep:
         print("\n".join(sweep(args)))
+        return 0
+    if args.demo:
+        demo(args)
         return 0
     for kind in ("mixtral", "qwen3") if args.shape == "all" else (args.shape,):
         print("\n".join(bench_model(kind, args)), flush=True)
