@@ -12,10 +12,18 @@ any dtype cast) run on the devices as one jitted permutation whose shardings are
 axes permuted, so no data moves between devices. On CPU devices, whose memory is the host's, the reading
 threads transpose as they copy out of the file instead (one write of each buffer, replicas share it).
 Small leaves are read and transposed on the host (no compile per shape).
+
+On accelerators the leaves are also pipelined (`_load_pipelined`): several leaves are in flight at once
+(reads of one overlap the host-to-device copies and device permutations of others), each shard's
+positioned reads are split into chunks read by a pool of threads, and the device permutations are
+compiled ahead, once per distinct (shape, dtype, layout), on a thread of their own while the first
+leaves are read, so no compile waits on the critical path. CPU devices keep the sequential loop (their
+buffers are the parameters themselves; its memory goal is measured by `scripts/bench_convert.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -114,6 +122,11 @@ def _make_leaf(shape: tuple[int, ...], sharding, callback, pool=None) -> jax.Arr
 # Leaves at least this big take `_stored_layout_leaf` (smaller ones: the host path, no compile per shape).
 DEVICE_LAYOUT_MIN_BYTES = 4 << 20
 READ_THREADS = 4  # concurrent slice reads of one leaf (I/O and copies release the GIL)
+# Accelerators (`_load_pipelined`): leaves in flight at once, reading threads shared by them, and the
+# bytes of one read task (a shard's rows are split into tasks of about this size).
+LEAVES_IN_FLIGHT = 4
+ACCELERATOR_READ_THREADS = 8
+READ_CHUNK_BYTES = 16 << 20
 _PAGE = 4096
 
 
@@ -142,6 +155,14 @@ def _relayout(perm: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sha
     return jax.jit(lambda x: jnp.transpose(x, perm).astype(dtype), out_shardings=sharding)
 
 
+def compile_relayout(perm: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding,
+                     raw_shape: tuple[int, ...], stored: np.dtype):
+    """The device permutation of a raw leaf of `raw_shape`/`stored`, compiled ahead of its data (the
+    raw leaf is placed with `sharding`'s axes permuted, as `_stored_layout_leaf` builds it)."""
+    raw = jax.ShapeDtypeStruct(raw_shape, stored, sharding=_permuted(sharding, perm))
+    return _relayout(perm, np.dtype(dtype), sharding).lower(raw).compile()
+
+
 def _permuted(sharding: jax.sharding.Sharding, perm: tuple[int, ...]) -> jax.sharding.Sharding:
     if not isinstance(sharding, NamedSharding):
         return sharding  # one device
@@ -157,35 +178,56 @@ def _host_memory(sharding: jax.sharding.Sharding) -> bool:
     return all(d.platform == "cpu" for d in sharding.device_set)
 
 
-def _stored_layout_leaf(ckpt: CheckpointIndex, b: Binding, perm: tuple[int, ...], sharding, target: np.dtype,
-                        pool=None):
-    """The leaf read by positioned reads into page-aligned buffers, then permuted/cast on the devices.
-
-    On CPU devices a 2-D transpose is done by the reading threads instead, a few cached rows at a time
-    as they leave the file: the buffer is then written once in its final layout (not written and then
-    permuted into a second fresh buffer) and replicas of a slice share it."""
-    stored = np.dtype(ckpt.info(b.hf_keys[0]).dtype)
+def _read_layout(b: Binding, perm: tuple[int, ...], sharding) -> tuple[bool, tuple[int, ...], tuple[int, ...]]:
+    """(transpose while reading, permutation left for the devices, shape of the leaf as read)."""
     lead = 1 if b.per_expert else 0
     identity = tuple(range(len(perm)))
     transpose_on_read = (perm != identity and len(perm) - lead == 2 and _host_memory(sharding))
     read_perm = identity if transpose_on_read else perm
-    raw_shape = tuple(b.spec.shape[p] for p in read_perm)
+    return transpose_on_read, read_perm, tuple(b.spec.shape[p] for p in read_perm)
+
+
+def _read_chunked(ckpt: CheckpointIndex, key: str, box: tuple[slice, ...], out: np.ndarray, pool) -> list:
+    """Submit the positioned reads of `tensor[box]` into `out` as tasks of about READ_CHUNK_BYTES of rows."""
+    rows = box[0]
+    step = max(1, READ_CHUNK_BYTES // max(1, out[:1].nbytes))
+    return [pool.submit(ckpt.read_into, key, (slice(r, min(r + step, rows.stop)), *box[1:]),
+                        out[r - rows.start : min(r + step, rows.stop) - rows.start])
+            for r in range(rows.start, rows.stop, step)]
+
+
+def _stored_layout_leaf(ckpt: CheckpointIndex, b: Binding, perm: tuple[int, ...], sharding, target: np.dtype,
+                        pool=None, chunk_pool=None, relayout=None):
+    """The leaf read by positioned reads into page-aligned buffers, then permuted/cast on the devices.
+
+    On CPU devices a 2-D transpose is done by the reading threads instead, a few cached rows at a time
+    as they leave the file: the buffer is then written once in its final layout (not written and then
+    permuted into a second fresh buffer) and replicas of a slice share it. With `chunk_pool` each shard's
+    reads are split into row chunks read concurrently by that pool; `relayout` (if given) returns the
+    compiled device permutation to use."""
+    stored = np.dtype(ckpt.info(b.hf_keys[0]).dtype)
+    lead = 1 if b.per_expert else 0
+    transpose_on_read, read_perm, raw_shape = _read_layout(b, perm, sharding)
 
     def read(index: tuple) -> np.ndarray:
         index = _normalise(index, raw_shape)
         out = aligned_empty(tuple(s.stop - s.start for s in index), stored)
         box = index[lead:][::-1] if transpose_on_read else index[lead:]
-        if b.per_expert:
-            for i, e in enumerate(range(index[0].start, index[0].stop)):
-                ckpt.read_into(b.hf_keys[e], box, out[i], transpose=transpose_on_read)
-        else:
-            ckpt.read_into(b.hf_keys[0], box, out, transpose=transpose_on_read)
+        parts = [(b.hf_keys[e], out[i]) for i, e in enumerate(range(index[0].start, index[0].stop))] \
+            if b.per_expert else [(b.hf_keys[0], out)]
+        if chunk_pool is not None and not transpose_on_read and out.ndim > lead:
+            for task in [t for key, part in parts for t in _read_chunked(ckpt, key, box, part, chunk_pool)]:
+                task.result()
+            return out
+        for key, part in parts:
+            ckpt.read_into(key, box, part, transpose=transpose_on_read)
         return out
 
     raw = _make_leaf(raw_shape, _permuted(sharding, read_perm), read, pool=pool)
-    if read_perm == identity and stored == target:
+    if read_perm == tuple(range(len(perm))) and stored == target:
         return raw
-    out = _relayout(read_perm, np.dtype(target), sharding)(raw)
+    fn = relayout() if relayout is not None else _relayout(read_perm, np.dtype(target), sharding)
+    out = fn(raw)
     raw.delete()
     return out
 
@@ -200,6 +242,75 @@ def keys_read(b: Binding, sharding: jax.sharding.Sharding) -> list[str]:
         experts.update(range(*index[0].indices(b.spec.shape[0])[:2]))
     sources = getattr(b.transform, "sources", None)
     return [k for e in sorted(experts) for k in (sources(b.hf_keys[e]) if sources else (b.hf_keys[e],))]
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafPlan:
+    """How one leaf is read: `perm` None = the host path (small or not a plain copy/transpose)."""
+
+    target: np.dtype
+    perm: tuple[int, ...] | None
+    raw: np.dtype  # dtype of the stored tensors
+
+
+def _leaf_plan(ckpt: CheckpointIndex, b: Binding, dtype: Any) -> _LeafPlan:
+    raw = np.dtype(ckpt.info(next(iter(b.hf_sources()))).dtype)
+    stored = np.dtype(b.value_dtype(raw))
+    target = stored if dtype is None else np.dtype(dtype)
+    perm = stored_permutation(b)
+    if perm is not None and int(np.prod(b.spec.shape)) * stored.itemsize < DEVICE_LAYOUT_MIN_BYTES:
+        perm = None
+    return _LeafPlan(target, perm, raw)
+
+
+def _load_leaf(ckpt: CheckpointIndex, b: Binding, sharding, plan: _LeafPlan, *, pool=None, chunk_pool=None,
+               relayout=None) -> jax.Array:
+    if plan.perm is not None:
+        return _stored_layout_leaf(ckpt, b, plan.perm, sharding, plan.target, pool=pool, chunk_pool=chunk_pool,
+                                   relayout=relayout)
+    read = binding_reader(ckpt, b)
+    return _make_leaf(b.spec.shape, sharding, lambda index: read(index).astype(plan.target, copy=False))
+
+
+def _load_pipelined(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], shardings: Mapping,
+                    plans: Mapping[str, _LeafPlan]) -> dict[str, jax.Array]:
+    """The accelerator path (module docstring): LEAVES_IN_FLIGHT leaves at once, chunked concurrent
+    reads, device permutations compiled ahead on their own thread in the order the leaves need them."""
+    names = list(bindings)
+    signatures = {}
+    for name in names:
+        plan = plans[name]
+        if plan.perm is None:
+            continue
+        _, read_perm, raw_shape = _read_layout(bindings[name], plan.perm, shardings[name])
+        if read_perm != tuple(range(len(read_perm))) or plan.raw != plan.target:
+            signatures[name] = (read_perm, plan.target, shardings[name], raw_shape, plan.raw)
+    with ThreadPoolExecutor(1) as compiler, ThreadPoolExecutor(1) as ahead, \
+            ThreadPoolExecutor(ACCELERATOR_READ_THREADS) as reads, ThreadPoolExecutor(LEAVES_IN_FLIGHT) as leaves:
+        compiled: dict[tuple, Any] = {}
+        for sig in signatures.values():
+            if sig not in compiled:
+                compiled[sig] = compiler.submit(compile_relayout, *sig)
+
+        def one(i: int) -> jax.Array:
+            if i + LEAVES_IN_FLIGHT < len(names):  # a hint: the disk works on a later leaf meanwhile
+                later = names[i + LEAVES_IN_FLIGHT]
+                ahead.submit(ckpt.prefetch, keys_read(bindings[later], shardings[later]))
+            name = names[i]
+            sig = signatures.get(name)
+            relayout = None if sig is None else compiled[sig].result
+            return _load_leaf(ckpt, bindings[name], shardings[name], plans[name], chunk_pool=reads,
+                              relayout=relayout)
+
+        for i in range(min(LEAVES_IN_FLIGHT, len(names))):
+            ahead.submit(ckpt.prefetch, keys_read(bindings[names[i]], shardings[names[i]]))
+        futures = [leaves.submit(one, i) for i in range(len(names))]
+        try:
+            return {name: f.result() for name, f in zip(names, futures, strict=True)}
+        except BaseException:
+            for f in futures:  # the leaves not started yet are not read after an error
+                f.cancel()
+            raise
 
 
 def load_hf(
@@ -223,6 +334,12 @@ def load_hf(
     check_bindings(ckpt, bindings, model_dir)
     ctx = RunContext(mesh, rules)
     shardings = {name: ctx.sharding(b.spec.shape, b.spec.axes) for name, b in bindings.items()}
+    plans = {name: _leaf_plan(ckpt, b, dtype) for name, b in bindings.items()}
+    info = ModelInfo.create(family=family.name, source=os.path.abspath(model_dir), hf_config=hf,
+                            provenance=[load_record(model_dir, dtype)])
+    if not any(_host_memory(s) for s in shardings.values()):
+        params = _load_pipelined(ckpt, bindings, shardings, plans)
+        return fill_model(cfg, lambda name, spec, sharding: params.pop(name), ctx=ctx, info=info)
     params = {}
     names = list(bindings)
     with ThreadPoolExecutor(READ_THREADS) as pool, ThreadPoolExecutor(1) as ahead:
@@ -233,21 +350,7 @@ def load_hf(
         prefetch(0)
         for i, name in enumerate(names):
             prefetch(i + 1)
-            b = bindings[name]
-            stored = b.value_dtype(ckpt.info(next(iter(b.hf_sources()))).dtype)
-            target = stored if dtype is None else np.dtype(dtype)
-            perm = stored_permutation(b)
-            if perm is not None and int(np.prod(b.spec.shape)) * np.dtype(stored).itemsize >= DEVICE_LAYOUT_MIN_BYTES:
-                params[name] = _stored_layout_leaf(ckpt, b, perm, shardings[name], target, pool=pool)
-                continue
-            read = binding_reader(ckpt, b)
-
-            def callback(index, read=read, target=target):
-                return read(index).astype(target, copy=False)
-
-            params[name] = _make_leaf(b.spec.shape, shardings[name], callback)
-    info = ModelInfo.create(family=family.name, source=os.path.abspath(model_dir), hf_config=hf,
-                            provenance=[load_record(model_dir, dtype)])
+            params[name] = _load_leaf(ckpt, bindings[name], shardings[name], plans[name], pool=pool)
     return fill_model(cfg, lambda name, spec, sharding: params.pop(name), ctx=ctx, info=info)
 
 

@@ -6,6 +6,13 @@ token of the chunk (`layers.moe_block` returns all expert outputs), feeds them w
 routing to `similarity.update_accumulators`, and continues the forward pass with the same chunk outputs.
 Memory per step is bounded by the chunk size, independent of how many tokens are calibrated. Experts
 stay sharded over the `expert` mesh axis and tokens over `data`, as the parameters and batch are placed.
+
+The experts (routed and shared: nearly all of the forward's FLOPs) and the big statistics matmuls run in
+`compute_dtype`: by default the parameters' own dtype on accelerators (bf16 for bf16 checkpoints) and
+float32 on CPU (where XLA's bf16 matmuls are slow and fp32 costs no more). The rest of the forward
+(attention, norms, router, residual stream) runs in fp32, so the routing the statistics describe is the
+fp32 reference's wherever the layer input is (the first MoE layer: always). Statistics are fp32 sums:
+matmuls over bf16 expert outputs accumulate in fp32 (`preferred_element_type`; each product is exact).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from tqdm.auto import tqdm
 from grape_jax import layers, similarity
 from grape_jax.config import MoEConfig
 from grape_jax.model import MoEModel, param_view
+from grape_jax.params import param_specs
 from grape_jax.resume import Progress
 from grape_jax.sharding import RunContext, replicate
 from grape_jax.stats import LayerStats, ModelStats, StatsError
@@ -47,13 +55,15 @@ class CalibrationInterrupted(KeyboardInterrupt):
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationOptions:
-    """How calibration runs (none of it changes the statistics beyond fp32 summation order).
+    """How calibration runs (only compute_dtype changes the statistics beyond fp32 summation order).
 
     batch_size          blocks per jitted step (rounded up to a multiple of the data-parallel size)
     token_chunk         tokens per expert chunk inside a step (bounds memory)
     cka                 'exact' | 'minibatch' | 'auto' (see `grape_jax.similarity`)
     checkpoint_seconds  with a resume directory: save the accumulators at most this often (0: never by time)
     checkpoint_every    with a resume directory: also save every this many batches (0: never by count)
+    compute_dtype       dtype of the experts' matmuls (None: the checkpoint's on accelerators, float32 on CPU;
+                        the statistics are fp32 sums either way: module docstring)
     """
 
     batch_size: int = 4
@@ -62,6 +72,7 @@ class CalibrationOptions:
     exact_cka_max_bytes: int = 1 << 30
     checkpoint_seconds: float = 60.0
     checkpoint_every: int = 0
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "token_chunk"):
@@ -76,6 +87,26 @@ class CalibrationOptions:
                 or self.checkpoint_every < 0:
             raise ValueError(f"calibration option checkpoint_every: expected an integer >= 0, got "
                              f"{self.checkpoint_every!r}")
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"calibration option compute_dtype: {self.compute_dtype!r} unknown; expected one of "
+                             f"{COMPUTE_DTYPES} (or None: the checkpoint's dtype on accelerators, float32 on CPU)")
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_compute_dtype(params: Mapping[str, jax.Array], options: CalibrationOptions) -> str:
+    """The dtype the calibration forward runs in: `options.compute_dtype` if given, else the routed
+    experts' parameter dtype on accelerators and float32 on CPU devices."""
+    if options.compute_dtype is not None:
+        return options.compute_dtype
+    experts = [v for k, v in params.items() if k.endswith(".mlp.w_gate") and v.ndim == 3]
+    sample = experts[0] if experts else next(iter(params.values()))
+    devices = sample.sharding.device_set if hasattr(sample, "sharding") else set(jax.devices()[:1])
+    if all(d.platform == "cpu" for d in devices):
+        return "float32"
+    name = jnp.dtype(sample.dtype).name
+    return name if name in COMPUTE_DTYPES else "float32"
 
 
 def choose_cka_mode(cfg: MoEConfig, options: CalibrationOptions) -> str:
@@ -109,7 +140,7 @@ def accumulator_shardings(acc: Accumulators, ctx: RunContext) -> Accumulators:
     return {k: place(v) for k, v in acc.items()}
 
 
-def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk):
+def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk, expert_dtype):
     """MoE block over token chunks (lax.scan), accumulating statistics of every chunk."""
     t, d = h.shape
     pad = (-t) % chunk
@@ -119,14 +150,23 @@ def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk):
 
     def body(acc, xs):
         x, m = xs
-        out, routing, y_all = layers.moe_block(params, p, cfg, x)
-        acc = similarity.update_accumulators(
-            acc, y_all.astype(jnp.float32), routing.gates, routing.selected, routing.logits, m
-        )
+        out, routing, y_all = layers.moe_block(params, p, cfg, x, expert_dtype=expert_dtype)
+        acc = similarity.update_accumulators(acc, y_all, routing.gates, routing.selected, routing.logits, m)
         return acc, out
 
     acc, outs = jax.lax.scan(body, acc, (h.reshape(n, chunk, d), mask.reshape(n, chunk)))
     return outs.reshape(n * chunk, d)[:t], acc
+
+
+def cast_for_compute(params: Mapping[str, jax.Array], cfg: MoEConfig, expert_dtype: jnp.dtype) -> dict[str, jax.Array]:
+    """Routed experts (the table's role 'expert') and shared experts of MoE layers to `expert_dtype`, every
+    other floating parameter to fp32."""
+    specs = param_specs(cfg)
+
+    def target(name: str) -> jnp.dtype:
+        return expert_dtype if specs[name].role == "expert" or ".mlp.shared." in name else jnp.dtype(jnp.float32)
+
+    return {k: v.astype(target(k)) if jnp.issubdtype(v.dtype, jnp.floating) else v for k, v in params.items()}
 
 
 def calibration_step(
@@ -138,19 +178,27 @@ def calibration_step(
     cfg: MoEConfig,
     token_chunk: int,
     acc_shardings: tuple[jax.sharding.Sharding, ...] | None = None,
+    compute_dtype: str | None = None,
 ) -> Accumulators:
     """One batch through the model, updating every MoE layer's accumulators (pure; jit it).
 
-    `acc_shardings` (flattened `accumulator_shardings`) pins the updated accumulators' placement."""
+    `acc_shardings` (flattened `accumulator_shardings`) pins the updated accumulators' placement;
+    `compute_dtype` (None: the parameters' own dtypes throughout) is the dtype of the experts' weights and
+    inputs, every other floating parameter computing in fp32 (module docstring)."""
     chex.assert_rank(tokens, 2)
     chex.assert_type(tokens, int)
     chex.assert_equal_shape([tokens, mask])
+    expert_dtype = None
+    if compute_dtype is not None:
+        expert_dtype = jnp.dtype(compute_dtype)
+        params = cast_for_compute(params, cfg, expert_dtype)
     positions = layers.default_positions(mask)
     acc = dict(acc)
 
     def moe_fn(prefix: str, h: jax.Array, m: jax.Array) -> jax.Array:
         key = prefix.split(".")[1]
-        out, acc[key] = _moe_layer_with_stats(params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]))
+        out, acc[key] = _moe_layer_with_stats(params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]),
+                                              expert_dtype)
         return out
 
     x = layers.embed(params, tokens)
@@ -165,7 +213,7 @@ def calibration_step(
 
 
 calibration_step_jit = jax.jit(
-    calibration_step, static_argnames=("cfg", "token_chunk", "acc_shardings"), donate_argnums=(0,)
+    calibration_step, static_argnames=("cfg", "token_chunk", "acc_shardings", "compute_dtype"), donate_argnums=(0,)
 )
 
 
@@ -263,6 +311,7 @@ def calibrate(
     acc = jax.device_put(init_accumulators(cfg, cka=cka, token_chunk=chunk), placement)
     flat_placement = tuple(jax.tree.leaves(placement))
     params = param_view(model)
+    compute_dtype = resolve_compute_dtype(params, options)
     fingerprint = calibration_fingerprint(model.info.fingerprint, cfg, blocks, options)
     saver = Progress(resume_dir, fingerprint=fingerprint) if resume_dir is not None else None
     start = 0
@@ -280,7 +329,8 @@ def calibrate(
         try:
             for i in range(start, tokens.shape[0]):
                 acc = calibration_step_jit(acc, params, ctx.put_batch(tokens[i]), ctx.put_batch(mask[i]), cfg=cfg,
-                                           token_chunk=chunk, acc_shardings=flat_placement)
+                                           token_chunk=chunk, acc_shardings=flat_placement,
+                                           compute_dtype=compute_dtype)
                 done = i + 1
                 bar.update(int(mask[i].sum()))
                 due = (options.checkpoint_seconds and _clock() - last_save >= options.checkpoint_seconds) or (
@@ -310,6 +360,7 @@ def calibrate(
         "num_tokens": int(blocks.size),
         "cka_mode": cka,
         "token_chunk": chunk,
+        "compute_dtype": compute_dtype,
         "seconds": round(elapsed, 3),
     }
     model_record = {"fingerprint": model.info.fingerprint, "source": model.info.source}
@@ -321,10 +372,12 @@ def calibration_fingerprint(
     model_fingerprint: str, cfg: MoEConfig, blocks: Int[np.ndarray, "n seq"], options: CalibrationOptions
 ) -> str:
     """The identity of a calibration: the model's weights (`ModelInfo.fingerprint`), its architecture, the
-    token blocks and the options that shape the accumulators. Statistics record it; a resumed calibration
-    and a re-run that wants to reuse saved statistics must match it."""
+    token blocks, the options that shape the accumulators and the compute dtype (an explicit one, or the
+    backend that picks it). Statistics record it; a resumed calibration and a re-run that wants to reuse
+    saved statistics must match it."""
     blocks = np.ascontiguousarray(blocks, np.int32)
     h = hashlib.sha256(blocks.tobytes())
     h.update(json.dumps([model_fingerprint, list(blocks.shape), cfg.to_dict(), options.batch_size,
-                         options.token_chunk, choose_cka_mode(cfg, options)], sort_keys=True).encode())
+                         options.token_chunk, choose_cka_mode(cfg, options),
+                         options.compute_dtype or jax.default_backend()], sort_keys=True).encode())
     return h.hexdigest()

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from grape_jax.calibration import CalibrationOptions
+from grape_jax.calibration import COMPUTE_DTYPES, CalibrationOptions
 from grape_jax.data import DataSpec
 from grape_jax.planners import DEFAULT_METHOD, PLANNERS
 from grape_jax.sharding import describe_mesh, make_mesh
@@ -81,11 +81,15 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
                    help="save the calibration accumulators for resuming at most this often (0: never by time)")
     g.add_argument("--checkpoint-every", type=int, default=0,
                    help="also save every this many batches (0: never by count)")
+    g.add_argument("--compute-dtype", default=None, choices=list(COMPUTE_DTYPES),
+                   help="dtype of the experts' and statistics' matmuls (default: the checkpoint's on "
+                        "accelerators, float32 on CPU); statistics are fp32 sums either way")
 
 
 def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
     return CalibrationOptions(batch_size=args.batch_size, token_chunk=args.token_chunk, cka=args.cka,
-                              checkpoint_seconds=args.checkpoint_seconds, checkpoint_every=args.checkpoint_every)
+                              checkpoint_seconds=args.checkpoint_seconds, checkpoint_every=args.checkpoint_every,
+                              compute_dtype=args.compute_dtype)
 
 
 def add_planner_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:

@@ -11,6 +11,7 @@ from conversion.load import load_hf
 from grape_jax.atomic import atomic_write_json
 from grape_jax.cli_args import add_data_args, add_mesh_args, data_spec, mesh_from_args, parse_tasks
 from grape_jax.data import load_tokenizer
+from grape_jax.dispatch import DISPATCHES
 from grape_jax.evaluate import perplexity
 from grape_jax.pipeline import Interrupted, blocks_for, check_output, load_model, save_hf, tokenizer_dir
 from grape_jax.tasks import evaluate_tasks, load_task
@@ -74,6 +75,8 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--dtype", default=None, help="cast an HF model's parameters, e.g. float32")
+    p.add_argument("--dispatch", default="auto", choices=list(DISPATCHES),
+                   help="MoE forward: routed (each expert on its own tokens) or dense (every expert on every token)")
     add_data_args(p, num_samples=64)
     add_mesh_args(p)
 
@@ -91,7 +94,10 @@ def run_eval(args: argparse.Namespace) -> int:
     spec = data_spec(args)
     blocks = blocks_for(args.model, spec, heldout=True)
     model = load_model(args.model, mesh=mesh_from_args(args), dtype=args.dtype)
-    ppl = perplexity(model, blocks, batch_size=args.batch_size, progress=True)
+    def forward(tokens, mask):
+        return model(tokens, mask, dispatch=args.dispatch)
+
+    ppl = perplexity(forward, blocks, batch_size=args.batch_size, progress=True)
     results = {"model": os.path.abspath(args.model), "fingerprint": model.info.fingerprint,
                "num_experts": list(model.cfg.num_experts), "params": model.num_params,
                "perplexity": {"ppl": ppl.ppl, "nll_sum": ppl.nll_sum, "num_tokens": ppl.num_tokens,
@@ -99,7 +105,7 @@ def run_eval(args: argparse.Namespace) -> int:
     rows = [("perplexity", f"{ppl.ppl:.4f}", f"{ppl.num_tokens} tokens")]
     if tasks:
         tokenizer = load_tokenizer(tokenizer_dir(args.model))
-        scores = evaluate_tasks(model, tokenizer, tasks, batch_size=args.batch_size,
+        scores = evaluate_tasks(forward, tokenizer, tasks, batch_size=args.batch_size,
                                 max_length=model.cfg.max_position_embeddings)
         results["tasks"] = scores
         rows += [(name, f"acc {s['acc']:.4f} acc_norm {s['acc_norm']:.4f}", f"{s['n']} examples")

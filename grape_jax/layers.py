@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from grape_jax import dispatch as moe_dispatch
 from grape_jax.config import MoEConfig
 from grape_jax.mla import mla_attention
 from grape_jax.rope import apply_rope
@@ -121,23 +122,59 @@ def router(params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"]) -> Ro
     return route(logits, cfg, bias=params.get(p + "router_bias"))
 
 
+def shared_expert(params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"]) -> Float[Array, "t d"] | None:
+    """The shared expert's output (times its sigmoid gate where the family has one), or None."""
+    if p + "shared.w_gate" not in params:
+        return None
+    shared = dense_mlp(params, p + "shared.", cfg, x)
+    if p + "shared_gate" in params:
+        shared = jax.nn.sigmoid(x @ params[p + "shared_gate"]) * shared
+    return shared
+
+
 def moe_block(
-    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"]
+    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"], *, expert_dtype: jnp.dtype | None = None
 ) -> tuple[Float[Array, "t d"], Routing, Float[Array, "e t d"]]:
     """Routed experts (+ shared expert). Returns the block output, the routing and every expert's output.
 
     All experts run on all tokens and are combined with the dense gates: exact, shards trivially over
-    the `expert` mesh axis, and calibration needs every expert's output anyway.
+    the `expert` mesh axis, and calibration needs every expert's output anyway. The forward pass uses
+    `moe_apply`, which can take the routed path instead. With `expert_dtype` the experts (routed and
+    shared) run on x cast to it while the router sees x as given; the output comes back in x's dtype.
     """
     routing = router(params, p, cfg, x)
-    y_all = all_expert_outputs(params, p, cfg, x)
+    xe = x if expert_dtype is None else x.astype(expert_dtype)
+    y_all = all_expert_outputs(params, p, cfg, xe)
     out = jnp.einsum("etd,te->td", y_all, routing.gates.astype(y_all.dtype))
-    if p + "shared.w_gate" in params:
-        shared = dense_mlp(params, p + "shared.", cfg, x)
-        if p + "shared_gate" in params:
-            shared = jax.nn.sigmoid(x @ params[p + "shared_gate"]) * shared
-        out = out + shared
-    return out, routing, y_all
+    shared = shared_expert(params, p, cfg, xe)
+    out = out if shared is None else out + shared
+    return out.astype(x.dtype), routing, y_all
+
+
+def moe_apply(
+    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"], *, dispatch: str = "auto"
+) -> tuple[Float[Array, "t d"], Routing]:
+    """The MoE block's output and routing, by the dense path (`moe_block`) or the routed one
+    (`grape_jax.dispatch`: each token through its top-k experts only); `dispatch` as
+    `dispatch.DISPATCHES` (static), 'auto' picks per backend and shape."""
+    num_experts, hidden, ffn = params[p + "w_gate"].shape
+    kind = moe_dispatch.choose(dispatch, num_experts=num_experts, top_k=cfg.top_k, tokens=x.shape[0],
+                               hidden=hidden, ffn=ffn)
+    if kind == "dense":
+        out, routing, _ = moe_block(params, p, cfg, x)
+        return out, routing
+    routing = router(params, p, cfg, x)
+    out = moe_dispatch.routed_experts(params, p, cfg, x, routing.indices, routing.weights, kind=kind,
+                                      activation=lambda gate, up: swiglu(gate, up, cfg))
+    shared = shared_expert(params, p, cfg, x)
+    return (out if shared is None else out + shared), routing
+
+
+def moe_output(
+    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"], *, dispatch: str = "auto"
+) -> Float[Array, "t d"]:
+    """The MoE block's output only (see `moe_apply`)."""
+    return moe_apply(params, p, cfg, x, dispatch=dispatch)[0]
 
 
 def layer_window(cfg: MoEConfig, layer: int) -> int | None:
@@ -155,9 +192,11 @@ def decoder_layer(
     mask: Bool[Array, "b t"],
     *,
     moe_fn: Callable[[str, jax.Array, jax.Array], jax.Array] | None = None,
+    dispatch: str = "auto",
 ) -> Float[Array, "b t d"]:
     """One pre-norm decoder layer. `moe_fn(prefix, h [b*t, d], mask [b*t]) -> out` replaces the MoE
-    block (calibration uses it to accumulate statistics on the same pass)."""
+    block (calibration uses it to accumulate statistics on the same pass); otherwise the block runs by
+    `moe_output` with `dispatch`."""
     p = f"layers.{layer}."
     attn_mask = attention_mask(mask, sliding_window=layer_window(cfg, layer))
     h = rms_norm(x, params[p + "attn_norm"], cfg.rms_norm_eps)
@@ -168,7 +207,7 @@ def decoder_layer(
         return x + dense_mlp(params, p + "mlp.", cfg, h)
     flat = h.reshape(b * t, d)
     if moe_fn is None:
-        out = moe_block(params, p + "mlp.", cfg, flat)[0]
+        out = moe_output(params, p + "mlp.", cfg, flat, dispatch=dispatch)
     else:
         out = moe_fn(p + "mlp.", flat, mask.reshape(b * t))
     return x + out.reshape(b, t, d)
@@ -194,8 +233,11 @@ def forward(
     cfg: MoEConfig,
     tokens: Int[Array, "b t"],
     mask: Bool[Array, "b t"] | None = None,
+    *,
+    dispatch: str = "auto",
 ) -> Float[Array, "b t v"]:
-    """Logits of a causal LM over right-padded token batches."""
+    """Logits of a causal LM over right-padded token batches; `dispatch` (static) chooses the MoE
+    blocks' path (`grape_jax.dispatch.DISPATCHES`)."""
     if mask is None:
         mask = jnp.ones(tokens.shape, dtype=bool)
     chex.assert_rank(tokens, 2)
@@ -204,5 +246,5 @@ def forward(
     positions = default_positions(mask)
     x = embed(params, tokens)
     for layer in range(cfg.num_layers):
-        x = decoder_layer(params, cfg, layer, x, positions, mask)
+        x = decoder_layer(params, cfg, layer, x, positions, mask, dispatch=dispatch)
     return head(params, cfg, x)

@@ -183,12 +183,13 @@ class MoEModel(nnx.Module):
         )
 
     def __call__(
-        self, tokens: Int[Array, "b t"], mask: Bool[Array, "b t"] | None = None
+        self, tokens: Int[Array, "b t"], mask: Bool[Array, "b t"] | None = None, *, dispatch: str = "auto"
     ) -> Float[Array, "b t v"]:
         if mask is None:
             mask = np.ones(np.shape(tokens), dtype=bool)
         tokens, mask = self.ctx_batch(tokens), self.ctx_batch(mask)
-        return forward_jit(param_view(self), cfg=self.cfg, tokens=tokens, mask=mask)
+        with self.ctx.scope():  # the routed dispatch splits its work over the mesh in context
+            return forward_jit(param_view(self), cfg=self.cfg, tokens=tokens, mask=mask, dispatch=dispatch)
 
     def ctx_batch(self, x) -> jax.Array:
         """A token batch placed on the model's mesh (batch over the data axes); traced or already
@@ -202,8 +203,10 @@ class MoEModel(nnx.Module):
         return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(self, nnx.Param)))
 
 
-forward_jit = jax.jit(layers.forward, static_argnames=("cfg",))
-"""Jitted `layers.forward(params, cfg, tokens, mask)`; one compile per config and shape."""
+forward_jit = jax.jit(layers.forward, static_argnames=("cfg", "dispatch"))
+"""Jitted `layers.forward(params, cfg, tokens, mask, *, dispatch)`; one compile per config, dispatch and
+shape. `dispatch`: 'auto' (routed on accelerators and on CPU where it is faster), 'dense' (every expert
+on every token, the oracle), 'routed', 'ragged_dot', 'blocked' (see `grape_jax.dispatch`)."""
 
 
 def param_view(node: nnx.Module | nnx.State) -> dict[str, jax.Array]:

@@ -8,6 +8,7 @@ of 4): correctness first, and the replication is visible in `param_shardings`' r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -67,6 +68,13 @@ class RunContext:
     def data_parallel_size(self) -> int:
         """How many ways a batch is split (batches are padded to a multiple of this)."""
         return data_parallel_size(self.mesh, self.rules)
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """`jax.set_mesh(mesh)` unless there is no mesh or one is already set: code traced inside sees
+        the mesh (the routed MoE dispatch splits its work over it with shard_map)."""
+        if self.mesh is None or self.mesh.size == 1 or not jax.sharding.get_abstract_mesh().empty:
+            return contextlib.nullcontext()
+        return jax.set_mesh(self.mesh)
 
     def put_batch(self, x: np.ndarray) -> jax.Array:
         """A host [batch, ...] array placed with its batch over the data axes (replicated when the batch
@@ -192,3 +200,21 @@ def replicate(tree, mesh: Mesh):
     """The same values, fully replicated on `mesh` (so every process can read them on its host)."""
     out = NamedSharding(mesh, PartitionSpec())
     return jax.jit(lambda t: t, out_shardings=jax.tree.map(lambda _: out, tree))(tree)
+
+
+def params_mesh(params: Mapping[str, jax.Array]) -> Mesh | None:
+    """The multi-device mesh the parameters are placed on, or None (one device, or plain arrays)."""
+    for value in params.values():
+        sharding = getattr(value, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def mesh_scope(params: Mapping[str, jax.Array]) -> contextlib.AbstractContextManager:
+    """`jax.set_mesh` of the parameters' mesh unless a mesh is already set: code traced inside sees the
+    mesh (the routed MoE dispatch splits its work over it with shard_map)."""
+    mesh = params_mesh(params)
+    if mesh is None or not jax.sharding.get_abstract_mesh().empty:
+        return contextlib.nullcontext()
+    return jax.set_mesh(mesh)

@@ -137,13 +137,19 @@ def _check_shapes(acc: Accumulators, y, gates, selected, router_logits, mask) ->
 
 
 def _exact_moments(y: Float[Array, "e t d"]) -> Float[Array, "pairs d d"]:
-    """Σ_t y_i(t) y_j(t)ᵀ for the stored pairs i <= j (one batched matmul over pairs)."""
+    """Σ_t y_i(t) y_j(t)ᵀ for the stored pairs i <= j (one batched matmul over pairs), accumulated in fp32
+    whatever y's dtype (a bf16 x bf16 product is exact in fp32)."""
     iu, ju = _pair_index(y.shape[0])
-    return jnp.einsum("ptd,ptc->pdc", y[iu], y[ju], precision=HIGHEST)
+    return jnp.einsum("ptd,ptc->pdc", y[iu], y[ju], precision=HIGHEST, preferred_element_type=jnp.float32)
 
 
 def _minibatch_hsic(y: Float[Array, "e t d"], valid: Bool[Array, " t"], chunk: int) -> Float[Array, "e e"]:
-    """Σ over minibatches of the unbiased HSIC_1 of every expert pair's linear-kernel Grams."""
+    """Σ over minibatches of the unbiased HSIC_1 of every expert pair's linear-kernel Grams. Means and
+    centring in fp32; for bf16/fp16 y the Gram of the fp32 centred values is three matmuls in y's dtype
+    (hi·hi + hi·lo + lo·hi of a two-part split, fp32 accumulation: ~2^-16 relative error) instead of one
+    fp32 matmul, several times slower on accelerators."""
+    gram_dtype = y.dtype
+    y = y.astype(jnp.float32)
     e, t, d = y.shape
     c = min(chunk, t) if chunk else t
     pad = (-t) % c
@@ -156,7 +162,13 @@ def _minibatch_hsic(y: Float[Array, "e t d"], valid: Bool[Array, " t"], chunk: i
     n = jnp.sum(v, axis=1)  # [B]
     mean = jnp.einsum("ebcd,bc->ebd", y, v, precision=HIGHEST) / jnp.maximum(n, 1.0)[None, :, None]
     yc = (y - mean[:, :, None, :]) * v[None, :, :, None]  # padded rows exactly 0
-    k = jnp.einsum("ebcd,ebsd->ebcs", yc, yc, precision=HIGHEST)
+    if gram_dtype == jnp.float32:
+        k = jnp.einsum("ebcd,ebsd->ebcs", yc, yc, precision=HIGHEST)
+    else:
+        hi = yc.astype(gram_dtype)
+        lo = (yc - hi.astype(jnp.float32)).astype(gram_dtype)
+        gram = lambda a, b: jnp.einsum("ebcd,ebsd->ebcs", a, b, preferred_element_type=jnp.float32)  # noqa: E731
+        k = gram(hi, hi) + gram(hi, lo) + gram(lo, hi)
     off = v[:, :, None] * v[:, None, :] * (1.0 - jnp.eye(c, dtype=jnp.float32))  # valid a != b
     k = k * off[None]
     nn = jnp.maximum(n, 4.0)[None, :]  # [1, B]; minibatches with n < 4 are zeroed below
@@ -175,19 +187,26 @@ def update_accumulators(
     router_logits: Float[Array, "tokens experts"],
     mask: Bool[Array, " tokens"],
 ) -> Accumulators:
-    """Add one chunk of tokens; tokens with mask False contribute nothing (pure; jit and donate `acc`)."""
+    """Add one chunk of tokens; tokens with mask False contribute nothing (pure; jit and donate `acc`).
+
+    `y` may be fp32 or the model's bf16/fp16: the big matmuls (CKA moments or Grams) then take it as it is
+    with fp32 accumulation; every other statistic is computed from it in fp32."""
     _check_shapes(acc, y, gates, selected, router_logits, mask)
     valid = jnp.asarray(mask).astype(bool)
-    y = jnp.where(valid[None, :, None], jnp.asarray(y, jnp.float32), 0.0)
+    y_in = jnp.asarray(y)
+    if not jnp.issubdtype(y_in.dtype, jnp.floating) or jnp.finfo(y_in.dtype).bits > 32:
+        y_in = y_in.astype(jnp.float32)
+    y_in = jnp.where(valid[None, :, None], y_in, jnp.zeros((), y_in.dtype))
+    y = y_in.astype(jnp.float32)
     g = jnp.where(valid[:, None], jnp.asarray(gates, jnp.float32), 0.0)
     sel = (jnp.asarray(selected).astype(bool) & valid[:, None]).astype(jnp.int32)
     logits = jnp.where(valid[:, None], jnp.asarray(router_logits, jnp.float32), 0.0)
     sq = jnp.sum(y * y, axis=-1)  # [E, T]
     gt = g.T  # [E, T]
     if acc.cka == "exact":
-        cka_sum = acc.cka_sum + _exact_moments(y)
+        cka_sum = acc.cka_sum + _exact_moments(y_in)
     else:
-        cka_sum = acc.cka_sum + _minibatch_hsic(y, valid, acc.chunk)
+        cka_sum = acc.cka_sum + _minibatch_hsic(y_in, valid, acc.chunk)
     return dataclasses.replace(
         acc,
         num_tokens=acc.num_tokens + jnp.sum(valid.astype(jnp.int32)),

@@ -34,15 +34,16 @@ class TrainOptions:
 
 
 def loss_fn(
-    params: Mapping[str, jax.Array], cfg: MoEConfig, tokens: jax.Array, aux_coef: float
+    params: Mapping[str, jax.Array], cfg: MoEConfig, tokens: jax.Array, aux_coef: float, *, dispatch: str = "auto"
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Mean next-token NLL + aux_coef * mean load-balancing loss over MoE layers."""
+    """Mean next-token NLL + aux_coef * mean load-balancing loss over MoE layers; MoE blocks by
+    `dispatch` (`grape_jax.dispatch.DISPATCHES`, static)."""
     mask = jnp.ones(tokens.shape, bool)
     positions = layers.default_positions(mask)
     balance = []
 
     def moe_fn(prefix, h, m):
-        out, routing, _ = layers.moe_block(params, prefix, cfg, h)
+        out, routing = layers.moe_apply(params, prefix, cfg, h, dispatch=dispatch)
         e = routing.gates.shape[-1]
         frac = jnp.mean(routing.selected.astype(jnp.float32), axis=0) / cfg.top_k
         prob = jnp.mean(jax.nn.softmax(routing.logits, axis=-1), axis=0)

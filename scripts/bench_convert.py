@@ -19,6 +19,14 @@ posix_fadvise(DONTNEED) after fsync, no root needed) and warm (in page cache), u
 
     python scripts/bench_convert.py            # ~4.2 GB in a temp dir under /tmp, removed at the end
     python scripts/bench_convert.py --keep --layers 1
+    python scripts/bench_convert.py --device gpu   # load to one GPU vs safetensors.torch (see below)
+
+GPU mode (`--device gpu`; default checkpoint: Mixtral-8x7B layer dims, 3 layers, 9.2 GB bf16; page cache
+warm): each in its own child process, with its runtime initialised before the clock starts,
+  raw        as above (the ceiling),
+  torch      `safetensors.torch.load_file(file, device="cuda")` for every file + synchronize,
+  load_hf    `load_hf(dir)` onto the default JAX GPU device + block_until_ready,
+the first and second call of the last two in one process; goal: load_hf >= 80% of torch, first call.
 """
 
 from __future__ import annotations
@@ -302,6 +310,47 @@ def child_export(directory: str, devices: int, mesh_spec: str, out: str) -> dict
             "mesh": spec}
 
 
+def child_torch_gpu(directory: str) -> dict:
+    """`safetensors.torch.load_file(device="cuda")` of every file, twice in this process."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    files, seconds, nbytes = checkpoint_files(directory), [], 0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        state = {}
+        for path in files:
+            state.update(load_file(path, device="cuda"))
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        del state
+        torch.cuda.empty_cache()
+    return {"seconds": seconds[0], "seconds_second": seconds[1], "bytes": nbytes}
+
+
+def child_convert_gpu(directory: str) -> dict:
+    """`load_hf` onto the default JAX GPU device, twice in this process."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    from conversion.load import load_hf
+
+    device = jax.devices()[0]
+    jax.block_until_ready(jax.device_put(np.zeros(1, np.float32), device))
+    seconds, nbytes = [], 0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        loaded = load_hf(directory)
+        jax.block_until_ready(loaded.params)
+        seconds.append(time.perf_counter() - t0)
+        nbytes = sum(a.nbytes for a in loaded.params.values())
+        del loaded
+    return {"seconds": seconds[0], "seconds_second": seconds[1], "bytes": nbytes, "device": str(device)}
+
+
 def run_child(kind: str, args, *extra: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind, "--dir", args.dir,
            "--devices", str(args.devices), "--mesh", args.mesh, *extra]
@@ -330,29 +379,71 @@ def same_tensors(a: str, b: str) -> bool:
     return True
 
 
+def warm_cache(files: list[str]) -> None:
+    for path in files:
+        with open(path, "rb", buffering=0) as fh:
+            while fh.read(1 << 26):
+                pass
+
+
+def gpu_report(args, files: list[str], info: dict) -> int:
+    """GPU mode: raw read, safetensors.torch to CUDA and load_hf to the GPU, each in a child process."""
+    rows = {}
+    for kind in ("raw", "torch_gpu", "convert_gpu"):
+        if args.cache == "cold":
+            evict(files)
+        else:
+            warm_cache(files)
+        rows[kind] = run_child(kind, args)
+        print(f"  {kind:12s} {rows[kind]['bytes'] / GB / rows[kind]['seconds']:.2f} GB/s", flush=True)
+    print()
+    print(f"checkpoint: {info['bytes'] / GB:.2f} GB bf16 in {len(files)} files; page cache {args.cache}; "
+          f"{rows['convert_gpu']['device']}; {os.cpu_count()} CPU cores")
+    print("| load | GB/s first call | GB/s second call | first call vs torch |")
+    print("|---|---|---|---|")
+    torch_first = rows["torch_gpu"]["bytes"] / rows["torch_gpu"]["seconds"]
+    for kind, label in (("raw", "raw read (ceiling)"), ("torch_gpu", "safetensors.torch.load_file(device='cuda')"),
+                        ("convert_gpu", "grape load_hf -> GPU")):
+        r = rows[kind]
+        first = r["bytes"] / r["seconds"]
+        second = f"{r['bytes'] / r['seconds_second'] / GB:.2f}" if "seconds_second" in r else "-"
+        ratio = f"{first / torch_first:.0%}" if kind != "raw" else "-"
+        print(f"| {label} | {first / GB:.2f} | {second} | {ratio} |")
+    print("goal: load_hf >= 80% of torch, first call (runtimes initialised before timing, in both children)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--ffn", type=int, default=9216)
+    ap.add_argument("--ffn", type=int, default=None, help="default: 9216 on CPU, 14336 on GPU")
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=None, help="default: 2 on CPU, 3 on GPU")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--shard-gb", type=float, default=2.0, help="max safetensors file size")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--devices", type=int, default=8, help="simulated CPU devices in the children")
     ap.add_argument("--mesh", default="auto", help="mesh spec; auto: expert=4,fsdp=2 on 8 devices")
-    ap.add_argument("--cache", choices=("both", "cold", "warm"), default="both")
+    ap.add_argument("--cache", choices=("both", "cold", "warm"), default=None, help="default: both on CPU, "
+                    "warm on GPU")
     ap.add_argument("--dir", default=None, help="use (and keep) this existing checkpoint dir")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--no-verify", action="store_true", help="skip the export == input byte check")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    gpu = args.device == "gpu"
+    args.ffn = args.ffn or (14336 if gpu else 9216)
+    args.layers = args.layers or (3 if gpu else 2)
+    args.cache = args.cache or ("warm" if gpu else "both")
 
     if args._child:
         fn = {"raw": lambda: child_raw(args.dir),
+              "torch_gpu": lambda: child_torch_gpu(args.dir),
+              "convert_gpu": lambda: child_convert_gpu(args.dir),
               "fill": lambda: child_fill(args.dir),
               "convert": lambda: child_convert(args.dir, args.devices, args.mesh),
               "export": lambda: child_export(args.dir, args.devices, args.mesh, args._out)}[args._child]
@@ -382,6 +473,8 @@ def main(argv=None) -> int:
             big = max(sizes, key=sizes.get)
             info = {"bytes": sum(sizes.values()), "largest": sizes[big], "largest_name": big}
         files = checkpoint_files(args.dir)
+        if gpu:
+            return gpu_report(args, files, info)
         goal = 1.5 * info["largest"] + 1 * GB
         rows = []
         modes = ["cold", "warm"] if args.cache == "both" else [args.cache]
