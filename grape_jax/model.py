@@ -59,9 +59,9 @@ class MoEModel(nnx.Module):
                 top[name] = value
         self.embed = nnx.Param(top["embed"])
         self.layers = nnx.List([DecoderLayer(sub) for sub in per_layer])
-        self.final_norm = nnx.Param(top["final_norm"])
-        if "lm_head" in top:
-            self.lm_head = nnx.Param(top["lm_head"])
+        for name, value in top.items():  # final_norm (+ bias), lm_head (+ bias)
+            if name != "embed":
+                setattr(self, name, nnx.Param(value))
 
     def __call__(
         self, tokens: Int[Array, "b t"], mask: Bool[Array, "b t"] | None = None

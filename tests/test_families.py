@@ -28,6 +28,7 @@ from grape_jax.model import logits
 from grape_jax.routing import route
 from grape_jax.sharding import make_mesh
 from tests import deepseek_reference as dsref
+from tests.family_configs import NEW_CONFIGS, build_llama4_multimodal
 from tests.hf_models import TINY, build_model, random_tokens, save_model, torch_logits
 from tests.test_model_parity import assert_close_logits
 
@@ -65,8 +66,9 @@ HF_CONFIGS = {
         **{**TINY, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
         sliding_window=4,
     ),
+    **NEW_CONFIGS,
 }
-CASES = [*HF_CONFIGS, "deepseek"]
+CASES = [*HF_CONFIGS, "deepseek", "llama4"]  # llama4: the multimodal checkpoint's language model
 
 
 class Case:
@@ -111,7 +113,7 @@ def cases(tmp_path_factory, tokens) -> dict[str, Case]:
                 dsref.save_checkpoint(path, cfg, weights)
                 built[name] = Case(name, path, dsref.reference_logits(cfg, weights, tokens), hf_cfg=cfg)
             else:
-                model = build_model(HF_CONFIGS[name](), seed=0)
+                model = build_llama4_multimodal() if name == "llama4" else build_model(HF_CONFIGS[name](), seed=0)
                 _perturb_router_bias(model)
                 save_model(model, path)
                 built[name] = Case(name, path, torch_logits(model, tokens), hf_model=model)
@@ -179,8 +181,8 @@ EXPORT_PENDING = pytest.mark.xfail(
 )
 
 
-@pytest.mark.parametrize(
-    "name", [n for n in CASES if n != "gpt_oss"] + [pytest.param("gpt_oss", marks=EXPORT_PENDING)]
+@pytest.mark.parametrize(  # llama4 exports its text model: tests/test_new_families.py
+    "name", [n for n in CASES if n not in ("gpt_oss", "llama4")] + [pytest.param("gpt_oss", marks=EXPORT_PENDING)]
 )
 def test_round_trip_is_bit_identical(cases, tmp_path, tokens, name):
     case = cases(name)
@@ -294,8 +296,12 @@ def test_gpt_oss_mxfp4_load_hf_on_mesh(tmp_path):
 
 
 def test_quantised_checkpoint_of_other_family_is_refused(cases):
+    """MXFP4 is GPT-OSS's; other methods are refused; FP8 binding needs the checkpoint's tensor names."""
     loaded = cases("qwen3_moe").loaded
-    with pytest.raises(ConversionError, match="quantization_config 'fp8' is not supported"):
+    for method in ("mxfp4", "awq"):
+        with pytest.raises(ConversionError, match=f"quantization_config '{method}' is not supported"):
+            bind(loaded.family, loaded.cfg, hf_config={"quantization_config": {"quant_method": method}})
+    with pytest.raises(ConversionError, match="FP8 checkpoint needs its tensor index"):
         bind(loaded.family, loaded.cfg, hf_config={"quantization_config": {"quant_method": "fp8"}})
 
 
@@ -325,8 +331,10 @@ def test_group_limited_routers_fix_count_multiple_and_minimum(cases):
     assert v3.expert_count_multiple == 4 and v3.min_routable_experts == 8
     assert dataclasses.replace(v3, n_group=1, topk_group=1).min_routable_experts == 3
     assert dataclasses.replace(v3, top_k=1, n_group=1, topk_group=1).min_routable_experts == 2
+    glm = cases("glm4_moe").loaded.cfg  # GLM-4.5's router is V3's: 2 groups, top-3 from 1 group -> 2 * 3
+    assert (glm.expert_count_multiple, glm.min_routable_experts) == (2, 6)
     for name in HF_CONFIGS:
-        if not name.startswith("deepseek_v3"):
+        if not name.startswith(("deepseek_v3", "glm4_moe")):
             cfg = cases(name).loaded.cfg
             assert (cfg.expert_count_multiple, cfg.min_routable_experts) == (1, cfg.top_k), name
 

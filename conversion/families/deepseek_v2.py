@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.families.base import TRANSPOSE, ConversionError, Family, KeyRule, require, rope_params
+from conversion.families.base import TRANSPOSE, ConversionError, Family, KeyRule, require
+from conversion.families.hf_rope import rope_params
 from conversion.families.common import (
     expert_counts,
     llama_fields,

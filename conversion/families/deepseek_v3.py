@@ -21,8 +21,8 @@ from conversion.families.base import (
     Family,
     KeyRule,
     require,
-    rope_params,
 )
+from conversion.families.hf_rope import rope_params
 from conversion.families.common import (
     HP,
     LP,

@@ -1,0 +1,227 @@
+"""FP8 block-quantised checkpoints (`quantization_config.quant_method: "fp8"`), in NumPy.
+
+Releases such as DeepSeek-V3/R1, Kimi-K2, MiniMax-M2 and the Qwen3 FP8 models store a linear weight
+`W [out, in]` as `<module>.weight` in `float8_e4m3fn` plus `<module>.weight_scale_inv`, one scale per
+`weight_block_size = [bm, bn]` block, `[ceil(out / bm), ceil(in / bn)]` (blocks at the tensor's edge are
+cut short). The value is `W[i, j] = fp8[i, j] * scale_inv[i // bm, j // bn]`, computed in fp32 and
+rounded once to the model dtype (transformers' `Fp8Dequantize`). Which weights are quantised is read
+from the checkpoint itself: a linear weight with a `weight_scale_inv` sibling (releases leave routers,
+norms, embeddings and `lm_head` unquantised, with or without a `modules_to_not_convert` list).
+
+Loading (`Fp8Block`, bound in place of `Transpose` by `fp8_bindings`) reads only the rows, columns and
+scale blocks of the slice a device holds, so the sharded streaming loader keeps reading each host's own
+bytes. Export requantises (`quantize_fp8`) with the release's block size and scale dtype, as
+transformers' `Fp8Quantize` does (`scale = 448 / amax` per block, `scale_inv = 1 / scale`, values
+`clip(W * scale, ±448)` rounded to e4m3), except that a block whose source scale still represents it
+exactly (dequantising the requantised block gives back every value bit for bit) keeps that scale:
+an unmerged expert or attention weight is written back with its original bytes, merged experts get
+fresh scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Container, Mapping, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from jaxtyping import Float
+
+from conversion.families.base import Binding, ConversionError, Index, SliceReader, Transpose
+from conversion.transpose import transposed
+
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+FP8_MAX = 448.0
+SCALE_SUFFIX = "_scale_inv"
+SCALE_DTYPES = ("F32", "BF16", "F16")  # stored scale dtypes we read and write back
+
+
+def scale_key(key: str) -> str:
+    """`x.weight` -> `x.weight_scale_inv` (transformers' naming)."""
+    return key + SCALE_SUFFIX
+
+
+def grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
+    """Scale-grid shape of a `[rows, cols]` weight: blocks at the edge are cut, not padded."""
+    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
+
+
+def block_size(quant: Mapping[str, Any]) -> tuple[int, int]:
+    """`weight_block_size` of an fp8 `quantization_config`, checking the fields we rely on."""
+    size = quant.get("weight_block_size")
+    if not (isinstance(size, list | tuple) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ConversionError(
+            f"config.json: quantization_config.weight_block_size {size!r} is not supported (expected two "
+            f"positive integers, e.g. [128, 128]; per-tensor FP8 is not read)"
+        )
+    for key, allowed in (("fmt", ("e4m3", "float8_e4m3fn")), ("scale_fmt", ("float",)), ("expert_dtype", ("fp8",)),
+                         ("activation_scheme", ("dynamic",))):
+        if key in quant and quant[key] not in allowed:
+            raise ConversionError(
+                f"config.json: quantization_config.{key}={quant[key]!r} is not supported (supported: {list(allowed)})"
+            )
+    return int(size[0]), int(size[1])
+
+
+def _expand(scales: np.ndarray, start: int, stop: int, block: int, axis: int) -> np.ndarray:
+    """Scales repeated over the rows (axis 0) or columns (axis 1) `[start, stop)` they cover."""
+    index = np.arange(start, stop) // block - start // block
+    return np.take(scales, index, axis=axis)
+
+
+def dequantize_fp8(
+    weight: np.ndarray,
+    scale_inv: np.ndarray,
+    block: tuple[int, int],
+    *,
+    row0: int = 0,
+    col0: int = 0,
+    dtype: Any = ml_dtypes.bfloat16,
+) -> Float[np.ndarray, "rows cols"]:
+    """`weight[i, j] * scale_inv[...]` of a slice starting at (`row0`, `col0`) of the full tensor,
+    `scale_inv` holding exactly the scale blocks the slice touches; fp32 product, one rounding."""
+    rows, cols = weight.shape
+    want = (-(-(row0 + rows) // block[0]) - row0 // block[0], -(-(col0 + cols) // block[1]) - col0 // block[1])
+    if rows and cols and tuple(scale_inv.shape) != want:
+        raise ConversionError(f"FP8 slice at ({row0}, {col0}) of shape {weight.shape} needs {want} scale blocks, "
+                              f"got {tuple(scale_inv.shape)}")
+    s = np.asarray(scale_inv).astype(np.float32)
+    s = _expand(_expand(s, row0, row0 + rows, block[0], 0), col0, col0 + cols, block[1], 1)
+    return (np.asarray(weight).astype(np.float32) * s).astype(dtype)
+
+
+def quantize_fp8(
+    weight: np.ndarray,
+    block: tuple[int, int],
+    *,
+    scale_dtype: Any = np.float32,
+    reuse: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(fp8 [rows, cols], scale_inv [grid])` of a 2-D weight (see the module docstring).
+
+    `reuse`: candidate scales (e.g. the source checkpoint's), kept for every block they represent
+    exactly; the other blocks get fresh scales."""
+    w = np.asarray(weight)
+    if w.ndim != 2:
+        raise ConversionError(f"FP8 quantisation needs a 2-D weight, got shape {w.shape}")
+    rows, cols = w.shape
+    g = grid((rows, cols), block)
+    padded = np.zeros((g[0] * block[0], g[1] * block[1]), np.float32)
+    padded[:rows, :cols] = w.astype(np.float32)
+    tiles = padded.reshape(g[0], block[0], g[1], block[1])
+    amax = np.abs(tiles).max(axis=(1, 3))
+    with np.errstate(divide="ignore"):
+        scale = np.where(amax > 0, np.float32(FP8_MAX) / amax, np.float32(1.0)).astype(np.float32)
+    inv = (np.float32(1.0) / scale).astype(scale_dtype)
+    if np.dtype(scale_dtype) != np.float32:  # quantise with the scale as stored, so dequantising inverts it
+        scale = (np.float32(1.0) / inv.astype(np.float32)).astype(np.float32)
+    q = _to_fp8(tiles * scale[:, None, :, None])
+    if reuse is not None:
+        if tuple(reuse.shape) != g:
+            raise ConversionError(f"FP8 scales to reuse have shape {tuple(reuse.shape)}, expected {g}")
+        candidate = np.asarray(reuse).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q_old = _to_fp8(tiles / candidate[:, None, :, None])
+        back = (q_old.astype(np.float32) * candidate[:, None, :, None]).astype(w.dtype)
+        same = back.view(_bits(w.dtype)) == padded.astype(w.dtype).view(_bits(w.dtype))
+        keep = same.all(axis=(1, 3)) & np.isfinite(candidate)
+        q = np.where(keep[:, None, :, None], q_old, q)
+        inv = np.where(keep, np.asarray(reuse), inv).astype(scale_dtype)
+    return np.ascontiguousarray(q.reshape(padded.shape)[:rows, :cols]), inv
+
+
+def _to_fp8(x: np.ndarray) -> np.ndarray:
+    """Round to e4m3 (nearest even) after saturating at ±448, as torch's clamp-then-cast."""
+    return np.clip(np.nan_to_num(x, nan=0.0), -FP8_MAX, FP8_MAX).astype(FP8)
+
+
+def _bits(dtype: Any) -> np.dtype:
+    return np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Block:
+    """Our `[in, out]` weight from an FP8 `<key>` `[out, in]` and `<key>_scale_inv` (see module
+    docstring), dequantised to `dtype` for the requested slice only."""
+
+    block: tuple[int, int]
+    dtype: str = "bfloat16"
+
+    def sources(self, key: str) -> tuple[str, ...]:
+        return key, scale_key(key)
+
+    def source_shapes(self, ours: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        d_in, d_out = ours
+        return (d_out, d_in), grid((d_out, d_in), self.block)
+
+    def source_dtypes(self) -> tuple[tuple[str, ...], ...]:
+        return ("F8_E4M3",), SCALE_DTYPES
+
+    def value_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(reversed(ours))
+
+    def read_sources(self, srcs: Sequence[SliceReader], index: Index) -> np.ndarray:
+        cols, rows = index  # ours is [in, out]: HF rows are our columns
+        bm, bn = self.block
+        weight = srcs[0]((rows, cols))
+        scales = srcs[1]((slice(rows.start // bm, -(-rows.stop // bm)), slice(cols.start // bn, -(-cols.stop // bn))))
+        dense = dequantize_fp8(weight, scales, self.block, row0=rows.start, col0=cols.start,
+                               dtype=self.value_dtype())
+        return transposed(dense)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        raise ConversionError("FP8 weights are exported through conversion.fp8 (bind without hf_config)")
+
+
+def fp8_bindings(
+    bindings: Mapping[str, Binding], quant: Mapping[str, Any], stored: Container[str] | None,
+    *, dtype: str = "bfloat16",
+) -> dict[str, Binding]:
+    """The bindings of an fp8 checkpoint: every linear weight (a transposed `.weight`) whose checkpoint
+    has a `weight_scale_inv` sibling reads through `Fp8Block`; a scale anywhere else is refused."""
+    if stored is None:
+        raise ConversionError("reading an FP8 checkpoint needs its tensor index (bind(..., stored=checkpoint))")
+    block = block_size(quant)
+    out = {}
+    for name, b in bindings.items():
+        scaled = [k for k in b.hf_keys if scale_key(k) in stored]
+        if not scaled:
+            out[name] = b
+            continue
+        if type(b.transform) is not Transpose or not b.hf_keys[0].endswith(".weight"):
+            raise ConversionError(f"tensor {scale_key(scaled[0])!r}: FP8 is read for linear weights only, not for "
+                                  f"{b.name}")
+        out[name] = dataclasses.replace(b, transform=Fp8Block(block, dtype))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Entry:
+    """One half (`part` "weight" or "scale") of a requantised HF tensor, for `conversion.export`.
+
+    Both halves gather the same parameter slices (so the other processes of a multi-host export
+    replay the same collectives whichever half a resumed run writes first); the quantisation itself
+    is computed once (`cache`)."""
+
+    tensor: Any  # base.HFTensor
+    part: str
+    block: tuple[int, int]
+    scale_dtype: np.dtype
+    reuse: Callable[[], np.ndarray | None]
+    cache: dict
+
+    @property
+    def parts(self):
+        return self.tensor.parts
+
+    def produce(self, read_ours: Callable[[str, int | None], np.ndarray]) -> np.ndarray:
+        dense = self.tensor.produce(read_ours)
+        if self.cache.get("key") != self.tensor.key:
+            q, s = quantize_fp8(dense, self.block, scale_dtype=self.scale_dtype, reuse=self.reuse())
+            self.cache.clear()
+            self.cache.update(key=self.tensor.key, weight=q, scale=s)
+        return self.cache[self.part]
