@@ -32,6 +32,7 @@ from conversion.distributed import (
     gather_slice,
     is_writer,
 )
+from conversion.families import export_family
 from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
 from conversion.safetensors_write import TensorEntry, completed_shards, plan_shards, write_checkpoint
 from grape_jax.config import MoEConfig
@@ -221,6 +222,7 @@ def export_hf(
     """Write an HF checkpoint dir that `transformers` loads (see module docstring); returns its path.
 
     `log` receives one line per shard written (and a line when resuming)."""
+    family = export_family(family)
     missing = sorted(set(param_specs(cfg)) - set(params))
     if missing:
         raise ConversionError(f"export: parameters missing for this config: {missing[:5]}")

@@ -22,30 +22,33 @@ _LLAMA4_TEXT = dict(
     attention_bias=True, rope_parameters=_LLAMA3,
 )
 
+_GLM = dict(
+    TINY, head_dim=12, partial_rotary_factor=0.5, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
+    n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=2, use_qk_norm=True, attention_bias=True,
+    routed_scaling_factor=2.5,
+)
+_ERNIE = dict(TINY, num_hidden_layers=3, moe_num_experts=8, moe_k=3, moe_intermediate_size=12, moe_num_shared_experts=2)
+_MINIMAX = dict(TINY, intermediate_size=20, num_local_experts=8, num_experts_per_tok=2, head_dim=16, rotary_dim=6)
+_PHI = dict(TINY, num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True, sliding_window=5,
+            router_jitter_noise=0.2, rope_parameters=_LONGROPE)
+
+
+def _config(cls, defaults):
+    return lambda **overrides: cls(**{**defaults, **overrides})
+
+
+# name -> (**overrides) -> config
 NEW_CONFIGS = {
     # head_dim 12 with half of it rotary (6), q/k norm, qkv bias, 2 groups of 4, top-3, 2 shared experts
-    "glm4_moe": lambda: transformers.Glm4MoeConfig(
-        **TINY, head_dim=12, partial_rotary_factor=0.5, n_routed_experts=8, num_experts_per_tok=3,
-        moe_intermediate_size=16, n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=2,
-        use_qk_norm=True, attention_bias=True, routed_scaling_factor=2.5,
-    ),
+    "glm4_moe": _config(transformers.Glm4MoeConfig, _GLM),
     # three layers (0 dense), 8 experts top-3, 2 shared experts, tied embeddings (the default)
-    "ernie4_5_moe": lambda: transformers.Ernie4_5_MoeConfig(
-        **{**TINY, "num_hidden_layers": 3}, moe_num_experts=8, moe_k=3, moe_intermediate_size=12,
-        moe_num_shared_experts=2,
-    ),
+    "ernie4_5_moe": _config(transformers.Ernie4_5_MoeConfig, _ERNIE),
     # head_dim 16 of which 6 rotary (rotary_dim), q/k norm over the whole projection
-    "minimax_m2": lambda: transformers.MiniMaxM2Config(
-        **{**TINY, "intermediate_size": 20}, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-        rotary_dim=6,
-    ),
+    "minimax_m2": _config(transformers.MiniMaxM2Config, _MINIMAX),
     # LayerNorm, q/k/v/o and lm_head biases, sliding window 5, LongRoPE, a wide sparsemixer threshold
-    "phimoe": lambda: transformers.PhimoeConfig(
-        **TINY, num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
-        sliding_window=5, router_jitter_noise=0.2, rope_parameters=_LONGROPE,
-    ),
+    "phimoe": _config(transformers.PhimoeConfig, _PHI),
     # layer 0 dense + RoPE + chunked, layer 1 MoE (top-2, shared expert) + NoPE + full attention
-    "llama4_text": lambda: transformers.Llama4TextConfig(**_LLAMA4_TEXT),
+    "llama4_text": _config(transformers.Llama4TextConfig, _LLAMA4_TEXT),
 }
 
 

@@ -54,3 +54,8 @@ def family_by_name(name: str) -> Family:
         if f.name == name:
             return f
     raise ConversionError(f"family {name!r} unknown; known: {[f.name for f in _FAMILIES]}")
+
+
+def export_family(family: Family) -> Family:
+    """The family an export of `family` is written as (itself, or its `export_as`)."""
+    return family if family.export_as is None else family_by_name(family.export_as)
