@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -34,6 +34,8 @@ from conversion.distributed import (
 )
 from conversion.families import export_family
 from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
+from conversion.fp8 import block_size, requantized_entries
+from conversion.safetensors_io import CheckpointIndex
 from conversion.safetensors_write import TensorEntry, completed_shards, plan_shards, write_checkpoint
 from grape_jax.config import MoEConfig
 from grape_jax.params import param_specs
@@ -190,8 +192,12 @@ def needs_remote_code(cfg: MoEConfig, family: Family, config: Mapping[str, Any])
     return not family.in_transformers and not config.get("auto_map")
 
 
-def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json of the export: the family's translation (remote code is added for uneven counts).
+def hf_config_for(
+    cfg: MoEConfig, family: Family, base: Mapping[str, Any], *, quantize: str | None = None
+) -> dict[str, Any]:
+    """config.json of the export: the family's translation (remote code is added for uneven counts),
+    without `quantization_config` (weights are written dequantised) unless `quantize` is "fp8", which
+    keeps the source's FP8 `quantization_config` exactly.
 
     A base config from an earlier pruned export (model_type `grape_pruned_*`) is first turned back into
     the stock config, so re-exports start clean."""
@@ -200,6 +206,9 @@ def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> di
         base["model_type"] = family.model_types[0]
         base["architectures"] = [family.architectures[0]]
     out = family.config_to_hf(cfg, base)
+    out.pop("quantization_config", None)
+    if quantize == "fp8":
+        out["quantization_config"] = fp8_source_config(base)
     dtypes = {"float32", "bfloat16", "float16"}
     if out.get("dtype") not in dtypes and out.get("torch_dtype") not in dtypes:
         out["dtype"] = "float32"
@@ -218,10 +227,16 @@ def export_hf(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     extra_files: Mapping[str, str] | None = None,
     log: Callable[[str], None] | None = None,
+    quantize: str | None = None,
+    expert_origins: Mapping[int, Sequence[int | None]] | None = None,
 ) -> str:
     """Write an HF checkpoint dir that `transformers` loads (see module docstring); returns its path.
 
-    `log` receives one line per shard written (and a line when resuming)."""
+    `log` receives one line per shard written (and a line when resuming). `quantize` "fp8": the
+    weights the FP8 source (`source_dir`, `base_config`) stored as FP8 are requantised with its block
+    size and scale dtype (`conversion.fp8`); `expert_origins[layer][e]` names the source expert a routed
+    expert is an unchanged copy of (None: merged), whose scales are then reused."""
+    source_family = family
     family = export_family(family)
     missing = sorted(set(param_specs(cfg)) - set(params))
     if missing:
@@ -229,6 +244,9 @@ def export_hf(
     check_expert_counts(cfg, family)
     bindings = bind(family, cfg)
     entries, sources = hf_entries(bindings, params)
+    if quantize is not None:
+        entries, sources = _quantized(entries, sources, quantize=quantize, family=source_family,
+                                      base_config=base_config, source_dir=source_dir, expert_origins=expert_origins)
     shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
     fingerprint = hashlib.sha256(json.dumps({
         "params": params_fingerprint(params),
@@ -266,7 +284,7 @@ def export_hf(
     try:
         with contextlib.ExitStack() as stack:
             try:  # the other processes wait for this outcome: tell them about a failure too
-                config = hf_config_for(cfg, family, base_config)
+                config = hf_config_for(cfg, family, base_config, quantize=quantize)
                 work = stack.enter_context(resumable_output_dir(out_dir, fingerprint=fingerprint, overwrite=overwrite))
                 done = completed_shards(work.path, shards) if work.resumed else [False] * len(shards)
             except BaseException:
@@ -306,6 +324,33 @@ def export_hf(
     finish_shard(True)  # the output is in place
     barrier("export_hf")
     return out_dir
+
+
+def fp8_source_config(base: Mapping[str, Any]) -> dict[str, Any]:
+    """The FP8 `quantization_config` an fp8 export copies (the source's), or a one-line error."""
+    quant = base.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8":
+        raise ConversionError(
+            f"--quantize fp8 requantises like the source checkpoint, but its config.json has quantization_config "
+            f"{quant.get('quant_method')!r}, not 'fp8' (export bf16, the default, instead)"
+        )
+    return dict(quant)
+
+
+def _quantized(entries, sources, *, quantize: str, family: Family, base_config: Mapping[str, Any],
+               source_dir: str | os.PathLike | None, expert_origins):
+    """`entries`/`sources` with the source's FP8 weights requantised (see `export_hf`)."""
+    if quantize != "fp8":
+        raise ConversionError(f"--quantize {quantize!r} is not supported (supported: fp8)")
+    quant = fp8_source_config(base_config)
+    block = block_size(quant)
+    if source_dir is None or not os.path.isdir(source_dir):
+        raise ConversionError(f"--quantize fp8 reads the scales of the source FP8 checkpoint, which is not at "
+                              f"{source_dir!r}")
+    source = CheckpointIndex.open(os.fspath(source_dir))
+    source_bindings = bind(family, family.config_from_hf(base_config), hf_config=base_config, stored=source)
+    return requantized_entries(entries, sources, source_bindings=source_bindings, source=source, block=block,
+                               expert_origins=expert_origins)
 
 
 def _test_pause() -> None:

@@ -29,7 +29,10 @@ import numpy as np
 from jaxtyping import Float
 
 from conversion.families.base import Binding, ConversionError, Index, SliceReader, Transpose
+from conversion.safetensors_io import CheckpointIndex
+from conversion.safetensors_write import TensorEntry
 from conversion.transpose import transposed
+from grape_jax.params import layer_of
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 FP8_MAX = 448.0
@@ -124,7 +127,7 @@ def quantize_fp8(
         with np.errstate(divide="ignore", invalid="ignore"):
             q_old = _to_fp8(tiles / candidate[:, None, :, None])
         back = (q_old.astype(np.float32) * candidate[:, None, :, None]).astype(w.dtype)
-        same = back.view(_bits(w.dtype)) == padded.astype(w.dtype).view(_bits(w.dtype))
+        same = back.view(_bits(w.dtype)) == tiles.astype(w.dtype).view(_bits(w.dtype))
         keep = same.all(axis=(1, 3)) & np.isfinite(candidate)
         q = np.where(keep[:, None, :, None], q_old, q)
         inv = np.where(keep, np.asarray(reuse), inv).astype(scale_dtype)
@@ -225,3 +228,47 @@ class Fp8Entry:
             self.cache.clear()
             self.cache.update(key=self.tensor.key, weight=q, scale=s)
         return self.cache[self.part]
+
+
+def requantized_entries(
+    entries: Sequence[TensorEntry],
+    sources: Mapping[str, Any],
+    *,
+    source_bindings: Mapping[str, Binding],
+    source: CheckpointIndex,
+    block: tuple[int, int],
+    expert_origins: Mapping[int, Sequence[int | None]] | None = None,
+) -> tuple[list[TensorEntry], dict[str, Any]]:
+    """An export's entries with every weight the source stored as FP8 requantised (weight + scales).
+
+    A parameter is requantised when its source binding reads FP8. Scales to reuse come from the same
+    tensor of the source: for a routed expert, the source expert it is an unchanged copy of
+    (`expert_origins[layer][e]`, from the plan; None for merged experts), or the same index when no
+    origins are given (a plain re-export); the reuse is verified block by block (`quantize_fp8`)."""
+    out_entries: list[TensorEntry] = []
+    out_sources = dict(sources)
+    cache: dict = {}
+    for entry in entries:
+        tensor = sources[entry.name]
+        (binding, expert), *more = tensor.parts
+        src = source_bindings.get(binding.name)
+        if more or src is None or not isinstance(src.transform, Fp8Block):
+            out_entries.append(entry)
+            continue
+        if expert is None:
+            candidate: int | None = 0
+        elif expert_origins is not None:
+            candidate = expert_origins[layer_of(binding.name)][expert]
+        else:
+            candidate = expert if expert < len(src.hf_keys) else None
+        scales = None if candidate is None else scale_key(src.hf_keys[candidate])
+        scale_dtype = source.info(scale_key(src.hf_keys[0])).dtype
+
+        def reuse(scales: str | None = scales) -> np.ndarray | None:
+            return None if scales is None else source.read_slice(scales, ())
+
+        for part, name, shape, dtype in (("weight", entry.name, entry.shape, FP8),
+                                         ("scale", scale_key(entry.name), grid(entry.shape, block), scale_dtype)):
+            out_entries.append(TensorEntry(name, tuple(shape), np.dtype(dtype)))
+            out_sources[name] = Fp8Entry(tensor, part, block, np.dtype(scale_dtype), reuse, cache)
+    return out_entries, out_sources

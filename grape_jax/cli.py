@@ -35,6 +35,12 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--process-id", type=int, default=None)
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["fp8"], default=None,
+                   help="fp8: requantise the weights an FP8 source stored as FP8, with its block size and "
+                        "quantization_config (unmerged experts keep their scales); default: bf16")
+
+
 def init_runtime(args: argparse.Namespace) -> None:
     """Start multi-host JAX when asked; must run before any other JAX call."""
     if getattr(args, "coordinator", None) or getattr(args, "num_processes", None):
@@ -86,6 +92,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output Hugging Face directory")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
+    add_quantize_arg(p)
     add_mesh_args(p)
 
 
@@ -93,13 +100,16 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from conversion.checkpoint import restore_checkpoint
     from conversion.export import export_hf
+    from grape_jax.plan import Plan
 
     ckpt = restore_checkpoint(args.ckpt, mesh=mesh_from_args(args))
+    plan = ckpt.extra.get("plan")  # a merged checkpoint: its unmerged experts keep their FP8 scales
     export_hf(
         ckpt.params, ckpt.cfg, ckpt.family, args.out,
         base_config=ckpt.hf_config, source_dir=ckpt.source_dir, overwrite=args.overwrite,
         max_shard_bytes=int(args.max_shard_gb * 1e9),
-        extra_files=ckpt.extra.get("export_files"), log=print,
+        extra_files=ckpt.extra.get("export_files"), log=print, quantize=args.quantize,
+        expert_origins=None if plan is None else Plan.from_dict(plan).expert_origins(),
     )
     print(f"exported {args.ckpt} -> {args.out}")
     return 0
@@ -112,10 +122,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_families(args: argparse.Namespace) -> int:
     from conversion.families import FAMILIES
 
-    for model_type in sorted(FAMILIES):
-        f = FAMILIES[model_type]
-        print(f"{model_type:14s} {', '.join(f.architectures)}")
+    for line in family_lines(FAMILIES):
+        print(line)
     return 0
+
+
+def family_lines(families) -> list[str]:
+    """One block per model_type: its class, routing rule and what an export writes."""
+    from conversion.families import export_family
+
+    lines = []
+    for model_type in sorted(families):
+        f = families[model_type]
+        out = export_family(f)
+        stock = f"stock {out.architectures[0]}" if out.in_transformers else "the checkpoint's own remote code"
+        lines += [
+            f"{model_type:14s} {', '.join(f.architectures)}",
+            f"{'':14s}   routing: {f.routing}",
+            f"{'':14s}   export:  uniform counts -> {stock}; per-layer counts -> remote code "
+            f"(modeling_pruned_moe.py)" + ("" if out is f else f"; written as {out.name} (text model only)"),
+        ]
+    lines.append("Checkpoints with an FP8 block-quantised quantization_config are read for every family (export: bf16, "
+                 "or --quantize fp8); GPT-OSS's MXFP4 is read and exported bf16.")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from grape_jax.cli import add_mesh_args, command, mesh_from_args
+from grape_jax.cli import add_mesh_args, add_quantize_arg, command, mesh_from_args
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -206,6 +206,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output Hugging Face directory")
     p.add_argument("--work-dir", default=None, help="stage outputs for resuming (default OUT.work)")
     p.add_argument("--overwrite", action="store_true")
+    add_quantize_arg(p)
     add_planner_args(p)
     add_data_args(p)
     add_mesh_args(p)
@@ -219,7 +220,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     result = prune(args.hf_dir, args.out, method=args.method, budget=args.budget, per_layer=args.per_layer,
                    data=data_spec(args), planner_options=planner_options(args),
                    calibration_options=calibration_options(args), work_dir=args.work_dir,
-                   mesh=mesh_from_args(args), overwrite=args.overwrite)
+                   mesh=mesh_from_args(args), overwrite=args.overwrite, quantize=args.quantize)
     print(allocation_table(result.plan))
     print(f"exported -> {result.out}")
     return 0

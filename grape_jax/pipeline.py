@@ -89,8 +89,10 @@ def export_pruned(
     calibration: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     log=None,
+    quantize: str | None = None,
 ) -> str:
-    """Export a merged model with `recipe.json` and a README model card (`log`: see `export_hf`)."""
+    """Export a merged model with `recipe.json` and a README model card (`log`, `quantize`: see
+    `export_hf`; unmerged experts keep their FP8 scales)."""
     from conversion.export import export_hf
     from grape_jax import recipe as rc
 
@@ -100,8 +102,9 @@ def export_pruned(
         stats_meta=None if stats is None else dict(stats.meta), calibration=calibration,
     )
     files = {"recipe.json": rc.dumps(recipe), "README.md": rc.model_card(recipe, uniform=cfg.is_uniform)}
+    origins = plan.expert_origins() if hasattr(plan, "expert_origins") else None
     return export_hf(params, cfg, family, out, base_config=base_config, source_dir=source_dir,
-                     overwrite=overwrite, extra_files=files, log=log)
+                     overwrite=overwrite, extra_files=files, log=log, quantize=quantize, expert_origins=origins)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,7 @@ def prune(
     mesh: jax.sharding.Mesh | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> PruneResult:
     """convert -> calibrate -> plan -> merge -> export, resumable at stage boundaries (and inside
     calibration and export)."""
@@ -170,7 +174,8 @@ def prune(
     check_expert_counts(new_cfg, loaded.family)  # before any work is written
     export_pruned(params, new_cfg, original_cfg=cfg, family=loaded.family, out=out,
                   base_config=loaded.hf_config, source_dir=hf_dir, plan=plan, stats=stats,
-                  calibration=data.describe(), overwrite=overwrite, log=print if progress else None)
+                  calibration=data.describe(), overwrite=overwrite, log=print if progress else None,
+                  quantize=quantize)
     return PruneResult(out=out, plan=plan, stats=stats, cfg_before=cfg, cfg_after=new_cfg)
 
 

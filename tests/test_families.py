@@ -277,9 +277,9 @@ def test_gpt_oss_mxfp4_checkpoint_decodes_per_expert_slice(cases, tmp_path):
     np.testing.assert_array_equal(np.asarray(params["layers.1.mlp.w_gate"]), gate_up[..., 0::2])
     np.testing.assert_array_equal(np.asarray(params["layers.1.mlp.w_up"]), gate_up[..., 1::2])
     np.testing.assert_array_equal(np.asarray(params["layers.0.mlp.w_down"]), down)
-    cfg = get_family("gpt_oss").config_to_hf(
+    cfg = export_module.hf_config_for(
         get_family("gpt_oss").config_from_hf(json.load(open(os.path.join(path, "config.json")))),
-        json.load(open(os.path.join(path, "config.json"))),
+        get_family("gpt_oss"), json.load(open(os.path.join(path, "config.json"))),
     )
     assert "quantization_config" not in cfg
 

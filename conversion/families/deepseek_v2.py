@@ -122,4 +122,5 @@ FAMILY = Family(
     rules=rules,
     experts_config_key="n_routed_experts",
     # only V2's group-limited softmax routing constrains counts (other families' configs give 1)
+    routing="softmax, top-k (group-limited greedy when set), x routed_scaling_factor; + shared experts",
 )

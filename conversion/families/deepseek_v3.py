@@ -132,4 +132,5 @@ FAMILY = Family(
     config_to_hf=config_to_hf,
     rules=rules,
     experts_config_key="n_routed_experts",
+    routing="sigmoid + e_score_correction_bias, group-limited top-k, renormalised, x routed_scaling_factor",
 )

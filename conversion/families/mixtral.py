@@ -79,4 +79,5 @@ FAMILY = Family(
     config_to_hf=config_to_hf,
     rules=rules,
     experts_config_key="num_local_experts",
+    routing="softmax over all experts, top-k, renormalised",
 )
