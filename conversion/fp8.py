@@ -28,7 +28,13 @@ import ml_dtypes
 import numpy as np
 from jaxtyping import Float
 
-from conversion.families.base import Binding, ConversionError, Index, SliceReader, Transpose
+from conversion.families.base import (
+    Binding,
+    ConversionError,
+    Index,
+    SliceReader,
+    Transpose,
+)
 from conversion.safetensors_io import CheckpointIndex
 from conversion.safetensors_write import TensorEntry
 from conversion.transpose import transposed
@@ -58,8 +64,12 @@ def block_size(quant: Mapping[str, Any]) -> tuple[int, int]:
             f"config.json: quantization_config.weight_block_size {size!r} is not supported (expected two "
             f"positive integers, e.g. [128, 128]; per-tensor FP8 is not read)"
         )
-    for key, allowed in (("fmt", ("e4m3", "float8_e4m3fn")), ("scale_fmt", ("float",)), ("expert_dtype", ("fp8",)),
-                         ("activation_scheme", ("dynamic",))):
+    for key, allowed in (
+        ("fmt", ("e4m3", "float8_e4m3fn")),
+        ("scale_fmt", ("float",)),
+        ("expert_dtype", ("fp8",)),
+        ("activation_scheme", ("dynamic",)),
+    ):
         if key in quant and quant[key] not in allowed:
             raise ConversionError(
                 f"config.json: quantization_config.{key}={quant[key]!r} is not supported (supported: {list(allowed)})"
@@ -87,8 +97,10 @@ def dequantize_fp8(
     rows, cols = weight.shape
     want = (-(-(row0 + rows) // block[0]) - row0 // block[0], -(-(col0 + cols) // block[1]) - col0 // block[1])
     if rows and cols and tuple(scale_inv.shape) != want:
-        raise ConversionError(f"FP8 slice at ({row0}, {col0}) of shape {weight.shape} needs {want} scale blocks, "
-                              f"got {tuple(scale_inv.shape)}")
+        raise ConversionError(
+            f"FP8 slice at ({row0}, {col0}) of shape {weight.shape} needs {want} scale blocks, "
+            f"got {tuple(scale_inv.shape)}"
+        )
     s = np.asarray(scale_inv).astype(np.float32)
     s = _expand(_expand(s, row0, row0 + rows, block[0], 0), col0, col0 + cols, block[1], 1)
     return (np.asarray(weight).astype(np.float32) * s).astype(dtype)
@@ -172,8 +184,7 @@ class Fp8Block:
         bm, bn = self.block
         weight = srcs[0]((rows, cols))
         scales = srcs[1]((slice(rows.start // bm, -(-rows.stop // bm)), slice(cols.start // bn, -(-cols.stop // bn))))
-        dense = dequantize_fp8(weight, scales, self.block, row0=rows.start, col0=cols.start,
-                               dtype=self.value_dtype())
+        dense = dequantize_fp8(weight, scales, self.block, row0=rows.start, col0=cols.start, dtype=self.value_dtype())
         return transposed(dense)
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
@@ -181,8 +192,11 @@ class Fp8Block:
 
 
 def fp8_bindings(
-    bindings: Mapping[str, Binding], quant: Mapping[str, Any], stored: Container[str] | None,
-    *, dtype: str = "bfloat16",
+    bindings: Mapping[str, Binding],
+    quant: Mapping[str, Any],
+    stored: Container[str] | None,
+    *,
+    dtype: str = "bfloat16",
 ) -> dict[str, Binding]:
     """The bindings of an fp8 checkpoint: every linear weight (a transposed `.weight`) whose checkpoint
     has a `weight_scale_inv` sibling reads through `Fp8Block`; a scale anywhere else is refused."""
@@ -196,8 +210,9 @@ def fp8_bindings(
             out[name] = b
             continue
         if type(b.transform) is not Transpose or not b.hf_keys[0].endswith(".weight"):
-            raise ConversionError(f"tensor {scale_key(scaled[0])!r}: FP8 is read for linear weights only, not for "
-                                  f"{b.name}")
+            raise ConversionError(
+                f"tensor {scale_key(scaled[0])!r}: FP8 is read for linear weights only, not for {b.name}"
+            )
         out[name] = dataclasses.replace(b, transform=Fp8Block(block, dtype))
     return out
 
@@ -267,8 +282,10 @@ def requantized_entries(
         def reuse(scales: str | None = scales) -> np.ndarray | None:
             return None if scales is None else source.read_slice(scales, ())
 
-        for part, name, shape, dtype in (("weight", entry.name, entry.shape, FP8),
-                                         ("scale", scale_key(entry.name), grid(entry.shape, block), scale_dtype)):
+        for part, name, shape, dtype in (
+            ("weight", entry.name, entry.shape, FP8),
+            ("scale", scale_key(entry.name), grid(entry.shape, block), scale_dtype),
+        ):
             out_entries.append(TensorEntry(name, tuple(shape), np.dtype(dtype)))
             out_sources[name] = Fp8Entry(tensor, part, block, np.dtype(scale_dtype), reuse, cache)
     return out_entries, out_sources

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file as torch_load, save_file as torch_save
+from safetensors.torch import load_file as torch_load
+from safetensors.torch import save_file as torch_save
 
 from conversion.export import export_hf
 from conversion.families.base import ConversionError
@@ -32,8 +33,12 @@ from tests.test_model_parity import assert_close_logits
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # DeepSeek-V3 / R1's quantization_config (Kimi-K2 ships the same keys).
-DEEPSEEK_V3_QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                     "weight_block_size": [128, 128]}
+DEEPSEEK_V3_QUANT = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
 UNQUANTISED = ("embed_tokens", "lm_head", "norm", ".gate.weight", "router", "correction_bias")
 
 
@@ -45,8 +50,11 @@ def load_file(path: str) -> dict[str, np.ndarray]:
     out = {}
     for key, t in torch_load(path).items():
         dtype = _TO_NUMPY.get(t.dtype)
-        out[key] = t.numpy() if dtype is None else t.view(torch.uint16 if dtype.itemsize == 2 else torch.uint8
-                                                            ).numpy().view(dtype)
+        out[key] = (
+            t.numpy()
+            if dtype is None
+            else t.view(torch.uint16 if dtype.itemsize == 2 else torch.uint8).numpy().view(dtype)
+        )
     return out
 
 
@@ -59,6 +67,16 @@ def save_file(tensors: dict[str, np.ndarray], path: str, metadata=None) -> None:
         return torch.from_numpy(np.ascontiguousarray(a))
 
     torch_save({k: to_torch(v) for k, v in tensors.items()}, path, metadata=metadata)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f)
 
 
 def reference_dequantize(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -81,11 +99,12 @@ def numpy_quantize(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, n
     s = np.empty(grid, np.float32)
     for bi in range(grid[0]):
         for bj in range(grid[1]):
-            tile = w[bi * block[0]:(bi + 1) * block[0], bj * block[1]:(bj + 1) * block[1]]
+            tile = w[bi * block[0] : (bi + 1) * block[0], bj * block[1] : (bj + 1) * block[1]]
             amax = np.abs(tile).max()
             s[bi, bj] = np.float32(amax / 448.0) if amax > 0 else np.float32(1.0)
-            q[bi * block[0]:(bi + 1) * block[0], bj * block[1]:(bj + 1) * block[1]] = (
-                np.clip(tile / float(s[bi, bj]), -448, 448).astype(FP8))
+            q[bi * block[0] : (bi + 1) * block[0], bj * block[1] : (bj + 1) * block[1]] = np.clip(
+                tile / float(s[bi, bj]), -448, 448
+            ).astype(FP8)
     return q, s
 
 
@@ -102,9 +121,9 @@ def write_fp8_checkpoint(model, path: str, quant: dict) -> str:
         else:
             out[key] = value
     save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    config = json.load(open(os.path.join(path, "config.json")))
+    config = read_json(os.path.join(path, "config.json"))
     config["quantization_config"] = dict(quant)
-    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    write_json(os.path.join(path, "config.json"), config)
     return path
 
 
@@ -112,9 +131,20 @@ def write_fp8_checkpoint(model, path: str, quant: dict) -> str:
 def v3(tmp_path_factory):
     """A tiny DeepSeek-V3 (MLA, group-limited router, shared experts, a dense layer) in the V3 FP8 layout."""
     cfg = transformers.DeepseekV3Config(
-        **{**TINY, "num_key_value_heads": 4}, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-        n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
-        qk_rope_head_dim=4, v_head_dim=8, n_shared_experts=1)
+        **{**TINY, "num_key_value_heads": 4},
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_shared_experts=1,
+    )
     return write_fp8_checkpoint(build_model(cfg, seed=7), str(tmp_path_factory.mktemp("v3fp8")), DEEPSEEK_V3_QUANT)
 
 
@@ -122,8 +152,9 @@ def v3(tmp_path_factory):
 def minimax(tmp_path_factory):
     """MiniMax-M2 with [8, 16] blocks: most weights span several blocks, many cut by the edge (20 rows)."""
     quant = {**DEEPSEEK_V3_QUANT, "weight_block_size": [8, 16]}
-    return write_fp8_checkpoint(build_model(NEW_CONFIGS["minimax_m2"](), seed=8),
-                                str(tmp_path_factory.mktemp("mmfp8")), quant)
+    return write_fp8_checkpoint(
+        build_model(NEW_CONFIGS["minimax_m2"](), seed=8), str(tmp_path_factory.mktemp("mmfp8")), quant
+    )
 
 
 def test_dequantize_matches_float64_reference_on_edge_blocks_and_slices():
@@ -135,8 +166,9 @@ def test_dequantize_matches_float64_reference_on_edge_blocks_and_slices():
     want = reference_dequantize(weight, scale, block)
     np.testing.assert_array_equal(dequantize_fp8(weight, scale, block).view(np.uint16), want.view(np.uint16))
     for r0, r1, c0, c1 in ((5, 33, 3, 29), (16, 32, 8, 16), (36, 37, 0, 1), (0, 37, 7, 9)):
-        part = dequantize_fp8(weight[r0:r1, c0:c1], scale[r0 // 16:-(-r1 // 16), c0 // 8:-(-c1 // 8)], block,
-                              row0=r0, col0=c0)
+        part = dequantize_fp8(
+            weight[r0:r1, c0:c1], scale[r0 // 16 : -(-r1 // 16), c0 // 8 : -(-c1 // 8)], block, row0=r0, col0=c0
+        )
         np.testing.assert_array_equal(part.view(np.uint16), want[r0:r1, c0:c1].view(np.uint16))
 
 
@@ -204,17 +236,24 @@ def test_transformers_loads_the_same_fp8_checkpoint(v3):
 def test_export_fp8_round_trip_is_byte_identical_and_bf16_export_drops_quantization(request, tmp_path, fixture):
     src = request.getfixturevalue(fixture)
     loaded = load_hf(src)
-    out = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "fp8", base_config=loaded.hf_config,
-                    source_dir=src, quantize="fp8")
+    out = export_hf(
+        loaded.params,
+        loaded.cfg,
+        loaded.family,
+        tmp_path / "fp8",
+        base_config=loaded.hf_config,
+        source_dir=src,
+        quantize="fp8",
+    )
     a, b = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
     assert sorted(a) == sorted(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), key
-    assert json.load(open(os.path.join(out, "config.json")))["quantization_config"] == loaded.hf_config[
-        "quantization_config"]
-    plain = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "bf16", base_config=loaded.hf_config,
-                      source_dir=src)
-    assert "quantization_config" not in json.load(open(os.path.join(plain, "config.json")))
+    assert read_json(os.path.join(out, "config.json"))["quantization_config"] == loaded.hf_config["quantization_config"]
+    plain = export_hf(
+        loaded.params, loaded.cfg, loaded.family, tmp_path / "bf16", base_config=loaded.hf_config, source_dir=src
+    )
+    assert "quantization_config" not in read_json(os.path.join(plain, "config.json"))
     tensors = load_file(os.path.join(plain, "model.safetensors"))
     assert not any(k.endswith("_scale_inv") for k in tensors)
     again = load_hf(plain).params
@@ -225,13 +264,27 @@ def test_export_fp8_round_trip_is_byte_identical_and_bf16_export_drops_quantizat
 def test_pruned_fp8_export_keeps_unmerged_scales_and_requantises_merged(tmp_path, minimax):
     loaded = load_hf(minimax)
     cfg = loaded.cfg
-    stats = calibrate(loaded.params, cfg, random_tokens(cfg.vocab_size, batch=2, seq=12, seed=4),
-                      options=CalibrationOptions(batch_size=2, token_chunk=24), progress=False)
+    stats = calibrate(
+        loaded.params,
+        cfg,
+        random_tokens(cfg.vocab_size, batch=2, seq=12, seed=4),
+        options=CalibrationOptions(batch_size=2, token_chunk=24),
+        progress=False,
+    )
     groups = [[[0, 1], *[[e] for e in range(2, 8)]], [*[[e] for e in range(7)]]]  # merge 0+1; drop 7
     plan = build_plan(stats, groups, method="hand", budget=2, operator="freq", dropped_per_layer=[(), (7,)])
     merged, new_cfg = apply_plan(loaded.params, cfg, plan)
-    out = export_pruned(merged, new_cfg, original_cfg=cfg, family=loaded.family, out=str(tmp_path / "out"),
-                        base_config=loaded.hf_config, source_dir=minimax, plan=plan, quantize="fp8")
+    out = export_pruned(
+        merged,
+        new_cfg,
+        original_cfg=cfg,
+        family=loaded.family,
+        out=str(tmp_path / "out"),
+        base_config=loaded.hf_config,
+        source_dir=minimax,
+        plan=plan,
+        quantize="fp8",
+    )
     a, b = load_file(os.path.join(minimax, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
     expert = "model.layers.{}.block_sparse_moe.experts.{}.w1.weight"
     for new, old in ((1, 2), (6, 7)):  # layer 0: unmerged experts shifted down by one, same bytes
@@ -254,26 +307,36 @@ def _edit(src: str, dst: str, change) -> str:
     """A copy of checkpoint `src` with `change(tensors, config)` applied."""
     os.makedirs(dst)
     tensors = load_file(os.path.join(src, "model.safetensors"))
-    config = json.load(open(os.path.join(src, "config.json")))
+    config = read_json(os.path.join(src, "config.json"))
     change(tensors, config)
     save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
-    json.dump(config, open(os.path.join(dst, "config.json"), "w"))
+    write_json(os.path.join(dst, "config.json"), config)
     return dst
 
 
 SCALE = "model.layers.1.block_sparse_moe.experts.3.w1.weight_scale_inv"
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda t, c: t.update({SCALE: t[SCALE][:-1]}),  # the edge row of blocks missing
-     r"weight_scale_inv' has shape \(2, 2\), but config.json implies \(3, 2\)"),
-    (lambda t, c: t.update({SCALE: t[SCALE].reshape(-1)}), r"has shape \(6,\), but config.json implies \(3, 2\)"),
-    (lambda t, c: t.update({SCALE: t[SCALE].astype(np.int32)}), r"has dtype I32, .* one of \['F32', 'BF16', 'F16'\]"),
-    (lambda t, c: c["quantization_config"].pop("weight_block_size"), "weight_block_size None is not supported"),
-    (lambda t, c: c["quantization_config"].update(activation_scheme="static"), "activation_scheme='static'"),
-    (lambda t, c: t.update({"model.embed_tokens.weight_scale_inv": np.ones((1, 1), np.float32)}),
-     "FP8 is read for linear weights only, not for embed"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda t, c: t.update({SCALE: t[SCALE][:-1]}),  # the edge row of blocks missing
+            r"weight_scale_inv' has shape \(2, 2\), but config.json implies \(3, 2\)",
+        ),
+        (lambda t, c: t.update({SCALE: t[SCALE].reshape(-1)}), r"has shape \(6,\), but config.json implies \(3, 2\)"),
+        (
+            lambda t, c: t.update({SCALE: t[SCALE].astype(np.int32)}),
+            r"has dtype I32, .* one of \['F32', 'BF16', 'F16'\]",
+        ),
+        (lambda t, c: c["quantization_config"].pop("weight_block_size"), "weight_block_size None is not supported"),
+        (lambda t, c: c["quantization_config"].update(activation_scheme="static"), "activation_scheme='static'"),
+        (
+            lambda t, c: t.update({"model.embed_tokens.weight_scale_inv": np.ones((1, 1), np.float32)}),
+            "FP8 is read for linear weights only, not for embed",
+        ),
+    ],
+)
 def test_bad_scales_and_configs_get_one_line_errors(tmp_path, minimax, change, message):
     path = _edit(minimax, str(tmp_path / "bad"), change)
     with pytest.raises(ConversionError, match=message) as err:
@@ -291,6 +354,51 @@ def test_truncated_scale_file_and_fp8_export_of_a_bf16_source_are_refused(tmp_pa
     src = save_model(build_model(NEW_CONFIGS["minimax_m2"](), seed=1), tmp_path / "bf16")
     loaded = load_hf(src)
     with pytest.raises(ConversionError, match="--quantize fp8 requantises like the source checkpoint"):
-        export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "x", base_config=loaded.hf_config,
-                  source_dir=src, quantize="fp8")
+        export_hf(
+            loaded.params,
+            loaded.cfg,
+            loaded.family,
+            tmp_path / "x",
+            base_config=loaded.hf_config,
+            source_dir=src,
+            quantize="fp8",
+        )
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_cli_convert_merge_export_fp8(tmp_path, minimax, capsys):
+    """`grape convert -> merge -> export --quantize fp8`: the merged checkpoint's plan tells export which
+    experts are unchanged copies, so they keep their bytes."""
+    from grape_jax.cli import main as grape
+
+    loaded = load_hf(minimax)
+    stats = calibrate(
+        loaded.params,
+        loaded.cfg,
+        random_tokens(loaded.cfg.vocab_size, batch=2, seq=12, seed=4),
+        options=CalibrationOptions(batch_size=2, token_chunk=24),
+        progress=False,
+    )
+    plan = build_plan(
+        stats,
+        [[[0], [1], [2], [3, 4], [5], [6], [7]], [[e] for e in range(8)]],
+        method="hand",
+        budget=1,
+        operator="freq",
+    )
+    plan.save(tmp_path / "plan.json")
+    ckpt, merged, out = (str(tmp_path / n) for n in ("ckpt", "merged", "out"))
+    assert grape(["convert", minimax, ckpt]) == 0
+    assert grape(["merge", ckpt, str(tmp_path / "plan.json"), "--out", merged]) == 0
+    assert grape(["export", merged, out, "--quantize", "fp8"]) == 0
+    capsys.readouterr()
+    a, b = load_file(os.path.join(minimax, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    key = "model.layers.0.block_sparse_moe.experts.{}.w2.weight_scale_inv"
+    assert b[key.format(4)].tobytes() == a[key.format(5)].tobytes()  # expert 5 became 4, unchanged
+    assert b[key.format(3)].tobytes() != a[key.format(3)].tobytes()  # 3 + 4 merged: fresh scales
+    assert (
+        b["model.layers.1.self_attn.q_proj.weight"].tobytes() == a["model.layers.1.self_attn.q_proj.weight"].tobytes()
+    )
+    with pytest.raises(SystemExit):  # argparse refuses other formats
+        grape(["export", merged, str(tmp_path / "bad"), "--quantize", "fp4"])
+    assert "invalid choice: 'fp4'" in capsys.readouterr().err

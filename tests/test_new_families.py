@@ -129,13 +129,17 @@ def test_llama4_multimodal_reads_language_model_and_exports_text_model(tmp_path)
     loaded = load_hf(src)
     assert loaded.family.name == "llama4" and loaded.cfg.family == "llama4_text"
     assert_close_logits(logits(loaded.params, loaded.cfg, tokens), torch_logits(model, tokens))
-    out = export_hf(loaded.params, loaded.cfg, loaded.family, tmp_path / "text", base_config=loaded.hf_config,
-                    source_dir=src)
-    config = json.load(open(os.path.join(out, "config.json")))
+    out = export_hf(
+        loaded.params, loaded.cfg, loaded.family, tmp_path / "text", base_config=loaded.hf_config, source_dir=src
+    )
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
     assert config["model_type"] == "llama4_text" and config["architectures"] == ["Llama4ForCausalLM"]
-    with safe_open(os.path.join(src, "model.safetensors"), "np") as a, safe_open(
-            os.path.join(out, "model.safetensors"), "np") as b:
-        text = sorted(k for k in a.keys() if k.startswith("language_model."))
+    with (
+        safe_open(os.path.join(src, "model.safetensors"), "np") as a,
+        safe_open(os.path.join(out, "model.safetensors"), "np") as b,
+    ):
+        text = sorted(k for k in a.keys() if k.startswith("language_model."))  # noqa: SIM118 (safe_open)
         assert sorted(b.keys()) == sorted(k.removeprefix("language_model.") for k in text)
         for key in text:
             assert a.get_tensor(key).tobytes() == b.get_tensor(key.removeprefix("language_model.")).tobytes(), key
@@ -145,15 +149,21 @@ def test_llama4_multimodal_reads_language_model_and_exports_text_model(tmp_path)
     assert load_hf(out).cfg == loaded.cfg
 
 
-@pytest.mark.parametrize(("name", "change", "message"), [
-    ("ernie4_5_moe", {"use_bias": True}, "use_bias=true is not supported"),
-    ("ernie4_5_moe", {"moe_layer_start_index": [1, 2]}, "moe_layer_start_index=.* is not supported"),
-    ("phimoe", {"num_experts_per_tok": 3}, "num_experts_per_tok=3 is not supported for phimoe"),
-    ("phimoe", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_type 'yarn' is not supported"),
-    ("llama4_text", {"attention_chunk_size": None}, "attention_chunk_size is required"),
-    ("glm4_moe", {"partial_rotary_factor": 0.3, "rope_parameters": {"rope_type": "default"}},
-     "partial_rotary_factor=0.3 gives 3 rotary dims"),
-])
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("ernie4_5_moe", {"use_bias": True}, "use_bias=true is not supported"),
+        ("ernie4_5_moe", {"moe_layer_start_index": [1, 2]}, "moe_layer_start_index=.* is not supported"),
+        ("phimoe", {"num_experts_per_tok": 3}, "num_experts_per_tok=3 is not supported for phimoe"),
+        ("phimoe", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_type 'yarn' is not supported"),
+        ("llama4_text", {"attention_chunk_size": None}, "attention_chunk_size is required"),
+        (
+            "glm4_moe",
+            {"partial_rotary_factor": 0.3, "rope_parameters": {"rope_type": "default"}},
+            "partial_rotary_factor=0.3 gives 3 rotary dims",
+        ),
+    ],
+)
 def test_unsupported_fields_are_named(saved, name, change, message):
     hf = {**saved(name)[0].config.to_dict(), **change}
     with pytest.raises(ConversionError, match=message):

@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.families.base import TRANSPOSE, ConversionError, Family, KeyRule, LeadingUnitAxis, require
+from conversion.families.base import (
+    TRANSPOSE,
+    ConversionError,
+    Family,
+    KeyRule,
+    LeadingUnitAxis,
+    require,
+)
 from conversion.families.common import (
     attention_rules,
     expert_counts,
@@ -25,8 +32,10 @@ from grape_jax.config import MoEConfig
 
 def moe_layers(hf: Mapping[str, Any], num_layers: int):
     """transformers' rule: `(l + 1) % moe_layer_interval == 0` and start <= l <= end (end -1: last)."""
-    fields = {k: hf.get(k, d) for k, d in (("moe_layer_start_index", 1), ("moe_layer_end_index", -1),
-                                             ("moe_layer_interval", 1))}
+    fields = {
+        k: hf.get(k, d)
+        for k, d in (("moe_layer_start_index", 1), ("moe_layer_end_index", -1), ("moe_layer_interval", 1))
+    }
     for key, value in fields.items():
         if not isinstance(value, int):
             raise ConversionError(f"config.json: {key}={value!r} is not supported (expected one integer)")
@@ -37,8 +46,10 @@ def moe_layers(hf: Mapping[str, Any], num_layers: int):
 
 def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:
     if hf.get("use_bias"):
-        raise ConversionError("config.json: use_bias=true is not supported for ernie4_5_moe (no released model "
-                              "uses it, and its routed experts would drop the biases)")
+        raise ConversionError(
+            "config.json: use_bias=true is not supported for ernie4_5_moe (no released model "
+            "uses it, and its routed experts would drop the biases)"
+        )
     base = llama_fields({**hf, "num_experts_per_tok": require(hf, "moe_k")}, eps=1e-5, theta=500000.0)
     base["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", True))
     layers, count = base["num_layers"], int(require(hf, "moe_num_experts"))

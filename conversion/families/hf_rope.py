@@ -21,9 +21,7 @@ def rope_theta(hf: Mapping[str, Any], default: float = 10000.0) -> float:
     """`rope_theta` lives in `rope_parameters` in transformers 5 configs, at top level before."""
     params = rope_params(hf)
     if params["rope_type"] not in ("default", None):
-        raise ConversionError(
-            f"config.json: rope_type {params['rope_type']!r} is not supported yet (only 'default')"
-        )
+        raise ConversionError(f"config.json: rope_type {params['rope_type']!r} is not supported yet (only 'default')")
     return float(params.get("rope_theta", hf.get("rope_theta", default)))
 
 
@@ -55,9 +53,7 @@ def rope_fields(hf: Mapping[str, Any], default_theta: float = 10000.0, *, longro
         }
     if kind != "yarn":
         supported = "default, yarn, llama3" + (", longrope" if longrope else "")
-        raise ConversionError(
-            f"config.json: rope_type {kind!r} is not supported (supported: {supported})"
-        )
+        raise ConversionError(f"config.json: rope_type {kind!r} is not supported (supported: {supported})")
     original = int(require(params, "original_max_position_embeddings"))
     factor = params.get("factor")
     factor = float(hf["max_position_embeddings"] / original if factor is None else factor)
@@ -87,6 +83,8 @@ def partial_rotary_dim(hf: Mapping[str, Any], head_dim: int, *, default_factor: 
     factor = rope_params(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", default_factor))
     dim = int(head_dim * float(factor))
     if dim <= 0 or dim > head_dim or dim % 2:
-        raise ConversionError(f"config.json: partial_rotary_factor={factor} gives {dim} rotary dims of head_dim="
-                              f"{head_dim}; expected an even count in (0, head_dim]")
+        raise ConversionError(
+            f"config.json: partial_rotary_factor={factor} gives {dim} rotary dims of head_dim="
+            f"{head_dim}; expected an even count in (0, head_dim]"
+        )
     return 0 if dim == head_dim else dim

@@ -19,8 +19,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.families.base import IDENTITY, TRANSPOSE, Concatenated, ConversionError, Family, KeyRule, require
-from conversion.families.common import attention_rules, expert_counts, llama_fields, swiglu_rules, update_counts
+from conversion.families.base import (
+    IDENTITY,
+    TRANSPOSE,
+    Concatenated,
+    ConversionError,
+    Family,
+    KeyRule,
+    require,
+)
+from conversion.families.common import (
+    attention_rules,
+    expert_counts,
+    llama_fields,
+    swiglu_rules,
+    update_counts,
+)
 from grape_jax.config import MoEConfig
 
 TEXT_ARCH, TEXT_TYPE = "Llama4ForCausalLM", "llama4_text"

@@ -10,7 +10,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from conversion.families.base import TRANSPOSE, Family, KeyRule, require
-from conversion.families.common import HP, LP, attention_rules, expert_counts, llama_fields, top_rules, update_counts
+from conversion.families.common import (
+    HP,
+    LP,
+    attention_rules,
+    expert_counts,
+    llama_fields,
+    top_rules,
+    update_counts,
+)
 from conversion.families.hf_rope import partial_rotary_dim
 from grape_jax.config import MoEConfig
 

@@ -11,21 +11,38 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.families.base import TRANSPOSE, ConversionError, Family, KeyRule, require
+from conversion.families.base import (
+    TRANSPOSE,
+    ConversionError,
+    Family,
+    KeyRule,
+    require,
+)
+from conversion.families.common import (
+    HP,
+    LP,
+    attention_rules,
+    expert_counts,
+    llama_fields,
+    top_rules,
+    update_counts,
+)
 from conversion.families.hf_rope import rope_params
-from conversion.families.common import HP, LP, attention_rules, expert_counts, llama_fields, top_rules, update_counts
 from grape_jax.config import MoEConfig
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:
     kind = rope_params(hf)["rope_type"] or "default"
     if kind not in ("default", "longrope"):  # PhimoeRotaryEmbedding reads long/short_mscale for any other
-        raise ConversionError(f"config.json: rope_type {kind!r} is not supported for phimoe (supported: default, "
-                              f"longrope)")
+        raise ConversionError(
+            f"config.json: rope_type {kind!r} is not supported for phimoe (supported: default, longrope)"
+        )
     base = llama_fields(hf, eps=1e-5, theta=1e6, longrope=True)
     if base["top_k"] != 2:
-        raise ConversionError(f"config.json: num_experts_per_tok={base['top_k']} is not supported for phimoe "
-                              f"(its sparsemixer router always routes to 2 experts)")
+        raise ConversionError(
+            f"config.json: num_experts_per_tok={base['top_k']} is not supported for phimoe "
+            f"(its sparsemixer router always routes to 2 experts)"
+        )
     layers, count = base["num_layers"], int(require(hf, "num_local_experts"))
     window = hf.get("sliding_window")
     bias = bool(hf.get("attention_bias", False))
