@@ -77,10 +77,15 @@ def block_size(quant: Mapping[str, Any]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _expand(scales: np.ndarray, start: int, stop: int, block: int, axis: int) -> np.ndarray:
-    """Scales repeated over the rows (axis 0) or columns (axis 1) `[start, stop)` they cover."""
-    index = np.arange(start, stop) // block - start // block
-    return np.take(scales, index, axis=axis)
+def _row_blocks(rows: int, row0: int, bm: int):
+    """(start, stop, block row relative to the first one) of the rows `[0, rows)` of a slice starting at
+    row `row0` of the full tensor, one row of blocks at a time (bounds the fp32 temporaries)."""
+    r = 0
+    while r < rows:
+        i = (row0 + r) // bm
+        stop = min(rows, (i + 1) * bm - row0)
+        yield r, stop, i - row0 // bm
+        r = stop
 
 
 def dequantize_fp8(
@@ -102,8 +107,11 @@ def dequantize_fp8(
             f"got {tuple(scale_inv.shape)}"
         )
     s = np.asarray(scale_inv).astype(np.float32)
-    s = _expand(_expand(s, row0, row0 + rows, block[0], 0), col0, col0 + cols, block[1], 1)
-    return (np.asarray(weight).astype(np.float32) * s).astype(dtype)
+    columns = np.arange(col0, col0 + cols) // block[1] - col0 // block[1]
+    out = np.empty((rows, cols), dtype)
+    for start, stop, i in _row_blocks(rows, row0, block[0]):
+        out[start:stop] = (np.asarray(weight[start:stop]).astype(np.float32) * s[i, columns]).astype(dtype)
+    return out
 
 
 def quantize_fp8(
@@ -116,34 +124,48 @@ def quantize_fp8(
     """`(fp8 [rows, cols], scale_inv [grid])` of a 2-D weight (see the module docstring).
 
     `reuse`: candidate scales (e.g. the source checkpoint's), kept for every block they represent
-    exactly; the other blocks get fresh scales."""
+    exactly; the other blocks get fresh scales. Works one row of blocks at a time."""
     w = np.asarray(weight)
     if w.ndim != 2:
         raise ConversionError(f"FP8 quantisation needs a 2-D weight, got shape {w.shape}")
+    g = grid(w.shape, block)
+    if reuse is not None and tuple(reuse.shape) != g:
+        raise ConversionError(f"FP8 scales to reuse have shape {tuple(reuse.shape)}, expected {g}")
+    q = np.empty(w.shape, FP8)
+    inv = np.empty(g, scale_dtype)
+    for start, stop, i in _row_blocks(w.shape[0], 0, block[0]):
+        q[start:stop], inv[i] = _quantize_block_row(
+            w[start:stop], block[1], np.dtype(scale_dtype), None if reuse is None else np.asarray(reuse)[i]
+        )
+    return q, inv
+
+
+def _quantize_block_row(
+    w: np.ndarray, bn: int, scale_dtype: np.dtype, reuse: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One row of blocks `[<= bm, cols]` -> (fp8, scale_inv per block)."""
     rows, cols = w.shape
-    g = grid((rows, cols), block)
-    padded = np.zeros((g[0] * block[0], g[1] * block[1]), np.float32)
-    padded[:rows, :cols] = w.astype(np.float32)
-    tiles = padded.reshape(g[0], block[0], g[1], block[1])
-    amax = np.abs(tiles).max(axis=(1, 3))
+    n = -(-cols // bn)
+    padded = np.zeros((rows, n * bn), np.float32)
+    padded[:, :cols] = w.astype(np.float32)
+    tiles = padded.reshape(rows, n, bn)
+    amax = np.abs(tiles).max(axis=(0, 2))
     with np.errstate(divide="ignore"):
         scale = np.where(amax > 0, np.float32(FP8_MAX) / amax, np.float32(1.0)).astype(np.float32)
     inv = (np.float32(1.0) / scale).astype(scale_dtype)
-    if np.dtype(scale_dtype) != np.float32:  # quantise with the scale as stored, so dequantising inverts it
+    if scale_dtype != np.float32:  # quantise with the scale as stored, so dequantising inverts it
         scale = (np.float32(1.0) / inv.astype(np.float32)).astype(np.float32)
-    q = _to_fp8(tiles * scale[:, None, :, None])
+    q = _to_fp8(tiles * scale[None, :, None])
     if reuse is not None:
-        if tuple(reuse.shape) != g:
-            raise ConversionError(f"FP8 scales to reuse have shape {tuple(reuse.shape)}, expected {g}")
-        candidate = np.asarray(reuse).astype(np.float32)
+        candidate = reuse.astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
-            q_old = _to_fp8(tiles / candidate[:, None, :, None])
-        back = (q_old.astype(np.float32) * candidate[:, None, :, None]).astype(w.dtype)
+            q_old = _to_fp8(tiles / candidate[None, :, None])
+        back = (q_old.astype(np.float32) * candidate[None, :, None]).astype(w.dtype)
         same = back.view(_bits(w.dtype)) == tiles.astype(w.dtype).view(_bits(w.dtype))
-        keep = same.all(axis=(1, 3)) & np.isfinite(candidate)
-        q = np.where(keep[:, None, :, None], q_old, q)
-        inv = np.where(keep, np.asarray(reuse), inv).astype(scale_dtype)
-    return np.ascontiguousarray(q.reshape(padded.shape)[:rows, :cols]), inv
+        keep = same.all(axis=(0, 2)) & np.isfinite(candidate)
+        q = np.where(keep[None, :, None], q_old, q)
+        inv = np.where(keep, reuse, inv).astype(scale_dtype)
+    return q.reshape(rows, n * bn)[:, :cols], inv
 
 
 def _to_fp8(x: np.ndarray) -> np.ndarray:

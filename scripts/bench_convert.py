@@ -19,6 +19,9 @@ posix_fadvise(DONTNEED) after fsync, no root needed) and warm (in page cache), u
 
     python scripts/bench_convert.py            # ~4.2 GB in a temp dir under /tmp, removed at the end
     python scripts/bench_convert.py --keep --layers 1
+    python scripts/bench_convert.py --fp8      # attention + expert weights FP8 (128 x 128 blocks), as
+                                               # DeepSeek-V3 ships them: dequantised to bf16 on load,
+                                               # export --quantize fp8 (must give the input's bytes)
 """
 
 from __future__ import annotations
@@ -126,6 +129,24 @@ def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return bits.view(ml_dtypes.bfloat16).reshape(shape)
 
 
+def random_fp8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random e4m3 codes, never one of the two NaN codes."""
+    import ml_dtypes
+
+    bits = np.frombuffer(rng.bytes(int(np.prod(shape))), dtype=np.uint8).copy()
+    bits[(bits & 0x7F) == 0x7F] ^= 1
+    return bits.view(ml_dtypes.float8_e4m3fn).reshape(shape)
+
+
+def random_scales(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return (2.0 ** rng.uniform(-14, -8, size=shape)).astype(np.float32)
+
+
+FP8_BLOCK = 128
+FP8_QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+             "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+
+
 def build_checkpoint(directory: str, args) -> dict:
     """A Mixtral-shaped bf16 checkpoint written with `write_checkpoint`, one tensor at a time."""
     import ml_dtypes
@@ -150,11 +171,18 @@ def build_checkpoint(directory: str, args) -> dict:
             shapes[q + "w1.weight"] = (f, d)
             shapes[q + "w3.weight"] = (f, d)
             shapes[q + "w2.weight"] = (d, f)
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    entries = [TensorEntry(k, s, bf16) for k, s in shapes.items()]
+    bf16, fp8 = np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn)
+    entries = []
+    for k, shape in shapes.items():
+        if args.fp8 and (".self_attn." in k or ".experts." in k):
+            grid = tuple(-(-n // FP8_BLOCK) for n in shape)
+            entries += [TensorEntry(k, shape, fp8), TensorEntry(k + "_scale_inv", grid, np.dtype(np.float32))]
+        else:
+            entries.append(TensorEntry(k, shape, bf16))
     rng = np.random.default_rng(args.seed)
+    makers = {bf16: random_bf16, fp8: random_fp8, np.dtype(np.float32): random_scales}
     t0 = time.perf_counter()
-    write_checkpoint(directory, entries, lambda en: random_bf16(rng, en.shape),
+    write_checkpoint(directory, entries, lambda en: makers[en.dtype](rng, en.shape),
                      max_shard_bytes=int(args.shard_gb * GB))
     config = {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": v,
@@ -164,6 +192,8 @@ def build_checkpoint(directory: str, args) -> dict:
         "rope_theta": 1e6, "max_position_embeddings": 4096, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
+    if args.fp8:
+        config["quantization_config"] = dict(FP8_QUANT)
     with open(os.path.join(directory, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
     files = checkpoint_files(directory)
@@ -172,8 +202,8 @@ def build_checkpoint(directory: str, args) -> dict:
         os.fsync(fd)
         os.close(fd)
     total = sum(e.nbytes for e in entries)
-    return {"bytes": total, "largest": max(e.nbytes for e in entries),
-            "largest_name": max(entries, key=lambda e: e.nbytes).name,
+    value = {e.name: e.nbytes * (2 if e.dtype == fp8 else 1) for e in entries}
+    return {"bytes": total, "largest": max(value.values()), "largest_name": max(value, key=value.get),
             "tensors": len(entries), "files": len(files), "seconds": time.perf_counter() - t0}
 
 
@@ -284,7 +314,9 @@ def child_export(directory: str, devices: int, mesh_spec: str, out: str) -> dict
     reset = reset_peak_rss()
     base = proc_status()["VmRSS"]
     t0 = time.perf_counter()
-    export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config)
+    fp8 = (loaded.hf_config.get("quantization_config") or {}).get("quant_method") == "fp8"
+    export_hf(loaded.params, loaded.cfg, loaded.family, out, base_config=loaded.hf_config,
+              source_dir=directory if fp8 else None, quantize="fp8" if fp8 else None)
     seconds = time.perf_counter() - t0
     status = proc_status()
     files = checkpoint_files(out)
@@ -344,6 +376,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="use (and keep) this existing checkpoint dir")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--no-verify", action="store_true", help="skip the export == input byte check")
+    ap.add_argument("--fp8", action="store_true", help="FP8 block-quantised attention and expert weights")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -375,9 +408,12 @@ def main(argv=None) -> int:
             from conversion.safetensors_io import CheckpointIndex
 
             ck = CheckpointIndex.open(args.dir)
+            from conversion.safetensors_io import numpy_to_dtype
+
             sizes = {k: ck.info(k).nbytes for k in ck.keys()}
-            big = max(sizes, key=sizes.get)
-            info = {"bytes": sum(sizes.values()), "largest": sizes[big], "largest_name": big}
+            value = {k: n * (2 if numpy_to_dtype(ck.info(k).dtype) == "F8_E4M3" else 1) for k, n in sizes.items()}
+            big = max(value, key=value.get)
+            info = {"bytes": sum(sizes.values()), "largest": value[big], "largest_name": big}
         files = checkpoint_files(args.dir)
         goal = 1.5 * info["largest"] + 1 * GB
         rows = []
@@ -413,7 +449,8 @@ def main(argv=None) -> int:
 
         raw = {r["mode"]: r["bytes"] / r["seconds"] for r in rows if r["kind"] == "raw"}
         print()
-        print(f"checkpoint: {info['bytes'] / GB:.2f} GB bf16, largest tensor {info['largest'] / GB:.3f} GB "
+        kind = "bf16 + fp8 (dequantised to bf16 on load)" if args.fp8 else "bf16"
+        print(f"checkpoint: {info['bytes'] / GB:.2f} GB {kind}, largest tensor loaded {info['largest'] / GB:.3f} GB "
               f"({info['largest_name']}); host-overhead goal 1.5 x largest + 1 GB = {goal / GB:.2f} GB")
         mesh = next((r["mesh"] for r in rows if "mesh" in r), "-")
         print(f"mesh: {mesh} over {args.devices} simulated CPU devices; {os.cpu_count()} CPU cores")
