@@ -149,6 +149,16 @@ def _quantize_block_row(
     padded = np.zeros((rows, n * bn), np.float32)
     padded[:, :cols] = w.astype(np.float32)
     tiles = padded.reshape(rows, n, bn)
+    keep = np.zeros(n, bool)
+    if reuse is not None:  # first the source's scales: usually every block keeps them
+        candidate = reuse.astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q_old = _to_fp8(tiles / candidate[None, :, None])
+        back = (q_old.astype(np.float32) * candidate[None, :, None]).astype(w.dtype)
+        same = back.view(_bits(w.dtype)) == tiles.astype(w.dtype).view(_bits(w.dtype))
+        keep = same.all(axis=(0, 2)) & np.isfinite(candidate)
+        if keep.all():
+            return q_old.reshape(rows, n * bn)[:, :cols], reuse.astype(scale_dtype)
     amax = np.abs(tiles).max(axis=(0, 2))
     with np.errstate(divide="ignore"):
         scale = np.where(amax > 0, np.float32(FP8_MAX) / amax, np.float32(1.0)).astype(np.float32)
@@ -156,13 +166,7 @@ def _quantize_block_row(
     if scale_dtype != np.float32:  # quantise with the scale as stored, so dequantising inverts it
         scale = (np.float32(1.0) / inv.astype(np.float32)).astype(np.float32)
     q = _to_fp8(tiles * scale[None, :, None])
-    if reuse is not None:
-        candidate = reuse.astype(np.float32)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            q_old = _to_fp8(tiles / candidate[None, :, None])
-        back = (q_old.astype(np.float32) * candidate[None, :, None]).astype(w.dtype)
-        same = back.view(_bits(w.dtype)) == tiles.astype(w.dtype).view(_bits(w.dtype))
-        keep = same.all(axis=(0, 2)) & np.isfinite(candidate)
+    if keep.any():
         q = np.where(keep[None, :, None], q_old, q)
         inv = np.where(keep, reuse, inv).astype(scale_dtype)
     return q.reshape(rows, n * bn)[:, :cols], inv
