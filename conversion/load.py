@@ -258,8 +258,7 @@ def load_hf(
             stored = b.value_dtype(ckpt.info(next(iter(b.hf_sources()))).dtype)
             target = stored if dtype is None else np.dtype(dtype)
             perm = stored_permutation(b)
-            big = int(np.prod(b.spec.shape)) * np.dtype(stored).itemsize >= DEVICE_LAYOUT_MIN_BYTES
-            if perm is not None and big:
+            if perm is not None and int(np.prod(b.spec.shape)) * np.dtype(stored).itemsize >= DEVICE_LAYOUT_MIN_BYTES:
                 params[name] = _stored_layout_leaf(ckpt, b, perm, shardings[name], target, pool=pool)
                 continue
             read = binding_reader(ckpt, b)
@@ -267,7 +266,6 @@ def load_hf(
             def callback(index, read=read, target=target):
                 return read(index).astype(target, copy=False)
 
-            # big decoded leaves (FP8, MXFP4): their shards are dequantised by the reading threads
-            params[name] = _make_leaf(b.spec.shape, shardings[name], callback, pool=pool if big else None)
+            params[name] = _make_leaf(b.spec.shape, shardings[name], callback)
     return LoadedModel(cfg=cfg, params=params, family=family, hf_config=hf, source_dir=model_dir)
 
