@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -24,12 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from conversion.distributed import finish_shard, follow_export, gather_shard
-from conversion.families import family_by_name
+from conversion.families import export_family, family_by_name
 from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
+from conversion.fp8 import block_size, requantized_entries
+from conversion.safetensors_io import CheckpointIndex
 from conversion.safetensors_write import TensorEntry, completed_shards, plan_shards, write_checkpoint
 from grape_jax.atomic import resumable_output_dir
 from grape_jax.config import MoEConfig
 from grape_jax.model import MoEModel, param_view
+from grape_jax.plan import Plan
 from grape_jax.multihost import all_processes_bytes, barrier, broadcast_flags, gather_slice, is_writer
 
 # Files copied verbatim from the source model dir when present.
@@ -128,8 +131,12 @@ def needs_remote_code(cfg: MoEConfig, family: Family, config: Mapping[str, Any])
     return not family.in_transformers and not config.get("auto_map")
 
 
-def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> dict[str, Any]:
-    """config.json of the export: the family's translation (remote code is added for uneven counts).
+def hf_config_for(
+    cfg: MoEConfig, family: Family, base: Mapping[str, Any], *, quantize: str | None = None
+) -> dict[str, Any]:
+    """config.json of the export: the family's translation (remote code is added for uneven counts),
+    without `quantization_config` (weights are written dequantised) unless `quantize` is "fp8", which
+    keeps the source's FP8 `quantization_config` exactly.
 
     A base config from an earlier pruned export (model_type `grape_pruned_*`) is first turned back into
     the stock config, so re-exports start clean."""
@@ -138,6 +145,9 @@ def hf_config_for(cfg: MoEConfig, family: Family, base: Mapping[str, Any]) -> di
         base["model_type"] = family.model_types[0]
         base["architectures"] = [family.architectures[0]]
     out = family.config_to_hf(cfg, base)
+    out.pop("quantization_config", None)
+    if quantize == "fp8":
+        out["quantization_config"] = fp8_source_config(base)
     dtypes = {"float32", "bfloat16", "float16"}
     if out.get("dtype") not in dtypes and out.get("torch_dtype") not in dtypes:
         out["dtype"] = "float32"
@@ -153,20 +163,29 @@ def export_hf(
     extra_files: Mapping[str, str] | None = None,
     copy_side_files: bool = True,
     log: Callable[[str], None] | None = None,
+    quantize: str | None = None,
 ) -> str:
     """Write `model` as an HF checkpoint dir that `transformers` loads (see module docstring); returns
     its path. The family, the base config.json and the tokenizer files come from `model.info`
     (`copy_side_files=False` leaves the tokenizer and other side files out).
 
-    `log` receives one line per shard written (and a line when resuming)."""
+    `log` receives one line per shard written (and a line when resuming). `quantize` "fp8": the
+    weights the FP8 source (`model.info.source`, its config.json) stored as FP8 are requantised with its
+    block size and scale dtype (`conversion.fp8`); an expert that is an unchanged copy of a source expert
+    (`expert_origins` of the model's merges) keeps that expert's scales."""
     if not model.info.family:
         raise ConversionError("export: the model has no family (info.family); load it with load_hf or "
                               "restore_checkpoint, or build it with ModelInfo.create(family=...)")
-    family = family_by_name(model.info.family)
+    source_family = family_by_name(model.info.family)
+    family = export_family(source_family)
     cfg, params, base_config = model.cfg, param_view(model), model.info.hf_config
     source_dir = model.info.source if copy_side_files and os.path.isdir(model.info.source or "") else None
     bindings = bind(family, cfg)
     entries, sources = hf_entries(bindings, params)
+    if quantize is not None:
+        entries, sources = _quantized(entries, sources, quantize=quantize, family=source_family,
+                                      base_config=base_config, source_dir=model.info.source,
+                                      expert_origins=expert_origins(model.info.provenance))
     shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
     fingerprint = hashlib.sha256(json.dumps({
         "params": params_fingerprint(params),
@@ -204,7 +223,7 @@ def export_hf(
     try:
         with contextlib.ExitStack() as stack:
             try:  # the other processes wait for this outcome: tell them about a failure too
-                config = hf_config_for(cfg, family, base_config)
+                config = hf_config_for(cfg, family, base_config, quantize=quantize)
                 work = stack.enter_context(resumable_output_dir(out_dir, fingerprint=fingerprint, overwrite=overwrite))
                 done = completed_shards(work.path, shards) if work.resumed else [False] * len(shards)
             except BaseException:
@@ -245,6 +264,48 @@ def export_hf(
     finish_shard(True)  # the output is in place
     barrier("export_hf")
     return out_dir
+
+
+def expert_origins(provenance: Sequence[Mapping[str, Any]]) -> dict[int, list[int | None]] | None:
+    """Per MoE layer, for each expert the source expert it is an unchanged copy of (None: merged), through
+    every merge in the provenance; None when nothing was merged."""
+    origins: dict[int, list[int | None]] | None = None
+    for record in provenance:
+        if record.get("stage") != "merge":
+            continue
+        step = Plan.from_dict(record["plan"], source="provenance").expert_origins()
+        if origins is None:
+            origins = step
+        else:
+            origins = {layer: [None if o is None else origins[layer][o] for o in row] for layer, row in step.items()}
+    return origins
+
+
+def fp8_source_config(base: Mapping[str, Any]) -> dict[str, Any]:
+    """The FP8 `quantization_config` an fp8 export copies (the source's), or a one-line error."""
+    quant = base.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8":
+        raise ConversionError(
+            f"--quantize fp8 requantises like the source checkpoint, but its config.json has quantization_config "
+            f"{quant.get('quant_method')!r}, not 'fp8' (export bf16, the default, instead)"
+        )
+    return dict(quant)
+
+
+def _quantized(entries, sources, *, quantize: str, family: Family, base_config: Mapping[str, Any],
+               source_dir: str | os.PathLike | None, expert_origins):
+    """`entries`/`sources` with the source's FP8 weights requantised (see `export_hf`)."""
+    if quantize != "fp8":
+        raise ConversionError(f"--quantize {quantize!r} is not supported (supported: fp8)")
+    quant = fp8_source_config(base_config)
+    block = block_size(quant)
+    if source_dir is None or not os.path.isdir(source_dir):
+        raise ConversionError(f"--quantize fp8 reads the scales of the source FP8 checkpoint, which is not at "
+                              f"{source_dir!r}")
+    source = CheckpointIndex.open(os.fspath(source_dir))
+    source_bindings = bind(family, family.config_from_hf(base_config), hf_config=base_config, stored=source)
+    return requantized_entries(entries, sources, source_bindings=source_bindings, source=source, block=block,
+                               expert_origins=expert_origins)
 
 
 def _test_pause() -> None:

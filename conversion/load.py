@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from conversion.families import get_family
 from conversion.families.base import Binding, ConversionError, Family, Identity, Transpose, bind
 from conversion.fingerprint import source_fingerprint
-from conversion.safetensors_io import CheckpointIndex
+from conversion.safetensors_io import CheckpointIndex, numpy_to_dtype
 from grape_jax.model import ModelInfo, MoEModel, fill_model
 from grape_jax.sharding import DEFAULT_RULES, RunContext, ShardingRules
 
@@ -81,9 +81,11 @@ def binding_reader(ckpt: CheckpointIndex, binding: Binding):
 
 
 def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model_dir: str) -> None:
-    """Every HF tensor exists with the shape config.json implies (else a one-line error)."""
+    """Every HF tensor exists with the shape (and, for decoding transforms, the dtype) config.json
+    implies (else a one-line error)."""
     for b in bindings.values():
-        for key, want in b.hf_sources().items():
+        dtypes = b.transform.source_dtypes() if hasattr(b.transform, "source_dtypes") else None
+        for i, (key, want) in enumerate(b.hf_sources().items()):
             if key not in ckpt:
                 raise ConversionError(
                     f"{model_dir}: tensor {key!r} is missing (needed for {b.name} by config.json)"
@@ -93,6 +95,12 @@ def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model
                 raise ConversionError(
                     f"{info.file}: tensor {key!r} has shape {tuple(info.shape)}, but config.json "
                     f"implies {tuple(want)}"
+                )
+            allowed = None if dtypes is None else dtypes[i % len(dtypes)]
+            if allowed is not None and numpy_to_dtype(info.dtype) not in allowed:
+                raise ConversionError(
+                    f"{info.file}: tensor {key!r} has dtype {numpy_to_dtype(info.dtype)}, but config.json's "
+                    f"quantization_config implies one of {list(allowed)}"
                 )
 
 
@@ -330,7 +338,7 @@ def load_hf(
     family = family_of(hf, source=os.path.join(model_dir, "config.json"))
     cfg = family.config_from_hf(hf)
     ckpt = CheckpointIndex.open(model_dir)
-    bindings = bind(family, cfg, hf_config=hf)
+    bindings = bind(family, cfg, hf_config=hf, stored=ckpt)
     check_bindings(ckpt, bindings, model_dir)
     ctx = RunContext(mesh, rules)
     shardings = {name: ctx.sharding(b.spec.shape, b.spec.axes) for name, b in bindings.items()}

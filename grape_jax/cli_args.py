@@ -145,3 +145,9 @@ def parse_tasks(items: list[str]) -> dict[str, str]:
             raise UsageError(f"--task {item!r}: expected NAME=PATH (e.g. piqa=piqa.jsonl)")
         out[name] = path
     return out
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["fp8"], default=None,
+                   help="fp8: requantise the weights an FP8 source stored as FP8, with its block size and "
+                        "quantization_config (unmerged experts keep their scales); default: bf16")

@@ -12,6 +12,7 @@ from grape_jax.cli_args import (
     add_data_args,
     add_mesh_args,
     add_planner_args,
+    add_quantize_arg,
     calibration_options,
     data_spec,
     mesh_from_args,
@@ -149,6 +150,7 @@ def configure_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="stage outputs for resuming (default: OUT.work)")
     p.add_argument("--keep-work", action="store_true", help="keep the work directory (statistics, plan) after success")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_quantize_arg(p)
     add_planner_args(p)
     add_data_args(p)
     add_calibration_args(p)
@@ -164,7 +166,7 @@ def run_prune(args: argparse.Namespace) -> int:
     result = prune(args.hf_dir, args.out, method=args.method, budget=args.budget, per_layer=args.per_layer,
                    data=spec, planner_options=planner_options(args), calibration_options=options,
                    work_dir=args.work_dir, keep_work=args.keep_work, mesh=mesh_from_args(args),
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, quantize=args.quantize)
     print(allocation_table(result.plan))
     print(f"exported -> {result.out}")
     return 0

@@ -6,10 +6,10 @@ import argparse
 import os
 
 from conversion.checkpoint import restore_checkpoint, save_checkpoint
-from conversion.families import FAMILIES
+from conversion.families import FAMILIES, export_family
 from conversion.load import load_hf
 from grape_jax.atomic import atomic_write_json
-from grape_jax.cli_args import add_data_args, add_mesh_args, data_spec, mesh_from_args, parse_tasks
+from grape_jax.cli_args import add_data_args, add_mesh_args, add_quantize_arg, data_spec, mesh_from_args, parse_tasks
 from grape_jax.data import load_tokenizer
 from grape_jax.dispatch import DISPATCHES
 from grape_jax.evaluate import perplexity
@@ -22,10 +22,27 @@ def configure_families(p: argparse.ArgumentParser) -> None:
 
 
 def run_families(args: argparse.Namespace) -> int:
-    for model_type in sorted(FAMILIES):
-        f = FAMILIES[model_type]
-        print(f"{model_type:14s} {', '.join(f.architectures)}")
+    for line in family_lines(FAMILIES):
+        print(line)
     return 0
+
+
+def family_lines(families) -> list[str]:
+    """One block per model_type: its class, routing rule and what an export writes."""
+    lines = []
+    for model_type in sorted(families):
+        f = families[model_type]
+        out = export_family(f)
+        stock = f"stock {out.architectures[0]}" if out.in_transformers else "the checkpoint's own remote code"
+        lines += [
+            f"{model_type:14s} {', '.join(f.architectures)}",
+            f"{'':14s}   routing: {f.routing}",
+            f"{'':14s}   export:  uniform counts -> {stock}; per-layer counts -> remote code "
+            f"(modeling_pruned_moe.py)" + ("" if out is f else f"; written as {out.name} (text model only)"),
+        ]
+    lines.append("Checkpoints with an FP8 block-quantised quantization_config are read for every family (export: "
+                 "bf16, or --quantize fp8); GPT-OSS's MXFP4 is read and exported bf16.")
+    return lines
 
 
 def configure_convert(p: argparse.ArgumentParser) -> None:
@@ -49,6 +66,7 @@ def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output Hugging Face directory (with recipe.json and a model card)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, in GB")
+    add_quantize_arg(p)
     add_mesh_args(p)
 
 
@@ -58,7 +76,8 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     model = restore_checkpoint(args.ckpt, mesh=mesh_from_args(args))
     try:
-        save_hf(model, args.out, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1e9), log=print)
+        save_hf(model, args.out, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1e9),
+                quantize=args.quantize, log=print)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted during export; the shards written so far are kept next to {args.out} "
                           f"(.{os.path.basename(os.path.abspath(args.out))}.partial): run the same command again "

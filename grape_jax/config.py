@@ -12,11 +12,17 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk", "softmax_group_topk")
+ROUTERS = (
+    "softmax_topk", "topk_softmax", "sigmoid_group_topk", "softmax_group_topk", "softmax_bias_topk",
+    "sparsemixer", "topk_sigmoid",
+)
 GROUP_ROUTERS = ("sigmoid_group_topk", "softmax_group_topk")
+SCORE_BIAS_ROUTERS = ("sigmoid_group_topk", "softmax_bias_topk")  # a per-expert selection bias
 ACTIVATIONS = ("silu", "gptoss_clamped_swiglu")
 ATTENTIONS = ("gqa", "mla")
-ROPE_TYPES = ("default", "yarn")
+ROPE_TYPES = ("default", "yarn", "longrope", "llama3")
+NORMS = ("rms", "layer")
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 class ConfigError(ValueError):
@@ -67,7 +73,13 @@ class MoEConfig:
                           renormalisation, times `routed_scaling_factor` (DeepSeek-V3);
       softmax_group_topk  softmax scores, top-k restricted to the best `topk_group` of `n_group`
                           groups (group score: the group's max; `n_group` 1: plain top-k), optional
-                          renormalisation, times `routed_scaling_factor` (DeepSeek-V2).
+                          renormalisation, times `routed_scaling_factor` (DeepSeek-V2);
+      softmax_bias_topk   softmax over all experts, selection by probabilities + `score_bias`, weights
+                          the plain probabilities renormalised by max(sum, `router_norm_min`) (ERNIE-4.5);
+      sparsemixer         Phi-3.5-MoE's eval-mode sparsemixer: top-1 and top-2 by logit, each weighted by
+                          a softmax over the logits within `2 * router_jitter_eps` (relative) of it;
+      topk_sigmoid        top-k of the logits, weights sigmoid(logit), no renormalisation (Llama-4); with
+                          `router_scales_input` the weight scales the expert's input, not its output.
     """
 
     family: str
@@ -123,6 +135,33 @@ class MoEConfig:
     rope_truncate: bool = True
     rope_attention_factor: float = 1.0
     rope_interleave: bool = False  # DeepSeek-V3: rotary pairs are (x0, x1), (x2, x3), ...
+    # Llama-3-style frequency scaling (`rope_type` "llama3", Llama-4): `rope_factor`,
+    # `rope_original_max_position` and these two.
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    # Partial RoPE (GLM-4.5, MiniMax-M2): only the first `rotary_dim` dims of each head rotate; 0 = all.
+    rotary_dim: int = 0
+    # LongRoPE as transformers' Phi-3.5-MoE applies it: inverse frequencies divided by `rope_ext_factors`
+    # (the short factors) at every length; cos/sin scaled by `rope_attention_factor` (short mscale) up
+    # to `rope_original_max_position` tokens and by `rope_long_mscale` beyond.
+    rope_ext_factors: tuple[float, ...] | None = None
+    rope_long_mscale: float = 1.0
+    # Norms: RMSNorm, or LayerNorm with a bias (Phi-3.5-MoE; eps `rms_norm_eps`); lm_head bias.
+    norm: str = "rms"
+    lm_head_bias: bool = False
+    # Router details of the newer families (see the router kinds above).
+    router_norm_min: float = 0.0
+    router_jitter_eps: float = 0.0
+    router_scales_input: bool = False
+    # Llama-4 attention: per-layer RoPE (False = NoPE layer), weightless L2 q/k norm after RoPE on RoPE
+    # layers, query temperature `1 + attn_scale * log1p(floor((pos + 1) / attn_floor_scale))` on NoPE
+    # layers, and chunked attention (`layer_types` "chunked_attention": keys in the query's chunk).
+    rope_layers: tuple[bool, ...] | None = None
+    qk_l2_norm: bool = False
+    attn_temperature_tuning: bool = False
+    attn_floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    attention_chunk_size: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.num_experts) != self.num_layers:
@@ -138,6 +177,14 @@ class MoEConfig:
             raise ConfigError(f"attention {self.attention!r} unknown; expected one of {ATTENTIONS}")
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope_type {self.rope_type!r} unknown; expected one of {ROPE_TYPES}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm {self.norm!r} unknown; expected one of {NORMS}")
+        if self.rotary_dim < 0 or self.rotary_dim > self.head_dim or self.rotary_dim % 2:
+            raise ConfigError(f"rotary_dim={self.rotary_dim} must be even and within head_dim={self.head_dim}")
+        if self.router == "sparsemixer" and self.top_k != 2:
+            raise ConfigError(f"the sparsemixer router always picks 2 experts; top_k={self.top_k}")
+        if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
+            raise ConfigError(f"rope_layers has {len(self.rope_layers)} entries, expected {self.num_layers}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -150,10 +197,14 @@ class MoEConfig:
                 raise ConfigError(f"num_experts: MoE layer {layer} {problem}")
             if e == 0 and self.dense_intermediate_size <= 0:
                 raise ConfigError(f"layer {layer} is dense but dense_intermediate_size is not set")
-        if self.layer_types is not None and len(self.layer_types) != self.num_layers:
-            raise ConfigError(
-                f"layer_types has {len(self.layer_types)} entries, expected {self.num_layers}"
-            )
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ConfigError(f"layer_types has {len(self.layer_types)} entries, expected {self.num_layers}")
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                raise ConfigError(f"layer_types {unknown} unknown; expected some of {LAYER_TYPES}")
+            if "chunked_attention" in self.layer_types and not self.attention_chunk_size:
+                raise ConfigError("chunked_attention layers need attention_chunk_size")
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
@@ -164,6 +215,15 @@ class MoEConfig:
     def is_uniform(self) -> bool:
         counts = {e for e in self.num_experts if e > 0}
         return len(counts) <= 1
+
+    @property
+    def has_router_bias(self) -> bool:
+        """Whether MoE layers carry a per-expert router bias: GPT-OSS's logit bias, or the score
+        correction bias of the sigmoid/softmax + bias routers (selection only)."""
+        return self.router_bias or self.router in SCORE_BIAS_ROUTERS
+
+    def layer_uses_rope(self, layer: int) -> bool:
+        return self.rope_layers is None or self.rope_layers[layer]
 
     @property
     def expert_count_multiple(self) -> int:
@@ -203,8 +263,9 @@ class MoEConfig:
             raise ConfigError(f"unknown MoEConfig fields {unknown}")
         d = dict(d)
         d["num_experts"] = tuple(d["num_experts"])
-        if d.get("layer_types") is not None:
-            d["layer_types"] = tuple(d["layer_types"])
+        for key in ("layer_types", "rope_ext_factors", "rope_layers"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
     def to_json(self) -> str:

@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, Int
 from grape_jax import dispatch as moe_dispatch
 from grape_jax.config import MoEConfig
 from grape_jax.mla import mla_attention
-from grape_jax.rope import apply_rope
+from grape_jax.rope import apply_partial_rope
 from grape_jax.routing import Routing, route
 
 Params = Mapping[str, jax.Array]
@@ -29,16 +29,42 @@ def rms_norm(x: Float[Array, "... d"], weight: Float[Array, " d"], eps: float) -
     return (weight.astype(jnp.float32) * y).astype(x.dtype)
 
 
+def layer_norm(
+    x: Float[Array, "... d"], weight: Float[Array, " d"], bias: Float[Array, " d"], eps: float
+) -> Float[Array, "... d"]:
+    """LayerNorm (biased variance) in fp32, as torch's `nn.LayerNorm` (Phi-3.5-MoE)."""
+    x32 = x.astype(jnp.float32)
+    centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm(params: Params, name: str, cfg: MoEConfig, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    """The family's normalisation `name` (`layers.3.attn_norm`, `final_norm`): RMSNorm or LayerNorm."""
+    if cfg.norm == "layer":
+        return layer_norm(x, params[name], params[name + "_bias"], cfg.rms_norm_eps)
+    return rms_norm(x, params[name], cfg.rms_norm_eps)
+
+
+def l2_norm(x: Float[Array, "... d"], eps: float) -> Float[Array, "... d"]:
+    """RMS normalisation without a weight (Llama-4's q/k `L2Norm`)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 def attention_mask(
-    mask: Bool[Array, "b t"], *, sliding_window: int | None = None
+    mask: Bool[Array, "b t"], *, sliding_window: int | None = None, chunk_size: int | None = None
 ) -> Bool[Array, "b 1 t t"]:
-    """Causal mask combined with key padding and an optional sliding window."""
+    """Causal mask combined with key padding and an optional sliding window or attention chunks (a
+    query sees the keys of its own `chunk_size` block only; right padding, so no offset)."""
     t = mask.shape[1]
     q = jnp.arange(t)[:, None]
     k = jnp.arange(t)[None, :]
     allowed = k <= q
     if sliding_window is not None:
         allowed = allowed & (q - k < sliding_window)
+    if chunk_size is not None:
+        allowed = allowed & (q // chunk_size == k // chunk_size)
     return allowed[None, None] & mask[:, None, None, :]
 
 
@@ -49,8 +75,11 @@ def attention(
     x: Float[Array, "b t d"],
     positions: Int[Array, "b t"],
     mask: Bool[Array, "b 1 t t"],
+    *,
+    rope: bool = True,
 ) -> Float[Array, "b t d"]:
-    """Grouped-query attention with RoPE, optional q/k norm, biases and attention sinks (or MLA)."""
+    """Grouped-query attention with (partial) RoPE, optional q/k norm, biases and attention sinks (or
+    MLA). `rope` False: a NoPE layer (Llama-4), with query temperature tuning if the config asks."""
     if cfg.attention == "mla":
         return mla_attention(params, p, cfg, x, positions, mask)
     b, t, _ = x.shape
@@ -70,7 +99,14 @@ def attention(
     if cfg.qk_norm and not cfg.qk_norm_full:
         q = rms_norm(q, params[p + "q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, params[p + "k_norm"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
+    if rope:
+        q, k = apply_partial_rope(q, positions, cfg), apply_partial_rope(k, positions, cfg)
+        if cfg.qk_l2_norm:
+            q, k = l2_norm(q, cfg.rms_norm_eps), l2_norm(k, cfg.rms_norm_eps)
+    elif cfg.attn_temperature_tuning:
+        pos = positions.astype(jnp.float32)
+        scales = jnp.log1p(jnp.floor((pos + 1.0) / cfg.attn_floor_scale)) * cfg.attn_scale + 1.0
+        q = (q * scales[:, :, None, None]).astype(q.dtype)
     groups = hq // hkv
     q = q.reshape(b, t, hkv, groups, hd)
     scale = cfg.attention_scale if cfg.attention_scale is not None else hd**-0.5
@@ -103,11 +139,13 @@ def dense_mlp(params: Params, p: str, cfg: MoEConfig, x: Float[Array, "... d"]) 
 
 
 def all_expert_outputs(
-    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"]
+    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"] | Float[Array, "e t d"]
 ) -> Float[Array, "e t d"]:
-    """Every routed expert of the layer applied to every token (unweighted)."""
-    gate = jnp.einsum("td,edf->etf", x, params[p + "w_gate"])
-    up = jnp.einsum("td,edf->etf", x, params[p + "w_up"])
+    """Every routed expert of the layer applied to every token (unweighted); `x` [e, t, d] gives each
+    expert its own input."""
+    spec = "td,edf->etf" if x.ndim == 2 else "etd,edf->etf"
+    gate = jnp.einsum(spec, x, params[p + "w_gate"])
+    up = jnp.einsum(spec, x, params[p + "w_up"])
     if p + "b_gate" in params:
         gate = gate + params[p + "b_gate"][:, None, :]
         up = up + params[p + "b_up"][:, None, :]
@@ -145,7 +183,11 @@ def moe_block(
     routing = router(params, p, cfg, x)
     xe = x if expert_dtype is None else x.astype(expert_dtype)
     y_all = all_expert_outputs(params, p, cfg, xe)
-    out = jnp.einsum("etd,te->td", y_all, routing.gates.astype(y_all.dtype))
+    if cfg.router_scales_input:  # Llama-4: expert e sees gate_e * x (0 for unrouted experts)
+        scaled = xe[None] * routing.gates.T.astype(xe.dtype)[:, :, None]
+        out = jnp.sum(all_expert_outputs(params, p, cfg, scaled), axis=0)
+    else:
+        out = jnp.einsum("etd,te->td", y_all, routing.gates.astype(y_all.dtype))
     shared = shared_expert(params, p, cfg, xe)
     out = out if shared is None else out + shared
     return out.astype(x.dtype), routing, y_all
@@ -156,15 +198,19 @@ def moe_apply(
 ) -> tuple[Float[Array, "t d"], Routing]:
     """The MoE block's output and routing, by the dense path (`moe_block`) or the routed one
     (`grape_jax.dispatch`: each token through its top-k experts only); `dispatch` as
-    `dispatch.DISPATCHES` (static), 'auto' picks per backend and shape."""
+    `dispatch.DISPATCHES` (static), 'auto' picks per backend and shape. A router that scales the experts'
+    input (Llama-4) takes the routed path only at top-1, where the scaled input is one row per token."""
     num_experts, hidden, ffn = params[p + "w_gate"].shape
     kind = moe_dispatch.choose(dispatch, num_experts=num_experts, top_k=cfg.top_k, tokens=x.shape[0],
                                hidden=hidden, ffn=ffn)
-    if kind == "dense":
+    if kind == "dense" or (cfg.router_scales_input and cfg.top_k != 1):
         out, routing, _ = moe_block(params, p, cfg, x)
         return out, routing
     routing = router(params, p, cfg, x)
-    out = moe_dispatch.routed_experts(params, p, cfg, x, routing.indices, routing.weights, kind=kind,
+    x_in, weights = x, routing.weights
+    if cfg.router_scales_input:
+        x_in, weights = x * weights.astype(x.dtype), jnp.ones_like(weights)
+    out = moe_dispatch.routed_experts(params, p, cfg, x_in, routing.indices, weights, kind=kind,
                                       activation=lambda gate, up: swiglu(gate, up, cfg))
     shared = shared_expert(params, p, cfg, x)
     return (out if shared is None else out + shared), routing
@@ -183,6 +229,12 @@ def layer_window(cfg: MoEConfig, layer: int) -> int | None:
     return None
 
 
+def layer_chunk(cfg: MoEConfig, layer: int) -> int | None:
+    if cfg.layer_types is not None and cfg.layer_types[layer] == "chunked_attention":
+        return cfg.attention_chunk_size
+    return None
+
+
 def decoder_layer(
     params: Params,
     cfg: MoEConfig,
@@ -198,10 +250,10 @@ def decoder_layer(
     block (calibration uses it to accumulate statistics on the same pass); otherwise the block runs by
     `moe_output` with `dispatch`."""
     p = f"layers.{layer}."
-    attn_mask = attention_mask(mask, sliding_window=layer_window(cfg, layer))
-    h = rms_norm(x, params[p + "attn_norm"], cfg.rms_norm_eps)
-    x = x + attention(params, p + "attn.", cfg, h, positions, attn_mask)
-    h = rms_norm(x, params[p + "mlp_norm"], cfg.rms_norm_eps)
+    attn_mask = attention_mask(mask, sliding_window=layer_window(cfg, layer), chunk_size=layer_chunk(cfg, layer))
+    h = norm(params, p + "attn_norm", cfg, x)
+    x = x + attention(params, p + "attn.", cfg, h, positions, attn_mask, rope=cfg.layer_uses_rope(layer))
+    h = norm(params, p + "mlp_norm", cfg, x)
     b, t, d = h.shape
     if cfg.num_experts[layer] == 0:
         return x + dense_mlp(params, p + "mlp.", cfg, h)
@@ -218,9 +270,12 @@ def embed(params: Params, tokens: Int[Array, "b t"]) -> Float[Array, "b t d"]:
 
 
 def head(params: Params, cfg: MoEConfig, x: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    x = norm(params, "final_norm", cfg, x)
     w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return (x @ w).astype(jnp.float32)
+    y = x @ w
+    if "lm_head_bias" in params:
+        y = y + params["lm_head_bias"]
+    return y.astype(jnp.float32)
 
 
 def default_positions(mask: Bool[Array, "b t"]) -> Int[Array, "b t"]:

@@ -104,8 +104,8 @@ def _dense_mlp_specs(d: int, f: int, p: str) -> Iterator[tuple[str, ParamSpec]]:
 def _moe_specs(cfg: MoEConfig, e: int, p: str) -> Iterator[tuple[str, ParamSpec]]:
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     yield p + "router", ParamSpec((d, e), (EMBED, EXPERTS), role="router")
-    if cfg.router_bias or cfg.router == "sigmoid_group_topk":
-        # GPT-OSS: bias added to logits; DeepSeek-V3: e_score_correction_bias (selection only).
+    if cfg.has_router_bias:
+        # GPT-OSS: bias added to logits; DeepSeek-V3, ERNIE: e_score_correction_bias (selection only).
         yield p + "router_bias", ParamSpec((e,), (EXPERTS,), "zeros", role="router")
     yield p + "w_gate", ParamSpec((e, d, f), (EXPERTS, EMBED, MLP), role="expert")
     yield p + "w_up", ParamSpec((e, d, f), (EXPERTS, EMBED, MLP), role="expert")
@@ -126,17 +126,26 @@ def param_specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
     specs: dict[str, ParamSpec] = {"embed": ParamSpec((cfg.vocab_size, d), (VOCAB, EMBED))}
     for layer, e in enumerate(cfg.num_experts):
         p = f"layers.{layer}."
-        specs[p + "attn_norm"] = ParamSpec((d,), (NORM,), "ones")
+        specs.update(_norm_specs(cfg, p + "attn_norm"))
         specs.update(_attention_specs(cfg, p + "attn."))
-        specs[p + "mlp_norm"] = ParamSpec((d,), (NORM,), "ones")
+        specs.update(_norm_specs(cfg, p + "mlp_norm"))
         if e > 0:
             specs.update(_moe_specs(cfg, e, p + "mlp."))
         else:
             specs.update(_dense_mlp_specs(d, cfg.dense_intermediate_size, p + "mlp."))
-    specs["final_norm"] = ParamSpec((d,), (NORM,), "ones")
+    specs.update(_norm_specs(cfg, "final_norm"))
     if not cfg.tie_word_embeddings:
         specs["lm_head"] = ParamSpec((d, cfg.vocab_size), (EMBED, VOCAB))
+    if cfg.lm_head_bias:
+        specs["lm_head_bias"] = ParamSpec((cfg.vocab_size,), (VOCAB,), "zeros")
     return specs
+
+
+def _norm_specs(cfg: MoEConfig, name: str) -> Iterator[tuple[str, ParamSpec]]:
+    """A norm's weight, and its bias for LayerNorm (`cfg.norm == "layer"`)."""
+    yield name, ParamSpec((cfg.hidden_size,), (NORM,), "ones")
+    if cfg.norm == "layer":
+        yield name + "_bias", ParamSpec((cfg.hidden_size,), (NORM,), "zeros")
 
 
 def layer_of(name: str) -> int | None:

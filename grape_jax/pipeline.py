@@ -118,16 +118,17 @@ def check_plan_request(
 
 def save_hf(
     model: MoEModel, out: str | os.PathLike, *, overwrite: bool = False, max_shard_bytes: int | None = None,
-    log: Log | None = None,
+    quantize: str | None = None, log: Log | None = None,
 ) -> str:
     """Export `model` as an HF directory with `recipe.json` and a README model card built from its
-    provenance (any model: original, merged, healed)."""
+    provenance (any model: original, merged, healed); `quantize="fp8"` requantises what an FP8 source
+    stored as FP8 (unmerged experts keep their scales; see `conversion.export.export_hf`)."""
     recipe = rc.build_recipe(model)
     files = {"recipe.json": rc.dumps(recipe)}
     if recipe["method"] is not None:
         files["README.md"] = rc.model_card(recipe, uniform=model.cfg.is_uniform)
     kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
-    return export_hf(model, out, overwrite=overwrite, extra_files=files, log=log, **kw)
+    return export_hf(model, out, overwrite=overwrite, extra_files=files, log=log, quantize=quantize, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,7 @@ def prune(
     keep_work: bool = False,
     progress: bool = True,
     log: Log = print,
+    quantize: str | None = None,
 ) -> PruneResult:
     """check -> load -> calibrate -> plan -> merge -> export (module docstring)."""
     options = dict(planner_options or {})
@@ -203,7 +205,7 @@ def prune(
     plan.save(os.path.join(work_dir, "plan.json"))
     merged = apply_plan(model, plan)
     try:
-        save_hf(merged, out, overwrite=overwrite, log=log if progress else None)
+        save_hf(merged, out, overwrite=overwrite, quantize=quantize, log=log if progress else None)
     except KeyboardInterrupt:
         partial = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
         raise Interrupted(f"interrupted during export; the shards written so far are kept in {partial}: run the "

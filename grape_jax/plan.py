@@ -206,6 +206,11 @@ class Plan:
         with open(path) as f:
             return cls.from_json(f.read(), source=path)
 
+    def expert_origins(self) -> dict[int, list[int | None]]:
+        """Per MoE layer, for each output expert the original expert it is an unchanged copy of (a
+        singleton group), or None for a merged one (export reuses an unchanged expert's FP8 scales)."""
+        return {lp.layer: [g[0] if len(g) == 1 else None for g in lp.groups] for lp in self.layers}
+
     @classmethod
     def identity(cls, stats: ModelStats) -> Plan:
         """Budget 0: every expert kept as itself."""

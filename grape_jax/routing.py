@@ -40,6 +40,27 @@ def _densify(weights: jax.Array, indices: jax.Array, num_experts: int) -> tuple[
     return gates, one_hot.sum(axis=1) > 0
 
 
+def _sparsemixer_pick(
+    scores: jax.Array, candidates: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array]:
+    """One sparsemixer step (eval mode): the best candidate, weighted by a softmax over the candidates
+    whose logit is within `2 eps` of the best, relative to max(|logit|, best)."""
+    index = jnp.argmax(candidates, axis=-1)
+    best = jnp.max(candidates, axis=-1, keepdims=True)
+    factor = jnp.maximum(jnp.abs(scores), best)
+    far = ((best - scores) / factor) > 2 * eps
+    gates = jax.nn.softmax(jnp.where(far, -jnp.inf, candidates), axis=-1)
+    return jnp.take_along_axis(gates, index[:, None], axis=-1)[:, 0], index
+
+
+def _sparsemixer(logits: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Phi-3.5-MoE's routing at inference: the top-1 expert, then the top-1 of the others (2 experts)."""
+    w1, i1 = _sparsemixer_pick(logits, logits, eps)
+    others = jnp.where(jax.nn.one_hot(i1, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+    w2, i2 = _sparsemixer_pick(logits, others, eps)
+    return jnp.stack([w1, w2], axis=-1), jnp.stack([i1, i2], axis=-1).astype(jnp.int32)
+
+
 def route(
     logits: Float[Array, "tokens experts"],
     cfg: MoEConfig,
@@ -90,6 +111,18 @@ def route(
         if cfg.norm_topk_prob:
             weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
         weights = weights * cfg.routed_scaling_factor
+    elif cfg.router == "softmax_bias_topk":
+        probs = jax.nn.softmax(logits, axis=-1)
+        choice = probs if bias is None else probs + bias
+        _, indices = jax.lax.top_k(choice, k)
+        weights = jnp.take_along_axis(probs, indices, axis=-1)
+        if cfg.norm_topk_prob:
+            weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), cfg.router_norm_min)
+    elif cfg.router == "sparsemixer":
+        weights, indices = _sparsemixer(logits, cfg.router_jitter_eps)
+    elif cfg.router == "topk_sigmoid":
+        top, indices = jax.lax.top_k(logits, k)
+        weights = jax.nn.sigmoid(top)
     else:  # pragma: no cover - MoEConfig validates router names
         raise ValueError(f"router {cfg.router!r} unknown")
     gates, selected = _densify(weights, indices, num_experts)

@@ -27,6 +27,9 @@ warm): each in its own child process, with its runtime initialised before the cl
   torch      `safetensors.torch.load_file(file, device="cuda")` for every file + synchronize,
   load_hf    `load_hf(dir)` onto the default JAX GPU device + block_until_ready,
 the first and second call of the last two in one process; goal: load_hf >= 80% of torch, first call.
+    python scripts/bench_convert.py --fp8      # attention + expert weights FP8 (128 x 128 blocks), as
+                                               # DeepSeek-V3 ships them: dequantised to bf16 on load,
+                                               # export --quantize fp8 (must give the input's bytes)
 """
 
 from __future__ import annotations
@@ -134,6 +137,24 @@ def random_bf16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return bits.view(ml_dtypes.bfloat16).reshape(shape)
 
 
+def random_fp8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random e4m3 codes, never one of the two NaN codes."""
+    import ml_dtypes
+
+    bits = np.frombuffer(rng.bytes(int(np.prod(shape))), dtype=np.uint8).copy()
+    bits[(bits & 0x7F) == 0x7F] ^= 1
+    return bits.view(ml_dtypes.float8_e4m3fn).reshape(shape)
+
+
+def random_scales(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return (2.0 ** rng.uniform(-14, -8, size=shape)).astype(np.float32)
+
+
+FP8_BLOCK = 128
+FP8_QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+             "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+
+
 def build_checkpoint(directory: str, args) -> dict:
     """A Mixtral-shaped bf16 checkpoint written with `write_checkpoint`, one tensor at a time."""
     import ml_dtypes
@@ -158,11 +179,18 @@ def build_checkpoint(directory: str, args) -> dict:
             shapes[q + "w1.weight"] = (f, d)
             shapes[q + "w3.weight"] = (f, d)
             shapes[q + "w2.weight"] = (d, f)
-    bf16 = np.dtype(ml_dtypes.bfloat16)
-    entries = [TensorEntry(k, s, bf16) for k, s in shapes.items()]
+    bf16, fp8 = np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn)
+    entries = []
+    for k, shape in shapes.items():
+        if args.fp8 and (".self_attn." in k or ".experts." in k):
+            grid = tuple(-(-n // FP8_BLOCK) for n in shape)
+            entries += [TensorEntry(k, shape, fp8), TensorEntry(k + "_scale_inv", grid, np.dtype(np.float32))]
+        else:
+            entries.append(TensorEntry(k, shape, bf16))
     rng = np.random.default_rng(args.seed)
+    makers = {bf16: random_bf16, fp8: random_fp8, np.dtype(np.float32): random_scales}
     t0 = time.perf_counter()
-    write_checkpoint(directory, entries, lambda en: random_bf16(rng, en.shape),
+    write_checkpoint(directory, entries, lambda en: makers[en.dtype](rng, en.shape),
                      max_shard_bytes=int(args.shard_gb * GB))
     config = {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": v,
@@ -172,6 +200,8 @@ def build_checkpoint(directory: str, args) -> dict:
         "rope_theta": 1e6, "max_position_embeddings": 4096, "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
+    if args.fp8:
+        config["quantization_config"] = dict(FP8_QUANT)
     with open(os.path.join(directory, "config.json"), "w") as fh:
         json.dump(config, fh, indent=2)
     files = checkpoint_files(directory)
@@ -180,8 +210,8 @@ def build_checkpoint(directory: str, args) -> dict:
         os.fsync(fd)
         os.close(fd)
     total = sum(e.nbytes for e in entries)
-    return {"bytes": total, "largest": max(e.nbytes for e in entries),
-            "largest_name": max(entries, key=lambda e: e.nbytes).name,
+    value = {e.name: e.nbytes * (2 if e.dtype == fp8 else 1) for e in entries}
+    return {"bytes": total, "largest": max(value.values()), "largest_name": max(value, key=value.get),
             "tensors": len(entries), "files": len(files), "seconds": time.perf_counter() - t0}
 
 
@@ -295,7 +325,8 @@ def child_export(directory: str, devices: int, mesh_spec: str, out: str) -> dict
     reset = reset_peak_rss()
     base = proc_status()["VmRSS"]
     t0 = time.perf_counter()
-    export_hf(loaded, out, copy_side_files=False)
+    fp8 = (loaded.info.hf_config.get("quantization_config") or {}).get("quant_method") == "fp8"
+    export_hf(loaded, out, copy_side_files=False, quantize="fp8" if fp8 else None)
     seconds = time.perf_counter() - t0
     status = proc_status()
     files = checkpoint_files(out)
@@ -337,17 +368,18 @@ def child_convert_gpu(directory: str) -> dict:
     import jax
 
     from conversion.load import load_hf
+    from grape_jax.model import param_view
 
     device = jax.devices()[0]
     jax.block_until_ready(jax.device_put(np.zeros(1, np.float32), device))
     seconds, nbytes = [], 0
     for _ in range(2):
         t0 = time.perf_counter()
-        loaded = load_hf(directory)
-        jax.block_until_ready(loaded.params)
+        params = param_view(load_hf(directory))
+        jax.block_until_ready(params)
         seconds.append(time.perf_counter() - t0)
-        nbytes = sum(a.nbytes for a in loaded.params.values())
-        del loaded
+        nbytes = sum(a.nbytes for a in params.values())
+        del params
     return {"seconds": seconds[0], "seconds_second": seconds[1], "bytes": nbytes, "device": str(device)}
 
 
@@ -432,6 +464,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="use (and keep) this existing checkpoint dir")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--no-verify", action="store_true", help="skip the export == input byte check")
+    ap.add_argument("--fp8", action="store_true", help="FP8 block-quantised attention and expert weights")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -469,9 +502,12 @@ def main(argv=None) -> int:
             from conversion.safetensors_io import CheckpointIndex
 
             ck = CheckpointIndex.open(args.dir)
+            from conversion.safetensors_io import numpy_to_dtype
+
             sizes = {k: ck.info(k).nbytes for k in ck.keys()}
-            big = max(sizes, key=sizes.get)
-            info = {"bytes": sum(sizes.values()), "largest": sizes[big], "largest_name": big}
+            value = {k: n * (2 if numpy_to_dtype(ck.info(k).dtype) == "F8_E4M3" else 1) for k, n in sizes.items()}
+            big = max(value, key=value.get)
+            info = {"bytes": sum(sizes.values()), "largest": value[big], "largest_name": big}
         files = checkpoint_files(args.dir)
         if gpu:
             return gpu_report(args, files, info)
@@ -509,7 +545,8 @@ def main(argv=None) -> int:
 
         raw = {r["mode"]: r["bytes"] / r["seconds"] for r in rows if r["kind"] == "raw"}
         print()
-        print(f"checkpoint: {info['bytes'] / GB:.2f} GB bf16, largest tensor {info['largest'] / GB:.3f} GB "
+        kind = "bf16 + fp8 (dequantised to bf16 on load)" if args.fp8 else "bf16"
+        print(f"checkpoint: {info['bytes'] / GB:.2f} GB {kind}, largest tensor loaded {info['largest'] / GB:.3f} GB "
               f"({info['largest_name']}); host-overhead goal 1.5 x largest + 1 GB = {goal / GB:.2f} GB")
         mesh = next((r["mesh"] for r in rows if "mesh" in r), "-")
         print(f"mesh: {mesh} over {args.devices} simulated CPU devices; {os.cpu_count()} CPU cores")

@@ -190,8 +190,6 @@ def run_jax(loaded, batches, variant: str):
     import jax
     import jax.numpy as jnp
 
-    from grape_jax.model import logits
-
     dispatch = variant.replace("+pallas", "")
     pallas = variant.endswith("+pallas")
     flag = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
@@ -201,7 +199,7 @@ def run_jax(loaded, batches, variant: str):
     try:
 
         def run(tokens):
-            out = logits(loaded.params, loaded.cfg, jnp.asarray(tokens), dispatch=dispatch)
+            out = loaded(jnp.asarray(tokens), dispatch=dispatch)
             return out.block_until_ready()
 
         warm, per_token, first = time_batches(run, batches)
@@ -262,11 +260,11 @@ def bench_model(kind: str, args) -> list[str]:
         "ffn": dims["ffn"],
     }
     auto, routed = choose("auto", **shape), choose("routed", **shape)
-    params = sum(int(np.prod(a.shape)) for a in loaded.params.values())
+    params = loaded.num_params
     title = (
         f"## {kind} ({'full' if args.full else 'small'}): d {dims['hidden']}, f {dims['ffn']}, "
         f"{dims['experts']} experts top-{dims['top_k']}, {dims['layers']} layers, {params / 1e9:.2f} B params, "
-        f"{loaded.params['embed'].dtype!s}; {args.batches} x {args.batch_size} x {args.seq_len} tokens timed "
+        f"{loaded.embed.get_value().dtype!s}; {args.batches} x {args.batch_size} x {args.seq_len} tokens timed "
         f"(built {built:.1f} s, load_hf {load_s:.1f} s); here dispatch='auto' runs {auto}, 'routed' runs {routed}"
     )
     lines = [
@@ -331,7 +329,7 @@ def sweep(args) -> list[str]:
             num_experts=(e,),
             top_k=k,
         )
-        params = {n: v for n, v in init_params(cfg, jax.random.key(0), scale=0.05).items() if ".mlp." in n}
+        params = {n: jnp.asarray(v) for n, v in init_params(cfg, seed=0, scale=0.05).items() if ".mlp." in n}
         x = jnp.asarray(np.random.default_rng(0).standard_normal((t, d), np.float32))
         times = {}
         for kind in ("dense", "blocked", "ragged_dot"):
@@ -365,14 +363,16 @@ def demo(args) -> list[str]:
 
     from conversion.load import load_hf
     from grape_jax.demo_model import shipped_path
-    from grape_jax.evaluate import jax_logits_fn, perplexity
+    from grape_jax.evaluate import perplexity
 
     loaded = load_hf(shipped_path(), dtype="float32")
     blocks = np.random.default_rng(args.seed).integers(0, loaded.cfg.vocab_size, (args.demo_blocks, 128), np.int32)
     lines = ["| demo model forward | tokens/s | vs dense | perplexity |", "|---|---|---|---|"]
     dense_tps = None
     for dispatch in ("dense", "auto", "blocked"):
-        fn = jax_logits_fn(loaded.params, loaded.cfg, dispatch=dispatch)
+        def fn(tokens, mask, dispatch=dispatch):
+            return loaded(tokens, mask, dispatch=dispatch)
+
         perplexity(fn, blocks[:8], batch_size=8)  # compile
         t0 = time.perf_counter()
         result = perplexity(fn, blocks, batch_size=8)

@@ -21,7 +21,8 @@ import numpy as np
 from grape_jax.planners import make_plan
 from grape_jax.stats import LayerStats, ModelStats
 
-SHAPES = {"Qwen3-235B (94 x 128, top-8)": (94, 128, 8), "DeepSeek-V3 (58 x 256, top-8)": (58, 256, 8)}
+SHAPES = {"Qwen3-235B (94 x 128, top-8)": (94, 128, 8), "DeepSeek-V3 (58 x 256, top-8)": (58, 256, 8),
+          "GLM-4.5 (89 x 160, top-8)": (89, 160, 8), "MiniMax-M2 (62 x 256, top-8)": (62, 256, 8)}
 
 
 def random_stats(num_layers: int, num_experts: int, k: int, seed: int = 0) -> ModelStats:

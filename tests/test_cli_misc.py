@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from conversion.families import FAMILIES
 from grape_jax.cli import main as grape
 from grape_jax.stats import LayerStats, ModelStats
 
@@ -35,9 +36,13 @@ def test_stats_and_plan_plots(tmp_path, capsys):
 
 def test_families_and_option_errors(tmp_path, capsys):
     assert grape(["families"]) == 0
-    out = capsys.readouterr().out
-    for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek", "deepseek_v3", "gpt_oss"):
-        assert t in out
+    out = capsys.readouterr().out.splitlines()
+    for model_type, family in FAMILIES.items():  # name + class, routing rule, what export writes
+        i = next(i for i, line in enumerate(out) if line.split()[:1] == [model_type])
+        assert family.architectures[0] in out[i]
+        assert out[i + 1].split() == ["routing:", *family.routing.split()] and family.routing
+        assert out[i + 2].split()[0] == "export:" and "modeling_pruned_moe.py" in out[i + 2]
+    assert "FP8 block-quantised" in out[-1]
     path = _stats(tmp_path / "s.npz")
     assert grape(["plan", path, "--method", "grape", "--per-layer", "1", "--option", "gamma"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err

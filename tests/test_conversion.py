@@ -142,12 +142,12 @@ def test_shape_contradicting_config(tiny_mixtral, tmp_path):
 def test_unknown_model_type(tiny_mixtral, tmp_path, capsys):
     d = _copy(tiny_mixtral.path, tmp_path / "m")
     cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg["model_type"] = "not_a_moe"
+    cfg["model_type"] = "jamba"
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
     assert grape(["convert", d, str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert "config.json: model_type 'not_a_moe' is not supported; supported:" in err and "mixtral" in err
+    assert "config.json: model_type 'jamba' is not supported; supported:" in err and "mixtral" in err
     assert not os.path.exists(tmp_path / "out")
 
 

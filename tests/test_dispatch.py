@@ -22,6 +22,7 @@ from grape_jax.params import init_params, param_specs
 from grape_jax.sharding import RunContext, make_mesh, mesh_scope
 from grape_jax.train import loss_fn
 from tests import deepseek_reference as dsref
+from tests.family_configs import NEW_CONFIGS
 from tests.hf_models import TINY
 from tests.test_deepseek_v2 import CONFIGS as DEEPSEEK_V2
 from tests.test_families import HF_CONFIGS
@@ -35,6 +36,8 @@ def _hf_configs() -> dict[str, dict]:
     out.update({f"deepseek_v2_{name}": make().to_dict() for name, make in DEEPSEEK_V2.items()})
     out["deepseek"] = dsref.tiny_deepseek_config()
     out["mixtral"] = transformers.MixtralConfig(**TINY, num_local_experts=8, num_experts_per_tok=2).to_dict()
+    out.update({name: make().to_dict() for name, make in NEW_CONFIGS.items()})
+    out["llama4_text_top1"] = NEW_CONFIGS["llama4_text"](num_experts_per_tok=1).to_dict()  # input-scaled, routed
     return out
 
 

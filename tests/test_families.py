@@ -27,6 +27,7 @@ from grape_jax.model import param_view
 from grape_jax.routing import route
 from grape_jax.sharding import make_mesh
 from tests import deepseek_reference as dsref
+from tests.family_configs import NEW_CONFIGS, build_llama4_multimodal
 from tests.hf_models import TINY, build_model, random_tokens, save_model, torch_logits
 from tests.test_model_parity import assert_close_logits
 
@@ -64,8 +65,9 @@ HF_CONFIGS = {
         **{**TINY, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
         sliding_window=4,
     ),
+    **NEW_CONFIGS,
 }
-CASES = [*HF_CONFIGS, "deepseek"]
+CASES = [*HF_CONFIGS, "deepseek", "llama4"]  # llama4: the multimodal checkpoint's language model
 
 
 class Case:
@@ -110,7 +112,7 @@ def cases(tmp_path_factory, tokens) -> dict[str, Case]:
                 dsref.save_checkpoint(path, cfg, weights)
                 built[name] = Case(name, path, dsref.reference_logits(cfg, weights, tokens), hf_cfg=cfg)
             else:
-                model = build_model(HF_CONFIGS[name](), seed=0)
+                model = build_llama4_multimodal() if name == "llama4" else build_model(HF_CONFIGS[name](), seed=0)
                 _perturb_router_bias(model)
                 save_model(model, path)
                 built[name] = Case(name, path, torch_logits(model, tokens), hf_model=model)
@@ -178,8 +180,8 @@ EXPORT_PENDING = pytest.mark.xfail(
 )
 
 
-@pytest.mark.parametrize(
-    "name", [n for n in CASES if n != "gpt_oss"] + [pytest.param("gpt_oss", marks=EXPORT_PENDING)]
+@pytest.mark.parametrize(  # llama4 exports its text model: tests/test_new_families.py
+    "name", [n for n in CASES if n not in ("gpt_oss", "llama4")] + [pytest.param("gpt_oss", marks=EXPORT_PENDING)]
 )
 def test_round_trip_is_bit_identical(cases, tmp_path, tokens, name):
     case = cases(name)
@@ -273,9 +275,9 @@ def test_gpt_oss_mxfp4_checkpoint_decodes_per_expert_slice(cases, tmp_path):
     np.testing.assert_array_equal(np.asarray(params["layers.1.mlp.w_gate"]), gate_up[..., 0::2])
     np.testing.assert_array_equal(np.asarray(params["layers.1.mlp.w_up"]), gate_up[..., 1::2])
     np.testing.assert_array_equal(np.asarray(params["layers.0.mlp.w_down"]), down)
-    cfg = get_family("gpt_oss").config_to_hf(
+    cfg = export_module.hf_config_for(
         get_family("gpt_oss").config_from_hf(json.load(open(os.path.join(path, "config.json")))),
-        json.load(open(os.path.join(path, "config.json"))),
+        get_family("gpt_oss"), json.load(open(os.path.join(path, "config.json"))),
     )
     assert "quantization_config" not in cfg
 
@@ -292,9 +294,14 @@ def test_gpt_oss_mxfp4_load_hf_on_mesh(tmp_path):
 
 
 def test_quantised_checkpoint_of_other_family_is_refused(cases):
+    """MXFP4 is GPT-OSS's; other methods are refused; FP8 binding needs the checkpoint's tensor names."""
     loaded = cases("qwen3_moe").loaded
-    with pytest.raises(ConversionError, match="quantization_config 'fp8' is not supported"):
-        bind(family_by_name(loaded.info.family), loaded.cfg, hf_config={"quantization_config": {"quant_method": "fp8"}})
+    family = family_by_name(loaded.info.family)
+    for method in ("mxfp4", "awq"):
+        with pytest.raises(ConversionError, match=f"quantization_config '{method}' is not supported"):
+            bind(family, loaded.cfg, hf_config={"quantization_config": {"quant_method": method}})
+    with pytest.raises(ConversionError, match="FP8 checkpoint needs its tensor index"):
+        bind(family, loaded.cfg, hf_config={"quantization_config": {"quant_method": "fp8"}})
 
 
 def test_deepseek_v3_router_matches_transformers(cases):
@@ -323,8 +330,10 @@ def test_group_limited_routers_fix_count_multiple_and_minimum(cases):
     assert v3.expert_count_multiple == 4 and v3.min_routable_experts == 8
     assert dataclasses.replace(v3, n_group=1, topk_group=1).min_routable_experts == 3
     assert dataclasses.replace(v3, top_k=1, n_group=1, topk_group=1).min_routable_experts == 2
+    glm = cases("glm4_moe").loaded.cfg  # GLM-4.5's router is V3's: 2 groups, top-3 from 1 group -> 2 * 3
+    assert (glm.expert_count_multiple, glm.min_routable_experts) == (2, 6)
     for name in HF_CONFIGS:
-        if not name.startswith("deepseek_v3"):
+        if not name.startswith(("deepseek_v3", "glm4_moe")):
             cfg = cases(name).loaded.cfg
             assert (cfg.expert_count_multiple, cfg.min_routable_experts) == (1, cfg.top_k), name
 

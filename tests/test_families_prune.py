@@ -17,8 +17,10 @@ from grape_jax.calibration import CalibrationOptions, calibrate
 from grape_jax.merge import apply_plan
 from grape_jax.model import param_view
 from grape_jax.pipeline import save_hf
+from grape_jax.plan import build_plan
 from grape_jax.planners import make_plan
 from tests.hf_models import TINY, build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
+from tests.family_configs import NEW_CONFIGS
 from tests.test_families import HF_CONFIGS
 from tests.test_model_parity import assert_close_logits
 
@@ -28,6 +30,7 @@ CONFIGS = {
     "qwen3_moe": HF_CONFIGS["qwen3_moe"],
     "olmoe": HF_CONFIGS["olmoe"],
     "gpt_oss": HF_CONFIGS["gpt_oss"],
+    **{name: HF_CONFIGS[name] for name in NEW_CONFIGS},
     # group-limited routing (2 groups): the planner keeps every count a multiple of 2, >= 2 per group
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
         **{**TINY, "num_key_value_heads": 4}, n_routed_experts=8, num_experts_per_tok=2,
@@ -129,3 +132,39 @@ def test_deepseek_v3_counts_must_be_multiples_of_n_group(tmp_path):
     assert loaded.cfg.expert_rule.floor() == 8
     with pytest.raises(ConfigError, match=r"MoE layer 1 keeps 6 experts; needs at least 8 .* and a multiple of 4"):
         loaded.cfg.with_num_experts((0, 6))
+
+
+# Two or more MoE layers, so that one loses experts while the others keep theirs.
+NON_UNIFORM = {
+    "glm4_moe": dict(num_hidden_layers=3),
+    "ernie4_5_moe": {},
+    "minimax_m2": {},
+    "phimoe": {},
+    "llama4_text": dict(num_hidden_layers=3, moe_layers=[1, 2], no_rope_layers=[1, 0, 1]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(NON_UNIFORM))
+def test_non_uniform_prune_exports_load_through_remote_code(family, tmp_path):
+    """The first MoE layer merges pairs (as many experts as its router's count multiple), the others keep
+    all: the export needs the per-layer modeling file, and PyTorch gives the JAX model's logits."""
+    src = save_model(build_model(NEW_CONFIGS[family](**NON_UNIFORM[family]), seed=3), tmp_path / "src")
+    loaded = load_hf(src)
+    cfg = loaded.cfg
+    stats = calibrate(loaded, random_tokens(cfg.vocab_size, batch=2, seq=12, seed=4),
+                      options=CalibrationOptions(batch_size=2, token_chunk=24), progress=False)
+    groups = []
+    for i, ls in enumerate(stats.layers):
+        merged = cfg.expert_count_multiple if i == 0 else 0
+        groups.append([[2 * k, 2 * k + 1] for k in range(merged)]
+                      + [[e] for e in range(2 * merged, ls.num_experts)])
+    plan = build_plan(stats, groups, method="hand", budget=cfg.expert_count_multiple, operator="freq")
+    merged = apply_plan(loaded, plan)
+    new_cfg = merged.cfg
+    assert not new_cfg.is_uniform
+    out = save_hf(merged, tmp_path / "out")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(model).__name__.startswith("Pruned")
+    tokens = random_tokens(cfg.vocab_size, batch=2, seq=12, seed=5)
+    assert_close_logits(merged(tokens), torch_logits(model, tokens))
+    assert load_hf(out).cfg == new_cfg

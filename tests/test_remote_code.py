@@ -8,9 +8,16 @@ routing. Masking is exact for every family here:
   weights, renormalised or not;
 - top-k-then-softmax with router bias (GPT-OSS): a -1e9 bias keeps the expert out of the top-k, and
   the softmax runs over the selected logits only;
-- sigmoid + correction bias + group-limited top-k (DeepSeek-V3): a -1e9 correction bias keeps the
-  expert out of its group's top-2 (each group keeps >= 2) and out of the top-k; the weights are
-  the unbiased sigmoid scores of the selected experts, unchanged.
+- sigmoid + correction bias + group-limited top-k (DeepSeek-V3, GLM-4.5, MiniMax-M2): a -1e9
+  correction bias keeps the expert out of its group's top-2 (each group keeps >= 2) and out of the
+  top-k; the weights are the unbiased sigmoid scores of the selected experts, unchanged;
+- softmax + correction bias (ERNIE-4.5): the kept experts' probabilities grow by one common factor
+  when the dropped ones leave the softmax, so with one common bias on the kept experts (the test's)
+  their ranking is unchanged, a -1e9 bias keeps the dropped ones out, and the renormalised weights
+  do not depend on the softmax denominator;
+- sparsemixer (Phi-3.5-MoE) and top-k-then-sigmoid (Llama-4): transformers' own routing on logits
+  with the dropped experts at -inf, which is the pruned router's routing (an expert at -inf never
+  wins, never passes the sparsemixer's threshold, and gets weight 0).
 The kept experts keep their relative order, so the experts are even summed in the same order: the
 two models agree to fp32 rounding.
 """
@@ -77,6 +84,43 @@ CASES = {
          "mlp.experts.down_proj", "mlp.experts.down_proj_bias"),
         [[0, 1, 3, 4], [2, 5], [0, 1, 2, 4, 5]],
     ),
+    "glm4_moe": (
+        lambda: transformers.Glm4MoeConfig(
+            **_BASE, **_MOE, n_routed_experts=8, n_group=2, topk_group=1, first_k_dense_replace=1,
+            use_qk_norm=True, head_dim=12, routed_scaling_factor=1.5,
+        ),
+        ("mlp.gate.weight", "mlp.gate.e_score_correction_bias"),
+        [[], [0, 1, 3, 4, 6, 7], [1, 2, 5, 6]],  # groups {0..3}, {4..7}
+    ),
+    "ernie4_5_moe": (
+        lambda: transformers.Ernie4_5_MoeConfig(
+            **_BASE, moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1,
+        ),
+        ("mlp.gate.weight", "mlp.moe_statics.e_score_correction_bias"),
+        [[], [0, 2, 3, 5], [1, 4]],  # layer 0 is dense (moe_layer_start_index 1)
+    ),
+    "minimax_m2": (
+        lambda: transformers.MiniMaxM2Config(
+            **_BASE, num_local_experts=6, num_experts_per_tok=2, head_dim=16, rotary_dim=8,
+        ),
+        ("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias"),
+        [[0, 1, 2, 5], [3, 4], [0, 2, 3, 4, 5]],
+    ),
+    "phimoe": (
+        lambda: transformers.PhimoeConfig(
+            **_BASE, num_local_experts=6, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+        ),
+        ("block_sparse_moe.gate.weight",),
+        [[1, 2, 4], [0, 5], [0, 1, 2, 3, 5]],
+    ),
+    "llama4_text": (
+        lambda: transformers.Llama4TextConfig(
+            **_BASE, num_local_experts=6, num_experts_per_tok=1, intermediate_size_mlp=40, head_dim=8,
+            moe_layers=[0, 2], attention_chunk_size=4,
+        ),
+        ("feed_forward.router.weight", "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
+        [[0, 3, 4, 5], [], [1, 2]],
+    ),
 }
 _EXPERT_KEY = re.compile(r"^(model\.layers\.(\d+)\..*\.experts\.)(\d+)(\..*)$")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -88,10 +132,16 @@ def _build(family: str, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith(("router.bias", "proj_bias")):
                 p.copy_(0.3 * torch.randn_like(p))
+            if name.endswith("e_score_correction_bias"):  # ERNIE: a constant (see _mask_dropped)
+                p.fill_(0.2)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn_like(b))
     return model
+
+
+def _ff(layer):
+    return getattr(layer, pruned.feed_forward_name(layer))
 
 
 def _slice_checkpoint(src: str, dst: str, kept: list[list[int]], routed_keys: tuple[str, ...]) -> dict:
@@ -106,8 +156,9 @@ def _slice_checkpoint(src: str, dst: str, kept: list[list[int]], routed_keys: tu
                     out[f"{m[1]}{kept[layer].index(expert)}{m[4]}"] = tensor
                 continue
             m = _LAYER_KEY.match(key)
-            if m and m[2] in routed_keys:
-                tensor = tensor[kept[int(m[1])]]
+            if m and m[2] in routed_keys:  # [E, ...], or ERNIE's correction bias [1, E]
+                tensor = tensor[:, kept[int(m[1])]] if tensor.ndim == 2 and tensor.shape[0] == 1 else tensor[
+                    kept[int(m[1])]]
             out[key] = np.ascontiguousarray(tensor)
     os.makedirs(dst, exist_ok=True)
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
@@ -120,15 +171,48 @@ def _mask_dropped(model, family: str, kept: list[list[int]]) -> None:
     for index, layer in enumerate(model.model.layers):
         if not kept[index]:
             continue
-        n_exp = layer.mlp.experts.num_experts
+        mlp = _ff(layer)
+        n_exp = mlp.experts.num_experts
         dropped = torch.tensor([e not in kept[index] for e in range(n_exp)])
-        if family == "gpt_oss":
-            with torch.no_grad():
-                layer.mlp.router.bias[dropped] = -1e9
-        elif family == "deepseek_v3":
-            layer.mlp.gate.e_score_correction_bias[dropped] = -1e9
-        else:
-            layer.mlp.gate.register_forward_hook(_softmax_topk_mask(dropped))
+        with torch.no_grad():
+            if family == "gpt_oss":
+                mlp.router.bias[dropped] = -1e9
+            elif family in ("deepseek_v3", "glm4_moe"):
+                mlp.gate.e_score_correction_bias[dropped] = -1e9
+            elif family == "minimax_m2":
+                mlp.e_score_correction_bias[dropped] = -1e9
+            elif family == "ernie4_5_moe":
+                mlp.gate.moe_statics.e_score_correction_bias[:, dropped] = -1e9
+            elif family == "phimoe":
+                mlp.router.register_forward_hook(_sparsemixer_mask(dropped))
+            elif family == "llama4_text":
+                mlp.router.register_forward_hook(_topk_sigmoid_mask(dropped))
+            else:
+                mlp.gate.register_forward_hook(_softmax_topk_mask(dropped))
+
+
+def _sparsemixer_mask(dropped: torch.Tensor):
+    """Phi-3.5-MoE: transformers' own sparsemixer on logits with the dropped experts at -inf."""
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    def hook(module, args, output):
+        logits = output[0].masked_fill(dropped, float("-inf"))
+        weights, index = sparsemixer(logits, jitter_eps=module.router_jitter_noise, training=False)
+        return output[0], weights, index
+
+    return hook
+
+
+def _topk_sigmoid_mask(dropped: torch.Tensor):
+    """Llama-4: the router's top-k of logits and sigmoid scores, the dropped experts at -inf."""
+
+    def hook(module, args, output):
+        logits = output[1].masked_fill(dropped, float("-inf"))
+        top, index = torch.topk(logits, module.top_k, dim=1)
+        scores = torch.full_like(logits, float("-inf")).scatter_(1, index, top)
+        return torch.sigmoid(scores.float()).to(scores.dtype), output[1]
+
+    return hook
 
 
 def _softmax_topk_mask(dropped: torch.Tensor):
@@ -162,7 +246,7 @@ def _export(tmp_path, family: str, kept: list[list[int]], *, remote: bool):
 
 
 def _expert_counts(model) -> list[int]:
-    return [layer.mlp.experts.num_experts if hasattr(layer.mlp, "experts") else 0 for layer in model.model.layers]
+    return [_ff(layer).experts.num_experts if hasattr(_ff(layer), "experts") else 0 for layer in model.model.layers]
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

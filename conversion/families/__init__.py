@@ -6,9 +6,14 @@ from conversion.families import (
     deepseek_moe,
     deepseek_v2,
     deepseek_v3,
+    ernie4_5_moe,
+    glm4_moe,
     gpt_oss,
+    llama4,
+    minimax_m2,
     mixtral,
     olmoe,
+    phimoe,
     qwen2_moe,
     qwen3_moe,
 )
@@ -23,6 +28,12 @@ _FAMILIES: tuple[Family, ...] = (
     deepseek_v2.FAMILY,
     deepseek_v3.FAMILY,
     gpt_oss.FAMILY,
+    glm4_moe.FAMILY,
+    ernie4_5_moe.FAMILY,
+    minimax_m2.FAMILY,
+    phimoe.FAMILY,
+    llama4.FAMILY,
+    llama4.MULTIMODAL,
 )
 
 FAMILIES: dict[str, Family] = {t: f for f in _FAMILIES for t in f.model_types}
@@ -43,3 +54,8 @@ def family_by_name(name: str) -> Family:
         if f.name == name:
             return f
     raise ConversionError(f"family {name!r} unknown; known: {[f.name for f in _FAMILIES]}")
+
+
+def export_family(family: Family) -> Family:
+    """The family an export of `family` is written as (itself, or its `export_as`)."""
+    return family if family.export_as is None else family_by_name(family.export_as)

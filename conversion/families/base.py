@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any, Protocol
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
@@ -99,6 +99,45 @@ class Interleaved:
         for i, x in enumerate(parts):
             out[..., i :: self.parts] = x
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Concatenated:
+    """One of `parts` equal blocks of the HF tensor's last axis: `hf[..., part*n:(part+1)*n] == ours`
+    with `n = size` (Llama-4 stores `gate_up_proj [E, d, 2f]` as gate then up). Export writes the
+    HF tensor from all parts with `combine`, as for `Interleaved`."""
+
+    part: int
+    size: int
+    parts: int = 2
+
+    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        return (*ours[:-1], ours[-1] * self.parts)
+
+    def read(self, src: SliceReader, index: Index) -> np.ndarray:
+        *lead, last = index
+        offset = self.part * self.size
+        return src((*lead, slice(offset + last.start, offset + last.stop)))
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        raise ConversionError("a concatenated part is written with the other parts (see hf_tensors)")
+
+    def combine(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(list(parts), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeadingUnitAxis:
+    """HF stores our tensor with an extra leading axis of 1 (ERNIE's `e_score_correction_bias [1, E]`)."""
+
+    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        return (1, *ours)
+
+    def read(self, src: SliceReader, index: Index) -> np.ndarray:
+        return src((slice(0, 1), *index))[0]
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        return ours[None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +287,10 @@ class Family:
     quantized_rules: Callable[[MoEConfig, Mapping[str, Any]], Sequence[KeyRule]] | None = None
     # transformers ships a class for `architectures[0]` (else loading needs the checkpoint's own code)
     in_transformers: bool = True
+    # The routing rule in words (`grape families`).
+    routing: str = ""
+    # Exports are written as this family (Llama-4's multimodal checkpoints export their text model).
+    export_as: str | None = None
 
 
 def _instantiate(pattern: str, **values: int) -> str:
@@ -259,13 +302,20 @@ def _compile(pattern: str) -> re.Pattern:
     return re.compile("^" + body + "$")
 
 
+def quant_method(hf_config: Mapping[str, Any] | None) -> str | None:
+    quant = None if hf_config is None else hf_config.get("quantization_config")
+    return quant.get("quant_method") if quant else None
+
+
 def family_rules(
     family: Family, cfg: MoEConfig, hf_config: Mapping[str, Any] | None = None
 ) -> list[KeyRule]:
     """The family's table; for a checkpoint whose config.json has a `quantization_config`, the
-    family's quantised table (or an error naming what is supported)."""
+    family's quantised table (or an error naming what is supported). FP8 block quantisation reads
+    through the plain table (`bind` then swaps in the dequantising transform where the checkpoint
+    holds scales)."""
     quant = None if hf_config is None else hf_config.get("quantization_config")
-    if not quant:
+    if not quant or quant.get("quant_method") == "fp8":
         return list(family.rules(cfg))
     if family.quantized_rules is None:
         raise ConversionError(
@@ -276,12 +326,17 @@ def family_rules(
 
 
 def bind(
-    family: Family, cfg: MoEConfig, *, hf_config: Mapping[str, Any] | None = None
+    family: Family,
+    cfg: MoEConfig,
+    *,
+    hf_config: Mapping[str, Any] | None = None,
+    stored: Container[str] | None = None,
 ) -> dict[str, Binding]:
     """Bind every parameter of `cfg`'s table to its HF key(s); each parameter exactly once.
 
     Pass the checkpoint's `hf_config` when *reading* (quantised checkpoints bind to their stored
-    tensors); export binds without it and writes the dequantised layout."""
+    tensors; FP8 ones also need `stored`, the checkpoint's tensor names, to see which weights carry
+    scales); export binds without it and writes the dequantised layout."""
     specs = param_specs(cfg)
     bindings: dict[str, Binding] = {}
     rules = family_rules(family, cfg, hf_config)
@@ -302,63 +357,16 @@ def bind(
         else:
             keys = (_instantiate(rule.hf, **values),)
         bindings[name] = Binding(name, spec, keys, rule.transform, rule.per_expert)
+    if quant_method(hf_config) == "fp8":
+        from conversion.fp8 import fp8_bindings  # conversion.fp8 builds on this module (import cycle)
+
+        return fp8_bindings(bindings, hf_config["quantization_config"], stored)
     return bindings
 
 
 def hf_layer_types(hf: Mapping[str, Any], num_layers: int) -> tuple[str, ...] | None:
     types = hf.get("layer_types")
     return None if types is None else tuple(types)[:num_layers]
-
-
-def rope_params(hf: Mapping[str, Any]) -> dict[str, Any]:
-    """`rope_parameters` (transformers 5) or `rope_scaling` (older configs), with `rope_theta`."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    params.setdefault("rope_type", params.get("type", "default"))
-    return params
-
-
-def rope_theta(hf: Mapping[str, Any], default: float = 10000.0) -> float:
-    """`rope_theta` lives in `rope_parameters` in transformers 5 configs, at top level before."""
-    params = rope_params(hf)
-    if params["rope_type"] not in ("default", None):
-        raise ConversionError(
-            f"config.json: rope_type {params['rope_type']!r} is not supported yet (only 'default')"
-        )
-    return float(params.get("rope_theta", hf.get("rope_theta", default)))
-
-
-def rope_fields(hf: Mapping[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
-    """MoEConfig rope fields for default RoPE or YaRN (as `transformers.modeling_rope_utils`)."""
-    params = rope_params(hf)
-    theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
-    kind = params["rope_type"] or "default"
-    if kind == "default":
-        return {"rope_theta": theta}
-    if kind != "yarn":
-        raise ConversionError(
-            f"config.json: rope_type {kind!r} is not supported (supported: default, yarn)"
-        )
-    original = int(require(params, "original_max_position_embeddings"))
-    factor = params.get("factor")
-    factor = float(hf["max_position_embeddings"] / original if factor is None else factor)
-    attention_factor = params.get("attention_factor")
-    if attention_factor is None:
-        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
-        attention_factor = (
-            yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
-            if mscale and mscale_all
-            else yarn_mscale(factor)
-        )
-    return {
-        "rope_theta": theta,
-        "rope_type": "yarn",
-        "rope_factor": factor,
-        "rope_original_max_position": original,
-        "rope_beta_fast": float(params.get("beta_fast") or 32),
-        "rope_beta_slow": float(params.get("beta_slow") or 1),
-        "rope_truncate": bool(params.get("truncate", True)),
-        "rope_attention_factor": float(attention_factor),
-    }
 
 
 def require(hf: Mapping[str, Any], key: str) -> Any:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from conversion.families.base import TRANSPOSE, ConversionError, KeyRule, require, rope_fields
+from conversion.families.base import TRANSPOSE, ConversionError, KeyRule, require
+from conversion.families.hf_rope import rope_fields
 from grape_jax.config import MoEConfig
 
 LP, HP = "layers.{l}.", "model.layers.{l}."
@@ -90,7 +91,9 @@ def update_counts(cfg: MoEConfig, base: Mapping[str, Any], *keys: str) -> dict[s
     return out
 
 
-def llama_fields(hf: Mapping[str, Any], *, eps: float, theta: float = 10000.0) -> dict[str, Any]:
+def llama_fields(
+    hf: Mapping[str, Any], *, eps: float, theta: float = 10000.0, longrope: bool = False
+) -> dict[str, Any]:
     """MoEConfig fields every family reads the same way (sizes, heads, norms, RoPE, tying)."""
     heads = int(require(hf, "num_attention_heads"))
     hidden = int(require(hf, "hidden_size"))
@@ -105,5 +108,5 @@ def llama_fields(hf: Mapping[str, Any], *, eps: float, theta: float = 10000.0) -
         rms_norm_eps=float(hf.get("rms_norm_eps", eps)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        **rope_fields(hf, theta),
+        **rope_fields(hf, theta, longrope=longrope),
     )

@@ -72,4 +72,5 @@ FAMILY = Family(
     rules=rules,
     experts_config_key="n_routed_experts",
     in_transformers=False,  # DeepSeek-MoE checkpoints carry their own modeling code
+    routing="softmax, top-k (renormalised iff norm_topk_prob); + shared experts",
 )

@@ -23,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.families.base import TRANSPOSE, ConversionError, Family, KeyRule, require, rope_params
+from conversion.families.base import TRANSPOSE, ConversionError, Family, KeyRule, require
+from conversion.families.hf_rope import rope_params
 from conversion.families.common import (
     expert_counts,
     llama_fields,
@@ -121,4 +122,5 @@ FAMILY = Family(
     rules=rules,
     experts_config_key="n_routed_experts",
     # only V2's group-limited softmax routing constrains counts (other families' configs give 1)
+    routing="softmax, top-k (group-limited greedy when set), x routed_scaling_factor; + shared experts",
 )

@@ -21,8 +21,8 @@ from conversion.families.base import (
     Family,
     KeyRule,
     require,
-    rope_params,
 )
+from conversion.families.hf_rope import rope_params
 from conversion.families.common import (
     HP,
     LP,
@@ -132,4 +132,5 @@ FAMILY = Family(
     config_to_hf=config_to_hf,
     rules=rules,
     experts_config_key="n_routed_experts",
+    routing="sigmoid + e_score_correction_bias, group-limited top-k, renormalised, x routed_scaling_factor",
 )

@@ -62,9 +62,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:
 
 
 def config_to_hf(cfg: MoEConfig, base: Mapping[str, Any]) -> dict[str, Any]:
-    out = update_counts(cfg, base, "num_local_experts")
-    out.pop("quantization_config", None)  # exports are dequantised
-    return out
+    return update_counts(cfg, base, "num_local_experts")  # export drops quantization_config (dequantised)
 
 
 def _experts(gate_up, down) -> list[KeyRule]:
@@ -107,4 +105,5 @@ FAMILY = Family(
     rules=rules,
     experts_config_key="num_local_experts",
     quantized_rules=quantized_rules,
+    routing="top-k of (logits + router bias), softmax over the k",
 )

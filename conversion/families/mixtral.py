@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from conversion.families.base import TRANSPOSE, Family, KeyRule, require, rope_theta
+from conversion.families.base import TRANSPOSE, Family, KeyRule, require
+from conversion.families.hf_rope import rope_theta
 from grape_jax.config import MoEConfig
 
 
@@ -78,4 +79,5 @@ FAMILY = Family(
     config_to_hf=config_to_hf,
     rules=rules,
     experts_config_key="num_local_experts",
+    routing="softmax over all experts, top-k, renormalised",
 )

@@ -77,4 +77,5 @@ FAMILY = Family(
     config_to_hf=config_to_hf,
     rules=rules,
     experts_config_key="num_experts",
+    routing="softmax, top-k (renormalised iff norm_topk_prob); + sigmoid-gated shared expert",
 )

@@ -8,7 +8,7 @@ one causal-LM class of this file in `auto_map`, so
 loads the export offline. Each class reuses the family's stock transformers model unchanged except
 for the expert count: config.json's `num_experts_per_layer` (one entry per decoder layer, 0 for
 dense layers) gives every MoE layer a block built from a copy of the config with that layer's count,
-so weight shapes match the checkpoint. The checkpoint keeps the family's on-disk key layout
+so weight shapes match the checkpoint (Llama-4's block is `feed_forward`). The checkpoint keeps the family's on-disk key layout
 (per-expert keys where the family has them); the family's own load/save key conversion is
 registered for the custom model type, so loading fuses and `save_pretrained` splits exactly as the
 stock model does.
@@ -45,7 +45,14 @@ FAMILIES = {
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", "n_routed_experts"),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", "n_routed_experts"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", "num_local_experts"),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", "n_routed_experts"),
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", "moe_num_experts"),
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", "num_local_experts"),
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", "num_local_experts"),
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", "num_local_experts"),
 }
+# Families whose router splits the experts into `n_group` groups (sigmoid + correction bias, DeepSeek-V3 style).
+SIGMOID_GROUP_FAMILIES = ("deepseek_v3", "glm4_moe")
 # base model_type -> (published config class, published causal-LM class, count field) for families whose
 # modeling code is not in transformers: this file implements them (see PrunedDeepseekForCausalLM).
 OWN_FAMILIES = {
@@ -84,7 +91,7 @@ def check_layer_counts(config, family):
     for layer, count in enumerate(counts):
         if count and count < top_k:
             raise ValueError(f"layer {layer} keeps {count} experts, fewer than num_experts_per_tok={top_k}")
-        if count and family == "deepseek_v3":
+        if count and family in SIGMOID_GROUP_FAMILIES:
             n_group = config.n_group or 1
             topk_group = config.topk_group or 1
             if count % n_group or count // n_group < 2:
@@ -107,6 +114,11 @@ def check_layer_counts(config, family):
                     f"layer {layer}: top_k={top_k} exceeds topk_group={topk_group} groups of {count // n_group}"
                 )
     return counts
+
+
+def feed_forward_name(layer):
+    """The decoder layer's MLP/MoE attribute: `mlp`, or `feed_forward` (Llama-4)."""
+    return "feed_forward" if hasattr(layer, "feed_forward") else "mlp"
 
 
 def _make_classes(family):
@@ -144,7 +156,9 @@ def _make_classes(family):
                 setattr(config, count_field, full)
                 setattr(self.config, count_field, full)
             for index, layer in enumerate(self.model.layers):
-                is_moe = hasattr(layer.mlp, "experts")
+                mlp_name = feed_forward_name(layer)
+                mlp = getattr(layer, mlp_name)
+                is_moe = hasattr(mlp, "experts")
                 if is_moe != (counts[index] > 0):
                     kind = "an MoE" if is_moe else "a dense"
                     raise ValueError(
@@ -154,7 +168,7 @@ def _make_classes(family):
                 if is_moe and counts[index] != smallest:
                     layer_config = copy.deepcopy(config)
                     setattr(layer_config, count_field, counts[index])
-                    layer.mlp = type(layer.mlp)(layer_config)
+                    setattr(layer, mlp_name, type(mlp)(layer_config))
             if hasattr(self, "num_experts"):
                 self.num_experts = full
             self.post_init()  # initialises only the new blocks (the rest is flagged initialised)
@@ -175,6 +189,11 @@ PrunedOlmoeConfig, PrunedOlmoeForCausalLM = _make_classes("olmoe")
 PrunedDeepseekV2Config, PrunedDeepseekV2ForCausalLM = _make_classes("deepseek_v2")
 PrunedDeepseekV3Config, PrunedDeepseekV3ForCausalLM = _make_classes("deepseek_v3")
 PrunedGptOssConfig, PrunedGptOssForCausalLM = _make_classes("gpt_oss")
+PrunedGlm4MoeConfig, PrunedGlm4MoeForCausalLM = _make_classes("glm4_moe")
+PrunedErnie4_5_MoeConfig, PrunedErnie4_5_MoeForCausalLM = _make_classes("ernie4_5_moe")
+PrunedMiniMaxM2Config, PrunedMiniMaxM2ForCausalLM = _make_classes("minimax_m2")
+PrunedPhimoeConfig, PrunedPhimoeForCausalLM = _make_classes("phimoe")
+PrunedLlama4TextConfig, PrunedLlama4ForCausalLM = _make_classes("llama4_text")
 
 
 def deepseek_moe_layers(
