@@ -40,8 +40,10 @@ def write_remote_code(
 ) -> dict[str, Any]:
     """Copy the pruned-MoE modeling file into `export_dir`; return `config_dict` updated to use it.
 
-    The returned config keeps every field of `config_dict` and sets: `model_type`
-    (`grape_pruned_<family>`), `base_model_type`, `num_experts_per_layer`, the family's expert-count
+    The returned config keeps every field of `config_dict` and sets: `model_type` (the family's own, so
+    `AutoConfig` and `AutoTokenizer` read the directory with the stock config class and no remote code;
+    with `trust_remote_code=True`, `auto_map` picks our classes, whose type is `grape_pruned_<family>`),
+    `base_model_type`, `num_experts_per_layer`, the family's expert-count
     field (the largest layer count, informational), `architectures`, `auto_map` (AutoConfig and
     AutoModelForCausalLM) and `grape_remote_code_transformers_version`.
     """
@@ -53,7 +55,7 @@ def write_remote_code(
     shutil.copyfile(MODELING_FILE, os.path.join(export_dir, MODULE_NAME + ".py"))
     out = dict(config_dict)
     out.update(
-        model_type=pruned.MODEL_TYPE_PREFIX + family,
+        model_type=family,
         base_model_type=family,
         num_experts_per_layer=counts,
         architectures=[lm_name],

@@ -66,7 +66,7 @@ def test_grape_plan_gives_uneven_counts_and_remote_code_config(export):
     assert len(set(moe_counts)) > 1, counts  # really per-layer
     assert sum(moe_counts) == (LAYERS - 1) * 8 - BUDGET
     config = json.load(open(os.path.join(export["out"], "config.json")))
-    assert config["model_type"] == "grape_pruned_deepseek" and config["base_model_type"] == "deepseek"
+    assert config["model_type"] == "deepseek" and config["base_model_type"] == "deepseek"
     assert config["num_experts_per_layer"] == counts and config["n_routed_experts"] == max(counts)
     assert config["norm_topk_prob"] == export["hf_cfg"]["norm_topk_prob"]
     assert config["architectures"] == ["PrunedDeepseekForCausalLM"]

@@ -105,7 +105,7 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, source_c
             assert (open(copied).read() == open(os.path.join(src, name)).read() if source_code == "files"
                     else not os.path.exists(copied))
     else:
-        assert exported_cfg["model_type"] == "grape_pruned_deepseek"
+        assert exported_cfg["model_type"] == "deepseek" and "num_experts_per_layer" in exported_cfg
         assert not os.path.exists(os.path.join(out, "modeling_deepseek.py"))
         model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
         assert_close_logits(merged(tokens), torch_logits(model, tokens))

@@ -38,7 +38,7 @@ def _dir_bytes(d):
 
 
 @pytest.mark.parametrize("method,trust", [("local", False), ("grape", True)])
-def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work, method, trust):
+def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work, method, trust, monkeypatch):
     out = str(work / f"out-{method}")
     args = ["prune", tiny_mixtral_tok.path, "--method", method, "--per-layer", "2", "--out", out,
             "--work-dir", str(work / f"work-{method}"), "--keep-work", *DATA]
@@ -52,6 +52,11 @@ def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work
     uniform = len(set(recipe["num_experts_after"])) == 1
     assert uniform == (not trust), recipe["num_experts_after"]
     assert ("auto_map" in config) == trust
+    # the tokenizer (and the config) load with the stock classes: no custom code, no prompt
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked to run custom code"))
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("In the beginning")["input_ids"]
+    assert type(transformers.AutoConfig.from_pretrained(out)).__name__ == "MixtralConfig"
     # the JAX pruned model and the PyTorch model loaded from the export agree
     pruned = load_hf(out)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=trust).eval()

@@ -330,7 +330,7 @@ def test_bad_configs_are_refused(tmp_path):
 def test_write_remote_code_config_fields(tmp_path):
     base = CASES["olmoe"][0]().to_dict()
     out = write_remote_code(tmp_path, base, family="olmoe", num_experts_per_layer=[3, 5, 2])
-    assert out["model_type"] == "grape_pruned_olmoe" and out["base_model_type"] == "olmoe"
+    assert out["model_type"] == "olmoe" and out["base_model_type"] == "olmoe"
     assert out["num_experts_per_layer"] == [3, 5, 2] and out["num_experts"] == 5
     assert out["architectures"] == ["PrunedOlmoeForCausalLM"]
     assert out["auto_map"] == {

@@ -133,6 +133,15 @@ def _make_classes(family):
         num_experts_per_layer: list[int] | None = None
         base_model_type: str = family
 
+        @classmethod
+        def get_config_dict(cls, *args, **kwargs):
+            # config.json names the family's own model_type (so the tokenizer and AutoConfig load without
+            # remote code); read through this class, it is this class's type.
+            config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+            if config_dict.get("model_type") == family:
+                config_dict = {**config_dict, "model_type": cls.model_type}
+            return config_dict, kwargs
+
         def __post_init__(self, **kwargs):
             super().__post_init__(**kwargs)
             if self.base_model_type != family:
@@ -236,6 +245,13 @@ class PrunedDeepseekConfig(transformers.LlamaConfig):
     seq_aux: bool = True
     num_experts_per_layer: list[int] | None = None
     base_model_type: str = "deepseek"
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)  # see _make_classes
+        if config_dict.get("model_type") == "deepseek":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
