@@ -32,8 +32,8 @@ from conversion.safetensors_write import TensorEntry, completed_shards, plan_sha
 from grape_jax.atomic import resumable_output_dir
 from grape_jax.config import MoEConfig
 from grape_jax.model import MoEModel, param_view
-from grape_jax.plan import Plan
 from grape_jax.multihost import all_processes_bytes, barrier, broadcast_flags, gather_slice, is_writer
+from grape_jax.plan import Plan
 
 # Files copied verbatim from the source model dir when present.
 SIDE_FILES = (

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from conversion.load import load_hf
-from grape_jax.model import param_view
 from grape_jax import layers, similarity
 from grape_jax.calibration import CalibrationOptions, calibrate, cast_for_compute, resolve_compute_dtype
+from grape_jax.model import param_view
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config
 from tests.test_families import HF_CONFIGS
 

@@ -19,8 +19,8 @@ from grape_jax.model import param_view
 from grape_jax.pipeline import save_hf
 from grape_jax.plan import build_plan
 from grape_jax.planners import make_plan
-from tests.hf_models import TINY, build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
 from tests.family_configs import NEW_CONFIGS
+from tests.hf_models import TINY, build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
 from tests.test_families import HF_CONFIGS
 from tests.test_model_parity import assert_close_logits
 

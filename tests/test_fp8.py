@@ -23,8 +23,8 @@ from conversion.fp8 import FP8, dequantize_fp8, quantize_fp8
 from conversion.load import load_hf
 from conversion.safetensors_io import CheckpointError
 from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.model import model_from_arrays, param_view
 from grape_jax.merge import apply_plan
+from grape_jax.model import model_from_arrays, param_view
 from grape_jax.pipeline import save_hf
 from grape_jax.plan import build_plan
 from grape_jax.sharding import make_mesh

@@ -6,10 +6,9 @@ import os
 import re
 
 import numpy as np
-
-import grape_jax
 from flax import nnx
 
+import grape_jax
 from grape_jax import api
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")

@@ -18,7 +18,7 @@ from grape_jax import calibration as calibration_module
 from grape_jax.cli import main as grape
 from grape_jax.data import DataSpec, default_heldout_texts
 from grape_jax.stats import ModelStats
-from tests.hf_models import build_model, save_model, tiny_mixtral_config
+from tests.hf_models import build_model, save_model
 
 DATA = ["--num-samples", "6", "--seq-len", "32", "--batch-size", "3", "--token-chunk", "48"]
 

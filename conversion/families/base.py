@@ -20,7 +20,6 @@ from conversion.mxfp4 import decode_mxfp4
 from conversion.transpose import transposed
 from grape_jax.config import MoEConfig
 from grape_jax.params import ParamSpec, param_specs
-from grape_jax.rope import yarn_mscale
 
 Index = tuple[slice, ...]
 SliceReader = Callable[[Index], np.ndarray]
@@ -358,7 +357,7 @@ def bind(
             keys = (_instantiate(rule.hf, **values),)
         bindings[name] = Binding(name, spec, keys, rule.transform, rule.per_expert)
     if quant_method(hf_config) == "fp8":
-        from conversion.fp8 import fp8_bindings  # conversion.fp8 builds on this module (import cycle)
+        from conversion.fp8 import fp8_bindings  # noqa: PLC0415  (deferred: conversion.fp8 builds on this module)
 
         return fp8_bindings(bindings, hf_config["quantization_config"], stored)
     return bindings

@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from conversion.families.base import TRANSPOSE, ConversionError, Family, KeyRule, require
-from conversion.families.hf_rope import rope_params
 from conversion.families.common import (
     expert_counts,
     llama_fields,
@@ -34,6 +33,7 @@ from conversion.families.common import (
     update_counts,
 )
 from conversion.families.deepseek_v3 import mla_rules
+from conversion.families.hf_rope import rope_params
 from grape_jax.config import MoEConfig
 from grape_jax.rope import yarn_mscale
 

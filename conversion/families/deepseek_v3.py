@@ -22,7 +22,6 @@ from conversion.families.base import (
     KeyRule,
     require,
 )
-from conversion.families.hf_rope import rope_params
 from conversion.families.common import (
     HP,
     LP,
@@ -33,6 +32,7 @@ from conversion.families.common import (
     top_rules,
     update_counts,
 )
+from conversion.families.hf_rope import rope_params
 from grape_jax.config import MoEConfig
 from grape_jax.rope import yarn_mscale
 
