@@ -4,7 +4,7 @@ NumPy copies a transposed view one element at a time, so `np.ascontiguousarray(x
 values runs at ~0.2-1 GB/s on the CPUs measured here. `copy_transposed` first packs each run of
 16 bytes' worth of consecutive rows into one 16-byte element (a few strided copies with long inner
 loops), so the transposing copy moves 16 bytes per element: about 1.7x faster than the best plain
-blocking on bfloat16 (BENCHMARKS.md, issue 2). Used where the host transposes: reads of HF
+blocking on bfloat16 (BENCHMARKS.md, conversion). Used where the host transposes: reads of HF
 `[out, in]` weights into our `[in, out]` layout on CPU devices, and export back.
 """
 

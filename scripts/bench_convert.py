@@ -1,4 +1,4 @@
-"""Conversion throughput and host memory at a real tensor size (issue 2).
+"""Conversion throughput and host memory at a real tensor size.
 
 Builds a synthetic Mixtral-shaped bf16 checkpoint (default ~4.2 GB: vocab 32000, d 4096, f 9216,
 8 experts, 2 layers) with our streaming `write_checkpoint`, then measures, each in its own child process
