@@ -13,7 +13,7 @@ its FLOPs. Two grouped matmuls:
               per expert), then one `lax.scan` over the blocks, each a plain [B, d] x [d, f] matmul with
               its expert's weights; blocks past the last expert's rows are skipped. Portable.
 
-Under a mesh (`jax.set_mesh`; `sharding.params_mesh` finds the one the parameters live on) the routed
+Under a mesh (`jax.set_mesh`; `MoEModel` sets its run context's mesh around its forward) the routed
 path is a `jax.shard_map` over the whole mesh: tokens stay where the batch rules put them (split over
 `data`/`fsdp`, replicated over `expert`/`tensor`), every device runs the experts it holds (the `expert`
 axis, and its slice of the MLP width on `tensor`) on the assignments of its tokens that route to them,

@@ -200,21 +200,3 @@ def replicate(tree, mesh: Mesh):
     """The same values, fully replicated on `mesh` (so every process can read them on its host)."""
     out = NamedSharding(mesh, PartitionSpec())
     return jax.jit(lambda t: t, out_shardings=jax.tree.map(lambda _: out, tree))(tree)
-
-
-def params_mesh(params: Mapping[str, jax.Array]) -> Mesh | None:
-    """The multi-device mesh the parameters are placed on, or None (one device, or plain arrays)."""
-    for value in params.values():
-        sharding = getattr(value, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-            return sharding.mesh
-    return None
-
-
-def mesh_scope(params: Mapping[str, jax.Array]) -> contextlib.AbstractContextManager:
-    """`jax.set_mesh` of the parameters' mesh unless a mesh is already set: code traced inside sees the
-    mesh (the routed MoE dispatch splits its work over it with shard_map)."""
-    mesh = params_mesh(params)
-    if mesh is None or not jax.sharding.get_abstract_mesh().empty:
-        return contextlib.nullcontext()
-    return jax.set_mesh(mesh)

@@ -19,7 +19,7 @@ from grape_jax import dispatch, layers
 from grape_jax.config import MoEConfig
 from grape_jax.model import forward_jit, model_from_arrays
 from grape_jax.params import init_params, param_specs
-from grape_jax.sharding import RunContext, make_mesh, mesh_scope
+from grape_jax.sharding import RunContext, make_mesh
 from grape_jax.train import loss_fn
 from tests import deepseek_reference as dsref
 from tests.family_configs import NEW_CONFIGS
@@ -87,6 +87,15 @@ def assert_close(a, b, rtol=2e-5):
 def shard(params, cfg, mesh):
     ctx, specs = RunContext(mesh), param_specs(cfg)
     return {k: jax.device_put(v, ctx.sharding(specs[k].shape, specs[k].axes)) for k, v in params.items()}
+
+
+def mesh_scope(params):
+    """`jax.set_mesh` of the mesh the parameters live on (none: no context), as `MoEModel` does."""
+    for value in params.values():
+        sharding = getattr(value, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+            return RunContext(sharding.mesh).scope()
+    return RunContext().scope()
 
 
 def logits(params, cfg, tokens, mask=None, *, dispatch="auto"):

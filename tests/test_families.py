@@ -22,7 +22,8 @@ from conversion.export import export_hf
 from conversion.families import FAMILIES, family_by_name, get_family
 from conversion.families.base import ConversionError, Interleaved, bind, hf_tensors
 from conversion.load import load_hf
-from conversion.mxfp4 import decode_mxfp4, encode_mxfp4
+from conversion.mxfp4 import decode_mxfp4
+from tests.mxfp4_encoder import encode_mxfp4
 from grape_jax.model import param_view
 from grape_jax.routing import route
 from grape_jax.sharding import make_mesh
