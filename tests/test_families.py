@@ -23,13 +23,13 @@ from conversion.families import FAMILIES, family_by_name, get_family
 from conversion.families.base import ConversionError, Interleaved, bind, hf_tensors
 from conversion.load import load_hf
 from conversion.mxfp4 import decode_mxfp4
-from tests.mxfp4_encoder import encode_mxfp4
 from grape_jax.model import param_view
 from grape_jax.routing import route
 from grape_jax.sharding import make_mesh
 from tests import deepseek_reference as dsref
 from tests.family_configs import NEW_CONFIGS, build_llama4_multimodal
 from tests.hf_models import TINY, build_model, random_tokens, save_model, torch_logits
+from tests.mxfp4_encoder import encode_mxfp4
 from tests.test_model_parity import assert_close_logits
 
 HF_CONFIGS = {
