@@ -28,7 +28,7 @@ from grape_jax.config import MoEConfig
 from grape_jax.data import DataSpec
 from grape_jax.demo_model import shipped_path as demo_model_path
 from grape_jax.evaluate import PerplexityResult, perplexity
-from grape_jax.heal import (
+from grape_jax.healing import (
     HealError,
     HealInterrupted,
     HealOptions,

@@ -22,7 +22,7 @@ from grape_jax.cli_args import UsageError, add_data_args, add_mesh_args, data_sp
 from grape_jax.data import DataSpec
 from grape_jax.distill import TRAIN_MODES, check_teacher
 from grape_jax.evaluate import perplexity
-from grape_jax.heal import (
+from grape_jax.healing import (
     TEACHER_LOGITS,
     HealInterrupted,
     HealOptions,

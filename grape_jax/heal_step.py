@@ -164,7 +164,7 @@ class TrainStep:
 
     `loss(student_logits, teacher_logits, tokens, mask, **weights) -> (loss, parts)`, `optimizer(masks,
     clip_norm=, weight_decay=)`, `schedule(count, peak=, warmup=, horizon=)` and `forward(model, tokens,
-    mask) -> logits` are the pure pieces (`grape_jax.distill`, `grape_jax.heal.forward`): module-level
+    mask) -> logits` are the pure pieces (`grape_jax.distill`, `grape_jax.healing.forward`): module-level
     functions, so that equal requests hash alike."""
 
     def __init__(

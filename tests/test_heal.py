@@ -16,7 +16,7 @@ import grape_jax.heal_step as heal_step
 from grape_jax import layers
 from grape_jax.config import MoEConfig
 from grape_jax.distill import batch_rows, distill_loss, merged_rows, trainable_masks, warmup_cosine
-from grape_jax.heal import HealError, HealInterrupted, HealOptions, cache_teacher_logits, heal
+from grape_jax.healing import HealError, HealInterrupted, HealOptions, cache_teacher_logits, heal
 from grape_jax.merge import apply_plan
 from grape_jax.model import ModelInfo, init_model, param_view
 from grape_jax.planners import make_plan

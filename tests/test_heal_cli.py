@@ -14,7 +14,7 @@ import grape_jax.cli_heal as cli_heal
 from conversion.load import load_hf
 from grape_jax.cli import main as grape
 from grape_jax.data import DataSpec
-from grape_jax.heal import HealInterrupted, HealOptions, heal
+from grape_jax.healing import HealInterrupted, HealOptions, heal
 from grape_jax.model import param_view
 from grape_jax.pipeline import blocks_for, save_hf
 from grape_jax.sharding import make_mesh
