@@ -20,13 +20,14 @@ from typing import Any
 
 from grape_jax.cli_args import UsageError, add_data_args, add_mesh_args, data_spec, mesh_from_args
 from grape_jax.data import DataSpec
-from grape_jax.distill import TRAIN_MODES, check_teacher
+from grape_jax.distill import TRAIN_MODES, HealError, check_teacher
 from grape_jax.evaluate import perplexity
 from grape_jax.healing import (
     TEACHER_LOGITS,
     HealInterrupted,
     HealOptions,
     HealResult,
+    TeacherLogits,
     cache_teacher_logits,
     heal,
     job_fingerprint,
@@ -216,7 +217,8 @@ def run_heal(args: argparse.Namespace) -> int:
         gc.collect()  # the teacher's arrays go before the student's come
     student = load_model(args.pruned, mesh=mesh)
     resume_dir = os.path.join(work, "heal")
-    _drop_stale(resume_dir, job_fingerprint(student, getattr(teacher, "teacher", teacher), blocks, options))
+    origin = teacher.teacher if isinstance(teacher, TeacherLogits) else teacher
+    _drop_stale(resume_dir, job_fingerprint(student, origin, blocks, options))
     os.makedirs(work, exist_ok=True)
     try:
         result = heal(
@@ -229,6 +231,10 @@ def run_heal(args: argparse.Namespace) -> int:
             resume_dir=resume_dir,
             log=print,
         )
+    except HealError:
+        if os.path.isdir(work) and not os.listdir(work):
+            os.rmdir(work)  # nothing was kept: leave nothing behind
+        raise
     except HealInterrupted as e:
         saved = (
             f"the state after step {e.saved} is saved in {resume_dir}: run the same command again to resume"

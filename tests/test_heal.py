@@ -15,18 +15,27 @@ from flax import nnx
 import grape_jax.heal_step as heal_step
 from grape_jax import layers
 from grape_jax.config import MoEConfig
-from grape_jax.distill import batch_rows, distill_loss, merged_rows, trainable_masks, warmup_cosine
-from grape_jax.healing import HealError, HealInterrupted, HealOptions, cache_teacher_logits, heal
+from grape_jax.distill import (
+    batch_rows,
+    distill_loss,
+    healing_optimizer,
+    merged_rows,
+    trainable_masks,
+    warmup_cosine,
+)
+from grape_jax.heal_step import TrainStep
+from grape_jax.healing import HealError, HealInterrupted, HealOptions, cache_teacher_logits, forward, heal
 from grape_jax.merge import apply_plan
 from grape_jax.model import ModelInfo, init_model, param_view
 from grape_jax.planners import make_plan
-from grape_jax.resume import Progress
+from grape_jax.resume import Progress, ResumeError
 from grape_jax.sharding import RunContext, make_mesh
 from grape_jax.stats import neutral_stats
 
 CFG = MoEConfig(family="mixtral", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
                 head_dim=8, moe_intermediate_size=24, num_experts=(4, 4), top_k=2, rms_norm_eps=1e-5,
                 rope_theta=10000.0, max_position_embeddings=64)
+CFG1 = MoEConfig(**{**CFG.to_dict(), "num_layers": 1, "num_experts": (4,)})  # one layer: less to compile
 LOADED = ModelInfo.create(source="/models/T", provenance=[{"stage": "load", "fingerprint": "a" * 64}])
 QUIET = dict(progress=False)
 
@@ -93,12 +102,12 @@ def test_data_order_is_a_function_of_seed_and_step():
 
 def _reference_loss(params, teacher_params, tokens, *, lm_weight, temperature):
     """KL(teacher || student) at temperature T (times T²) + lm_weight * next-token NLL, written out."""
-    s = layers.forward(params, CFG, tokens)[:, :-1] / temperature
-    t = layers.forward(teacher_params, CFG, tokens)[:, :-1] / temperature
+    raw = layers.forward(params, CFG1, tokens)[:, :-1]
+    s = raw / temperature
+    t = layers.forward(teacher_params, CFG1, tokens)[:, :-1] / temperature
     p_t = jnp.exp(t - jax.scipy.special.logsumexp(t, axis=-1, keepdims=True))
     log_q = s - jax.scipy.special.logsumexp(s, axis=-1, keepdims=True)
     kl = jnp.mean(jnp.sum(p_t * (jnp.log(p_t) - log_q), axis=-1)) * temperature**2
-    raw = layers.forward(params, CFG, tokens)[:, :-1]
     logp = raw - jax.scipy.special.logsumexp(raw, axis=-1, keepdims=True)
     nll = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
     return kl + lm_weight * nll
@@ -111,7 +120,7 @@ HAND = HealOptions(steps=2, warmup=1, batch_size=4, learning_rate=0.02, weight_d
 def test_two_steps_equal_a_hand_written_optax_adamw():
     """Every block in every batch (the batch is the data set), so each step sees the same rows; the heal
     steps equal optax's clip + AdamW with its warm-up cosine schedule on a loss written out here."""
-    teacher, student = _teacher(), _teacher(seed=1)
+    teacher, student = _teacher(cfg=CFG1), _teacher(cfg=CFG1, seed=1)
     blocks = _blocks(n=4)
     result = heal(student, teacher, blocks, options=HAND, **QUIET)
 
@@ -194,10 +203,10 @@ def test_merged_needs_a_merge_record():
 def test_kl_of_the_teacher_itself_is_zero_and_nothing_moves():
     """Student = teacher: the KL and its gradient are 0 up to rounding (against a student that differs);
     Adam normalises even a rounding-level gradient, so the one step moves each entry by at most lr."""
-    teacher = _teacher()
+    teacher = _teacher(cfg=CFG1)
     opts = HealOptions(steps=1, warmup=0, val_blocks=0, batch_size=4, learning_rate=1e-4, train="all")
     same = heal(teacher, teacher, _blocks(), options=opts, **QUIET)
-    other = heal(_teacher(seed=1), teacher, _blocks(), options=opts, **QUIET)
+    other = heal(_teacher(cfg=CFG1, seed=1), teacher, _blocks(), options=opts, **QUIET)
     assert abs(same.kl[0]) < 1e-6 and other.kl[0] > 0.1
     assert same.grad_norms[0] < 1e-5 * other.grad_norms[0]
     old, new = _leaves(teacher), _leaves(same.model)
@@ -357,8 +366,6 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path, monkeypatch, at):
 
 
 def test_progress_of_another_run_is_refused(tmp_path):
-    from grape_jax.resume import ResumeError
-
     teacher = _teacher()
     student = _pruned(teacher)
     heal(student, teacher, _blocks(), options=MERGED, resume_dir=tmp_path, **QUIET)
@@ -396,3 +403,22 @@ def test_gradients_through_routed_and_dense_forward_agree():
     dense, routed = grads("dense"), grads("routed")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6),
                  nnx.as_pure(dense), nnx.as_pure(routed))
+
+
+def test_optimizer_state_is_sharded_like_the_parameters():
+    """Adam's moments of an expert leaf sit on the expert and fsdp axes like the leaf; counters replicate."""
+    ctx = RunContext(make_mesh("data=2,expert=2,fsdp=2"))
+    student = teacher = _teacher(ctx=ctx)  # 4 experts: they divide the expert axis
+    masks = trainable_masks(student.cfg, student.info, "all")
+    step = TrainStep(student, teacher, masks, HealOptions(), loss=distill_loss, optimizer=healing_optimizer,
+                     schedule=warmup_cosine, forward=forward)
+    carry = step.init_carry()
+    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(carry)}
+    want = student.layers[1].mlp.w_up.get_value().sharding
+    assert "expert" in str(want.spec[0]) and "fsdp" in str(want.spec[1])
+    for key, value in flat.items():
+        if key.endswith("layers.1.mlp.w_up"):
+            assert value.sharding.is_equivalent_to(want, 3), key  # the fp32 copy and both moments
+        if key.endswith("step") or key.endswith("count"):
+            assert value.sharding.is_fully_replicated and len(value.sharding.device_set) == 8, key
+    assert sum(k.endswith("layers.1.mlp.w_up") for k in flat) == 3

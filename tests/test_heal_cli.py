@@ -149,3 +149,18 @@ def test_killed_heal_resumes_to_the_uninterrupted_result(tiny_mixtral_tok, prune
                 assert a.read() == b.read(), name
     a, b = (json.load(open(os.path.join(d, "heal.json"))) for d in (out, str(tmp_path / "full")))
     assert a["losses"] == b["losses"] and a["val_losses"] == b["val_losses"] and a["ppl_after"] == b["ppl_after"]
+
+
+@pytest.mark.slow
+def test_heal_cli_cached_teacher_logits(tiny_mixtral_tok, pruned, tmp_path):
+    """--teacher-logits cached (the teacher dropped before the student is loaded) trains like live."""
+    outs = {}
+    for mode in ("live", "cached"):
+        outs[mode] = str(tmp_path / mode)
+        assert grape(["heal", pruned, "--teacher", tiny_mixtral_tok.path, "--out", outs[mode], *HEAL,
+                      "--teacher-logits", mode]) == 0
+    live, cached = (json.load(open(os.path.join(outs[m], "heal.json"))) for m in ("live", "cached"))
+    np.testing.assert_allclose(cached["losses"], live["losses"], rtol=1e-5)
+    assert cached["ppl_original"] == pytest.approx(live["ppl_original"], rel=1e-6)
+    assert cached["ppl_after"] == pytest.approx(live["ppl_after"], rel=1e-3)
+    assert cached["options"]["teacher_logits"] == "cached"
