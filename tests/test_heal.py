@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ import pytest
 from flax import nnx
 
 import grape_jax.heal_step as heal_step
+from conversion.checkpoint import restore_checkpoint, save_checkpoint
 from grape_jax import layers
 from grape_jax.config import MoEConfig
 from grape_jax.distill import (
@@ -28,6 +30,7 @@ from grape_jax.healing import HealError, HealInterrupted, HealOptions, cache_tea
 from grape_jax.merge import apply_plan
 from grape_jax.model import ModelInfo, init_model, param_view
 from grape_jax.planners import make_plan
+from grape_jax.recipe import build_recipe, model_card
 from grape_jax.resume import Progress, ResumeError
 from grape_jax.sharding import RunContext, make_mesh
 from grape_jax.stats import neutral_stats
@@ -422,3 +425,20 @@ def test_optimizer_state_is_sharded_like_the_parameters():
         if key.endswith("step") or key.endswith("count"):
             assert value.sharding.is_fully_replicated and len(value.sharding.device_set) == 8, key
     assert sum(k.endswith("layers.1.mlp.w_up") for k in flat) == 3
+
+
+def test_healed_model_exports_through_a_checkpoint_with_its_healing(tmp_path):
+    """`grape export` route: checkpoint -> restore -> HF export; recipe.json and the card record the healing."""
+    teacher = _teacher()
+    result = heal(_pruned(teacher), teacher, _blocks(), options=MERGED, **QUIET)
+    save_checkpoint(tmp_path / "ckpt", result.model)
+    restored = restore_checkpoint(tmp_path / "ckpt")
+    recipe = build_recipe(restored)
+    (healing,) = recipe["healing"]
+    assert healing == {k: v for k, v in result.record.items() if k != "stage"}
+    assert recipe["model_fingerprint"] == result.model.info.fingerprint and recipe["method"] == "grape"
+    assert json.loads(json.dumps(recipe, default=str))["healing"][0]["steps"] == 3
+    card = model_card(recipe, uniform=restored.cfg.is_uniform)
+    assert "Healed after pruning: 3 steps of distillation" in card and "training `merged`" in card
+    for name, value in _leaves(result.model).items():
+        np.testing.assert_array_equal(_leaves(restored)[name], value)

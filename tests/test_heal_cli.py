@@ -164,3 +164,18 @@ def test_heal_cli_cached_teacher_logits(tiny_mixtral_tok, pruned, tmp_path):
     assert cached["ppl_original"] == pytest.approx(live["ppl_original"], rel=1e-6)
     assert cached["ppl_after"] == pytest.approx(live["ppl_after"], rel=1e-3)
     assert cached["options"]["teacher_logits"] == "cached"
+
+
+def test_load_keeps_an_exports_provenance_and_ignores_foreign_recipes(tiny_mixtral_tok, pruned, tmp_path):
+    from conversion.load import provenance_of, recorded_provenance
+
+    recipe = json.load(open(os.path.join(pruned, "recipe.json")))
+    assert recorded_provenance(pruned) == recipe["provenance"]
+    assert [r["stage"] for r in provenance_of(pruned)] == ["load", "merge", "load"]
+    assert recorded_provenance(tiny_mixtral_tok.path) == []  # no recipe.json
+    foreign = str(tmp_path / "foreign")
+    shutil.copytree(tiny_mixtral_tok.path, foreign)
+    for text in ("not json", json.dumps({"provenance": "x"}), json.dumps([1, 2]), json.dumps({"provenance": [{}]})):
+        with open(os.path.join(foreign, "recipe.json"), "w") as f:
+            f.write(text)
+        assert [r["stage"] for r in provenance_of(foreign)] == ["load"], text
