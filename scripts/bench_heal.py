@@ -55,27 +55,58 @@ def run(model: str, args: argparse.Namespace) -> dict:
     cal = token_blocks(hf_dir, calib, seq_len=128, num_samples=64, seed=0)
     heldout = token_blocks(hf_dir, held, seq_len=128, num_samples=200, seed=0, heldout=held is None)
     train = training_blocks(hf_dir, calib, cal, 128)
-    stats = calibrate(teacher, cal, options=CalibrationOptions(batch_size=8, token_chunk=1024), progress=False,
-                      meta={"data": DataSpec(paths=tuple(calib) if calib else None, num_samples=64).record()})
+    stats = calibrate(
+        teacher,
+        cal,
+        options=CalibrationOptions(batch_size=8, token_chunk=1024),
+        progress=False,
+        meta={"data": DataSpec(paths=tuple(calib) if calib else None, num_samples=64).record()},
+    )
     plan = make_plan(stats, method=DEFAULT_METHOD, per_layer=args.per_layer)
     pruned = apply_plan(teacher, plan)
     prep = time.perf_counter() - t0
-    print(f"{model}: {teacher.cfg.num_layers} layers, experts {list(teacher.cfg.num_experts)} -> "
-          f"{list(pruned.cfg.num_experts)} ({DEFAULT_METHOD}, operator {plan.operator}); {len(train)} training "
-          f"blocks, {len(heldout)} held-out blocks; prepared in {prep:.0f} s", flush=True)
-    options = HealOptions(steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size,
-                          learning_rate=args.learning_rate, warmup=args.warmup, train=args.train,
-                          lm_weight=args.lm_weight, temperature=args.temperature, val_blocks=args.val_blocks,
-                          val_every=args.val_every, teacher_logits=args.teacher_logits)
+    print(
+        f"{model}: {teacher.cfg.num_layers} layers, experts {list(teacher.cfg.num_experts)} -> "
+        f"{list(pruned.cfg.num_experts)} ({DEFAULT_METHOD}, operator {plan.operator}); {len(train)} training "
+        f"blocks, {len(heldout)} held-out blocks; prepared in {prep:.0f} s",
+        flush=True,
+    )
+    options = HealOptions(
+        steps=args.steps,
+        max_minutes=args.max_minutes,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup=args.warmup,
+        train=args.train,
+        lm_weight=args.lm_weight,
+        temperature=args.temperature,
+        val_blocks=args.val_blocks,
+        val_every=args.val_every,
+        teacher_logits=args.teacher_logits,
+    )
     result = heal(pruned, teacher, train, options=options, heldout=heldout, progress=args.progress, log=print)
     original = perplexity(teacher, heldout).ppl if result.ppl_teacher is None else result.ppl_teacher
-    return {"model": model, "method": DEFAULT_METHOD, "operator": plan.operator, "per_layer": args.per_layer,
-            "experts_after": list(pruned.cfg.num_experts), "ppl_original": original, "ppl_pruned": result.ppl_before,
-            "ppl_healed": result.ppl_after, "recovered": gap_recovered(result.ppl_before, result.ppl_after, original),
-            "steps": result.steps, "horizon": result.horizon, "best_step": result.best_step,
-            "heal_seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-            "trained_params": result.trained_params, "options": options.to_dict(),
-            "val_losses": result.val_losses, "loss_first": result.losses[0], "loss_last": result.losses[-1]}
+    return {
+        "model": model,
+        "method": DEFAULT_METHOD,
+        "operator": plan.operator,
+        "per_layer": args.per_layer,
+        "experts_after": list(pruned.cfg.num_experts),
+        "ppl_original": original,
+        "ppl_pruned": result.ppl_before,
+        "ppl_healed": result.ppl_after,
+        "recovered": gap_recovered(result.ppl_before, result.ppl_after, original),
+        "steps": result.steps,
+        "horizon": result.horizon,
+        "best_step": result.best_step,
+        "heal_seconds": result.seconds,
+        "tokens_per_second": result.tokens_per_second,
+        "trained_params": result.trained_params,
+        "options": options.to_dict(),
+        "val_losses": result.val_losses,
+        "loss_first": result.losses[0],
+        "loss_last": result.losses[-1],
+    }
 
 
 def main() -> None:
@@ -105,9 +136,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rec = "n/a" if r["recovered"] is None else f"{100 * r['recovered']:.1f}%"
-        print(f"| {os.path.basename(r['model'].rstrip('/'))} | {r['experts_after']} | {r['ppl_original']:.3f} | "
-              f"{r['ppl_pruned']:.3f} | {r['ppl_healed']:.3f} | {rec} | {r['steps']} | {r['heal_seconds']:.0f} | "
-              f"{r['tokens_per_second']:.0f} |")
+        print(
+            f"| {os.path.basename(r['model'].rstrip('/'))} | {r['experts_after']} | {r['ppl_original']:.3f} | "
+            f"{r['ppl_pruned']:.3f} | {r['ppl_healed']:.3f} | {rec} | {r['steps']} | {r['heal_seconds']:.0f} | "
+            f"{r['tokens_per_second']:.0f} |"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

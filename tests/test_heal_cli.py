@@ -22,8 +22,28 @@ from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral
 from tests.test_model_parity import assert_close_logits
 
 PRUNE = ["--num-samples", "6", "--seq-len", "32", "--batch-size", "3", "--token-chunk", "48"]
-HEAL = ["--steps", "4", "--warmup", "1", "--batch-size", "4", "--num-samples", "12", "--seq-len", "32",
-        "--eval-samples", "4", "--val-blocks", "2", "--val-every", "2", "--train", "all", "--learning-rate", "0.003"]
+HEAL = [
+    "--steps",
+    "4",
+    "--warmup",
+    "1",
+    "--batch-size",
+    "4",
+    "--num-samples",
+    "12",
+    "--seq-len",
+    "32",
+    "--eval-samples",
+    "4",
+    "--val-blocks",
+    "2",
+    "--val-every",
+    "2",
+    "--train",
+    "all",
+    "--learning-rate",
+    "0.003",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +72,27 @@ def test_heal_cli_end_to_end(tiny_mixtral_tok, pruned, tmp_path, capsys):
     assert healing["steps"] == 4 and healing["trained"] == "all" and healing["data"]["num_blocks"] == 12
     assert healing["data"]["files"][0]["path"].endswith("(shipped)") and len(healing["data"]["blocks_sha256"]) == 64
     assert healing["heldout"]["ppl_after"] == pytest.approx(report["ppl_after"])
-    assert recipe["method"] == "grape" and [r["stage"] for r in recipe["provenance"]] == ["load", "merge", "load",
-                                                                                        "heal"]
+    assert recipe["method"] == "grape" and [r["stage"] for r in recipe["provenance"]] == [
+        "load",
+        "merge",
+        "load",
+        "heal",
+    ]
     assert "Healed after pruning: 4 steps" in open(os.path.join(out, "README.md")).read()
 
     # the export holds exactly the model the API heals with the same data and options
     mesh = make_mesh(None)
     spec = DataSpec(seq_len=32, num_samples=12, seed=0)
     blocks = blocks_for(pruned, spec)
-    api = heal(load_hf(pruned, mesh=mesh), load_hf(tiny_mixtral_tok.path, mesh=mesh), blocks,
-               options=HealOptions(steps=4, warmup=1, batch_size=4, val_blocks=2, val_every=2, train="all",
-                                   learning_rate=0.003), progress=False)
+    api = heal(
+        load_hf(pruned, mesh=mesh),
+        load_hf(tiny_mixtral_tok.path, mesh=mesh),
+        blocks,
+        options=HealOptions(
+            steps=4, warmup=1, batch_size=4, val_blocks=2, val_every=2, train="all", learning_rate=0.003
+        ),
+        progress=False,
+    )
     exported = load_hf(out)
     for name, value in param_view(api.model).items():
         np.testing.assert_array_equal(np.asarray(param_view(exported)[name]), np.asarray(value), err_msg=name)
@@ -88,8 +118,17 @@ def test_heal_cli_refuses_bad_input_before_loading(tiny_mixtral_tok, tiny_mixtra
 
     assert "differ in vocab_size" in error(pruned, "--teacher", tiny_mixtral.path)
     # same architecture and tokenizer, other weights: not the model it was pruned from
-    other = save_model(build_model(tiny_mixtral_config(vocab_size=transformers.AutoConfig.from_pretrained(
-        tiny_mixtral_tok.path).vocab_size, num_local_experts=8, num_hidden_layers=3), seed=6), tmp_path / "other")
+    other = save_model(
+        build_model(
+            tiny_mixtral_config(
+                vocab_size=transformers.AutoConfig.from_pretrained(tiny_mixtral_tok.path).vocab_size,
+                num_local_experts=8,
+                num_hidden_layers=3,
+            ),
+            seed=6,
+        ),
+        tmp_path / "other",
+    )
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(tiny_mixtral_tok.path, name), other)
     capsys.readouterr()
@@ -115,8 +154,10 @@ def test_heal_cli_ctrl_c_says_what_was_saved(tiny_mixtral_tok, pruned, tmp_path,
     out = str(tmp_path / "o")
     assert grape(["heal", pruned, "--teacher", tiny_mixtral_tok.path, "--out", out, *HEAL]) == 130
     err = capsys.readouterr().err.strip()
-    assert err == (f"grape: interrupted during healing; the state after step 3 is saved in {out}.work/heal: run the "
-                   f"same command again to resume")
+    assert err == (
+        f"grape: interrupted during healing; the state after step 3 is saved in {out}.work/heal: run the "
+        f"same command again to resume"
+    )
     assert not os.path.exists(out)
 
 
@@ -157,8 +198,22 @@ def test_heal_cli_cached_teacher_logits(tiny_mixtral_tok, pruned, tmp_path):
     outs = {}
     for mode in ("live", "cached"):
         outs[mode] = str(tmp_path / mode)
-        assert grape(["heal", pruned, "--teacher", tiny_mixtral_tok.path, "--out", outs[mode], *HEAL,
-                      "--teacher-logits", mode]) == 0
+        assert (
+            grape(
+                [
+                    "heal",
+                    pruned,
+                    "--teacher",
+                    tiny_mixtral_tok.path,
+                    "--out",
+                    outs[mode],
+                    *HEAL,
+                    "--teacher-logits",
+                    mode,
+                ]
+            )
+            == 0
+        )
     live, cached = (json.load(open(os.path.join(outs[m], "heal.json"))) for m in ("live", "cached"))
     np.testing.assert_allclose(cached["losses"], live["losses"], rtol=1e-5)
     assert cached["ppl_original"] == pytest.approx(live["ppl_original"], rel=1e-6)
