@@ -160,7 +160,7 @@ def export_hf(
     *,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    extra_files: Mapping[str, str] | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
     copy_side_files: bool = True,
     log: Callable[[str], None] | None = None,
     quantize: str | None = None,
@@ -251,9 +251,9 @@ def export_hf(
                 json.dump(config, f, indent=2, sort_keys=True)
             write_checkpoint(tmp, entries, produce, max_shard_bytes=max_shard_bytes, skip=done,
                              on_shard=shard_written)
-            for fname, text in (extra_files or {}).items():
-                with open(os.path.join(tmp, fname), "w") as f:
-                    f.write(text)
+            for fname, content in (extra_files or {}).items():
+                with open(os.path.join(tmp, fname), "wb" if isinstance(content, bytes) else "w") as f:
+                    f.write(content)
     except Exception:
         todo = progress["todo"]
         if todo is not None and jax.process_count() > 1:

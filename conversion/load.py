@@ -344,7 +344,7 @@ def load_hf(
     shardings = {name: ctx.sharding(b.spec.shape, b.spec.axes) for name, b in bindings.items()}
     plans = {name: _leaf_plan(ckpt, b, dtype) for name, b in bindings.items()}
     info = ModelInfo.create(family=family.name, source=os.path.abspath(model_dir), hf_config=hf,
-                            provenance=[load_record(model_dir, dtype)])
+                            provenance=provenance_of(model_dir, dtype))
     if not any(_host_memory(s) for s in shardings.values()):
         params = _load_pipelined(ckpt, bindings, shardings, plans)
         return fill_model(cfg, lambda name, spec, sharding: params.pop(name), ctx=ctx, info=info)
@@ -368,6 +368,29 @@ def load_record(model_dir: str | os.PathLike, dtype: Any = None) -> dict[str, An
     cast = None if dtype is None else str(np.dtype(dtype))
     fingerprint = hashlib.sha256(json.dumps([source_fingerprint(model_dir), cast]).encode()).hexdigest()
     return {"stage": "load", "source": os.path.abspath(model_dir), "dtype": cast, "fingerprint": fingerprint}
+
+
+def recorded_provenance(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The provenance records a grape-jax export keeps in its `recipe.json` (what was done to make it),
+    so a model re-loaded from an export still knows where it came from; [] for other directories
+    (no recipe.json, or one that is not ours: JSON only, anything unexpected is ignored)."""
+    path = os.path.join(model_dir, "recipe.json")
+    try:
+        with open(path) as f:
+            recipe = json.load(f)
+    except (OSError, ValueError):
+        return []
+    records = recipe.get("provenance") if isinstance(recipe, dict) else None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("stage"), str)
+                                                 for r in records):
+        return []
+    return records
+
+
+def provenance_of(model_dir: str | os.PathLike, dtype: Any = None) -> list[dict[str, Any]]:
+    """The provenance of the model `load_hf(model_dir, dtype=dtype)` returns: the export's recorded
+    records (if any), then the record of this load."""
+    return [*recorded_provenance(model_dir), load_record(model_dir, dtype)]
 
 
 def family_of(hf_config: dict[str, Any], *, source: str) -> Family:

@@ -16,9 +16,10 @@ _API = "grape_jax.api"
 # The names of `grape_jax.api.__all__` (a test keeps the two lists equal). Listed here so that
 # `from grape_jax import layers` (a submodule) never triggers the API import.
 PUBLIC = (
-    "CalibrationOptions", "DataSpec", "MergeInputs", "ModelInfo", "ModelStats", "MoEConfig", "MoEModel",
-    "PLANNERS", "PerplexityResult", "Plan", "RunContext", "ShardingRules", "abstract_model", "apply_plan",
-    "calibrate", "demo_model_path", "describe", "init_model", "load_hf", "load_model", "make_mesh", "make_plan",
+    "CalibrationOptions", "DataSpec", "HealError", "HealInterrupted", "HealOptions", "HealResult", "MergeInputs",
+    "ModelInfo", "ModelStats", "MoEConfig", "MoEModel", "PLANNERS", "PerplexityResult", "Plan", "RunContext",
+    "ShardingRules", "TeacherLogits", "abstract_model", "apply_plan", "cache_teacher_logits", "calibrate",
+    "demo_model_path", "describe", "heal", "init_model", "load_hf", "load_model", "make_mesh", "make_plan",
     "merge_inputs", "merge_state", "param_view", "perplexity", "prune", "restore_checkpoint", "save_checkpoint",
     "save_hf", "token_blocks",
 )

@@ -28,6 +28,15 @@ from grape_jax.config import MoEConfig
 from grape_jax.data import DataSpec
 from grape_jax.demo_model import shipped_path as demo_model_path
 from grape_jax.evaluate import PerplexityResult, perplexity
+from grape_jax.healing import (
+    HealError,
+    HealInterrupted,
+    HealOptions,
+    HealResult,
+    TeacherLogits,
+    cache_teacher_logits,
+    heal,
+)
 from grape_jax.merge import MergeInputs, apply_plan, merge_inputs, merge_state
 from grape_jax.model import ModelInfo, MoEModel, abstract_model, init_model, param_view
 from grape_jax.pipeline import blocks_for, load_model, prune, save_hf
@@ -37,9 +46,10 @@ from grape_jax.sharding import RunContext, ShardingRules, make_mesh
 from grape_jax.stats import ModelStats
 
 __all__ = [
-    "CalibrationOptions", "DataSpec", "MergeInputs", "ModelInfo", "ModelStats", "MoEConfig", "MoEModel",
-    "PLANNERS", "PerplexityResult", "Plan", "RunContext", "ShardingRules", "abstract_model", "apply_plan",
-    "calibrate", "demo_model_path", "describe", "init_model", "load_hf", "load_model", "make_mesh", "make_plan",
+    "CalibrationOptions", "DataSpec", "HealError", "HealInterrupted", "HealOptions", "HealResult", "MergeInputs",
+    "ModelInfo", "ModelStats", "MoEConfig", "MoEModel", "PLANNERS", "PerplexityResult", "Plan", "RunContext",
+    "ShardingRules", "TeacherLogits", "abstract_model", "apply_plan", "cache_teacher_logits", "calibrate",
+    "demo_model_path", "describe", "heal", "init_model", "load_hf", "load_model", "make_mesh", "make_plan",
     "merge_inputs", "merge_state", "param_view", "perplexity", "prune", "restore_checkpoint", "save_checkpoint",
     "save_hf", "token_blocks",
 ]

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from grape_jax import cli_demo, cli_method, cli_model
+from grape_jax import cli_demo, cli_heal, cli_method, cli_model
 from grape_jax.cli_args import add_distributed_args, init_distributed
 from grape_jax.pipeline import Interrupted
 
@@ -45,6 +45,8 @@ COMMANDS: dict[str, Command] = {
                       cli_model.configure_export, cli_model.run_export, multihost=True),
     "prune": Command("load -> calibrate -> plan -> merge -> export in one go (resumable)",
                      cli_method.configure_prune, cli_method.run_prune, multihost=True),
+    "heal": Command("distil the original model into a pruned one (optax fine-tune on the mesh; resumable)",
+                    cli_heal.configure_heal, cli_heal.run_heal),
     "eval": Command("held-out perplexity and multiple-choice accuracy of a model", cli_model.configure_eval,
                     cli_model.run_eval, multihost=True),
     "compare": Command("every planner and operator at equal budgets from one calibration",

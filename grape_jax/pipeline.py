@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 from conversion.checkpoint import checkpoint_config, read_checkpoint_meta, restore_checkpoint
 from conversion.export import export_hf
 from conversion.families.base import ConversionError
-from conversion.load import family_of, load_hf, load_record, read_hf_config
+from conversion.load import family_of, load_hf, provenance_of, read_hf_config
 from grape_jax import recipe as rc
 from grape_jax.atomic import OutputExistsError
 from grape_jax.calibration import CalibrationInterrupted, CalibrationOptions, calibrate, calibration_fingerprint
@@ -62,12 +62,17 @@ def model_config(path: str | os.PathLike) -> MoEConfig:
     return family_of(hf, source=os.path.join(path, "config.json")).config_from_hf(hf)
 
 
-def model_fingerprint(path: str | os.PathLike, *, dtype: Any = None) -> str:
-    """The fingerprint `load_model(path, dtype=dtype).info.fingerprint` will have, without loading it."""
+def model_provenance(path: str | os.PathLike, *, dtype: Any = None) -> list[dict[str, Any]]:
+    """The provenance `load_model(path, dtype=dtype).info` will have, without loading any weight."""
     path = os.fspath(path)
     if is_checkpoint(path):
-        return ModelInfo.create(provenance=read_checkpoint_meta(path).get("provenance")).fingerprint
-    return ModelInfo.create(provenance=[load_record(path, dtype)]).fingerprint
+        return list(read_checkpoint_meta(path).get("provenance") or [])
+    return provenance_of(path, dtype)
+
+
+def model_fingerprint(path: str | os.PathLike, *, dtype: Any = None) -> str:
+    """The fingerprint `load_model(path, dtype=dtype).info.fingerprint` will have, without loading it."""
+    return ModelInfo.create(provenance=model_provenance(path, dtype=dtype)).fingerprint
 
 
 def load_model(
@@ -118,13 +123,14 @@ def check_plan_request(
 
 def save_hf(
     model: MoEModel, out: str | os.PathLike, *, overwrite: bool = False, max_shard_bytes: int | None = None,
-    quantize: str | None = None, log: Log | None = None,
+    quantize: str | None = None, log: Log | None = None, extra_files: Mapping[str, str | bytes] | None = None,
 ) -> str:
     """Export `model` as an HF directory with `recipe.json` and a README model card built from its
-    provenance (any model: original, merged, healed); `quantize="fp8"` requantises what an FP8 source
+    provenance (any model: original, merged, healed), plus `extra_files` (name -> text or bytes); the
+    directory appears only when all of it is written. `quantize="fp8"` requantises what an FP8 source
     stored as FP8 (unmerged experts keep their scales; see `conversion.export.export_hf`)."""
     recipe = rc.build_recipe(model)
-    files = {"recipe.json": rc.dumps(recipe)}
+    files = {**dict(extra_files or {}), "recipe.json": rc.dumps(recipe)}
     if recipe["method"] is not None:
         files["README.md"] = rc.model_card(recipe, uniform=model.cfg.is_uniform)
     kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}

@@ -91,3 +91,21 @@ def plot_perplexity(table: Mapping[str, Mapping[int, float]], baseline: float, p
     ax.set_title(title)
     ax.legend(fontsize="x-small")
     return _save(fig, plt, path)
+
+
+def plot_loss(losses: Sequence[float], val_losses: Sequence[tuple[int, float]], path: str, *,
+              title: str = "healing: distillation loss") -> str:
+    """Training loss per step (thin line) and validation loss at the validated steps (points)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, linewidth=0.8, label="training batch")
+    if val_losses:
+        xs, ys = zip(*val_losses, strict=True)
+        ax.plot(xs, ys, marker="o", label="validation")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize="x-small")
+    return _save(fig, plt, path)

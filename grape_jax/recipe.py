@@ -77,6 +77,7 @@ def build_recipe(model: MoEModel) -> dict[str, Any]:
                         "stats_fingerprint": made_from.get("stats_fingerprint"),
                         "model_fingerprint": made_from.get("model_fingerprint")},
         "plan": plan,
+        "healing": [{k: v for k, v in r.items() if k != "stage"} for r in records if r.get("stage") == "heal"],
         "provenance": records,
         "versions": package_versions(),
     }
@@ -109,6 +110,7 @@ def model_card(recipe: Mapping[str, Any], *, uniform: bool) -> str:
     source = recipe["source_model"]
     fingerprint = (source.get("fingerprint") or "unknown")[:16]
     stages = ", ".join(r.get("stage", "?") for r in recipe.get("provenance", []))
+    healing = "".join(f"\n{_healing_sentence(h)}\n" for h in recipe.get("healing") or [])
     return f"""# {source['path']} pruned with grape-jax ({recipe['method']})
 
 Experts removed in total: **{sum(before) - sum(after)}** (budget {recipe['budget']}), method
@@ -134,7 +136,25 @@ Source model fingerprint `{fingerprint}`; calibration data {files}
 ({data.get('num_samples')} blocks of {data.get('seq_len')} tokens, seed {data.get('seed')}); stages: {stages}.
 `recipe.json` records the plan (which original experts were merged or dropped in each layer), the
 fingerprints of the source model, the statistics and the data, and the package versions.
-"""
+{healing}"""
+
+
+def _healing_sentence(h: Mapping[str, Any]) -> str:
+    """One paragraph of the model card for one healing (distillation fine-tune) of the model."""
+    data, held = h.get("data") or {}, h.get("heldout") or {}
+    files = ", ".join(f"`{f['path']}`" for f in data.get("files", [])) or "token blocks"
+    ppl = (f" Held-out perplexity {held['ppl_before']:.3f} before healing, {held['ppl_after']:.3f} after"
+           + (f" (original model {held['ppl_teacher']:.3f})." if held.get("ppl_teacher") is not None else ".")
+           if held.get("ppl_before") is not None and held.get("ppl_after") is not None else "")
+    return (f"Healed after pruning: {h.get('steps')} steps of distillation from the original model "
+            f"(`{(h.get('teacher') or {}).get('fingerprint', '')[:16]}`), training `{h.get('trained')}` "
+            f"({h.get('trained_params', 0):,} parameters) on {data.get('num_blocks')} blocks of {data.get('seq_len')} "
+            f"tokens of {files} (sha256 {str(data.get('blocks_sha256'))[:12]}); kept step {h.get('best_step')}, "
+            f"training loss {_num(h.get('loss_first'))} -> {_num(h.get('loss_last'))}.{ppl}")
+
+
+def _num(x: Any) -> str:
+    return "?" if x is None else f"{x:.4f}"
 
 
 def dumps(recipe: Mapping[str, Any]) -> str:

@@ -70,11 +70,12 @@ class RunContext:
         return data_parallel_size(self.mesh, self.rules)
 
     def scope(self) -> contextlib.AbstractContextManager:
-        """`jax.set_mesh(mesh)` unless there is no mesh or one is already set: code traced inside sees
-        the mesh (the routed MoE dispatch splits its work over it with shard_map)."""
+        """The mesh (as an abstract mesh) in context unless there is none or one is already set, so code
+        traced inside sees it (the routed MoE dispatch splits its work over it with shard_map). Abstract,
+        because `jax.set_mesh` is refused under jit and grad, where a model is called when it trains."""
         if self.mesh is None or self.mesh.size == 1 or not jax.sharding.get_abstract_mesh().empty:
             return contextlib.nullcontext()
-        return jax.set_mesh(self.mesh)
+        return jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
 
     def put_batch(self, x: np.ndarray) -> jax.Array:
         """A host [batch, ...] array placed with its batch over the data axes (replicated when the batch

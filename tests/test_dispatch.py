@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from flax import nnx
 
 from conversion.families import get_family
 from grape_jax import dispatch, layers
@@ -264,3 +265,22 @@ def test_skewed_routing_against_numpy(name):
 def test_block_rows():
     assert dispatch.block_rows(4096, 8) == 512 and dispatch.block_rows(16384, 128) == 128
     assert dispatch.block_rows(10, 8) == dispatch.MIN_BLOCK and dispatch.block_rows(10**7, 4) == dispatch.MAX_BLOCK
+
+
+def test_routed_dispatch_under_jit_and_grad_on_a_mesh():
+    """Training calls the model inside jit and grad: the routed path still sees the model's mesh there."""
+    cfg = family_cfg("mixtral")
+    ctx = RunContext(make_mesh("expert=4,fsdp=2"))
+    model = model_from_arrays(cfg, random_params(cfg, seed=3), ctx=ctx)
+    tokens = ctx.put_batch(np.random.default_rng(4).integers(0, cfg.vocab_size, (8, 12)).astype(np.int32))
+    mask = ctx.put_batch(np.ones((8, 12), bool))
+    graphdef, state = nnx.split(model)
+
+    def loss(state, dispatch):
+        return jnp.sum(nnx.merge(graphdef, state)(tokens, mask, dispatch=dispatch) ** 2) * 1e-3
+
+    routed = jax.jit(jax.value_and_grad(lambda s: loss(s, "routed")))(state)
+    dense = jax.jit(jax.value_and_grad(lambda s: loss(s, "dense")))(state)
+    assert_close(routed[0], dense[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(routed[1]), jax.tree.leaves(dense[1]), strict=True):
+        assert_close(a, b, rtol=1e-4)
