@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the accelerator goals in one run on one H200 (about 8 minutes; nothing downloaded).
+# Every GPU figure of the accelerator goals in one run on one H200 (under 8 minutes; nothing downloaded).
 # Needs python3 with jax[cuda], torch (CUDA), transformers, safetensors and grape-jax's other imports
 # (flax, jaxtyping, ml_dtypes, optax, orbax, tokenizers); the project is used from this checkout.
 # Each step has its own time limit, so one slow step loses only its own figures. Output: $OUT/*.txt
@@ -45,10 +45,10 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
 }
 
-step convert 110 "$PY" scripts/bench_convert.py --device gpu
-step forward-mixtral 130 "$PY" scripts/bench_forward.py --device gpu --full --shape mixtral
-step forward-qwen3 110 "$PY" scripts/bench_forward.py --device gpu --full --shape qwen3
-step forward-cudnn 80 env XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true \
+step convert 100 "$PY" scripts/bench_convert.py --device gpu
+step forward-mixtral 115 "$PY" scripts/bench_forward.py --device gpu --full --shape mixtral
+step forward-qwen3 100 "$PY" scripts/bench_forward.py --device gpu --full --shape qwen3
+step forward-cudnn 55 env XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true \
   "$PY" scripts/bench_forward.py --device gpu --full --shape all --variants ragged_dot --no-torch --batches 8
-step calibration 120 "$PY" scripts/bench_calibration.py --device gpu
+step calibration 100 "$PY" scripts/bench_calibration.py --device gpu
 echo "== device_check done; outputs in $OUT/"
