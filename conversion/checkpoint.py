@@ -84,8 +84,12 @@ def restore_checkpoint(
     meta = read_checkpoint_meta(path)
     cfg = checkpoint_config(path)
     ctx = RunContext(mesh, rules)
-    info = ModelInfo.create(family=meta.get("family", ""), source=meta.get("source", ""),
-                            hf_config=meta.get("hf_config"), provenance=meta.get("provenance"))
+    info = ModelInfo.create(
+        family=meta.get("family", ""),
+        source=meta.get("source", ""),
+        hf_config=meta.get("hf_config"),
+        provenance=meta.get("provenance"),
+    )
     graphdef, abstract = nnx.split(abstract_model(cfg, ctx=ctx, info=info))
     dtypes = meta.get("dtypes", {})
     target = []

@@ -24,7 +24,11 @@ def shard_gathers(shard, sources: Mapping) -> list[tuple[str, int | None]]:
 
 
 def follow_export(
-    params: Mapping[str, jax.Array], entries: Sequence, sources: Mapping, *, max_shard_bytes: int,
+    params: Mapping[str, jax.Array],
+    entries: Sequence,
+    sources: Mapping,
+    *,
+    max_shard_bytes: int,
     skip: Sequence[bool] | None = None,
 ) -> None:
     """On a non-writer process: take part in every `gather_slice` of the writer's export, in its
@@ -40,11 +44,15 @@ def follow_export(
             continue
         gather_shard(params, shard, sources)
         if not finish_shard(False):
-            raise ConversionError(f"export failed on the writer process (process {WRITER}) while writing "
-                                  f"{shard.filename}; its error says why")
+            raise ConversionError(
+                f"export failed on the writer process (process {WRITER}) while writing "
+                f"{shard.filename}; its error says why"
+            )
     if not finish_shard(False):
-        raise ConversionError(f"export failed on the writer process (process {WRITER}) after its last shard "
-                              f"(side files or moving the output into place); its error says why")
+        raise ConversionError(
+            f"export failed on the writer process (process {WRITER}) after its last shard "
+            f"(side files or moving the output into place); its error says why"
+        )
 
 
 def finish_shard(written: bool) -> bool:

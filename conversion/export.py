@@ -174,8 +174,10 @@ def export_hf(
     block size and scale dtype (`conversion.fp8`); an expert that is an unchanged copy of a source expert
     (`expert_origins` of the model's merges) keeps that expert's scales."""
     if not model.info.family:
-        raise ConversionError("export: the model has no family (info.family); load it with load_hf or "
-                              "restore_checkpoint, or build it with ModelInfo.create(family=...)")
+        raise ConversionError(
+            "export: the model has no family (info.family); load it with load_hf or "
+            "restore_checkpoint, or build it with ModelInfo.create(family=...)"
+        )
     source_family = family_by_name(model.info.family)
     family = export_family(source_family)
     cfg, params, base_config = model.cfg, param_view(model), model.info.hf_config
@@ -183,19 +185,31 @@ def export_hf(
     bindings = bind(family, cfg)
     entries, sources = hf_entries(bindings, params)
     if quantize is not None:
-        entries, sources = _quantized(entries, sources, quantize=quantize, family=source_family,
-                                      base_config=base_config, source_dir=model.info.source,
-                                      expert_origins=expert_origins(model.info.provenance))
+        entries, sources = _quantized(
+            entries,
+            sources,
+            quantize=quantize,
+            family=source_family,
+            base_config=base_config,
+            source_dir=model.info.source,
+            expert_origins=expert_origins(model.info.provenance),
+        )
     shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
-    fingerprint = hashlib.sha256(json.dumps({
-        "params": params_fingerprint(params),
-        "shards": [[s.filename, [[e.name, list(e.shape), str(e.dtype)] for e in s.entries]] for s in shards],
-    }).encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            {
+                "params": params_fingerprint(params),
+                "shards": [[s.filename, [[e.name, list(e.shape), str(e.dtype)] for e in s.entries]] for s in shards],
+            }
+        ).encode()
+    ).hexdigest()
     if not is_writer():  # multi-host: take part in the writer's gathers, write nothing
         status = broadcast_flags([False] * (1 + len(shards)))
         if not status[0]:
-            raise ConversionError(f"export to {os.fspath(out_dir)} failed on the writer process (process 0) "
-                                  f"before writing; its error says why")
+            raise ConversionError(
+                f"export to {os.fspath(out_dir)} failed on the writer process (process 0) "
+                f"before writing; its error says why"
+            )
         follow_export(params, entries, sources, max_shard_bytes=max_shard_bytes, skip=status[1:])
         barrier("export_hf")
         return os.fspath(out_dir)
@@ -244,13 +258,10 @@ def export_hf(
                 # deferred: the modeling file imports torch and transformers (~5 s), needed only here
                 from conversion.remote_code_export import write_remote_code  # noqa: PLC0415
 
-                config = write_remote_code(
-                    tmp, config, family=family.name, num_experts_per_layer=list(cfg.num_experts)
-                )
+                config = write_remote_code(tmp, config, family=family.name, num_experts_per_layer=list(cfg.num_experts))
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
-            write_checkpoint(tmp, entries, produce, max_shard_bytes=max_shard_bytes, skip=done,
-                             on_shard=shard_written)
+            write_checkpoint(tmp, entries, produce, max_shard_bytes=max_shard_bytes, skip=done, on_shard=shard_written)
             for fname, content in (extra_files or {}).items():
                 with open(os.path.join(tmp, fname), "wb" if isinstance(content, bytes) else "w") as f:
                     f.write(content)
@@ -292,20 +303,30 @@ def fp8_source_config(base: Mapping[str, Any]) -> dict[str, Any]:
     return dict(quant)
 
 
-def _quantized(entries, sources, *, quantize: str, family: Family, base_config: Mapping[str, Any],
-               source_dir: str | os.PathLike | None, expert_origins):
+def _quantized(
+    entries,
+    sources,
+    *,
+    quantize: str,
+    family: Family,
+    base_config: Mapping[str, Any],
+    source_dir: str | os.PathLike | None,
+    expert_origins,
+):
     """`entries`/`sources` with the source's FP8 weights requantised (see `export_hf`)."""
     if quantize != "fp8":
         raise ConversionError(f"--quantize {quantize!r} is not supported (supported: fp8)")
     quant = fp8_source_config(base_config)
     block = block_size(quant)
     if source_dir is None or not os.path.isdir(source_dir):
-        raise ConversionError(f"--quantize fp8 reads the scales of the source FP8 checkpoint, which is not at "
-                              f"{source_dir!r}")
+        raise ConversionError(
+            f"--quantize fp8 reads the scales of the source FP8 checkpoint, which is not at {source_dir!r}"
+        )
     source = CheckpointIndex.open(os.fspath(source_dir))
     source_bindings = bind(family, family.config_from_hf(base_config), hf_config=base_config, stored=source)
-    return requantized_entries(entries, sources, source_bindings=source_bindings, source=source, block=block,
-                               expert_origins=expert_origins)
+    return requantized_entries(
+        entries, sources, source_bindings=source_bindings, source=source, block=block, expert_origins=expert_origins
+    )
 
 
 def _test_pause() -> None:

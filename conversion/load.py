@@ -87,14 +87,11 @@ def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model
         dtypes = b.transform.source_dtypes() if hasattr(b.transform, "source_dtypes") else None
         for i, (key, want) in enumerate(b.hf_sources().items()):
             if key not in ckpt:
-                raise ConversionError(
-                    f"{model_dir}: tensor {key!r} is missing (needed for {b.name} by config.json)"
-                )
+                raise ConversionError(f"{model_dir}: tensor {key!r} is missing (needed for {b.name} by config.json)")
             info = ckpt.info(key)
             if tuple(info.shape) != tuple(want):
                 raise ConversionError(
-                    f"{info.file}: tensor {key!r} has shape {tuple(info.shape)}, but config.json "
-                    f"implies {tuple(want)}"
+                    f"{info.file}: tensor {key!r} has shape {tuple(info.shape)}, but config.json implies {tuple(want)}"
                 )
             allowed = None if dtypes is None else dtypes[i % len(dtypes)]
             if allowed is not None and numpy_to_dtype(info.dtype) not in allowed:
@@ -163,8 +160,13 @@ def _relayout(perm: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sha
     return jax.jit(lambda x: jnp.transpose(x, perm).astype(dtype), out_shardings=sharding)
 
 
-def compile_relayout(perm: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding,
-                     raw_shape: tuple[int, ...], stored: np.dtype):
+def compile_relayout(
+    perm: tuple[int, ...],
+    dtype: np.dtype,
+    sharding: jax.sharding.Sharding,
+    raw_shape: tuple[int, ...],
+    stored: np.dtype,
+):
     """The device permutation of a raw leaf of `raw_shape`/`stored`, compiled ahead of its data (the
     raw leaf is placed with `sharding`'s axes permuted, as `_stored_layout_leaf` builds it)."""
     raw = jax.ShapeDtypeStruct(raw_shape, stored, sharding=_permuted(sharding, perm))
@@ -190,7 +192,7 @@ def _read_layout(b: Binding, perm: tuple[int, ...], sharding) -> tuple[bool, tup
     """(transpose while reading, permutation left for the devices, shape of the leaf as read)."""
     lead = 1 if b.per_expert else 0
     identity = tuple(range(len(perm)))
-    transpose_on_read = (perm != identity and len(perm) - lead == 2 and _host_memory(sharding))
+    transpose_on_read = perm != identity and len(perm) - lead == 2 and _host_memory(sharding)
     read_perm = identity if transpose_on_read else perm
     return transpose_on_read, read_perm, tuple(b.spec.shape[p] for p in read_perm)
 
@@ -199,13 +201,27 @@ def _read_chunked(ckpt: CheckpointIndex, key: str, box: tuple[slice, ...], out: 
     """Submit the positioned reads of `tensor[box]` into `out` as tasks of about READ_CHUNK_BYTES of rows."""
     rows = box[0]
     step = max(1, READ_CHUNK_BYTES // max(1, out[:1].nbytes))
-    return [pool.submit(ckpt.read_into, key, (slice(r, min(r + step, rows.stop)), *box[1:]),
-                        out[r - rows.start : min(r + step, rows.stop) - rows.start])
-            for r in range(rows.start, rows.stop, step)]
+    return [
+        pool.submit(
+            ckpt.read_into,
+            key,
+            (slice(r, min(r + step, rows.stop)), *box[1:]),
+            out[r - rows.start : min(r + step, rows.stop) - rows.start],
+        )
+        for r in range(rows.start, rows.stop, step)
+    ]
 
 
-def _stored_layout_leaf(ckpt: CheckpointIndex, b: Binding, perm: tuple[int, ...], sharding, target: np.dtype,
-                        pool=None, chunk_pool=None, relayout=None):
+def _stored_layout_leaf(
+    ckpt: CheckpointIndex,
+    b: Binding,
+    perm: tuple[int, ...],
+    sharding,
+    target: np.dtype,
+    pool=None,
+    chunk_pool=None,
+    relayout=None,
+):
     """The leaf read by positioned reads into page-aligned buffers, then permuted/cast on the devices.
 
     On CPU devices a 2-D transpose is done by the reading threads instead, a few cached rows at a time
@@ -221,8 +237,11 @@ def _stored_layout_leaf(ckpt: CheckpointIndex, b: Binding, perm: tuple[int, ...]
         index = _normalise(index, raw_shape)
         out = aligned_empty(tuple(s.stop - s.start for s in index), stored)
         box = index[lead:][::-1] if transpose_on_read else index[lead:]
-        parts = [(b.hf_keys[e], out[i]) for i, e in enumerate(range(index[0].start, index[0].stop))] \
-            if b.per_expert else [(b.hf_keys[0], out)]
+        parts = (
+            [(b.hf_keys[e], out[i]) for i, e in enumerate(range(index[0].start, index[0].stop))]
+            if b.per_expert
+            else [(b.hf_keys[0], out)]
+        )
         if chunk_pool is not None and not transpose_on_read and out.ndim > lead:
             for task in [t for key, part in parts for t in _read_chunked(ckpt, key, box, part, chunk_pool)]:
                 task.result()
@@ -271,17 +290,20 @@ def _leaf_plan(ckpt: CheckpointIndex, b: Binding, dtype: Any) -> _LeafPlan:
     return _LeafPlan(target, perm, raw)
 
 
-def _load_leaf(ckpt: CheckpointIndex, b: Binding, sharding, plan: _LeafPlan, *, pool=None, chunk_pool=None,
-               relayout=None) -> jax.Array:
+def _load_leaf(
+    ckpt: CheckpointIndex, b: Binding, sharding, plan: _LeafPlan, *, pool=None, chunk_pool=None, relayout=None
+) -> jax.Array:
     if plan.perm is not None:
-        return _stored_layout_leaf(ckpt, b, plan.perm, sharding, plan.target, pool=pool, chunk_pool=chunk_pool,
-                                   relayout=relayout)
+        return _stored_layout_leaf(
+            ckpt, b, plan.perm, sharding, plan.target, pool=pool, chunk_pool=chunk_pool, relayout=relayout
+        )
     read = binding_reader(ckpt, b)
     return _make_leaf(b.spec.shape, sharding, lambda index: read(index).astype(plan.target, copy=False))
 
 
-def _load_pipelined(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], shardings: Mapping,
-                    plans: Mapping[str, _LeafPlan]) -> dict[str, jax.Array]:
+def _load_pipelined(
+    ckpt: CheckpointIndex, bindings: Mapping[str, Binding], shardings: Mapping, plans: Mapping[str, _LeafPlan]
+) -> dict[str, jax.Array]:
     """The accelerator path (module docstring): LEAVES_IN_FLIGHT leaves at once, chunked concurrent
     reads, device permutations compiled ahead on their own thread in the order the leaves need them."""
     names = list(bindings)
@@ -293,8 +315,12 @@ def _load_pipelined(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], shar
         _, read_perm, raw_shape = _read_layout(bindings[name], plan.perm, shardings[name])
         if read_perm != tuple(range(len(read_perm))) or plan.raw != plan.target:
             signatures[name] = (read_perm, plan.target, shardings[name], raw_shape, plan.raw)
-    with ThreadPoolExecutor(1) as compiler, ThreadPoolExecutor(1) as ahead, \
-            ThreadPoolExecutor(ACCELERATOR_READ_THREADS) as reads, ThreadPoolExecutor(LEAVES_IN_FLIGHT) as leaves:
+    with (
+        ThreadPoolExecutor(1) as compiler,
+        ThreadPoolExecutor(1) as ahead,
+        ThreadPoolExecutor(ACCELERATOR_READ_THREADS) as reads,
+        ThreadPoolExecutor(LEAVES_IN_FLIGHT) as leaves,
+    ):
         compiled: dict[tuple, Any] = {}
         for sig in signatures.values():
             if sig not in compiled:
@@ -307,8 +333,7 @@ def _load_pipelined(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], shar
             name = names[i]
             sig = signatures.get(name)
             relayout = None if sig is None else compiled[sig].result
-            return _load_leaf(ckpt, bindings[name], shardings[name], plans[name], chunk_pool=reads,
-                              relayout=relayout)
+            return _load_leaf(ckpt, bindings[name], shardings[name], plans[name], chunk_pool=reads, relayout=relayout)
 
         for i in range(min(LEAVES_IN_FLIGHT, len(names))):
             ahead.submit(ckpt.prefetch, keys_read(bindings[names[i]], shardings[names[i]]))
@@ -343,14 +368,16 @@ def load_hf(
     ctx = RunContext(mesh, rules)
     shardings = {name: ctx.sharding(b.spec.shape, b.spec.axes) for name, b in bindings.items()}
     plans = {name: _leaf_plan(ckpt, b, dtype) for name, b in bindings.items()}
-    info = ModelInfo.create(family=family.name, source=os.path.abspath(model_dir), hf_config=hf,
-                            provenance=provenance_of(model_dir, dtype))
+    info = ModelInfo.create(
+        family=family.name, source=os.path.abspath(model_dir), hf_config=hf, provenance=provenance_of(model_dir, dtype)
+    )
     if not any(_host_memory(s) for s in shardings.values()):
         params = _load_pipelined(ckpt, bindings, shardings, plans)
         return fill_model(cfg, lambda name, spec, sharding: params.pop(name), ctx=ctx, info=info)
     params = {}
     names = list(bindings)
     with ThreadPoolExecutor(READ_THREADS) as pool, ThreadPoolExecutor(1) as ahead:
+
         def prefetch(i: int) -> None:  # a hint, on its own thread: the disk works while we copy
             if i < len(names):
                 ahead.submit(ckpt.prefetch, keys_read(bindings[names[i]], shardings[names[i]]))
@@ -381,8 +408,9 @@ def recorded_provenance(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
     except (OSError, ValueError):
         return []
     records = recipe.get("provenance") if isinstance(recipe, dict) else None
-    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("stage"), str)
-                                                 for r in records):
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("stage"), str) for r in records
+    ):
         return []
     return records
 

@@ -30,18 +30,46 @@ import numpy as np
 from conversion.transpose import CHUNK_BYTES, copy_transposed, rows_per_chunk
 
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "U16": np.dtype("<u2"),
-    "U32": np.dtype("<u4"), "U64": np.dtype("<u8"),
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "U16": np.dtype("<u2"),
+    "U32": np.dtype("<u4"),
+    "U64": np.dtype("<u8"),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 # The reference writer's tensor order: dtype descending in this (its enum) order, then name.
-_DTYPE_RANK = {name: i for i, name in enumerate(
-    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
-     "I32", "U32", "F32", "F64", "I64", "U64"])}
+_DTYPE_RANK = {
+    name: i
+    for i, name in enumerate(
+        [
+            "BOOL",
+            "U8",
+            "I8",
+            "F8_E5M2",
+            "F8_E4M3",
+            "I16",
+            "U16",
+            "F16",
+            "BF16",
+            "I32",
+            "U32",
+            "F32",
+            "F64",
+            "I64",
+            "U64",
+        ]
+    )
+}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # the reference refuses bigger headers too
@@ -136,10 +164,10 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if end - begin != nbytes:
             raise CheckpointError(
                 f"{where}: data_offsets {begin}..{end} hold {end - begin} bytes, "
-                f"shape {shape} x {entry['dtype']} needs {nbytes}")
+                f"shape {shape} x {entry['dtype']} needs {nbytes}"
+            )
         if data_start + end > size:
-            raise CheckpointError(
-                f"{where} ends at byte {data_start + end} beyond the file size {size} (truncated)")
+            raise CheckpointError(f"{where} ends at byte {data_start + end} beyond the file size {size} (truncated)")
         infos[key] = TensorInfo(path, dtype, shape, data_start + begin, nbytes)
         spans.append((begin, end, key))
     spans.sort()
@@ -196,7 +224,8 @@ class CheckpointIndex:
             for key, fname in weight_map.items():
                 if key not in headers[fname]:
                     raise CheckpointError(
-                        f"{os.path.join(directory, fname)}: tensor {key!r} named in {INDEX_FILE} is absent")
+                        f"{os.path.join(directory, fname)}: tensor {key!r} named in {INDEX_FILE} is absent"
+                    )
                 infos[key] = headers[fname][key]
             return cls(directory, infos, file_metadata)
         names = sorted(os.listdir(directory))
@@ -244,8 +273,15 @@ class CheckpointIndex:
                 self._fds[file] = os.open(file, os.O_RDONLY)
             return self._fds[file]
 
-    def read_into(self, key: str, index: tuple[slice, ...], out: np.ndarray, *, transpose: bool = False,
-                  chunk_bytes: int = CHUNK_BYTES) -> None:
+    def read_into(
+        self,
+        key: str,
+        index: tuple[slice, ...],
+        out: np.ndarray,
+        *,
+        transpose: bool = False,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
         """Fill `out` with `tensor[index]` (unit-step slices, one per axis) by positioned reads; with
         `transpose` (2-D tensors) fill it with `tensor[index].T` instead.
 
@@ -256,17 +292,23 @@ class CheckpointIndex:
         no file position)."""
         info = self.info(key)
         box = tuple(s.stop - s.start for s in index)
-        if len(index) != len(info.shape) or out.shape != (box[::-1] if transpose else box) \
-                or out.dtype != info.dtype or not out.flags.c_contiguous or (transpose and len(box) != 2):
-            raise CheckpointError(f"{info.file}: tensor {key!r} {info.shape} {info.dtype}: cannot read {index} "
-                                  f"{'transposed ' if transpose else ''}into a {out.shape} {out.dtype} buffer")
+        if (
+            len(index) != len(info.shape)
+            or out.shape != (box[::-1] if transpose else box)
+            or out.dtype != info.dtype
+            or not out.flags.c_contiguous
+            or (transpose and len(box) != 2)
+        ):
+            raise CheckpointError(
+                f"{info.file}: tensor {key!r} {info.shape} {info.dtype}: cannot read {index} "
+                f"{'transposed ' if transpose else ''}into a {out.shape} {out.dtype} buffer"
+            )
         if out.size == 0:
             return
         if info.offset + info.nbytes > os.fstat(self._fd(info.file)).st_size:
             raise CheckpointError(f"{info.file}: file shrank since it was opened (truncated)")
         row = int(np.prod(info.shape[1:], dtype=np.int64)) * info.dtype.itemsize
-        if not transpose and all(s.start == 0 and s.stop == d
-                                 for s, d in zip(index[1:], info.shape[1:], strict=True)):
+        if not transpose and all(s.start == 0 and s.stop == d for s, d in zip(index[1:], info.shape[1:], strict=True)):
             start = index[0].start * row if info.shape else 0
             self._pread(info, info.offset + start, memoryview(out.reshape(-1).view(np.uint8)))
             return
@@ -282,8 +324,9 @@ class CheckpointIndex:
             self._pread(info, info.offset + r0 * row, memoryview(chunk.reshape(-1).view(np.uint8)))
             wanted = chunk[(slice(None), *index[1:])]
             if transpose:
-                copy_transposed(wanted, target[:, r0 - rows.start : r1 - rows.start],
-                                self._scratch(wanted.nbytes, "pack"))
+                copy_transposed(
+                    wanted, target[:, r0 - rows.start : r1 - rows.start], self._scratch(wanted.nbytes, "pack")
+                )
             else:
                 np.copyto(target[r0 - rows.start : r1 - rows.start], wanted)
 
@@ -300,8 +343,9 @@ class CheckpointIndex:
             try:
                 fd = self._fd(info.file)
                 for start in range(0, info.nbytes, _PREFETCH_BYTES):
-                    os.posix_fadvise(fd, info.offset + start, min(_PREFETCH_BYTES, info.nbytes - start),
-                                     os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(
+                        fd, info.offset + start, min(_PREFETCH_BYTES, info.nbytes - start), os.POSIX_FADV_WILLNEED
+                    )
             except OSError:
                 return
 
@@ -347,7 +391,9 @@ class CheckpointIndex:
         try:
             src = self._bits(info)[index]
         except IndexError as e:
-            raise CheckpointError(f"{info.file}: tensor {key!r} of shape {info.shape}: bad index {index!r} ({e})") from None
+            raise CheckpointError(
+                f"{info.file}: tensor {key!r} of shape {info.shape}: bad index {index!r} ({e})"
+            ) from None
         out = np.array(src).view(info.dtype)
         self._release(info)
         return out

@@ -103,8 +103,7 @@ def plan_shards(entries: Sequence[TensorEntry], *, max_shard_bytes: int = 5_000_
     if len(groups) == 1:
         return [ShardPlan(SINGLE_FILE, tuple(write_order(groups[0])))]
     n = len(groups)
-    return [ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(write_order(g)))
-            for i, g in enumerate(groups)]
+    return [ShardPlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", tuple(write_order(g))) for i, g in enumerate(groups)]
 
 
 def header_bytes(entries: Sequence[TensorEntry], metadata: dict[str, str] | None) -> bytes:
@@ -112,20 +111,25 @@ def header_bytes(entries: Sequence[TensorEntry], metadata: dict[str, str] | None
     header: dict[str, Any] = {}
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
             raise CheckpointError(f"safetensors metadata must map strings to strings, got {metadata!r}")
         header["__metadata__"] = dict(metadata)
     offset = 0
     for e in entries:
-        header[e.name] = {"dtype": numpy_to_dtype(e.dtype), "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
+        header[e.name] = {
+            "dtype": numpy_to_dtype(e.dtype),
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return raw + b" " * (-len(raw) % 8)
 
 
-def _write_shard(path: str, shard: ShardPlan, produce: Callable[[TensorEntry], Any],
-                 metadata: dict[str, str] | None) -> None:
+def _write_shard(
+    path: str, shard: ShardPlan, produce: Callable[[TensorEntry], Any], metadata: dict[str, str] | None
+) -> None:
     header = header_bytes(shard.entries, metadata)
 
     def write(f) -> None:
@@ -135,8 +139,8 @@ def _write_shard(path: str, shard: ShardPlan, produce: Callable[[TensorEntry], A
             arr = np.asarray(produce(e))
             if tuple(arr.shape) != e.shape or _storable(arr.dtype) != numpy_to_dtype(e.dtype):
                 raise CheckpointError(
-                    f"{path}: tensor {e.name!r} produced as {tuple(arr.shape)} {arr.dtype}, "
-                    f"planned {e.shape} {e.dtype}")
+                    f"{path}: tensor {e.name!r} produced as {tuple(arr.shape)} {arr.dtype}, planned {e.shape} {e.dtype}"
+                )
             arr = np.ascontiguousarray(arr, dtype=e.dtype)  # little-endian, C order (no copy if already)
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))
             del arr
@@ -212,8 +216,10 @@ def write_checkpoint(
         written.append(path)
     if len(shards) > 1:
         index = {
-            "metadata": {"total_parameters": sum(int(np.prod(e.shape, dtype=np.int64)) for e in entries),
-                         "total_size": sum(e.nbytes for e in entries)},
+            "metadata": {
+                "total_parameters": sum(int(np.prod(e.shape, dtype=np.int64)) for e in entries),
+                "total_size": sum(e.nbytes for e in entries),
+            },
             "weight_map": {e.name: s.filename for s in shards for e in s.entries},
         }
         path = os.path.join(out_dir, INDEX_FILE)

@@ -243,8 +243,9 @@ def align_and_average(
     missing = [k for k in EXPERT_KEYS if k not in weights]
     unknown = sorted(set(weights) - set(EXPERT_KEYS) - set(NEURON_BIAS_KEYS) - {"b_down"})
     if missing or unknown:
-        raise ValueError(f"weights need keys {EXPERT_KEYS} (+ optional b_gate, b_up, b_down); "
-                         f"missing {missing}, unknown {unknown}")
+        raise ValueError(
+            f"weights need keys {EXPERT_KEYS} (+ optional b_gate, b_up, b_down); missing {missing}, unknown {unknown}"
+        )
     group, alphas = [int(i) for i in group], [float(a) for a in alphas]
     n_exp = np.shape(weights["w_gate"])[0]
     if not group or len(alphas) != len(group):
@@ -269,10 +270,12 @@ def align_and_average(
     for i, alpha in zip(group, alphas, strict=True):
         ex = expert(i)
         if i != anchor:
-            perm = match_features(anchor_feat, neuron_features(ex, **kw), similarity=similarity,
-                                  max_exact=max_exact, top_k=top_k)
-            ex = permute_expert(ex["w_gate"], ex["w_up"], ex["w_down"], perm,
-                                b_gate=ex.get("b_gate"), b_up=ex.get("b_up"))
+            perm = match_features(
+                anchor_feat, neuron_features(ex, **kw), similarity=similarity, max_exact=max_exact, top_k=top_k
+            )
+            ex = permute_expert(
+                ex["w_gate"], ex["w_up"], ex["w_down"], perm, b_gate=ex.get("b_gate"), b_up=ex.get("b_up")
+            )
         if "b_down" in weights:
             ex["b_down"] = weights["b_down"][i]
         for k, v in ex.items():

@@ -46,12 +46,44 @@ from grape_jax.sharding import RunContext, ShardingRules, make_mesh
 from grape_jax.stats import ModelStats
 
 __all__ = [
-    "CalibrationOptions", "DataSpec", "HealError", "HealInterrupted", "HealOptions", "HealResult", "MergeInputs",
-    "ModelInfo", "ModelStats", "MoEConfig", "MoEModel", "PLANNERS", "PerplexityResult", "Plan", "RunContext",
-    "ShardingRules", "TeacherLogits", "abstract_model", "apply_plan", "cache_teacher_logits", "calibrate",
-    "demo_model_path", "describe", "heal", "init_model", "load_hf", "load_model", "make_mesh", "make_plan",
-    "merge_inputs", "merge_state", "param_view", "perplexity", "prune", "restore_checkpoint", "save_checkpoint",
-    "save_hf", "token_blocks",
+    "CalibrationOptions",
+    "DataSpec",
+    "HealError",
+    "HealInterrupted",
+    "HealOptions",
+    "HealResult",
+    "MergeInputs",
+    "ModelInfo",
+    "ModelStats",
+    "MoEConfig",
+    "MoEModel",
+    "PLANNERS",
+    "PerplexityResult",
+    "Plan",
+    "RunContext",
+    "ShardingRules",
+    "TeacherLogits",
+    "abstract_model",
+    "apply_plan",
+    "cache_teacher_logits",
+    "calibrate",
+    "demo_model_path",
+    "describe",
+    "heal",
+    "init_model",
+    "load_hf",
+    "load_model",
+    "make_mesh",
+    "make_plan",
+    "merge_inputs",
+    "merge_state",
+    "param_view",
+    "perplexity",
+    "prune",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "save_hf",
+    "token_blocks",
 ]
 
 
@@ -70,12 +102,22 @@ def token_blocks(
     directory or a grape checkpoint, whose source directory holds it)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [os.fspath(paths)]
-    spec = DataSpec(paths=tuple(paths) if paths else None, text_field=text_field, seq_len=seq_len,
-                    num_samples=num_samples, seed=seed)
+    spec = DataSpec(
+        paths=tuple(paths) if paths else None,
+        text_field=text_field,
+        seq_len=seq_len,
+        num_samples=num_samples,
+        seed=seed,
+    )
     return blocks_for(os.fspath(model_dir), spec, heldout=heldout)
 
 
 def describe(model: MoEModel) -> dict[str, Any]:
     """A short summary of a model: family, source, experts per layer, parameters, fingerprint."""
-    return {"family": model.info.family, "source": model.info.source, "num_experts": list(model.cfg.num_experts),
-            "params": model.num_params, "fingerprint": model.info.fingerprint}
+    return {
+        "family": model.info.family,
+        "source": model.info.source,
+        "num_experts": list(model.cfg.num_experts),
+        "params": model.num_params,
+        "fingerprint": model.info.fingerprint,
+    }

@@ -146,8 +146,7 @@ def _locked(lock_path: str, target: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise OutputExistsError(
-                f"{target} is being written by another running process (lock {lock_path}); wait for it "
-                f"or stop it"
+                f"{target} is being written by another running process (lock {lock_path}); wait for it or stop it"
             ) from None
         try:
             yield

@@ -83,13 +83,19 @@ class CalibrationOptions:
             raise ValueError(f"calibration option cka: {self.cka!r} unknown; expected auto, exact or minibatch")
         if not self.checkpoint_seconds >= 0:
             raise ValueError(f"calibration option checkpoint_seconds: expected >= 0, got {self.checkpoint_seconds!r}")
-        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
-                or self.checkpoint_every < 0:
-            raise ValueError(f"calibration option checkpoint_every: expected an integer >= 0, got "
-                             f"{self.checkpoint_every!r}")
+        if (
+            isinstance(self.checkpoint_every, bool)
+            or not isinstance(self.checkpoint_every, int)
+            or self.checkpoint_every < 0
+        ):
+            raise ValueError(
+                f"calibration option checkpoint_every: expected an integer >= 0, got {self.checkpoint_every!r}"
+            )
         if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"calibration option compute_dtype: {self.compute_dtype!r} unknown; expected one of "
-                             f"{COMPUTE_DTYPES} (or None: the checkpoint's dtype on accelerators, float32 on CPU)")
+            raise ValueError(
+                f"calibration option compute_dtype: {self.compute_dtype!r} unknown; expected one of "
+                f"{COMPUTE_DTYPES} (or None: the checkpoint's dtype on accelerators, float32 on CPU)"
+            )
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -119,9 +125,7 @@ def choose_cka_mode(cfg: MoEConfig, options: CalibrationOptions) -> str:
 
 def init_accumulators(cfg: MoEConfig, *, cka: str, token_chunk: int) -> Accumulators:
     return {
-        str(layer): similarity.init_accumulators(
-            cfg.num_experts[layer], cfg.hidden_size, cka=cka, chunk=token_chunk
-        )
+        str(layer): similarity.init_accumulators(cfg.num_experts[layer], cfg.hidden_size, cka=cka, chunk=token_chunk)
         for layer in cfg.moe_layers
     }
 
@@ -133,9 +137,9 @@ def accumulator_shardings(acc: Accumulators, ctx: RunContext) -> Accumulators:
     sees the same input placement each batch and compiles once per run."""
 
     def place(a: similarity.Accumulators) -> similarity.Accumulators:
-        return dataclasses.replace(a, **{
-            n: ctx.sharding(getattr(a, n).shape, axes) for n, axes in similarity.accumulator_axes(a.cka).items()
-        })
+        return dataclasses.replace(
+            a, **{n: ctx.sharding(getattr(a, n).shape, axes) for n, axes in similarity.accumulator_axes(a.cka).items()}
+        )
 
     return {k: place(v) for k, v in acc.items()}
 
@@ -197,8 +201,9 @@ def calibration_step(
 
     def moe_fn(prefix: str, h: jax.Array, m: jax.Array) -> jax.Array:
         key = prefix.split(".")[1]
-        out, acc[key] = _moe_layer_with_stats(params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]),
-                                              expert_dtype)
+        out, acc[key] = _moe_layer_with_stats(
+            params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]), expert_dtype
+        )
         return out
 
     x = layers.embed(params, tokens)
@@ -217,9 +222,7 @@ calibration_step_jit = jax.jit(
 )
 
 
-def finalize_stats(
-    acc: Accumulators, model: MoEModel, *, meta: Mapping[str, Any]
-) -> ModelStats:
+def finalize_stats(acc: Accumulators, model: MoEModel, *, meta: Mapping[str, Any]) -> ModelStats:
     """Host statistics of every MoE layer, with weight-space cosine added (needs no data).
 
     On a mesh the accumulators are first replicated (an all-reduce/all-gather of E x E-sized sums), so
@@ -272,8 +275,9 @@ def check_blocks(blocks: np.ndarray, cfg: MoEConfig) -> np.ndarray:
     """[n, seq_len] int32 token ids the model can take (one-line errors otherwise)."""
     blocks = np.asarray(blocks)
     if blocks.ndim != 2 or blocks.shape[0] == 0 or not np.issubdtype(blocks.dtype, np.integer):
-        raise ValueError(f"calibration blocks must be a non-empty [n, seq_len] integer array, got "
-                         f"{blocks.shape} {blocks.dtype}")
+        raise ValueError(
+            f"calibration blocks must be a non-empty [n, seq_len] integer array, got {blocks.shape} {blocks.dtype}"
+        )
     if blocks.shape[1] > cfg.max_position_embeddings:
         raise ValueError(
             f"sequence length {blocks.shape[1]} exceeds the model's max_position_embeddings="
@@ -323,18 +327,27 @@ def calibrate(
                 if log is not None:
                     log(f"resuming calibration after batch {start} of {tokens.shape[0]} (saved in {saver.directory})")
         done, saved_at, last_save = start, start, _clock()
-        bar = tqdm(total=int(mask.sum()), unit="tok", disable=not progress, desc="calibrate",
-                   initial=int(mask[:start].sum()))
+        bar = tqdm(
+            total=int(mask.sum()), unit="tok", disable=not progress, desc="calibrate", initial=int(mask[:start].sum())
+        )
         t0 = time.perf_counter()
         try:
             for i in range(start, tokens.shape[0]):
-                acc = calibration_step_jit(acc, params, ctx.put_batch(tokens[i]), ctx.put_batch(mask[i]), cfg=cfg,
-                                           token_chunk=chunk, acc_shardings=flat_placement,
-                                           compute_dtype=compute_dtype)
+                acc = calibration_step_jit(
+                    acc,
+                    params,
+                    ctx.put_batch(tokens[i]),
+                    ctx.put_batch(mask[i]),
+                    cfg=cfg,
+                    token_chunk=chunk,
+                    acc_shardings=flat_placement,
+                    compute_dtype=compute_dtype,
+                )
                 done = i + 1
                 bar.update(int(mask[i].sum()))
                 due = (options.checkpoint_seconds and _clock() - last_save >= options.checkpoint_seconds) or (
-                    options.checkpoint_every and done % options.checkpoint_every == 0)
+                    options.checkpoint_every and done % options.checkpoint_every == 0
+                )
                 if saver is not None and due and done < tokens.shape[0]:
                     saver.save(acc, done)
                     saved_at, last_save = done, _clock()
@@ -347,8 +360,9 @@ def calibrate(
                     saved_at = done
                 except (RuntimeError, ValueError):  # the step it interrupted had taken (donated) acc
                     pass
-            raise CalibrationInterrupted(min(saved_at * batch_size, blocks.shape[0]), blocks.shape[0],
-                                         None if saver is None else saver.directory) from None
+            raise CalibrationInterrupted(
+                min(saved_at * batch_size, blocks.shape[0]), blocks.shape[0], None if saver is None else saver.directory
+            ) from None
         bar.close()
         elapsed = time.perf_counter() - t0
     finally:
@@ -364,8 +378,9 @@ def calibrate(
         "seconds": round(elapsed, 3),
     }
     model_record = {"fingerprint": model.info.fingerprint, "source": model.info.source}
-    return finalize_stats(acc, model, meta={**dict(meta or {}), "model": model_record, "calibration": info,
-                                            "fingerprint": fingerprint})
+    return finalize_stats(
+        acc, model, meta={**dict(meta or {}), "model": model_record, "calibration": info, "fingerprint": fingerprint}
+    )
 
 
 def calibration_fingerprint(
@@ -377,7 +392,18 @@ def calibration_fingerprint(
     saved statistics must match it."""
     blocks = np.ascontiguousarray(blocks, np.int32)
     h = hashlib.sha256(blocks.tobytes())
-    h.update(json.dumps([model_fingerprint, list(blocks.shape), cfg.to_dict(), options.batch_size,
-                         options.token_chunk, choose_cka_mode(cfg, options),
-                         options.compute_dtype or jax.default_backend()], sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [
+                model_fingerprint,
+                list(blocks.shape),
+                cfg.to_dict(),
+                options.batch_size,
+                options.token_chunk,
+                choose_cka_mode(cfg, options),
+                options.compute_dtype or jax.default_backend(),
+            ],
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()

@@ -28,41 +28,74 @@ class Command:
     multihost: bool = False
 
 
-DESCRIPTION = ("Shrink a Hugging Face Mixture-of-Experts LLM by merging and pruning experts chosen globally across "
-               "layers (GRAPE), in JAX on a device mesh.")
+DESCRIPTION = (
+    "Shrink a Hugging Face Mixture-of-Experts LLM by merging and pruning experts chosen globally across "
+    "layers (GRAPE), in JAX on a device mesh."
+)
 
 COMMANDS: dict[str, Command] = {
     "families": Command("list the supported model families", cli_model.configure_families, cli_model.run_families),
-    "convert": Command("Hugging Face directory -> grape checkpoint (streamed, sharded, Orbax)",
-                       cli_model.configure_convert, cli_model.run_convert, multihost=True),
-    "calibrate": Command("routing statistics and expert similarities over calibration text",
-                         cli_method.configure_calibrate, cli_method.run_calibrate, multihost=True),
+    "convert": Command(
+        "Hugging Face directory -> grape checkpoint (streamed, sharded, Orbax)",
+        cli_model.configure_convert,
+        cli_model.run_convert,
+        multihost=True,
+    ),
+    "calibrate": Command(
+        "routing statistics and expert similarities over calibration text",
+        cli_method.configure_calibrate,
+        cli_method.run_calibrate,
+        multihost=True,
+    ),
     "stats": Command("summarise (and plot) a stats file", cli_method.configure_stats, cli_method.run_stats),
     "plan": Command("statistics + budget -> merge plan (the recipe)", cli_method.configure_plan, cli_method.run_plan),
-    "merge": Command("apply a plan to a grape checkpoint", cli_method.configure_merge, cli_method.run_merge,
-                     multihost=True),
-    "export": Command("grape checkpoint -> Hugging Face directory with recipe.json and a model card",
-                      cli_model.configure_export, cli_model.run_export, multihost=True),
-    "prune": Command("load -> calibrate -> plan -> merge -> export in one go (resumable)",
-                     cli_method.configure_prune, cli_method.run_prune, multihost=True),
-    "heal": Command("distil the original model into a pruned one (optax fine-tune on the mesh; resumable)",
-                    cli_heal.configure_heal, cli_heal.run_heal),
-    "eval": Command("held-out perplexity and multiple-choice accuracy of a model", cli_model.configure_eval,
-                    cli_model.run_eval, multihost=True),
-    "compare": Command("every planner and operator at equal budgets from one calibration",
-                       cli_demo.configure_compare, cli_demo.run_compare, multihost=True),
-    "demo": Command("prune the embedded demo MoE with several methods and report", cli_demo.configure_demo,
-                    cli_demo.run_demo),
+    "merge": Command(
+        "apply a plan to a grape checkpoint", cli_method.configure_merge, cli_method.run_merge, multihost=True
+    ),
+    "export": Command(
+        "grape checkpoint -> Hugging Face directory with recipe.json and a model card",
+        cli_model.configure_export,
+        cli_model.run_export,
+        multihost=True,
+    ),
+    "prune": Command(
+        "load -> calibrate -> plan -> merge -> export in one go (resumable)",
+        cli_method.configure_prune,
+        cli_method.run_prune,
+        multihost=True,
+    ),
+    "heal": Command(
+        "distil the original model into a pruned one (optax fine-tune on the mesh; resumable)",
+        cli_heal.configure_heal,
+        cli_heal.run_heal,
+    ),
+    "eval": Command(
+        "held-out perplexity and multiple-choice accuracy of a model",
+        cli_model.configure_eval,
+        cli_model.run_eval,
+        multihost=True,
+    ),
+    "compare": Command(
+        "every planner and operator at equal budgets from one calibration",
+        cli_demo.configure_compare,
+        cli_demo.run_compare,
+        multihost=True,
+    ),
+    "demo": Command(
+        "prune the embedded demo MoE with several methods and report", cli_demo.configure_demo, cli_demo.run_demo
+    ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grape", description=DESCRIPTION,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="grape", description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(
+            name, help=command.help, description=command.help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
         command.configure(p)
         if command.multihost:
             add_distributed_args(p)

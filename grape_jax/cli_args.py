@@ -23,9 +23,12 @@ class UsageError(ValueError):
 
 
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", default=None,
-                   help="mesh axes data, fsdp, expert, tensor, e.g. 'expert=4,fsdp=2'; data takes the devices the "
-                        "others leave (default: every device on data)")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="mesh axes data, fsdp, expert, tensor, e.g. 'expert=4,fsdp=2'; data takes the devices the "
+        "others leave (default: every device on data)",
+    )
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -38,8 +41,9 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
 def init_distributed(args: argparse.Namespace) -> None:
     """Start multi-host JAX when asked; must run before any other JAX call."""
     if getattr(args, "coordinator", None) or getattr(args, "num_processes", None):
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
 
 
 def mesh_from_args(args: argparse.Namespace, *, log=print) -> Mesh | None:
@@ -56,9 +60,13 @@ def mesh_from_args(args: argparse.Namespace, *, log=print) -> Mesh | None:
 
 def add_data_args(p: argparse.ArgumentParser, *, num_samples: int = 64) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", nargs="*", default=None,
-                   help="text files (.txt), JSONL (with --text-field) or a saved datasets dir (default: the "
-                        "shipped public-domain sample)")
+    g.add_argument(
+        "--data",
+        nargs="*",
+        default=None,
+        help="text files (.txt), JSONL (with --text-field) or a saved datasets dir (default: the "
+        "shipped public-domain sample)",
+    )
     g.add_argument("--text-field", default=None, help="the JSONL/dataset field holding the text")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per block")
     g.add_argument("--num-samples", type=int, default=num_samples, help="blocks drawn from the text")
@@ -66,8 +74,13 @@ def add_data_args(p: argparse.ArgumentParser, *, num_samples: int = 64) -> None:
 
 
 def data_spec(args: argparse.Namespace) -> DataSpec:
-    spec = DataSpec(paths=tuple(args.data) if args.data else None, text_field=args.text_field,
-                    seq_len=args.seq_len, num_samples=args.num_samples, seed=args.seed)
+    spec = DataSpec(
+        paths=tuple(args.data) if args.data else None,
+        text_field=args.text_field,
+        seq_len=args.seq_len,
+        num_samples=args.num_samples,
+        seed=args.seed,
+    )
     spec.check()
     return spec
 
@@ -77,19 +90,33 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=4, help="blocks per calibration step")
     g.add_argument("--token-chunk", type=int, default=512, help="tokens per expert chunk (bounds memory)")
     g.add_argument("--cka", default="auto", choices=["auto", "exact", "minibatch"], help="CKA estimator")
-    g.add_argument("--checkpoint-seconds", type=float, default=60.0,
-                   help="save the calibration accumulators for resuming at most this often (0: never by time)")
-    g.add_argument("--checkpoint-every", type=int, default=0,
-                   help="also save every this many batches (0: never by count)")
-    g.add_argument("--compute-dtype", default=None, choices=list(COMPUTE_DTYPES),
-                   help="dtype of the experts' and statistics' matmuls (default: the checkpoint's on "
-                        "accelerators, float32 on CPU); statistics are fp32 sums either way")
+    g.add_argument(
+        "--checkpoint-seconds",
+        type=float,
+        default=60.0,
+        help="save the calibration accumulators for resuming at most this often (0: never by time)",
+    )
+    g.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also save every this many batches (0: never by count)"
+    )
+    g.add_argument(
+        "--compute-dtype",
+        default=None,
+        choices=list(COMPUTE_DTYPES),
+        help="dtype of the experts' and statistics' matmuls (default: the checkpoint's on "
+        "accelerators, float32 on CPU); statistics are fp32 sums either way",
+    )
 
 
 def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
-    return CalibrationOptions(batch_size=args.batch_size, token_chunk=args.token_chunk, cka=args.cka,
-                              checkpoint_seconds=args.checkpoint_seconds, checkpoint_every=args.checkpoint_every,
-                              compute_dtype=args.compute_dtype)
+    return CalibrationOptions(
+        batch_size=args.batch_size,
+        token_chunk=args.token_chunk,
+        cka=args.cka,
+        checkpoint_seconds=args.checkpoint_seconds,
+        checkpoint_every=args.checkpoint_every,
+        compute_dtype=args.compute_dtype,
+    )
 
 
 def add_planner_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -98,8 +125,13 @@ def add_planner_args(p: argparse.ArgumentParser, *, required: bool = True) -> No
     b = g.add_mutually_exclusive_group(required=required)
     b.add_argument("--per-layer", type=int, help="experts removed per MoE layer on average (budget = r x layers)")
     b.add_argument("--budget", type=int, help="experts removed in total over all MoE layers")
-    g.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="planner option, e.g. gamma=0.01, metric=cka, operator=dominant, global_rank=true")
+    g.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="planner option, e.g. gamma=0.01, metric=cka, operator=dominant, global_rank=true",
+    )
 
 
 def planner_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -148,6 +180,10 @@ def parse_tasks(items: list[str]) -> dict[str, str]:
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=["fp8"], default=None,
-                   help="fp8: requantise the weights an FP8 source stored as FP8, with its block size and "
-                        "quantization_config (unmerged experts keep their scales); default: bf16")
+    p.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        default=None,
+        help="fp8: requantise the weights an FP8 source stored as FP8, with its block size and "
+        "quantization_config (unmerged experts keep their scales); default: bf16",
+    )

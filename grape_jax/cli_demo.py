@@ -35,8 +35,9 @@ DEMO_METHODS = ("grape", "grape-r", "local", "frequency", "reap")
 MERGING = ("grape", "local", "hc-smoe", "m-smoe", "grape-r")
 
 
-def default_variants(methods: Sequence[str], per_layer_list: Sequence[int], *,
-                     operators: Sequence[str] = ("freq",)) -> list[Variant]:
+def default_variants(
+    methods: Sequence[str], per_layer_list: Sequence[int], *, operators: Sequence[str] = ("freq",)
+) -> list[Variant]:
     """One row per (method, operator, budget); pruning planners also get their global-rank twin."""
     unknown = sorted(set(methods) - set(PLANNERS))
     if unknown:
@@ -59,14 +60,19 @@ def default_variants(methods: Sequence[str], per_layer_list: Sequence[int], *,
 
 
 def configure_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="grape-demo",
-                   help="report directory (report.md, results.csv, PNGs; a re-run replaces them)")
+    p.add_argument(
+        "--out", default="grape-demo", help="report directory (report.md, results.csv, PNGs; a re-run replaces them)"
+    )
     p.add_argument("--per-layer", default="2,4", help="experts removed per layer, comma-separated")
     p.add_argument("--methods", default=",".join(DEMO_METHODS), help="planners to compare, comma-separated")
     p.add_argument("--operators", default="dominant", help="merge operators for merging planners, comma-separated")
     p.add_argument("--quick", action="store_true", help="fewer calibration/evaluation tokens (for CI)")
-    p.add_argument("--heal-steps", type=int, default=30,
-                   help="heal the best variant at the largest budget for this many steps (0: no healed row)")
+    p.add_argument(
+        "--heal-steps",
+        type=int,
+        default=30,
+        help="heal the best variant at the largest budget for this many steps (0: no healed row)",
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -80,20 +86,33 @@ def run_demo(args: argparse.Namespace) -> int:
     cal = blocks_for(model_dir, DataSpec(seq_len=SEQ_LEN, num_samples=n_cal, seed=0))
     held = blocks_for(model_dir, DataSpec(seq_len=SEQ_LEN, num_samples=n_eval, seed=0), heldout=True)
     model = load_hf(model_dir, dtype="float32")
-    print(f"demo model {model_dir}: {model.cfg.num_layers} layers x {model.cfg.num_experts[0]} experts; "
-          f"calibrating on {cal.size} tokens, evaluating on {held.size} held-out tokens")
-    stats = calibrate(model, cal, options=CalibrationOptions(batch_size=8, token_chunk=1024), progress=False,
-                      meta={"data": DataSpec(seq_len=SEQ_LEN, num_samples=n_cal).record()})
+    print(
+        f"demo model {model_dir}: {model.cfg.num_layers} layers x {model.cfg.num_experts[0]} experts; "
+        f"calibrating on {cal.size} tokens, evaluating on {held.size} held-out tokens"
+    )
+    stats = calibrate(
+        model,
+        cal,
+        options=CalibrationOptions(batch_size=8, token_chunk=1024),
+        progress=False,
+        meta={"data": DataSpec(seq_len=SEQ_LEN, num_samples=n_cal).record()},
+    )
     original, rows = run_comparison(model, stats, variants, held)
     if args.heal_steps > 0:
         steps = min(args.heal_steps, 4) if args.quick else args.heal_steps
         rows.append(healed_row(model, stats, variants, rows, cal, held, steps=steps))
-    notes = (f"Embedded demo model ({model.cfg.num_layers} MoE layers x {model.cfg.num_experts[0]} experts, top-"
-             f"{model.cfg.top_k}, trained on the shipped KJV text); calibration {cal.size} tokens (Genesis/Exodus), "
-             f"held-out perplexity on {held.size} tokens (Mark/Ruth). Merging planners use the "
-             f"'{args.operators}' operator." + (" The '+ heal' row is the best variant at that budget after "
-             "distillation from the original model (`grape heal`) on other blocks of the calibration text."
-             if args.heal_steps > 0 else ""))
+    notes = (
+        f"Embedded demo model ({model.cfg.num_layers} MoE layers x {model.cfg.num_experts[0]} experts, top-"
+        f"{model.cfg.top_k}, trained on the shipped KJV text); calibration {cal.size} tokens (Genesis/Exodus), "
+        f"held-out perplexity on {held.size} tokens (Mark/Ruth). Merging planners use the "
+        f"'{args.operators}' operator."
+        + (
+            " The '+ heal' row is the best variant at that budget after "
+            "distillation from the original model (`grape heal`) on other blocks of the calibration text."
+            if args.heal_steps > 0
+            else ""
+        )
+    )
     report = write_report(out, original, rows, title="grape-jax demo", notes=notes)
     print()
     print(markdown_table(original, rows))
@@ -101,8 +120,9 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def healed_row(model: MoEModel, stats: ModelStats, variants: Sequence[Variant], rows: Sequence[Row], cal, held, *,
-               steps: int) -> Row:
+def healed_row(
+    model: MoEModel, stats: ModelStats, variants: Sequence[Variant], rows: Sequence[Row], cal, held, *, steps: int
+) -> Row:
     """The best variant at the largest budget, healed for `steps` steps on the calibration text's other
     blocks (distillation from the original model; held-out text never trained on)."""
     budget = max(r.per_layer for r in rows)
@@ -117,8 +137,7 @@ def healed_row(model: MoEModel, stats: ModelStats, variants: Sequence[Variant], 
     result = heal(merged, model, train, options=options, heldout=held, progress=False)
     name = f"{best.name} + heal ({steps} steps)"
     print(f"{name:28s} r={budget}  ppl {result.ppl_after:9.3f}  (before healing {result.ppl_before:.3f})")
-    return Row(name, v.method, budget, result.ppl_after, count_params(merged.cfg), best.kept,
-               time.perf_counter() - t0)
+    return Row(name, v.method, budget, result.ppl_after, count_params(merged.cfg), best.kept, time.perf_counter() - t0)
 
 
 def configure_compare(p: argparse.ArgumentParser) -> None:
@@ -126,8 +145,11 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="results directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
     p.add_argument("--per-layer", default="1,2,4", help="experts removed per layer, comma-separated")
-    p.add_argument("--methods", default="grape,grape-r,local,frequency,reap,hc-smoe,m-smoe",
-                   help="planners to compare, comma-separated")
+    p.add_argument(
+        "--methods",
+        default="grape,grape-r,local,frequency,reap,hc-smoe,m-smoe",
+        help="planners to compare, comma-separated",
+    )
     p.add_argument("--operators", default="dominant,freq", help="merge operators for merging planners")
     p.add_argument("--eval-data", nargs="*", default=None, help="held-out text (default: shipped held-out text)")
     p.add_argument("--eval-samples", type=int, default=64, help="held-out blocks")
@@ -140,19 +162,29 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     """Every planner x operator at equal budgets from one calibration pass; a results table and report."""
     out = check_output(args.out, overwrite=args.overwrite)
-    variants = default_variants(args.methods.split(","), parse_int_list(args.per_layer, "--per-layer"),
-                                operators=tuple(args.operators.split(",")))
+    variants = default_variants(
+        args.methods.split(","),
+        parse_int_list(args.per_layer, "--per-layer"),
+        operators=tuple(args.operators.split(",")),
+    )
     spec = data_spec(args)
-    eval_spec = DataSpec(paths=tuple(args.eval_data) if args.eval_data else None, text_field=args.text_field,
-                         seq_len=args.seq_len, num_samples=args.eval_samples, seed=args.seed + 1)
+    eval_spec = DataSpec(
+        paths=tuple(args.eval_data) if args.eval_data else None,
+        text_field=args.text_field,
+        seq_len=args.seq_len,
+        num_samples=args.eval_samples,
+        seed=args.seed + 1,
+    )
     held = blocks_for(args.model, eval_spec, heldout=not args.eval_data)
     stats = None
     if args.stats:
         stats = ModelStats.load(args.stats)
         have = model_fingerprint(args.model)
         if stats.model_fingerprint and stats.model_fingerprint != have:
-            raise StatsError(f"{args.stats}: statistics of model {stats.model_fingerprint[:16]}, but {args.model} is "
-                             f"model {have[:16]}; calibrate this model (drop --stats)")
+            raise StatsError(
+                f"{args.stats}: statistics of model {stats.model_fingerprint[:16]}, but {args.model} is "
+                f"model {have[:16]}; calibrate this model (drop --stats)"
+            )
     else:
         blocks = blocks_for(args.model, spec)
     model = load_model(args.model, mesh=mesh_from_args(args))

@@ -51,11 +51,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
     model = load_model(args.model, mesh=mesh_from_args(args))
     progress_dir = out + ".progress"
     try:
-        stats = calibrate(model, blocks, options=options, meta={"data": spec.record()}, resume_dir=progress_dir,
-                          log=print)
+        stats = calibrate(
+            model, blocks, options=options, meta={"data": spec.record()}, resume_dir=progress_dir, log=print
+        )
     except CalibrationInterrupted as e:
-        raise Interrupted(f"interrupted; statistics of {e.saved} of {e.total} blocks are saved in {progress_dir}: "
-                          f"run the same command again to resume") from None
+        raise Interrupted(
+            f"interrupted; statistics of {e.saved} of {e.total} blocks are saved in {progress_dir}: "
+            f"run the same command again to resume"
+        ) from None
     stats.save(out)
     shutil.rmtree(progress_dir, ignore_errors=True)
     print(f"stats of {len(stats.layers)} MoE layers over {blocks.size} tokens -> {out}")
@@ -98,8 +101,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, overwrite=args.overwrite)
     stats = ModelStats.load(args.stats)
-    plan = make_plan(stats, method=args.method, budget=args.budget, per_layer=args.per_layer,
-                     **planner_options(args))
+    plan = make_plan(stats, method=args.method, budget=args.budget, per_layer=args.per_layer, **planner_options(args))
     if args.out:
         plan.save(args.out)
         print(f"plan ({args.method}, {plan.budget} experts removed) -> {args.out}")
@@ -114,7 +116,9 @@ def run_plan(args: argparse.Namespace) -> int:
 def allocation_table(plan: Plan) -> str:
     rows = [f"{'layer':>5} {'before':>6} {'after':>6} {'removed':>7}"]
     for lp in plan.layers:
-        rows.append(f"{lp.layer:5d} {lp.num_experts_before:6d} {lp.num_kept:6d} {lp.num_experts_before - lp.num_kept:7d}")
+        rows.append(
+            f"{lp.layer:5d} {lp.num_experts_before:6d} {lp.num_kept:6d} {lp.num_experts_before - lp.num_kept:7d}"
+        )
     rows.append(f"total removed: {plan.num_removed}")
     return "\n".join(rows)
 
@@ -160,13 +164,29 @@ def configure_prune(p: argparse.ArgumentParser) -> None:
 def run_prune(args: argparse.Namespace) -> int:
     """convert -> calibrate -> plan -> merge -> export in one go; resumable, never reusing stale stages."""
     spec, options = data_spec(args), calibration_options(args)
-    check_plan_request(model_config(args.hf_dir), method=args.method, budget=args.budget, per_layer=args.per_layer,
-                       options=planner_options(args))
+    check_plan_request(
+        model_config(args.hf_dir),
+        method=args.method,
+        budget=args.budget,
+        per_layer=args.per_layer,
+        options=planner_options(args),
+    )
     check_output(args.out, overwrite=args.overwrite)
-    result = prune(args.hf_dir, args.out, method=args.method, budget=args.budget, per_layer=args.per_layer,
-                   data=spec, planner_options=planner_options(args), calibration_options=options,
-                   work_dir=args.work_dir, keep_work=args.keep_work, mesh=mesh_from_args(args),
-                   overwrite=args.overwrite, quantize=args.quantize)
+    result = prune(
+        args.hf_dir,
+        args.out,
+        method=args.method,
+        budget=args.budget,
+        per_layer=args.per_layer,
+        data=spec,
+        planner_options=planner_options(args),
+        calibration_options=options,
+        work_dir=args.work_dir,
+        keep_work=args.keep_work,
+        mesh=mesh_from_args(args),
+        overwrite=args.overwrite,
+        quantize=args.quantize,
+    )
     print(allocation_table(result.plan))
     print(f"exported -> {result.out}")
     return 0

@@ -40,8 +40,10 @@ def family_lines(families) -> list[str]:
             f"{'':14s}   export:  uniform counts -> {stock}; per-layer counts -> remote code "
             f"(modeling_pruned_moe.py)" + ("" if out is f else f"; written as {out.name} (text model only)"),
         ]
-    lines.append("Checkpoints with an FP8 block-quantised quantization_config are read for every family (export: "
-                 "bf16, or --quantize fp8); GPT-OSS's MXFP4 is read and exported bf16.")
+    lines.append(
+        "Checkpoints with an FP8 block-quantised quantization_config are read for every family (export: "
+        "bf16, or --quantize fp8); GPT-OSS's MXFP4 is read and exported bf16."
+    )
     return lines
 
 
@@ -76,26 +78,43 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     model = restore_checkpoint(args.ckpt, mesh=mesh_from_args(args))
     try:
-        save_hf(model, args.out, overwrite=args.overwrite, max_shard_bytes=int(args.max_shard_gb * 1e9),
-                quantize=args.quantize, log=print)
+        save_hf(
+            model,
+            args.out,
+            overwrite=args.overwrite,
+            max_shard_bytes=int(args.max_shard_gb * 1e9),
+            quantize=args.quantize,
+            log=print,
+        )
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted during export; the shards written so far are kept next to {args.out} "
-                          f"(.{os.path.basename(os.path.abspath(args.out))}.partial): run the same command again "
-                          f"to resume") from None
+        raise Interrupted(
+            f"interrupted during export; the shards written so far are kept next to {args.out} "
+            f"(.{os.path.basename(os.path.abspath(args.out))}.partial): run the same command again "
+            f"to resume"
+        ) from None
     print(f"exported {args.ckpt} -> {args.out}")
     return 0
 
 
 def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="Hugging Face directory or grape checkpoint")
-    p.add_argument("--task", action="append", default=[], metavar="NAME=PATH",
-                   help="multiple-choice task file (JSONL), e.g. piqa=piqa.jsonl; see grape_jax/assets/tasks/")
+    p.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="multiple-choice task file (JSONL), e.g. piqa=piqa.jsonl; see grape_jax/assets/tasks/",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--dtype", default=None, help="cast an HF model's parameters, e.g. float32")
-    p.add_argument("--dispatch", default="auto", choices=list(DISPATCHES),
-                   help="MoE forward: routed (each expert on its own tokens) or dense (every expert on every token)")
+    p.add_argument(
+        "--dispatch",
+        default="auto",
+        choices=list(DISPATCHES),
+        help="MoE forward: routed (each expert on its own tokens) or dense (every expert on every token)",
+    )
     add_data_args(p, num_samples=64)
     add_mesh_args(p)
 
@@ -113,22 +132,34 @@ def run_eval(args: argparse.Namespace) -> int:
     spec = data_spec(args)
     blocks = blocks_for(args.model, spec, heldout=True)
     model = load_model(args.model, mesh=mesh_from_args(args), dtype=args.dtype)
+
     def forward(tokens, mask):
         return model(tokens, mask, dispatch=args.dispatch)
 
     ppl = perplexity(forward, blocks, batch_size=args.batch_size, progress=True)
-    results = {"model": os.path.abspath(args.model), "fingerprint": model.info.fingerprint,
-               "num_experts": list(model.cfg.num_experts), "params": model.num_params,
-               "perplexity": {"ppl": ppl.ppl, "nll_sum": ppl.nll_sum, "num_tokens": ppl.num_tokens,
-                              "data": spec.record(heldout=True)}}
+    results = {
+        "model": os.path.abspath(args.model),
+        "fingerprint": model.info.fingerprint,
+        "num_experts": list(model.cfg.num_experts),
+        "params": model.num_params,
+        "perplexity": {
+            "ppl": ppl.ppl,
+            "nll_sum": ppl.nll_sum,
+            "num_tokens": ppl.num_tokens,
+            "data": spec.record(heldout=True),
+        },
+    }
     rows = [("perplexity", f"{ppl.ppl:.4f}", f"{ppl.num_tokens} tokens")]
     if tasks:
         tokenizer = load_tokenizer(tokenizer_dir(args.model))
-        scores = evaluate_tasks(forward, tokenizer, tasks, batch_size=args.batch_size,
-                                max_length=model.cfg.max_position_embeddings)
+        scores = evaluate_tasks(
+            forward, tokenizer, tasks, batch_size=args.batch_size, max_length=model.cfg.max_position_embeddings
+        )
         results["tasks"] = scores
-        rows += [(name, f"acc {s['acc']:.4f} acc_norm {s['acc_norm']:.4f}", f"{s['n']} examples")
-                 for name, s in scores.items()]
+        rows += [
+            (name, f"acc {s['acc']:.4f} acc_norm {s['acc_norm']:.4f}", f"{s['n']} examples")
+            for name, s in scores.items()
+        ]
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:{width}s}  {value}  ({note})")

@@ -73,16 +73,27 @@ def run_comparison(
         plan = make_plan(stats, method=v.method, per_layer=v.per_layer, **dict(v.options))
         merged = apply_plan(model, plan)
         ppl = perplexity(merged, eval_blocks, batch_size=batch_size).ppl
-        rows.append(Row(v.name, v.method, v.per_layer, ppl, count_params(merged.cfg), plan.kept_per_layer,
-                        time.perf_counter() - t0))
+        rows.append(
+            Row(
+                v.name,
+                v.method,
+                v.per_layer,
+                ppl,
+                count_params(merged.cfg),
+                plan.kept_per_layer,
+                time.perf_counter() - t0,
+            )
+        )
         log(f"{v.name:28s} r={v.per_layer}  ppl {ppl:9.3f}  kept {list(plan.kept_per_layer)}")
     return original, rows
 
 
 def markdown_table(original: Row, rows: Sequence[Row]) -> str:
-    lines = ["| method | removed / layer | held-out ppl | params | experts kept per layer |",
-             "|---|---|---|---|---|",
-             f"| original | 0 | {original.ppl:.3f} | {original.params:,} | {list(original.kept)} |"]
+    lines = [
+        "| method | removed / layer | held-out ppl | params | experts kept per layer |",
+        "|---|---|---|---|---|",
+        f"| original | 0 | {original.ppl:.3f} | {original.params:,} | {list(original.kept)} |",
+    ]
     for r in sorted(rows, key=lambda r: (r.per_layer, r.ppl)):
         lines.append(f"| {r.name} | {r.per_layer} | {r.ppl:.3f} | {r.params:,} | {list(r.kept)} |")
     return "\n".join(lines)
@@ -91,10 +102,14 @@ def markdown_table(original: Row, rows: Sequence[Row]) -> str:
 def write_report(directory: str, original: Row, rows: Sequence[Row], *, title: str, notes: str = "") -> str:
     """report.md + results.csv + perplexity.png + allocation PNGs in `directory`; returns report path."""
     os.makedirs(directory, exist_ok=True)
-    lines = [["name", "method", "per_layer", "ppl", "params", "kept_per_layer", "seconds"],
-             ["original", "-", 0, f"{original.ppl:.6f}", original.params, " ".join(map(str, original.kept)), ""]]
-    lines += [[r.name, r.method, r.per_layer, f"{r.ppl:.6f}", r.params, " ".join(map(str, r.kept)), f"{r.seconds:.2f}"]
-              for r in rows]
+    lines = [
+        ["name", "method", "per_layer", "ppl", "params", "kept_per_layer", "seconds"],
+        ["original", "-", 0, f"{original.ppl:.6f}", original.params, " ".join(map(str, original.kept)), ""],
+    ]
+    lines += [
+        [r.name, r.method, r.per_layer, f"{r.ppl:.6f}", r.params, " ".join(map(str, r.kept)), f"{r.seconds:.2f}"]
+        for r in rows
+    ]
     buffer = io.StringIO()
     csv.writer(buffer).writerows(lines)
     atomic_write_text(os.path.join(directory, "results.csv"), buffer.getvalue())
@@ -106,8 +121,13 @@ def write_report(directory: str, original: Row, rows: Sequence[Row], *, title: s
     layers = list(range(len(original.kept)))
     for per_layer in sorted({r.per_layer for r in rows}):
         kept = {r.name: list(r.kept) for r in rows if r.per_layer == per_layer}
-        plot_allocation(kept, layers, os.path.join(directory, f"allocation_r{per_layer}.png"), ylabel="experts kept",
-                        title=f"experts kept per MoE layer, {per_layer} removed per layer on average")
+        plot_allocation(
+            kept,
+            layers,
+            os.path.join(directory, f"allocation_r{per_layer}.png"),
+            ylabel="experts kept",
+            title=f"experts kept per MoE layer, {per_layer} removed per layer on average",
+        )
         text += f"\n![allocation, {per_layer} removed per layer](allocation_r{per_layer}.png)\n"
     path = os.path.join(directory, "report.md")
     atomic_write_text(path, text)

@@ -13,8 +13,13 @@ from collections.abc import Mapping
 from typing import Any
 
 ROUTERS = (
-    "softmax_topk", "topk_softmax", "sigmoid_group_topk", "softmax_group_topk", "softmax_bias_topk",
-    "sparsemixer", "topk_sigmoid",
+    "softmax_topk",
+    "topk_softmax",
+    "sigmoid_group_topk",
+    "softmax_group_topk",
+    "softmax_bias_topk",
+    "sparsemixer",
+    "topk_sigmoid",
 )
 GROUP_ROUTERS = ("sigmoid_group_topk", "softmax_group_topk")
 SCORE_BIAS_ROUTERS = ("sigmoid_group_topk", "softmax_bias_topk")  # a per-expert selection bias
@@ -165,10 +170,7 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         if len(self.num_experts) != self.num_layers:
-            raise ConfigError(
-                f"num_experts has {len(self.num_experts)} entries, expected num_layers="
-                f"{self.num_layers}"
-            )
+            raise ConfigError(f"num_experts has {len(self.num_experts)} entries, expected num_layers={self.num_layers}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router {self.router!r} unknown; expected one of {ROUTERS}")
         if self.activation not in ACTIVATIONS:
@@ -186,9 +188,7 @@ class MoEConfig:
         if self.rope_layers is not None and len(self.rope_layers) != self.num_layers:
             raise ConfigError(f"rope_layers has {len(self.rope_layers)} entries, expected {self.num_layers}")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         for layer, e in enumerate(self.num_experts):
             if e < 0:
                 raise ConfigError(f"layer {layer}: {e} experts (expected 0 for a dense layer, or a routable count)")

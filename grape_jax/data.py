@@ -111,8 +111,10 @@ def _load_dataset_dir(path: str, text_field: str | None) -> list[str]:
     try:
         import datasets  # noqa: PLC0415  (deferred: optional dependency, only for saved dataset dirs)
     except ImportError:
-        raise DataError(f"{path}: reading a saved dataset directory needs the `datasets` package: "
-                        "install datasets (pip install datasets)") from None
+        raise DataError(
+            f"{path}: reading a saved dataset directory needs the `datasets` package: "
+            "install datasets (pip install datasets)"
+        ) from None
     try:
         ds = datasets.load_from_disk(path)
     except FileNotFoundError:
@@ -182,8 +184,11 @@ def tokenize_and_pack(
 def _sha256_of(path: str) -> str:
     """sha256 of a file, or of a directory's files (names and bytes, sorted)."""
     h = hashlib.sha256()
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    files = (
+        [path]
+        if os.path.isfile(path)
+        else sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+    )
     for name in files:
         h.update(os.path.relpath(name, path).encode() if name != path else b"")
         with open(name, "rb") as f:
@@ -222,8 +227,13 @@ class DataSpec:
             name = HELDOUT_ASSET if heldout else CALIBRATION_ASSET
             text = _asset(name).encode("utf-8")
             files = [{"path": f"grape_jax/assets/{name} (shipped)", "sha256": hashlib.sha256(text).hexdigest()}]
-        return {"files": files, "text_field": self.text_field, "seq_len": self.seq_len,
-                "num_samples": self.num_samples, "seed": self.seed}
+        return {
+            "files": files,
+            "text_field": self.text_field,
+            "seq_len": self.seq_len,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+        }
 
     def blocks(
         self, tokenizer: PreTrainedTokenizerBase, *, max_positions: int, heldout: bool = False
@@ -234,8 +244,14 @@ class DataSpec:
             texts = load_texts(list(self.paths), text_field=self.text_field)
         else:
             texts = default_heldout_texts() if heldout else default_calibration_texts()
-        return tokenize_and_pack(texts, tokenizer, seq_len=self.seq_len, num_samples=self.num_samples,
-                                 seed=self.seed, max_positions=max_positions)
+        return tokenize_and_pack(
+            texts,
+            tokenizer,
+            seq_len=self.seq_len,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            max_positions=max_positions,
+        )
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
@@ -243,5 +259,7 @@ def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(os.fspath(model_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise DataError(f"{model_dir}: no usable tokenizer files ({str(e).splitlines()[0]}); calibration and "
-                        f"evaluation tokenise text with the model's own tokenizer") from None
+        raise DataError(
+            f"{model_dir}: no usable tokenizer files ({str(e).splitlines()[0]}); calibration and "
+            f"evaluation tokenise text with the model's own tokenizer"
+        ) from None

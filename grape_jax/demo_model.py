@@ -21,9 +21,19 @@ from grape_jax.tokenizer import default_tokenizer
 from grape_jax.train import TrainOptions, train
 
 DEMO_CONFIG = MoEConfig(
-    family="mixtral", vocab_size=1024, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-    head_dim=32, moe_intermediate_size=256, num_experts=(8, 8, 8, 8), top_k=2, rms_norm_eps=1e-5,
-    rope_theta=10000.0, max_position_embeddings=512,
+    family="mixtral",
+    vocab_size=1024,
+    hidden_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    moe_intermediate_size=256,
+    num_experts=(8, 8, 8, 8),
+    top_k=2,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
 )
 SEQ_LEN = 128
 
@@ -35,11 +45,21 @@ def shipped_path() -> str:
 def mixtral_hf_config(cfg: MoEConfig) -> dict:
     """A stock transformers Mixtral config.json for `cfg` (uniform expert counts)."""
     return transformers.MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.moe_intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, num_local_experts=cfg.num_experts[0], num_experts_per_tok=cfg.top_k,
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=0, eos_token_id=1,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        num_local_experts=cfg.num_experts[0],
+        num_experts_per_tok=cfg.top_k,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=0,
+        eos_token_id=1,
         pad_token_id=2,
     ).to_dict()
 
@@ -62,10 +82,12 @@ def train_demo_model(out: str, *, steps: int = 300, seed: int = 0, log=print) ->
 
 def _training_card(steps: int, seed: int, curve: list[float]) -> str:
     tail = float(np.mean(curve[-20:]))
-    return (f"# grape-jax demo MoE\n\nMixtral architecture, {DEMO_CONFIG.num_layers} layers x "
-            f"{DEMO_CONFIG.num_experts[0]} experts (top-{DEMO_CONFIG.top_k}), d={DEMO_CONFIG.hidden_size}, trained "
-            f"from scratch by `scripts/train_tiny_moe.py` for {steps} steps (seed {seed}) on the shipped KJV "
-            f"calibration text (public domain). Final training NLL (mean of last 20 steps): {tail:.3f}.\n")
+    return (
+        f"# grape-jax demo MoE\n\nMixtral architecture, {DEMO_CONFIG.num_layers} layers x "
+        f"{DEMO_CONFIG.num_experts[0]} experts (top-{DEMO_CONFIG.top_k}), d={DEMO_CONFIG.hidden_size}, trained "
+        f"from scratch by `scripts/train_tiny_moe.py` for {steps} steps (seed {seed}) on the shipped KJV "
+        f"calibration text (public domain). Final training NLL (mean of last 20 steps): {tail:.3f}.\n"
+    )
 
 
 def ensure_demo_model(log=print) -> str:

@@ -204,8 +204,9 @@ def multiple_choice(
     if not examples:
         raise ValueError("no examples to evaluate")
     requests = [r for ex in examples for r in ex.requests]
-    scores = score_requests(logits_fn, tokenizer, requests, batch_size=batch_size, max_length=max_length,
-                            add_bos=add_bos)
+    scores = score_requests(
+        logits_fn, tokenizer, requests, batch_size=batch_size, max_length=max_length, add_bos=add_bos
+    )
     acc = acc_norm = 0
     pos = 0
     for ex in examples:

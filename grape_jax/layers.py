@@ -201,8 +201,9 @@ def moe_apply(
     `dispatch.DISPATCHES` (static), 'auto' picks per backend and shape. A router that scales the experts'
     input (Llama-4) takes the routed path only at top-1, where the scaled input is one row per token."""
     num_experts, hidden, ffn = params[p + "w_gate"].shape
-    kind = moe_dispatch.choose(dispatch, num_experts=num_experts, top_k=cfg.top_k, tokens=x.shape[0],
-                               hidden=hidden, ffn=ffn)
+    kind = moe_dispatch.choose(
+        dispatch, num_experts=num_experts, top_k=cfg.top_k, tokens=x.shape[0], hidden=hidden, ffn=ffn
+    )
     if kind == "dense" or (cfg.router_scales_input and cfg.top_k != 1):
         out, routing, _ = moe_block(params, p, cfg, x)
         return out, routing
@@ -210,8 +211,9 @@ def moe_apply(
     x_in, weights = x, routing.weights
     if cfg.router_scales_input:
         x_in, weights = x * weights.astype(x.dtype), jnp.ones_like(weights)
-    out = moe_dispatch.routed_experts(params, p, cfg, x_in, routing.indices, weights, kind=kind,
-                                      activation=lambda gate, up: swiglu(gate, up, cfg))
+    out = moe_dispatch.routed_experts(
+        params, p, cfg, x_in, routing.indices, weights, kind=kind, activation=lambda gate, up: swiglu(gate, up, cfg)
+    )
     shared = shared_expert(params, p, cfg, x)
     return (out if shared is None else out + shared), routing
 

@@ -23,8 +23,15 @@ from grape_jax.sharding import make_mesh
 class GrapeJaxLM:
     """The harness's LM interface over a grape-jax model (HF directory or grape checkpoint)."""
 
-    def __init__(self, pretrained: str, *, batch_size: int = 8, max_length: int | None = None,
-                 mesh: str | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        pretrained: str,
+        *,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        mesh: str | None = None,
+        dtype: str | None = None,
+    ):
         self.model = load_model(pretrained, mesh=make_mesh(mesh) if mesh else None, dtype=dtype)
         self.tokenizer = load_tokenizer(tokenizer_dir(pretrained))
         self.batch_size = int(batch_size)
@@ -33,15 +40,23 @@ class GrapeJaxLM:
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         pairs = [tuple(r.args[:2]) for r in requests]
-        return score_requests(self._logits, self.tokenizer, pairs, batch_size=self.batch_size,
-                              max_length=self.max_length, with_greedy=True)
+        return score_requests(
+            self._logits,
+            self.tokenizer,
+            pairs,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            with_greedy=True,
+        )
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         """Σ log p of each whole text (first token conditioned on BOS), in non-overlapping windows."""
         out = []
         for r in requests:
             ids = self.tokenizer(r.args[0], add_special_tokens=False, verbose=False)["input_ids"]
-            bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            bos = (
+                self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+            )
             total, prev = 0.0, [bos]
             for start in range(0, len(ids), self.max_length - 1):
                 window = prev[-1:] + ids[start : start + self.max_length - 1]

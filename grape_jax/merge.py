@@ -102,8 +102,10 @@ def merged_config(cfg: MoEConfig, plan: Plan) -> MoEConfig:
     counts = list(cfg.num_experts)
     for lp in plan.layers:
         if lp.num_experts_before != cfg.num_experts[lp.layer]:
-            raise MergeError(f"layer {lp.layer}: plan is for {lp.num_experts_before} experts, the model has "
-                             f"{cfg.num_experts[lp.layer]}")
+            raise MergeError(
+                f"layer {lp.layer}: plan is for {lp.num_experts_before} experts, the model has "
+                f"{cfg.num_experts[lp.layer]}"
+            )
         counts[lp.layer] = lp.num_kept
     try:
         return cfg.with_num_experts(tuple(counts))
@@ -117,8 +119,9 @@ def _mix(x: jax.Array, matrix: np.ndarray, axis: int) -> jax.Array:
     if np.all(np.isin(matrix, (0.0, 1.0))) and np.all(matrix.sum(1) == 1.0):
         out = jnp.take(v, jnp.asarray(np.argmax(matrix, axis=1), jnp.int32), axis=0)
     else:
-        out = jnp.tensordot(jnp.asarray(matrix, jnp.float32), v.astype(jnp.float32), axes=1,
-                            precision=jax.lax.Precision.HIGHEST).astype(x.dtype)
+        out = jnp.tensordot(
+            jnp.asarray(matrix, jnp.float32), v.astype(jnp.float32), axes=1, precision=jax.lax.Precision.HIGHEST
+        ).astype(x.dtype)
     return jnp.moveaxis(out, 0, axis)
 
 
@@ -180,10 +183,13 @@ def merge_inputs(model: MoEModel, plan: Plan) -> MergeInputs:
         return MergeInputs()
     params = param_view(model)
     mixes = layer_mixes(plan)
-    return MergeInputs(permutations={
-        f"layers.{lp.layer}.mlp.": _alignment_permutations(params, f"layers.{lp.layer}.mlp.", lp)
-        for lp in plan.layers if mixes[lp.layer].averages
-    })
+    return MergeInputs(
+        permutations={
+            f"layers.{lp.layer}.mlp.": _alignment_permutations(params, f"layers.{lp.layer}.mlp.", lp)
+            for lp in plan.layers
+            if mixes[lp.layer].averages
+        }
+    )
 
 
 def _alignment_permutations(params: Mapping[str, jax.Array], prefix: str, lp: LayerPlan) -> np.ndarray:
@@ -218,6 +224,7 @@ def apply_plan(model: MoEModel, plan: Plan, *, inputs: MergeInputs | None = None
     info = model.info.with_record(plan_record(plan))
     graphdef, _ = nnx.split(abstract_model(new_cfg, ctx=model.ctx, info=info))
     state = nnx.state(model, nnx.Param)
+
     def merge(state: nnx.State, inputs: MergeInputs) -> nnx.State:
         return merge_state(state, plan, inputs)
 
@@ -231,8 +238,10 @@ def check_made_for(model: MoEModel, plan: Plan) -> None:
     made_for = str(plan.made_from.get("model_fingerprint") or "")
     have = model.info.fingerprint
     if made_for and have and made_for != have:
-        raise MergeError(f"plan was made from statistics of model {made_for[:16]} ({plan.made_from.get('model_source')}), "
-                         f"but this model is {have[:16]} ({model.info.source}); calibrate this model and plan again")
+        raise MergeError(
+            f"plan was made from statistics of model {made_for[:16]} ({plan.made_from.get('model_source')}), "
+            f"but this model is {have[:16]} ({model.info.source}); calibrate this model and plan again"
+        )
 
 
 def plan_record(plan: Plan) -> dict:

@@ -72,11 +72,19 @@ class ModelInfo:
 
     @classmethod
     def create(
-        cls, *, family: str = "", source: str = "", hf_config: Mapping[str, Any] | None = None,
+        cls,
+        *,
+        family: str = "",
+        source: str = "",
+        hf_config: Mapping[str, Any] | None = None,
         provenance: list[Mapping[str, Any]] | None = None,
     ) -> ModelInfo:
-        return cls(family=family, source=source, hf_config_json=json.dumps(dict(hf_config or {}), sort_keys=True),
-                   provenance_json=json.dumps([dict(r) for r in provenance or []], sort_keys=True, default=str))
+        return cls(
+            family=family,
+            source=source,
+            hf_config_json=json.dumps(dict(hf_config or {}), sort_keys=True),
+            provenance_json=json.dumps([dict(r) for r in provenance or []], sort_keys=True, default=str),
+        )
 
 
 def _param(spec: ParamSpec, value: jax.Array) -> nnx.Param:
@@ -178,9 +186,7 @@ class MoEModel(nnx.Module):
                 per_layer[int(idx)][rest] = spec
             else:
                 setattr(self, name, _param(spec, make(name, spec)))
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, sub, make, f"layers.{i}.") for i, sub in enumerate(per_layer)]
-        )
+        self.layers = nnx.List([DecoderLayer(cfg, sub, make, f"layers.{i}.") for i, sub in enumerate(per_layer)])
 
     def __call__(
         self, tokens: Int[Array, "b t"], mask: Bool[Array, "b t"] | None = None, *, dispatch: str = "auto"
@@ -217,8 +223,9 @@ def param_view(node: nnx.Module | nnx.State) -> dict[str, jax.Array]:
     return {".".join(str(k) for k in path): v.get_value() for path, v in nnx.to_flat_state(state)}
 
 
-def abstract_model(cfg: MoEConfig, *, ctx: RunContext = RunContext(), info: ModelInfo = ModelInfo(),
-                   dtype: Any = jnp.float32) -> MoEModel:
+def abstract_model(
+    cfg: MoEConfig, *, ctx: RunContext = RunContext(), info: ModelInfo = ModelInfo(), dtype: Any = jnp.float32
+) -> MoEModel:
     """The model with `jax.ShapeDtypeStruct` leaves: nothing allocated, nothing computed."""
     return nnx.eval_shape(lambda: MoEModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, ctx=ctx, info=info))
 
@@ -226,7 +233,8 @@ def abstract_model(cfg: MoEConfig, *, ctx: RunContext = RunContext(), info: Mode
 def state_shardings(state: nnx.State, ctx: RunContext) -> nnx.State:
     """Each parameter's sharding on `ctx` from its logical axes (same tree as `state`)."""
     return jax.tree.map(
-        lambda v: ctx.sharding(v.shape, v.get_metadata()["out_sharding"]), state,
+        lambda v: ctx.sharding(v.shape, v.get_metadata()["out_sharding"]),
+        state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
 
@@ -265,8 +273,13 @@ def model_from_arrays(
 
 
 def init_model(
-    cfg: MoEConfig, *, seed: int = 0, dtype: Any = jnp.float32, scale: float = 0.02,
-    ctx: RunContext = RunContext(), info: ModelInfo = ModelInfo(),
+    cfg: MoEConfig,
+    *,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
+    scale: float = 0.02,
+    ctx: RunContext = RunContext(),
+    info: ModelInfo = ModelInfo(),
 ) -> MoEModel:
     """A randomly initialised model drawn on the host (NumPy, seeded): no compile, placed by `ctx`."""
     return model_from_arrays(cfg, init_params(cfg, seed=seed, dtype=dtype, scale=scale), ctx=ctx, info=info)

@@ -114,8 +114,7 @@ def local_slice(arr: jax.Array, box: Box) -> np.ndarray:
         filled += _volume(o)
     if filled != out.size:
         raise MultihostError(
-            f"local_slice: only {filled} of {out.size} elements are addressable from process "
-            f"{jax.process_index()}"
+            f"local_slice: only {filled} of {out.size} elements are addressable from process {jax.process_index()}"
         )
     return out
 
@@ -155,7 +154,10 @@ def _gather_fn(mesh, spec: PartitionSpec, shape: tuple[int, ...], dtype: np.dtyp
         return x
 
     mapped = jax.shard_map(
-        body, mesh=mesh, in_specs=(PartitionSpec(*spec), PartitionSpec()), out_specs=PartitionSpec(),
+        body,
+        mesh=mesh,
+        in_specs=(PartitionSpec(*spec), PartitionSpec()),
+        out_specs=PartitionSpec(),
         check_vma=False,  # all_gather results are typed as varying; they are replicated by construction
     )
     return jax.jit(mapped, out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -22,7 +22,13 @@ from grape_jax.config import MoEConfig
 
 # Logical axis names used on parameters and activations.
 EXPERTS, EMBED, MLP, HEADS, KV_HEADS, VOCAB, NORM = (
-    "experts", "embed", "mlp", "heads", "kv_heads", "vocab", "norm",
+    "experts",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "vocab",
+    "norm",
 )
 
 

@@ -81,8 +81,9 @@ def load_model(
     """An HF directory (streamed, sharded) or a grape checkpoint as a model on `mesh`."""
     if is_checkpoint(path):
         if dtype is not None:
-            raise ConversionError(f"{path}: a grape checkpoint keeps its stored dtypes; --dtype applies to HF "
-                                  f"directories")
+            raise ConversionError(
+                f"{path}: a grape checkpoint keeps its stored dtypes; --dtype applies to HF directories"
+            )
         return restore_checkpoint(path, mesh=mesh, rules=rules)
     return load_hf(path, mesh=mesh, rules=rules, dtype=dtype)
 
@@ -122,8 +123,14 @@ def check_plan_request(
 
 
 def save_hf(
-    model: MoEModel, out: str | os.PathLike, *, overwrite: bool = False, max_shard_bytes: int | None = None,
-    quantize: str | None = None, log: Log | None = None, extra_files: Mapping[str, str | bytes] | None = None,
+    model: MoEModel,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+    quantize: str | None = None,
+    log: Log | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
 ) -> str:
     """Export `model` as an HF directory with `recipe.json` and a README model card built from its
     provenance (any model: original, merged, healed), plus `extra_files` (name -> text or bytes); the
@@ -200,11 +207,20 @@ def prune(
         progress_dir = os.path.join(work_dir, "calibration")
         _drop_stale_progress(progress_dir, fingerprint, log)
         try:
-            stats = calibrate(model, blocks, options=calibration_options, meta={"data": data.record()},
-                              resume_dir=progress_dir, progress=progress, log=log)
+            stats = calibrate(
+                model,
+                blocks,
+                options=calibration_options,
+                meta={"data": data.record()},
+                resume_dir=progress_dir,
+                progress=progress,
+                log=log,
+            )
         except CalibrationInterrupted as e:
-            raise Interrupted(f"interrupted during calibration; statistics of {e.saved} of {e.total} blocks are "
-                              f"saved in {progress_dir}: run the same command again to resume") from None
+            raise Interrupted(
+                f"interrupted during calibration; statistics of {e.saved} of {e.total} blocks are "
+                f"saved in {progress_dir}: run the same command again to resume"
+            ) from None
         stats.save(stats_path)
         shutil.rmtree(progress_dir, ignore_errors=True)
     plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **options)
@@ -214,8 +230,10 @@ def prune(
         save_hf(merged, out, overwrite=overwrite, quantize=quantize, log=log if progress else None)
     except KeyboardInterrupt:
         partial = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
-        raise Interrupted(f"interrupted during export; the shards written so far are kept in {partial}: run the "
-                          f"same command again to resume") from None
+        raise Interrupted(
+            f"interrupted during export; the shards written so far are kept in {partial}: run the "
+            f"same command again to resume"
+        ) from None
     if not keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
     return PruneResult(out=out, plan=plan, stats=stats, cfg_before=cfg, cfg_after=merged.cfg)
@@ -236,5 +254,6 @@ def _drop_stale_progress(directory: str, fingerprint: str, log: Log) -> None:
 def blocks_for(path: str, spec: DataSpec, *, heldout: bool = False) -> np.ndarray:
     """Token blocks of `spec` with the tokenizer of the model at `path` (HF dir or checkpoint)."""
     spec.check()
-    return spec.blocks(load_tokenizer(tokenizer_dir(path)), max_positions=model_config(path).max_position_embeddings,
-                       heldout=heldout)
+    return spec.blocks(
+        load_tokenizer(tokenizer_dir(path)), max_positions=model_config(path).max_position_embeddings, heldout=heldout
+    )

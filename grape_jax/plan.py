@@ -214,8 +214,13 @@ class Plan:
     @classmethod
     def identity(cls, stats: ModelStats) -> Plan:
         """Budget 0: every expert kept as itself."""
-        return build_plan(stats, [[[e] for e in range(ls.num_experts)] for ls in stats.layers],
-                          method="identity", budget=0, operator="drop")
+        return build_plan(
+            stats,
+            [[[e] for e in range(ls.num_experts)] for ls in stats.layers],
+            method="identity",
+            budget=0,
+            operator="drop",
+        )
 
 
 # --------------------------------------------------------------------------------------- parsing
@@ -355,8 +360,7 @@ def layer_plan(
         gs.append(g)
         ws.append(w)
         ds.append(d)
-    return LayerPlan(ls.layer, ls.num_experts, tuple(gs), tuple(ws), tuple(ds),
-                     tuple(sorted(int(e) for e in dropped)))
+    return LayerPlan(ls.layer, ls.num_experts, tuple(gs), tuple(ws), tuple(ds), tuple(sorted(int(e) for e in dropped)))
 
 
 def build_plan(
@@ -383,12 +387,18 @@ def build_plan(
     dominant_per_layer = dominant_per_layer or [None] * n
     layers = tuple(
         layer_plan(ls, g, operator, d, dom)
-        for ls, g, d, dom in zip(stats.layers, groups_per_layer, dropped_per_layer, dominant_per_layer,
-                                 strict=True)
+        for ls, g, d, dom in zip(stats.layers, groups_per_layer, dropped_per_layer, dominant_per_layer, strict=True)
     )
-    plan = Plan(layers=layers, method=method, budget=int(budget), operator=operator, router_rule=router_rule,
-                options=_json_native(dict(options or {})), seed=seed,
-                diagnostics=_json_native(dict(diagnostics or {})))
+    plan = Plan(
+        layers=layers,
+        method=method,
+        budget=int(budget),
+        operator=operator,
+        router_rule=router_rule,
+        options=_json_native(dict(options or {})),
+        seed=seed,
+        diagnostics=_json_native(dict(diagnostics or {})),
+    )
     plan.validate()
     for ls, groups in zip(stats.layers, groups_per_layer, strict=True):
         wanted = min(int(plan.options.get("min_experts", 0)), ls.num_experts)  # a smaller layer stays as it is

@@ -56,8 +56,14 @@ def plot_stats(stats: ModelStats, directory: str, *, metric: str = "cka") -> lis
     return paths
 
 
-def plot_allocation(removed: Mapping[str, Sequence[int]], layers: Sequence[int], path: str, *,
-                    title: str = "experts removed per MoE layer", ylabel: str = "experts removed") -> str:
+def plot_allocation(
+    removed: Mapping[str, Sequence[int]],
+    layers: Sequence[int],
+    path: str,
+    *,
+    title: str = "experts removed per MoE layer",
+    ylabel: str = "experts removed",
+) -> str:
     """Grouped bars, one group per MoE layer (ticked under the group's centre), one bar per name."""
     plt = _pyplot()
     names = list(removed)
@@ -75,8 +81,13 @@ def plot_allocation(removed: Mapping[str, Sequence[int]], layers: Sequence[int],
     return _save(fig, plt, path)
 
 
-def plot_perplexity(table: Mapping[str, Mapping[int, float]], baseline: float, path: str, *,
-                    title: str = "held-out perplexity after pruning") -> str:
+def plot_perplexity(
+    table: Mapping[str, Mapping[int, float]],
+    baseline: float,
+    path: str,
+    *,
+    title: str = "held-out perplexity after pruning",
+) -> str:
     """Perplexity vs experts removed per layer, one line per method, ticks at the measured budgets."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -93,8 +104,13 @@ def plot_perplexity(table: Mapping[str, Mapping[int, float]], baseline: float, p
     return _save(fig, plt, path)
 
 
-def plot_loss(losses: Sequence[float], val_losses: Sequence[tuple[int, float]], path: str, *,
-              title: str = "healing: distillation loss") -> str:
+def plot_loss(
+    losses: Sequence[float],
+    val_losses: Sequence[tuple[int, float]],
+    path: str,
+    *,
+    title: str = "healing: distillation loss",
+) -> str:
     """Training loss per step (thin line) and validation loss at the validated steps (points)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))

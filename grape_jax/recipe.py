@@ -42,8 +42,10 @@ def check_provenance(records: list[Mapping[str, Any]]) -> None:
         made_for = (record.get("plan") or {}).get("made_from", {}).get("model_fingerprint")
         before = ModelInfo.create(provenance=records[:n]).fingerprint
         if made_for and before and made_for != before:
-            raise RecipeError(f"provenance record {n}: the plan applied here was made from model {made_for[:12]}, "
-                              f"but was applied to model {before[:12]}")
+            raise RecipeError(
+                f"provenance record {n}: the plan applied here was made from model {made_for[:12]}, "
+                f"but was applied to model {before[:12]}"
+            )
 
 
 def build_recipe(model: MoEModel) -> dict[str, Any]:
@@ -73,9 +75,12 @@ def build_recipe(model: MoEModel) -> dict[str, Any]:
         "num_experts_after": list(model.cfg.num_experts),
         "params_before": count_params(cfg_before),
         "params_after": count_params(model.cfg),
-        "calibration": {"data": made_from.get("data"), "run": made_from.get("calibration"),
-                        "stats_fingerprint": made_from.get("stats_fingerprint"),
-                        "model_fingerprint": made_from.get("model_fingerprint")},
+        "calibration": {
+            "data": made_from.get("data"),
+            "run": made_from.get("calibration"),
+            "stats_fingerprint": made_from.get("stats_fingerprint"),
+            "model_fingerprint": made_from.get("model_fingerprint"),
+        },
         "plan": plan,
         "healing": [{k: v for k, v in r.items() if k != "stage"} for r in records if r.get("stage") == "heal"],
         "provenance": records,
@@ -87,9 +92,7 @@ def model_card(recipe: Mapping[str, Any], *, uniform: bool) -> str:
     """A short README.md for the exported directory."""
     before, after = recipe["num_experts_before"], recipe["num_experts_after"]
     rows = "\n".join(
-        f"| {layer} | {b} | {a} | {b - a} |"
-        for layer, (b, a) in enumerate(zip(before, after, strict=True))
-        if b > 0
+        f"| {layer} | {b} | {a} | {b - a} |" for layer, (b, a) in enumerate(zip(before, after, strict=True)) if b > 0
     )
     pb, pa = recipe["params_before"], recipe["params_after"]
     load = (
@@ -111,10 +114,10 @@ def model_card(recipe: Mapping[str, Any], *, uniform: bool) -> str:
     fingerprint = (source.get("fingerprint") or "unknown")[:16]
     stages = ", ".join(r.get("stage", "?") for r in recipe.get("provenance", []))
     healing = "".join(f"\n{_healing_sentence(h)}\n" for h in recipe.get("healing") or [])
-    return f"""# {source['path']} pruned with grape-jax ({recipe['method']})
+    return f"""# {source["path"]} pruned with grape-jax ({recipe["method"]})
 
-Experts removed in total: **{sum(before) - sum(after)}** (budget {recipe['budget']}), method
-`{recipe['method']}`, operator `{recipe['operator']}`, seed {recipe['seed']}. Parameters: {pb:,} -> {pa:,}
+Experts removed in total: **{sum(before) - sum(after)}** (budget {recipe["budget"]}), method
+`{recipe["method"]}`, operator `{recipe["operator"]}`, seed {recipe["seed"]}. Parameters: {pb:,} -> {pa:,}
 ({100.0 * (pb - pa) / pb:.1f}% fewer).
 
 | layer | experts before | after | removed |
@@ -133,7 +136,7 @@ from transformers import AutoModelForCausalLM
 ## How it was made
 
 Source model fingerprint `{fingerprint}`; calibration data {files}
-({data.get('num_samples')} blocks of {data.get('seq_len')} tokens, seed {data.get('seed')}); stages: {stages}.
+({data.get("num_samples")} blocks of {data.get("seq_len")} tokens, seed {data.get("seed")}); stages: {stages}.
 `recipe.json` records the plan (which original experts were merged or dropped in each layer), the
 fingerprints of the source model, the statistics and the data, and the package versions.
 {healing}"""
@@ -143,14 +146,19 @@ def _healing_sentence(h: Mapping[str, Any]) -> str:
     """One paragraph of the model card for one healing (distillation fine-tune) of the model."""
     data, held = h.get("data") or {}, h.get("heldout") or {}
     files = ", ".join(f"`{f['path']}`" for f in data.get("files", [])) or "token blocks"
-    ppl = (f" Held-out perplexity {held['ppl_before']:.3f} before healing, {held['ppl_after']:.3f} after"
-           + (f" (original model {held['ppl_teacher']:.3f})." if held.get("ppl_teacher") is not None else ".")
-           if held.get("ppl_before") is not None and held.get("ppl_after") is not None else "")
-    return (f"Healed after pruning: {h.get('steps')} steps of distillation from the original model "
-            f"(`{(h.get('teacher') or {}).get('fingerprint', '')[:16]}`), training `{h.get('trained')}` "
-            f"({h.get('trained_params', 0):,} parameters) on {data.get('num_blocks')} blocks of {data.get('seq_len')} "
-            f"tokens of {files} (sha256 {str(data.get('blocks_sha256'))[:12]}); kept step {h.get('best_step')}, "
-            f"training loss {_num(h.get('loss_first'))} -> {_num(h.get('loss_last'))}.{ppl}")
+    ppl = (
+        f" Held-out perplexity {held['ppl_before']:.3f} before healing, {held['ppl_after']:.3f} after"
+        + (f" (original model {held['ppl_teacher']:.3f})." if held.get("ppl_teacher") is not None else ".")
+        if held.get("ppl_before") is not None and held.get("ppl_after") is not None
+        else ""
+    )
+    return (
+        f"Healed after pruning: {h.get('steps')} steps of distillation from the original model "
+        f"(`{(h.get('teacher') or {}).get('fingerprint', '')[:16]}`), training `{h.get('trained')}` "
+        f"({h.get('trained_params', 0):,} parameters) on {data.get('num_blocks')} blocks of {data.get('seq_len')} "
+        f"tokens of {files} (sha256 {str(data.get('blocks_sha256'))[:12]}); kept step {h.get('best_step')}, "
+        f"training loss {_num(h.get('loss_first'))} -> {_num(h.get('loss_last'))}.{ppl}"
+    )
 
 
 def _num(x: Any) -> str:

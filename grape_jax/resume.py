@@ -49,8 +49,9 @@ class Progress:
         if self.latest == next_unit:
             return
         meta = {"fingerprint": self.fingerprint, "next": int(next_unit), "extra": dict(extra or {})}
-        self._manager.save(next_unit, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(carry), meta=ocp.args.JsonSave(meta)))
+        self._manager.save(
+            next_unit, args=ocp.args.Composite(state=ocp.args.StandardSave(carry), meta=ocp.args.JsonSave(meta))
+        )
         self._manager.wait_until_finished()
 
     def meta(self) -> dict[str, Any] | None:
@@ -75,5 +76,6 @@ class Progress:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), template
         )
         restored = self._manager.restore(
-            int(meta["next"]), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            int(meta["next"]), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
         return restored["state"], int(meta["next"]), dict(meta.get("extra", {}))

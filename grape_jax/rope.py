@@ -45,9 +45,7 @@ def inv_freq(cfg: MoEConfig, dim: int) -> np.ndarray:
         high += 0.001
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
     extrapolation_factor = (1 - ramp).astype(np.float32)
-    return (interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor).astype(
-        np.float32
-    )
+    return (interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor).astype(np.float32)
 
 
 def _llama3(cfg: MoEConfig, freqs: np.ndarray) -> np.ndarray:
@@ -68,9 +66,7 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def apply_rope(
-    x: Float[Array, "b t h d"], positions: Int[Array, "b t"], cfg: MoEConfig
-) -> Float[Array, "b t h d"]:
+def apply_rope(x: Float[Array, "b t h d"], positions: Int[Array, "b t"], cfg: MoEConfig) -> Float[Array, "b t h d"]:
     """Rotate the whole last axis of `x` (rotate-half; interleaved pairs are de-interleaved first,
     which is what transformers' `apply_rotary_pos_emb_interleave` returns)."""
     dim = x.shape[-1]
@@ -89,7 +85,6 @@ def apply_rope(
         x1, x2 = x32[..., :half], x32[..., half:]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
-
 
 
 def apply_partial_rope(

@@ -40,9 +40,7 @@ def _densify(weights: jax.Array, indices: jax.Array, num_experts: int) -> tuple[
     return gates, one_hot.sum(axis=1) > 0
 
 
-def _sparsemixer_pick(
-    scores: jax.Array, candidates: jax.Array, eps: float
-) -> tuple[jax.Array, jax.Array]:
+def _sparsemixer_pick(scores: jax.Array, candidates: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     """One sparsemixer step (eval mode): the best candidate, weighted by a softmax over the candidates
     whose logit is within `2 eps` of the best, relative to max(|logit|, best)."""
     index = jnp.argmax(candidates, axis=-1)

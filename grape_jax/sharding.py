@@ -92,8 +92,10 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None) -> dict[str, int]:
     sizes = {axis: 1 for axis in MESH_AXES}
     if spec is None or spec == "":
         return sizes
-    items = spec.items() if isinstance(spec, Mapping) else (
-        part.split("=", 1) if "=" in part else (part, None) for part in spec.split(",")
+    items = (
+        spec.items()
+        if isinstance(spec, Mapping)
+        else (part.split("=", 1) if "=" in part else (part, None) for part in spec.split(","))
     )
     for axis, size in items:
         axis = axis.strip()
@@ -108,18 +110,14 @@ def parse_mesh_spec(spec: str | Mapping[str, int] | None) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(
-    spec: str | Mapping[str, int] | None = None, *, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
+def make_mesh(spec: str | Mapping[str, int] | None = None, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over all four named axes (unused ones have size 1) and every device: when `data` is not
     named it takes the devices the other axes leave (their product must divide the device count); a
     spec that would leave devices idle, or needs more than exist, is refused."""
     sizes = parse_mesh_spec(spec)
     devices = list(jax.devices() if devices is None else devices)
     named = math.prod(sizes.values())
-    given = spec if isinstance(spec, Mapping) else dict(
-        p.split("=", 1) for p in (spec or "").split(",") if "=" in p
-    )
+    given = spec if isinstance(spec, Mapping) else dict(p.split("=", 1) for p in (spec or "").split(",") if "=" in p)
     text = spec if isinstance(spec, str) else ",".join(f"{k}={v}" for k, v in (spec or {}).items())
     if named != len(devices):
         if "data" not in given and len(devices) % named == 0:
@@ -132,9 +130,7 @@ def make_mesh(
                 hint += f" or divides it (data takes the rest; {len(devices)} is not a multiple of {named})"
             raise MeshError(f"--mesh {text}: uses {named} of the {len(devices)} devices; {hint}")
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def describe_mesh(mesh: Mesh | None) -> str:
@@ -160,9 +156,7 @@ def logical_to_pspec(
     used: set[str] = set()
     parts: list[str | tuple[str, ...] | None] = []
     for dim, logical in zip(shape, axes, strict=True):
-        mesh_axes = tuple(
-            a for a in rules.mesh_axes(logical) if mesh.shape[a] > 1 and a not in used
-        )
+        mesh_axes = tuple(a for a in rules.mesh_axes(logical) if mesh.shape[a] > 1 and a not in used)
         size = math.prod(mesh.shape[a] for a in mesh_axes)
         if not mesh_axes or dim % size:
             parts.append(None)

@@ -115,8 +115,14 @@ def accumulator_axes(cka: str) -> dict[str, tuple[str | None, ...]]:
     width, like the parameters the statistics come from)."""
     experts = ("experts",)
     return {
-        "num_tokens": (), "count": experts, "gate_sum": experts, "reap_sum": experts, "logit_sum": experts,
-        "y_sum": ("experts", "embed"), "logit_outer": ("experts", None), "routed_m": ("experts", None),
+        "num_tokens": (),
+        "count": experts,
+        "gate_sum": experts,
+        "reap_sum": experts,
+        "logit_sum": experts,
+        "y_sum": ("experts", "embed"),
+        "logit_outer": ("experts", None),
+        "routed_m": ("experts", None),
         "routed_n": ("experts", None),
         "cka_sum": (None, "embed", None) if cka == "exact" else ("experts", None),
     }
@@ -131,7 +137,9 @@ def _check_shapes(acc: Accumulators, y, gates, selected, router_logits, mask) ->
     e, t, _ = y.shape
     for name, a in (("gates", gates), ("selected", selected), ("router_logits", router_logits)):
         if tuple(a.shape) != (t, e):
-            raise ValueError(f"similarity.update_accumulators: {name} must be [tokens, experts]={(t, e)}, got {tuple(a.shape)}")
+            raise ValueError(
+                f"similarity.update_accumulators: {name} must be [tokens, experts]={(t, e)}, got {tuple(a.shape)}"
+            )
     if tuple(mask.shape) != (t,):
         raise ValueError(f"similarity.update_accumulators: mask must be [tokens]={(t,)}, got {tuple(mask.shape)}")
 
@@ -263,8 +271,14 @@ def _normalise(num: np.ndarray, self_sim: np.ndarray) -> np.ndarray:
 
 
 _SOURCES = {  # accumulator -> the statistics that read it, for error messages
-    "count": "freq", "gate_sum": "gate_mass", "reap_sum": "reap", "y_sum": "cos_mean/cka",
-    "logit_sum": "router", "logit_outer": "router", "routed_m": "routed_m", "routed_n": "routed_n",
+    "count": "freq",
+    "gate_sum": "gate_mass",
+    "reap_sum": "reap",
+    "y_sum": "cos_mean/cka",
+    "logit_sum": "router",
+    "logit_outer": "router",
+    "routed_m": "routed_m",
+    "routed_n": "routed_n",
     "cka_num": "cka",
 }
 

@@ -69,17 +69,15 @@ class LayerStats:
 
     def similarity(self, metric: str) -> np.ndarray:
         if metric not in self.sim:
-            raise StatsError(
-                f"layer {self.layer}: similarity metric {metric!r} not in stats "
-                f"(have {sorted(self.sim)})"
-            )
+            raise StatsError(f"layer {self.layer}: similarity metric {metric!r} not in stats (have {sorted(self.sim)})")
         return self.sim[metric]
 
     def validate(self) -> None:
         e = self.num_experts
         if self.count_multiple < 1 or self.top_k < 1:
-            raise StatsError(f"layer {self.layer}: count_multiple and top_k must be >= 1, got "
-                             f"{self.count_multiple} and {self.top_k}")
+            raise StatsError(
+                f"layer {self.layer}: count_multiple and top_k must be >= 1, got {self.count_multiple} and {self.top_k}"
+            )
         problem = self.expert_rule.problem(e)
         if problem:
             raise StatsError(f"layer {self.layer} {problem}")
@@ -94,9 +92,7 @@ class LayerStats:
                 raise StatsError(f"layer {self.layer}: {name} has shape {v.shape}, expected ({e},)")
         for name, m in matrices.items():
             if m.shape != (e, e):
-                raise StatsError(
-                    f"layer {self.layer}: {name} has shape {m.shape}, expected ({e}, {e})"
-                )
+                raise StatsError(f"layer {self.layer}: {name} has shape {m.shape}, expected ({e}, {e})")
         for name, a in {**vectors, **matrices}.items():
             if not np.all(np.isfinite(a)):
                 raise StatsError(f"layer {self.layer}: {name} contains NaN or inf")
@@ -124,8 +120,13 @@ class ModelStats:
         """What a plan made from these statistics records of them (`Plan.made_from`)."""
         model = self.meta.get("model") if isinstance(self.meta.get("model"), Mapping) else {}
         run = {k: v for k, v in (self.meta.get("calibration") or {}).items() if k != "seconds"}  # not a timing
-        return {"stats_fingerprint": self.fingerprint, "model_fingerprint": self.model_fingerprint,
-                "model_source": model.get("source", ""), "data": self.meta.get("data"), "calibration": run}
+        return {
+            "stats_fingerprint": self.fingerprint,
+            "model_fingerprint": self.model_fingerprint,
+            "model_source": model.get("source", ""),
+            "data": self.meta.get("data"),
+            "calibration": run,
+        }
 
     def validate(self) -> None:
         if not self.layers:
@@ -149,8 +150,15 @@ class ModelStats:
                 arrays[p + "routed_m"] = ls.routed_m
             if ls.routed_n is not None:
                 arrays[p + "routed_n"] = ls.routed_n
-            header.append({"layer": ls.layer, "num_tokens": ls.num_tokens, "top_k": ls.top_k,
-                           "count_multiple": ls.count_multiple, "min_count": ls.min_count})
+            header.append(
+                {
+                    "layer": ls.layer,
+                    "num_tokens": ls.num_tokens,
+                    "top_k": ls.top_k,
+                    "count_multiple": ls.count_multiple,
+                    "min_count": ls.min_count,
+                }
+            )
         arrays["__header__"] = np.frombuffer(
             json.dumps({"layers": header, "meta": dict(self.meta)}).encode(), dtype=np.uint8
         )
@@ -181,8 +189,9 @@ class ModelStats:
             raise StatsError(f"{path}: stats file not found")
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":
-                raise StatsError(f"{path}: not a grape-jax stats file (expected the .npz archive `grape calibrate` "
-                                 f"writes)")
+                raise StatsError(
+                    f"{path}: not a grape-jax stats file (expected the .npz archive `grape calibrate` writes)"
+                )
         try:  # arrays only: object arrays (pickles) are refused by allow_pickle=False
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
@@ -198,11 +207,7 @@ class ModelStats:
         layers = []
         for n, h in enumerate(header["layers"]):
             p = f"l{n}."
-            sim = {
-                k[len(p) + 4 :]: np.asarray(v, np.float64)
-                for k, v in data.items()
-                if k.startswith(p + "sim.")
-            }
+            sim = {k[len(p) + 4 :]: np.asarray(v, np.float64) for k, v in data.items() if k.startswith(p + "sim.")}
             layers.append(
                 LayerStats(
                     layer=int(h["layer"]),
@@ -259,9 +264,19 @@ def neutral_stats(cfg: MoEConfig) -> ModelStats:
         sim = np.clip(gram / np.outer(norm, norm), 0.0, 1.0)
         np.fill_diagonal(sim, 1.0)
         freq = np.full(e, cfg.top_k / e)
-        layers.append(LayerStats(
-            layer=layer, num_tokens=1, top_k=cfg.top_k, freq=freq, gate_mass=np.full(e, 1.0 / e), reap=np.ones(e),
-            sim={m: sim for m in SIMILARITY_METRICS}, routed_m=freq[:, None] * gram,
-            routed_n=freq[:, None] * np.diag(gram)[None, :], count_multiple=cfg.expert_count_multiple,
-            min_count=cfg.min_routable_experts))
+        layers.append(
+            LayerStats(
+                layer=layer,
+                num_tokens=1,
+                top_k=cfg.top_k,
+                freq=freq,
+                gate_mass=np.full(e, 1.0 / e),
+                reap=np.ones(e),
+                sim={m: sim for m in SIMILARITY_METRICS},
+                routed_m=freq[:, None] * gram,
+                routed_n=freq[:, None] * np.diag(gram)[None, :],
+                count_multiple=cfg.expert_count_multiple,
+                min_count=cfg.min_routable_experts,
+            )
+        )
     return ModelStats(layers=tuple(layers), meta={"neutral": True})

@@ -37,13 +37,17 @@ def _answer_index(labels: list[str], key: Any) -> int:
 
 def _arc(row: Mapping[str, Any]) -> Example:
     ch = row["choices"]
-    return Example.shared_context(f"Question: {row['question']}\nAnswer:", [" " + t for t in ch["text"]],
-                                  _answer_index(list(map(str, ch["label"])), row["answerKey"]))
+    return Example.shared_context(
+        f"Question: {row['question']}\nAnswer:",
+        [" " + t for t in ch["text"]],
+        _answer_index(list(map(str, ch["label"])), row["answerKey"]),
+    )
 
 
 def _boolq(row):
-    return Example.shared_context(f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", [" no", " yes"],
-                                  int(bool(row["answer"])))
+    return Example.shared_context(
+        f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", [" no", " yes"], int(bool(row["answer"]))
+    )
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -55,24 +59,32 @@ def _hellaswag_clean(text: str) -> str:
 def _hellaswag(row):
     ctx = row.get("ctx") or (row["ctx_a"] + " " + row["ctx_b"].capitalize())
     prefix = f"{row['activity_label']}: " if row.get("activity_label") else ""
-    return Example.shared_context(_hellaswag_clean(prefix + ctx), [" " + _hellaswag_clean(e) for e in row["endings"]],
-                                  int(row["label"]))
+    return Example.shared_context(
+        _hellaswag_clean(prefix + ctx), [" " + _hellaswag_clean(e) for e in row["endings"]], int(row["label"])
+    )
 
 
 def _openbookqa(row):
     ch = row["choices"]
-    return Example.shared_context(row["question_stem"], [" " + t for t in ch["text"]],
-                                  _answer_index(list(map(str, ch["label"])), row["answerKey"]))
+    return Example.shared_context(
+        row["question_stem"],
+        [" " + t for t in ch["text"]],
+        _answer_index(list(map(str, ch["label"])), row["answerKey"]),
+    )
 
 
 def _piqa(row):
-    return Example.shared_context(f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]],
-                                  int(row["label"]))
+    return Example.shared_context(
+        f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]], int(row["label"])
+    )
 
 
 def _rte(row):
-    return Example.shared_context(f"{row['sentence1']}\nQuestion: {row['sentence2']} True or False?\nAnswer:",
-                                  [" True", " False"], int(row["label"]))
+    return Example.shared_context(
+        f"{row['sentence1']}\nQuestion: {row['sentence2']} True or False?\nAnswer:",
+        [" True", " False"],
+        int(row["label"]),
+    )
 
 
 def _winogrande(row):
@@ -89,14 +101,26 @@ def _mmlu(row):
     answer = row["answer"]
     label = letters.index(answer) if isinstance(answer, str) else int(answer)
     subject = row.get("subject")
-    header = (f"The following are multiple choice questions (with answers) about "
-              f"{subject.replace('_', ' ')}.\n\n") if subject else ""
-    return Example.shared_context(f"{header}{row['question'].strip()}\n{body}\nAnswer:", [" " + l for l in letters], label)
+    header = (
+        (f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n")
+        if subject
+        else ""
+    )
+    return Example.shared_context(
+        f"{header}{row['question'].strip()}\n{body}\nAnswer:", [" " + l for l in letters], label
+    )
 
 
 TASKS: dict[str, Callable[[Mapping[str, Any]], Example]] = {
-    "arc_easy": _arc, "arc_challenge": _arc, "boolq": _boolq, "hellaswag": _hellaswag,
-    "openbookqa": _openbookqa, "piqa": _piqa, "rte": _rte, "winogrande": _winogrande, "mmlu": _mmlu,
+    "arc_easy": _arc,
+    "arc_challenge": _arc,
+    "boolq": _boolq,
+    "hellaswag": _hellaswag,
+    "openbookqa": _openbookqa,
+    "piqa": _piqa,
+    "rte": _rte,
+    "winogrande": _winogrande,
+    "mmlu": _mmlu,
 }
 
 
@@ -141,6 +165,9 @@ def evaluate_tasks(
     if not task_files:
         raise TaskError("no task files given (expected {task name: path to a JSONL file})")
     loaded = {task: load_task(task, path) for task, path in task_files.items()}  # all errors before any compute
-    return {task: multiple_choice(logits_fn, tokenizer, examples, batch_size=batch_size, max_length=max_length,
-                                  add_bos=add_bos)
-            for task, examples in loaded.items()}
+    return {
+        task: multiple_choice(
+            logits_fn, tokenizer, examples, batch_size=batch_size, max_length=max_length, add_bos=add_bos
+        )
+        for task, examples in loaded.items()
+    }

@@ -32,7 +32,9 @@ def train_tokenizer(
     texts = list(texts)
     minimum = _BYTE_ALPHABET + len(SPECIAL)
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be >= {minimum} (256 bytes + {len(SPECIAL)} special tokens), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must be >= {minimum} (256 bytes + {len(SPECIAL)} special tokens), got {vocab_size}"
+        )
     if not any(isinstance(t, str) and t for t in texts):
         raise ValueError("train_tokenizer needs at least one non-empty text")
     if model_max_length < 1:

@@ -78,9 +78,7 @@ def train(
 
     @jax.jit
     def step(params, opt_state, tokens):
-        (_, (nll, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, cfg, tokens, options.aux_loss_coef
-        )
+        (_, (nll, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, cfg, tokens, options.aux_loss_coef)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, nll, aux
 
@@ -91,6 +89,5 @@ def train(
         params, opt_state, nll, aux = step(params, opt_state, jnp.asarray(blocks[idx]))
         curve.append(float(nll))
         if i % 25 == 0 or i == options.steps - 1:
-            log(f"step {i:4d}  nll {float(nll):.3f}  balance {float(aux):.3f}  "
-                f"{time.perf_counter() - t0:.0f}s")
+            log(f"step {i:4d}  nll {float(nll):.3f}  balance {float(aux):.3f}  {time.perf_counter() - t0:.0f}s")
     return params, curve

@@ -328,8 +328,16 @@ def child_memory(model_dir: str, num_tokens: int, args) -> None:
     """Child process of (d): calibrate on `num_tokens` tokens, print one JSON line."""
     blocks = random_blocks(args, num_tokens)
     r = run_ours(model_dir, blocks, args)
-    print(json.dumps(dict(tokens=int(blocks.size), seconds=r["seconds"], param_bytes=r["param_bytes"],
-                          self_maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+    print(
+        json.dumps(
+            dict(
+                tokens=int(blocks.size),
+                seconds=r["seconds"],
+                param_bytes=r["param_bytes"],
+                self_maxrss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            )
+        )
+    )
 
 
 def measure_memory(model_dir: str, num_tokens: int, args) -> dict:
@@ -358,8 +366,12 @@ def random_blocks(args, num_tokens: int) -> np.ndarray:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                    help="model dtype (default: float32 on CPU, bfloat16 on GPU)")
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="model dtype (default: float32 on CPU, bfloat16 on GPU)",
+    )
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=4)
@@ -404,16 +416,20 @@ def main(argv=None) -> None:
         except RuntimeError:
             gpus = []
         if not gpus:
-            raise SystemExit("bench_calibration: --device gpu asked for, but JAX finds no GPU backend here "
-                             f"(backends: {jax.default_backend()}); run without --device on CPU")
+            raise SystemExit(
+                "bench_calibration: --device gpu asked for, but JAX finds no GPU backend here "
+                f"(backends: {jax.default_backend()}); run without --device on CPU"
+            )
     tokens = args.tokens or (65536 if args.device == "gpu" else 2048)
     blocks = random_blocks(args, tokens)
     ntok = int(blocks.size)
     load = os.getloadavg()
     print(f"# bench_calibration  device={jax.devices()[0]}  cpus={os.cpu_count()}  loadavg={load[0]:.2f}")
-    print(f"# model: Mixtral d={args.hidden} f={args.intermediate} E={args.experts} top-{args.top_k} "
-          f"L={args.layers} heads={args.heads}/{args.kv_heads} vocab={args.vocab} {args.dtype}; "
-          f"tokens {blocks.shape[0]} x {args.seq_len} = {ntok}, batch {args.batch_size}")
+    print(
+        f"# model: Mixtral d={args.hidden} f={args.intermediate} E={args.experts} top-{args.top_k} "
+        f"L={args.layers} heads={args.heads}/{args.kv_heads} vocab={args.vocab} {args.dtype}; "
+        f"tokens {blocks.shape[0]} x {args.seq_len} = {ntok}, batch {args.batch_size}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench_calib_") as tmp:
         model_dir = os.path.join(tmp, "mixtral")
@@ -447,32 +463,52 @@ def main(argv=None) -> None:
         ours_tps = ntok / ours["seconds"]
         achieved = flops["total"] * ntok / ours["seconds"]
         unit, scale = ("TFLOP/s", 1e12) if args.device == "gpu" else ("GFLOP/s", 1e9)
-        print(f"# CKA mode: {ours['cka']} (token chunk {ours['chunk']}); FLOPs per token (counted): "
-              + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in flops.items()))
-        print(f"# ours computes in {ours['compute_dtype']}; load_hf {ours['load_s']:.1f} s; warm-up calibrate on two batches (compile + 2 steps + "
-              f"finalize) {ours['warm_s']:.1f} s; calibration_step executables compiled in the warm-up: "
-              f"{ours['compiled']}, in the timed call: {ours['recompiled']}")
+        print(
+            f"# CKA mode: {ours['cka']} (token chunk {ours['chunk']}); FLOPs per token (counted): "
+            + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in flops.items())
+        )
+        print(
+            f"# ours computes in {ours['compute_dtype']}; load_hf {ours['load_s']:.1f} s; "
+            f"warm-up calibrate on two batches (compile + 2 steps + "
+            f"finalize) {ours['warm_s']:.1f} s; calibration_step executables compiled in the warm-up: "
+            f"{ours['compiled']}, in the timed call: {ours['recompiled']}"
+        )
         print()
         print("| measurement | value |")
         print("|---|---|")
         per_batch = ours["seconds"] / (ntok / (args.batch_size * args.seq_len))
-        print(row(f"ours: compile ({ours['compiled']} executables; warm-up call minus two timed batches)",
-                  f"{ours['warm_s'] - 2 * per_batch:.1f} s"))
-        print(row("ours: calibrate tokens/s", f"{ours_tps:.1f} ({ntok} tok in {ours['seconds']:.2f} s; "
-                  f"step loop {ours['loop_s']:.2f} s)"))
+        print(
+            row(
+                f"ours: compile ({ours['compiled']} executables; warm-up call minus two timed batches)",
+                f"{ours['warm_s'] - 2 * per_batch:.1f} s",
+            )
+        )
+        print(
+            row(
+                "ours: calibrate tokens/s",
+                f"{ours_tps:.1f} ({ntok} tok in {ours['seconds']:.2f} s; step loop {ours['loop_s']:.2f} s)",
+            )
+        )
         if torch_s is not None:
             torch_tps = ntok / torch_s
             where = "CUDA" if args.device == "gpu" else f"{os.cpu_count()} threads"
-            print(row(f"torch reference tokens/s ({where}, {args.dtype})",
-                      f"{torch_tps:.1f} ({torch_s:.2f} s)"))
+            print(row(f"torch reference tokens/s ({where}, {args.dtype})", f"{torch_tps:.1f} ({torch_s:.2f} s)"))
             print(row("ratio ours / torch (goal >= 2x)", f"{ours_tps / torch_tps:.2f}x"))
-        print(row(f"ours achieved {unit} (whole call; step loop only)",
-                  f"{achieved / scale:.2f}; {flops['total'] * ntok / ours['loop_s'] / scale:.2f}"))
+        print(
+            row(
+                f"ours achieved {unit} (whole call; step loop only)",
+                f"{achieved / scale:.2f}; {flops['total'] * ntok / ours['loop_s'] / scale:.2f}",
+            )
+        )
         if mm_highest is not None:
             n4 = args.matmul_n * 4
             print(row(f"jnp bf16 matmul {n4}^3 {unit}", f"{mm_bf16 / scale:.2f}"))
-            print(row(f"jnp fp32 matmul {n4}^3 {unit} (default precision; HIGHEST)",
-                      f"{mm / scale:.2f}; {mm_highest / scale:.2f}"))
+            print(
+                row(
+                    f"jnp fp32 matmul {n4}^3 {unit} (default precision; HIGHEST)",
+                    f"{mm / scale:.2f}; {mm_highest / scale:.2f}",
+                )
+            )
             print(row("ours / bf16 matmul (goal >= 50%)", f"{100 * achieved / mm_bf16:.0f}%"))
         else:
             print(row(f"jnp fp32 matmul {args.matmul_n}^3 {unit}", f"{mm / scale:.2f}"))
@@ -487,18 +523,22 @@ def main(argv=None) -> None:
                 worst_cka = max(worst_cka, float(np.abs(layer.sim["cka"] - r["cka"]).max()))
                 assert layer.num_tokens == r["n"], (layer.num_tokens, r["n"])
                 assert args.dtype != "float32" or diff.max() <= max(2, 1e-3 * r["n"]), (
-                    f"layer {layer.layer}: routing frequencies differ: ours {layer.freq} torch {r['freq']}")
+                    f"layer {layer.layer}: routing frequencies differ: ours {layer.freq} torch {r['freq']}"
+                )
             asserted = "asserted" if args.dtype == "float32" else "reported: bf16 reference"
-            print(row(f"routing freq ours vs torch ({asserted})",
-                      f"max |Δcount| {worst_counts:.0f} of {ntok} tokens"))
+            print(row(f"routing freq ours vs torch ({asserted})", f"max |Δcount| {worst_counts:.0f} of {ntok} tokens"))
             print(row("CKA ours vs torch", f"max |Δ| {worst_cka:.1e}"))
 
         if args.device == "cpu" and args.mem_tokens:
             for n in (args.mem_tokens, 8 * args.mem_tokens):
                 m = measure_memory(model_dir, n, args)
-                print(row(f"peak RSS ours, {m['tokens']} tokens (child)",
-                          f"{m['maxrss_bytes'] / 2**30:.2f} GiB (params {m['param_bytes'] / 2**30:.2f} GiB; "
-                          f"{m['tokens'] / m['seconds']:.1f} tok/s)"))
+                print(
+                    row(
+                        f"peak RSS ours, {m['tokens']} tokens (child)",
+                        f"{m['maxrss_bytes'] / 2**30:.2f} GiB (params {m['param_bytes'] / 2**30:.2f} GiB; "
+                        f"{m['tokens'] / m['seconds']:.1f} tok/s)",
+                    )
+                )
     print(f"# loadavg at end: {os.getloadavg()[0]:.2f}")
 
 

@@ -95,8 +95,7 @@ def cached_fraction(files: list[str]) -> float | None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         total = resident = 0
@@ -151,8 +150,12 @@ def random_scales(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
 
 
 FP8_BLOCK = 128
-FP8_QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-             "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+FP8_QUANT = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+}
 
 
 def build_checkpoint(directory: str, args) -> dict:
@@ -190,14 +193,25 @@ def build_checkpoint(directory: str, args) -> dict:
     rng = np.random.default_rng(args.seed)
     makers = {bf16: random_bf16, fp8: random_fp8, np.dtype(np.float32): random_scales}
     t0 = time.perf_counter()
-    write_checkpoint(directory, entries, lambda en: makers[en.dtype](rng, en.shape),
-                     max_shard_bytes=int(args.shard_gb * GB))
+    write_checkpoint(
+        directory, entries, lambda en: makers[en.dtype](rng, en.shape), max_shard_bytes=int(args.shard_gb * GB)
+    )
     config = {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": v,
-        "hidden_size": d, "intermediate_size": f, "num_hidden_layers": layers,
-        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
-        "num_local_experts": e, "num_experts_per_tok": 2, "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": v,
+        "hidden_size": d,
+        "intermediate_size": f,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": hd,
+        "num_local_experts": e,
+        "num_experts_per_tok": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
         "torch_dtype": "bfloat16",
     }
     if args.fp8:
@@ -211,8 +225,14 @@ def build_checkpoint(directory: str, args) -> dict:
         os.close(fd)
     total = sum(e.nbytes for e in entries)
     value = {e.name: e.nbytes * (2 if e.dtype == fp8 else 1) for e in entries}
-    return {"bytes": total, "largest": max(value.values()), "largest_name": max(value, key=value.get),
-            "tensors": len(entries), "files": len(files), "seconds": time.perf_counter() - t0}
+    return {
+        "bytes": total,
+        "largest": max(value.values()),
+        "largest_name": max(value, key=value.get),
+        "tensors": len(entries),
+        "files": len(files),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ----------------------------------------------------------------------------- children
@@ -306,9 +326,17 @@ def child_convert(directory: str, devices: int, mesh_spec: str) -> dict:
     status = proc_status()
     resident = _resident(jax, params)
     logical = sum(a.nbytes for a in params.values())
-    return {"seconds": seconds, "bytes": logical, "resident": resident, "base_rss": base,
-            "peak_rss": status["VmHWM"], "end_rss": status["VmRSS"], "end_rss_file": status.get("RssFile", 0),
-            "mesh": spec, "devices": len(jax.devices())}
+    return {
+        "seconds": seconds,
+        "bytes": logical,
+        "resident": resident,
+        "base_rss": base,
+        "peak_rss": status["VmHWM"],
+        "end_rss": status["VmRSS"],
+        "end_rss_file": status.get("RssFile", 0),
+        "mesh": spec,
+        "devices": len(jax.devices()),
+    }
 
 
 def child_export(directory: str, devices: int, mesh_spec: str, out: str) -> dict:
@@ -336,9 +364,16 @@ def child_export(directory: str, devices: int, mesh_spec: str, out: str) -> dict
         os.fsync(fd)
         os.close(fd)
     sync = time.perf_counter() - t1
-    return {"seconds": seconds, "fsync_seconds": sync, "bytes": sum(a.nbytes for a in params.values()),
-            "resident": resident, "base_rss": base, "peak_rss": status["VmHWM"], "peak_reset": reset,
-            "mesh": spec}
+    return {
+        "seconds": seconds,
+        "fsync_seconds": sync,
+        "bytes": sum(a.nbytes for a in params.values()),
+        "resident": resident,
+        "base_rss": base,
+        "peak_rss": status["VmHWM"],
+        "peak_reset": reset,
+        "mesh": spec,
+    }
 
 
 def child_torch_gpu(directory: str) -> dict:
@@ -384,8 +419,19 @@ def child_convert_gpu(directory: str) -> dict:
 
 
 def run_child(kind: str, args, *extra: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind, "--dir", args.dir,
-           "--devices", str(args.devices), "--mesh", args.mesh, *extra]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child",
+        kind,
+        "--dir",
+        args.dir,
+        "--devices",
+        str(args.devices),
+        "--mesh",
+        args.mesh,
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -429,13 +475,18 @@ def gpu_report(args, files: list[str], info: dict) -> int:
         rows[kind] = run_child(kind, args)
         print(f"  {kind:12s} {rows[kind]['bytes'] / GB / rows[kind]['seconds']:.2f} GB/s", flush=True)
     print()
-    print(f"checkpoint: {info['bytes'] / GB:.2f} GB bf16 in {len(files)} files; page cache {args.cache}; "
-          f"{rows['convert_gpu']['device']}; {os.cpu_count()} CPU cores")
+    print(
+        f"checkpoint: {info['bytes'] / GB:.2f} GB bf16 in {len(files)} files; page cache {args.cache}; "
+        f"{rows['convert_gpu']['device']}; {os.cpu_count()} CPU cores"
+    )
     print("| load | GB/s first call | GB/s second call | first call vs torch |")
     print("|---|---|---|---|")
     torch_first = rows["torch_gpu"]["bytes"] / rows["torch_gpu"]["seconds"]
-    for kind, label in (("raw", "raw read (ceiling)"), ("torch_gpu", "safetensors.torch.load_file(device='cuda')"),
-                        ("convert_gpu", "grape load_hf -> GPU")):
+    for kind, label in (
+        ("raw", "raw read (ceiling)"),
+        ("torch_gpu", "safetensors.torch.load_file(device='cuda')"),
+        ("convert_gpu", "grape load_hf -> GPU"),
+    ):
         r = rows[kind]
         first = r["bytes"] / r["seconds"]
         second = f"{r['bytes'] / r['seconds_second'] / GB:.2f}" if "seconds_second" in r else "-"
@@ -459,8 +510,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--devices", type=int, default=8, help="simulated CPU devices in the children")
     ap.add_argument("--mesh", default="auto", help="mesh spec; auto: expert=4,fsdp=2 on 8 devices")
-    ap.add_argument("--cache", choices=("both", "cold", "warm"), default=None, help="default: both on CPU, "
-                    "warm on GPU")
+    ap.add_argument("--cache", choices=("both", "cold", "warm"), default=None, help="default: both on CPU, warm on GPU")
     ap.add_argument("--dir", default=None, help="use (and keep) this existing checkpoint dir")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--no-verify", action="store_true", help="skip the export == input byte check")
@@ -474,12 +524,14 @@ def main(argv=None) -> int:
     args.cache = args.cache or ("warm" if gpu else "both")
 
     if args._child:
-        fn = {"raw": lambda: child_raw(args.dir),
-              "torch_gpu": lambda: child_torch_gpu(args.dir),
-              "convert_gpu": lambda: child_convert_gpu(args.dir),
-              "fill": lambda: child_fill(args.dir),
-              "convert": lambda: child_convert(args.dir, args.devices, args.mesh),
-              "export": lambda: child_export(args.dir, args.devices, args.mesh, args._out)}[args._child]
+        fn = {
+            "raw": lambda: child_raw(args.dir),
+            "torch_gpu": lambda: child_torch_gpu(args.dir),
+            "convert_gpu": lambda: child_convert_gpu(args.dir),
+            "fill": lambda: child_fill(args.dir),
+            "convert": lambda: child_convert(args.dir, args.devices, args.mesh),
+            "export": lambda: child_export(args.dir, args.devices, args.mesh, args._out),
+        }[args._child]
         print(json.dumps(fn()))
         return 0
 
@@ -495,9 +547,12 @@ def main(argv=None) -> int:
     try:
         if root is not None:
             info = build_checkpoint(args.dir, args)
-            print(f"built {info['bytes'] / GB:.2f} GB checkpoint ({info['tensors']} tensors, {info['files']} files) "
-                  f"in {info['seconds']:.1f} s ({info['bytes'] / GB / info['seconds']:.2f} GB/s incl. random bits); "
-                  f"largest tensor {info['largest_name']} {info['largest'] / GB:.3f} GB", flush=True)
+            print(
+                f"built {info['bytes'] / GB:.2f} GB checkpoint ({info['tensors']} tensors, {info['files']} files) "
+                f"in {info['seconds']:.1f} s ({info['bytes'] / GB / info['seconds']:.2f} GB/s incl. random bits); "
+                f"largest tensor {info['largest_name']} {info['largest'] / GB:.3f} GB",
+                flush=True,
+            )
         else:
             from conversion.safetensors_io import CheckpointIndex
 
@@ -527,8 +582,11 @@ def main(argv=None) -> int:
                 r = run_child(kind, args)
                 r.update(kind=kind, mode=mode, cached=cached)
                 rows.append(r)
-                print(f"  {kind:8s} {mode}: {r['bytes'] / GB / r['seconds']:.2f} GB/s "
-                      f"(page cache before: {'?' if cached is None else f'{cached:.0%}'})", flush=True)
+                print(
+                    f"  {kind:8s} {mode}: {r['bytes'] / GB / r['seconds']:.2f} GB/s "
+                    f"(page cache before: {'?' if cached is None else f'{cached:.0%}'})",
+                    flush=True,
+                )
         r = run_child("fill", args)
         r.update(kind="fill", mode="memory", cached=None)
         rows.append(r)
@@ -546,8 +604,10 @@ def main(argv=None) -> int:
         raw = {r["mode"]: r["bytes"] / r["seconds"] for r in rows if r["kind"] == "raw"}
         print()
         kind = "bf16 + fp8 (dequantised to bf16 on load)" if args.fp8 else "bf16"
-        print(f"checkpoint: {info['bytes'] / GB:.2f} GB {kind}, largest tensor loaded {info['largest'] / GB:.3f} GB "
-              f"({info['largest_name']}); host-overhead goal 1.5 x largest + 1 GB = {goal / GB:.2f} GB")
+        print(
+            f"checkpoint: {info['bytes'] / GB:.2f} GB {kind}, largest tensor loaded {info['largest'] / GB:.3f} GB "
+            f"({info['largest_name']}); host-overhead goal 1.5 x largest + 1 GB = {goal / GB:.2f} GB"
+        )
         mesh = next((r["mesh"] for r in rows if "mesh" in r), "-")
         print(f"mesh: {mesh} over {args.devices} simulated CPU devices; {os.cpu_count()} CPU cores")
         head = ("step", "cache", "GB/s", "vs raw", "peak RSS", "params", "overhead", "goal met")
@@ -561,27 +621,36 @@ def main(argv=None) -> int:
             over = r["peak_rss"] - resident
             met = ("yes" if over <= goal else "NO") if r["kind"] in ("convert", "export") else "-"
             cache = {"write": "n/a (writes)", "memory": "n/a (no file)"}.get(r["mode"], r["mode"])
-            label = {"raw": "raw read", "convert": "HF -> jax", "export": "jax -> HF",
-                     "fill": "fill fresh memory"}[r["kind"]]
-            print(f"| {label} | {cache} | {speed / GB:.2f} | {vs} | {r['peak_rss'] / GB:.2f} GB | "
-                  f"{resident / GB:.2f} GB | {over / GB:.2f} GB | {met} |")
+            label = {"raw": "raw read", "convert": "HF -> jax", "export": "jax -> HF", "fill": "fill fresh memory"}[
+                r["kind"]
+            ]
+            print(
+                f"| {label} | {cache} | {speed / GB:.2f} | {vs} | {r['peak_rss'] / GB:.2f} GB | "
+                f"{resident / GB:.2f} GB | {over / GB:.2f} GB | {met} |"
+            )
         print()
         for r in rows:
             if r["kind"] == "convert":
-                print(f"convert ({r['mode']}): runtime RSS before load {r['base_rss'] / GB:.2f} GB, "
-                      f"RSS at end {r['end_rss'] / GB:.2f} GB (file-backed {r['end_rss_file'] / GB:.2f} GB), "
-                      f"{r['seconds']:.1f} s")
+                print(
+                    f"convert ({r['mode']}): runtime RSS before load {r['base_rss'] / GB:.2f} GB, "
+                    f"RSS at end {r['end_rss'] / GB:.2f} GB (file-backed {r['end_rss_file'] / GB:.2f} GB), "
+                    f"{r['seconds']:.1f} s"
+                )
             if r["kind"] == "export":
-                print(f"export: RSS before export (params loaded) {r['base_rss'] / GB:.2f} GB, peak reset "
-                      f"{'ok' if r['peak_reset'] else 'FAILED (peak includes the load)'}; "
-                      f"{r['seconds']:.1f} s to page cache, +{r['fsync_seconds']:.1f} s fsync "
-                      f"({r['bytes'] / GB / (r['seconds'] + r['fsync_seconds']):.2f} GB/s incl. fsync); "
-                      f"output == input bit for bit: {verified}")
-        print("cold: file pages evicted with fsync + posix_fadvise(DONTNEED) before the child starts; "
-              "warm: files read once just before. 'overhead' = peak RSS - bytes of the distinct buffers of "
-              "the parameter shards (on CPU the devices are host memory); it includes the Python/JAX runtime. "
-              "'fill fresh memory': a copy into new buffers of the checkpoint's tensor sizes, kept; "
-              "conversion writes its output into new memory too, the raw read reuses one buffer.")
+                print(
+                    f"export: RSS before export (params loaded) {r['base_rss'] / GB:.2f} GB, peak reset "
+                    f"{'ok' if r['peak_reset'] else 'FAILED (peak includes the load)'}; "
+                    f"{r['seconds']:.1f} s to page cache, +{r['fsync_seconds']:.1f} s fsync "
+                    f"({r['bytes'] / GB / (r['seconds'] + r['fsync_seconds']):.2f} GB/s incl. fsync); "
+                    f"output == input bit for bit: {verified}"
+                )
+        print(
+            "cold: file pages evicted with fsync + posix_fadvise(DONTNEED) before the child starts; "
+            "warm: files read once just before. 'overhead' = peak RSS - bytes of the distinct buffers of "
+            "the parameter shards (on CPU the devices are host memory); it includes the Python/JAX runtime. "
+            "'fill fresh memory': a copy into new buffers of the checkpoint's tensor sizes, kept; "
+            "conversion writes its output into new memory too, the raw read reuses one buffer."
+        )
         if verified is False:
             return 1
         return 0

@@ -370,6 +370,7 @@ def demo(args) -> list[str]:
     lines = ["| demo model forward | tokens/s | vs dense | perplexity |", "|---|---|---|---|"]
     dense_tps = None
     for dispatch in ("dense", "auto", "blocked"):
+
         def fn(tokens, mask, dispatch=dispatch):
             return loaded(tokens, mask, dispatch=dispatch)
 

@@ -21,8 +21,12 @@ import numpy as np
 from grape_jax.planners import make_plan
 from grape_jax.stats import LayerStats, ModelStats
 
-SHAPES = {"Qwen3-235B (94 x 128, top-8)": (94, 128, 8), "DeepSeek-V3 (58 x 256, top-8)": (58, 256, 8),
-          "GLM-4.5 (89 x 160, top-8)": (89, 160, 8), "MiniMax-M2 (62 x 256, top-8)": (62, 256, 8)}
+SHAPES = {
+    "Qwen3-235B (94 x 128, top-8)": (94, 128, 8),
+    "DeepSeek-V3 (58 x 256, top-8)": (58, 256, 8),
+    "GLM-4.5 (89 x 160, top-8)": (89, 160, 8),
+    "MiniMax-M2 (62 x 256, top-8)": (62, 256, 8),
+}
 
 
 def random_stats(num_layers: int, num_experts: int, k: int, seed: int = 0) -> ModelStats:
@@ -35,9 +39,12 @@ def random_stats(num_layers: int, num_experts: int, k: int, seed: int = 0) -> Mo
         np.fill_diagonal(s, 1.0)
         f = rng.dirichlet(np.ones(num_experts)) * k
         y = rng.normal(size=(num_experts, 16)) * (1 + l % 5)
-        m, n = f[:, None] * (y @ y.T), f[:, None] * (y ** 2).sum(1)[None]
-        layers.append(LayerStats(l, 1000, k, f, f / k, rng.random(num_experts),
-                                 {"cka": s, "cos_mean": s, "router": s, "weight": s}, m, n))
+        m, n = f[:, None] * (y @ y.T), f[:, None] * (y**2).sum(1)[None]
+        layers.append(
+            LayerStats(
+                l, 1000, k, f, f / k, rng.random(num_experts), {"cka": s, "cos_mean": s, "router": s, "weight": s}, m, n
+            )
+        )
     return ModelStats(tuple(layers))
 
 
@@ -136,8 +143,10 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.25, help="share of experts removed")
     p.add_argument("--repeat", type=int, default=3, help="best of N timings for the library planners")
     args = p.parse_args()
-    print(f"{'shape':31s} {'budget':>6} {'grape s':>8} {'naive s':>8} {'speed-up':>8} {'same':>5} "
-          f"{'grape-r s':>9} {'naive-r s':>9} {'speed-up':>8} {'same':>5}")
+    print(
+        f"{'shape':31s} {'budget':>6} {'grape s':>8} {'naive s':>8} {'speed-up':>8} {'same':>5} "
+        f"{'grape-r s':>9} {'naive-r s':>9} {'speed-up':>8} {'same':>5}"
+    )
     for name, (layers, experts, k) in SHAPES.items():
         stats = random_stats(layers, experts, k)
         budget = int(args.fraction * layers * experts)
@@ -147,8 +156,10 @@ def main() -> None:
         t_nr, naive_r = _timed(lambda s=stats, b=budget: naive_grape_r(s, b), 1)
         same = [list(map(list, lp.groups)) for lp in plan.layers] == naive
         same_r = [list(map(list, lp.groups)) for lp in plan_r.layers] == naive_r
-        print(f"{name:31s} {budget:6d} {t_g:8.3f} {t_n:8.3f} {t_n / t_g:7.1f}x {same!s:>5} "
-              f"{t_r:9.3f} {t_nr:9.3f} {t_nr / t_r:7.1f}x {same_r!s:>5}")
+        print(
+            f"{name:31s} {budget:6d} {t_g:8.3f} {t_n:8.3f} {t_n / t_g:7.1f}x {same!s:>5} "
+            f"{t_r:9.3f} {t_nr:9.3f} {t_nr / t_r:7.1f}x {same_r!s:>5}"
+        )
         if not (same and same_r):
             raise SystemExit(f"{name}: the library and the naive reference disagree")
 

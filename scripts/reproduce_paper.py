@@ -3,7 +3,8 @@
 Each model preset names its expected architecture; the budget scales with the expert count (r x E / 8
 for models with more than 8 experts, e.g. 16 and 32 of 64 for DeepSeek-MoE-16B, as the paper scales
 its 64-expert runs). One calibration pass per model serves every method; perplexity on held-out text
-and, when task files are given, zero-shot accuracy are written to OUT/report.md and OUT/results.csv (zero-shot: OUT/zero_shot.json).
+and, when task files are given, zero-shot accuracy are written to OUT/report.md and OUT/results.csv
+(zero-shot: OUT/zero_shot.json).
 
     python scripts/reproduce_paper.py --preset mixtral-8x7b --hf-dir /ckpt/Mixtral-8x7B-v0.1 \
         --mesh-preset h100x8 --calib data/c4_sample.jsonl --text-field text --out runs/mixtral
@@ -71,8 +72,10 @@ def run(rc: RunConfig) -> str:
         family = family_of(read_hf_config(rc.hf_dir), source=rc.hf_dir).name
         got = (len(cfg.moe_layers), max(cfg.num_experts), cfg.top_k)
         if family != model_type or got != (layers, experts, top_k):
-            raise SystemExit(f"{rc.hf_dir}: preset {rc.preset} expects {model_type} {layers}x{experts} top-{top_k}, "
-                             f"found {family} {got[0]}x{got[1]} top-{got[2]}")
+            raise SystemExit(
+                f"{rc.hf_dir}: preset {rc.preset} expects {model_type} {layers}x{experts} top-{top_k}, "
+                f"found {family} {got[0]}x{got[1]} top-{got[2]}"
+            )
     calib = DataSpec(rc.calib, rc.text_field, rc.seq_len, rc.num_samples, 0)
     cal = blocks_for(rc.hf_dir, calib)
     held = blocks_for(rc.hf_dir, DataSpec(None, None, rc.seq_len, rc.eval_samples, 1), heldout=True)
@@ -109,9 +112,18 @@ def main(argv=None) -> None:
     p.add_argument("--task", action="append", default=[], metavar="NAME=PATH", help="zero-shot task JSONL")
     args = p.parse_args(argv)
     tasks = dict(t.split("=", 1) for t in args.task)
-    rc = RunConfig(args.preset, args.hf_dir, args.out, MESH_PRESETS[args.mesh_preset],
-                   tuple(args.calib) if args.calib else None, args.text_field, args.num_samples, args.seq_len,
-                   args.eval_samples, tasks)
+    rc = RunConfig(
+        args.preset,
+        args.hf_dir,
+        args.out,
+        MESH_PRESETS[args.mesh_preset],
+        tuple(args.calib) if args.calib else None,
+        args.text_field,
+        args.num_samples,
+        args.seq_len,
+        args.eval_samples,
+        tasks,
+    )
     print(run(rc))
 
 

@@ -1,6 +1,6 @@
 """Train the embedded demo MoE (deterministic; a few minutes on 2 CPU cores) into an HF directory.
 
-    python scripts/train_tiny_moe.py --out grape_jax/assets/demo_model
+python scripts/train_tiny_moe.py --out grape_jax/assets/demo_model
 """
 
 from __future__ import annotations

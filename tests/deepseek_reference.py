@@ -79,15 +79,25 @@ def random_weights(cfg: dict, seed: int = 0, scale: float = 0.15) -> dict[str, n
         return (1.0 + 0.2 * rng.standard_normal(d)).astype(np.float32)
 
     def mlp(prefix, f):
-        return {prefix + "gate_proj.weight": w(f, d), prefix + "up_proj.weight": w(f, d),
-                prefix + "down_proj.weight": w(d, f)}
+        return {
+            prefix + "gate_proj.weight": w(f, d),
+            prefix + "up_proj.weight": w(f, d),
+            prefix + "down_proj.weight": w(d, f),
+        }
 
     out = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": norm(), "lm_head.weight": w(v, d)}
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
-        out.update({p + "input_layernorm.weight": norm(), p + "post_attention_layernorm.weight": norm(),
-                    p + "self_attn.q_proj.weight": w(d, d), p + "self_attn.k_proj.weight": w(kv, d),
-                    p + "self_attn.v_proj.weight": w(kv, d), p + "self_attn.o_proj.weight": w(d, d)})
+        out.update(
+            {
+                p + "input_layernorm.weight": norm(),
+                p + "post_attention_layernorm.weight": norm(),
+                p + "self_attn.q_proj.weight": w(d, d),
+                p + "self_attn.k_proj.weight": w(kv, d),
+                p + "self_attn.v_proj.weight": w(kv, d),
+                p + "self_attn.o_proj.weight": w(d, d),
+            }
+        )
         if is_moe_layer(cfg, layer):
             f = cfg["moe_intermediate_size"]
             out[p + "mlp.gate.weight"] = w(cfg["n_routed_experts"], d)
@@ -121,7 +131,7 @@ def _rope(x, theta):  # x [b, h, t, hd], rotate-half
     inv = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
     ang = np.arange(t, dtype=np.float64)[:, None] * inv
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-    rot = np.concatenate([-x[..., hd // 2:], x[..., : hd // 2]], -1)
+    rot = np.concatenate([-x[..., hd // 2 :], x[..., : hd // 2]], -1)
     return x * cos + rot * sin
 
 

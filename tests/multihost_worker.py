@@ -29,8 +29,9 @@ def run_pipeline(loaded, mesh, out: str) -> dict:
     from grape_jax.planners import make_plan
 
     blocks = pipeline_blocks(loaded.cfg.vocab_size)
-    stats = calibrate(loaded, blocks, progress=False,
-                      options=CalibrationOptions(batch_size=8, token_chunk=32, cka="exact"))
+    stats = calibrate(
+        loaded, blocks, progress=False, options=CalibrationOptions(batch_size=8, token_chunk=32, cka="exact")
+    )
     plan = make_plan(stats, method="grape", budget=3, operator="aligned", guard="none")  # aligned: collectives too
     merged = apply_plan(loaded, plan)
     export_hf(merged, out)
@@ -50,8 +51,9 @@ def mid_export_failure(loaded, out: str) -> dict:
     from conversion.families import family_by_name
     from grape_jax.model import param_view
 
-    entries, sources = export_module.hf_entries(export_module.bind(family_by_name(loaded.info.family), loaded.cfg),
-                                                param_view(loaded))
+    entries, sources = export_module.hf_entries(
+        export_module.bind(family_by_name(loaded.info.family), loaded.cfg), param_view(loaded)
+    )
     shards = plan_shards(entries, max_shard_bytes=max_shard_bytes)
     sizes = [len(shard_gathers(s, sources)) for s in shards]
     fail_at = sizes[0] + sizes[1] // 2  # in the middle of the second shard
@@ -65,16 +67,20 @@ def mid_export_failure(loaded, out: str) -> dict:
 
     export_module.gather_slice = failing_gather
     try:
-        export_module.export_hf(loaded, out,
-                                max_shard_bytes=max_shard_bytes)
+        export_module.export_hf(loaded, out, max_shard_bytes=max_shard_bytes)
         error = None
     except Exception as e:  # noqa: BLE001 - the report carries the type and message
         error = f"{type(e).__name__}: {e}"
     finally:
         export_module.gather_slice = original
     parent = os.path.dirname(out)
-    return {"error": error, "shards": len(shards), "gathers": calls[0], "fail_at": fail_at,
-            "left": sorted(f for f in os.listdir(parent) if "failed" in f) if os.path.isdir(parent) else []}
+    return {
+        "error": error,
+        "shards": len(shards),
+        "gathers": calls[0],
+        "fail_at": fail_at,
+        "left": sorted(f for f in os.listdir(parent) if "failed" in f) if os.path.isdir(parent) else [],
+    }
 
 
 def pipeline_blocks(vocab_size: int):
@@ -101,8 +107,10 @@ def main(argv=None) -> int:
     jax.config.update("jax_num_cpu_devices", args.local_devices)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=args.coordinator, num_processes=args.num_processes,
-        process_id=args.process_id, initialization_timeout=60,
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        initialization_timeout=60,
     )
     assert jax.process_count() == args.num_processes and len(jax.devices()) == (
         args.num_processes * args.local_devices
@@ -187,9 +195,11 @@ def main(argv=None) -> int:
             expert = int(m[2])
             experts_read.setdefault(param, set()).add(expert)
             if expert not in own.get(param, set()):
-                violations.append(f"{key}: expert {expert} of {param} is held only by other processes' "
-                                  f"devices ({sorted(other.get(param, set()))}), read by process "
-                                  f"{jax.process_index()}")
+                violations.append(
+                    f"{key}: expert {expert} of {param} is held only by other processes' "
+                    f"devices ({sorted(other.get(param, set()))}), read by process "
+                    f"{jax.process_index()}"
+                )
         out = os.path.join(args.out, str(i))
         returned = export_hf(loaded, out)
         pipeline = run_pipeline(loaded, mesh, os.path.join(args.out, f"pipeline{i}")) if i == 0 else None
@@ -200,21 +210,23 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - the report carries the type and message
                 refused = f"{type(e).__name__}: {e}"
         failed = mid_export_failure(loaded, os.path.join(args.out, "failed")) if i == 0 else None
-        report["meshes"].append({
-            "pipeline": pipeline,
-            "failed": failed,
-            "mesh": spec,
-            "reads": load_reads,
-            "read_elements": sum(_volume(b) for _, b in load_reads),
-            "own_experts": {k: sorted(v) for k, v in own.items()},
-            "experts_read": {k: sorted(v) for k, v in experts_read.items()},
-            "violations": violations,
-            "prefetched_experts": sum(bool(expert_key.fullmatch(k)) for k in prefetched),
-            "remote_gathers": gathers["remote"],
-            "wrote": os.path.isdir(out),
-            "returned": returned,
-            "refused": refused,
-        })
+        report["meshes"].append(
+            {
+                "pipeline": pipeline,
+                "failed": failed,
+                "mesh": spec,
+                "reads": load_reads,
+                "read_elements": sum(_volume(b) for _, b in load_reads),
+                "own_experts": {k: sorted(v) for k, v in own.items()},
+                "experts_read": {k: sorted(v) for k, v in experts_read.items()},
+                "violations": violations,
+                "prefetched_experts": sum(bool(expert_key.fullmatch(k)) for k in prefetched),
+                "remote_gathers": gathers["remote"],
+                "wrote": os.path.isdir(out),
+                "returned": returned,
+                "refused": refused,
+            }
+        )
     with open(args.report, "w") as f:
         json.dump(report, f)
     jax.distributed.shutdown()

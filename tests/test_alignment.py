@@ -11,8 +11,11 @@ D, F = 12, 40
 
 
 def _expert(rng, *, d=D, f=F, bias=False, dtype=np.float32):
-    ex = {"w_gate": rng.standard_normal((d, f)), "w_up": rng.standard_normal((d, f)),
-          "w_down": rng.standard_normal((f, d)) / np.sqrt(f)}
+    ex = {
+        "w_gate": rng.standard_normal((d, f)),
+        "w_up": rng.standard_normal((d, f)),
+        "w_down": rng.standard_normal((f, d)) / np.sqrt(f),
+    }
     if bias:
         ex |= {"b_gate": rng.standard_normal(f), "b_up": rng.standard_normal(f)}
     return {k: v.astype(dtype) for k, v in ex.items()}
@@ -70,12 +73,14 @@ def test_noisy_permuted_copy_is_recovered(method, similarity):
     rng = np.random.default_rng(2)
     anchor = _expert(rng, f=200)
     p = rng.permutation(200)
-    member = {k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) * v.std()
-              for k, v in _permuted(anchor, p).items()}
+    member = {
+        k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) * v.std() for k, v in _permuted(anchor, p).items()
+    }
     inputs = rng.standard_normal((256, D)).astype(np.float32)
     for max_exact in (None, 20):
-        perm = neuron_permutation(anchor, member, method=method, inputs=inputs, similarity=similarity,
-                                  max_exact=max_exact)
+        perm = neuron_permutation(
+            anchor, member, method=method, inputs=inputs, similarity=similarity, max_exact=max_exact
+        )
         np.testing.assert_array_equal(perm, np.argsort(p))
 
 
@@ -113,6 +118,7 @@ def test_align_and_average_of_permuted_copy_returns_anchor(method):
         if k in resid:
             np.testing.assert_allclose(resid[k], v, rtol=1e-4, atol=1e-4)
 
+
 def test_align_and_average_bfloat16_accumulates_in_fp32():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(4)
@@ -129,8 +135,11 @@ def test_hand_checked_three_neurons():
     anchor = {"w_gate": np.array([[1.0, 0, 0]]), "w_up": np.array([[0, 1.0, 0]]), "w_down": np.eye(3)[:, 2:]}
     # member features, unit norm: m0 = (0, .6, .8), m1 = (.8, .6, 0), m2 = (.6, 0, .8), so the cosine
     # similarity S[n, m] = m_n = [[0, .8, .6], [.6, .6, 0], [.8, 0, .8]].
-    member = {"w_gate": np.array([[0, 0.8, 0.6]]), "w_up": np.array([[0.6, 0.6, 0]]),
-              "w_down": np.array([[0.8], [0], [0.8]])}
+    member = {
+        "w_gate": np.array([[0, 0.8, 0.6]]),
+        "w_up": np.array([[0.6, 0.6, 0]]),
+        "w_down": np.array([[0.8], [0], [0.8]]),
+    }
     # totals: [1,0,2] .8+.6+.8 = 2.2 (best), [2,1,0] 2.0, [1,2,0] 1.6, [0,1,2] 1.4, [2,0,1] 1.2, [0,2,1] 0.
     perm = neuron_permutation(anchor, member, similarity="cosine")
     np.testing.assert_array_equal(perm, [1, 0, 2])
@@ -141,8 +150,10 @@ def test_hand_checked_three_neurons():
     cen = lambda v: (v - v.mean()) / np.linalg.norm(v - v.mean())  # noqa: E731
     feats_m = [np.array(v) for v in ([0, 0.6, 0.8], [0.8, 0.6, 0], [0.6, 0, 0.8])]
     s = np.array([[cen(np.eye(3)[n]) @ cen(m) for m in feats_m] for n in range(3)])
-    best = max(([0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]),
-               key=lambda q: sum(s[n, q[n]] for n in range(3)))
+    best = max(
+        ([0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]),
+        key=lambda q: sum(s[n, q[n]] for n in range(3)),
+    )
     np.testing.assert_array_equal(neuron_permutation(anchor, member), best)
 
 

@@ -47,11 +47,13 @@ def test_frequencies_are_transformers_top_k(tiny_mixtral, stats, blocks):
 
 
 def test_batching_and_sharding_do_not_change_stats(model, blocks, stats, tiny_mixtral):
-    other = calibrate(model, blocks, options=CalibrationOptions(batch_size=3, token_chunk=8, cka="exact"),
-                      progress=False)
+    other = calibrate(
+        model, blocks, options=CalibrationOptions(batch_size=3, token_chunk=8, cka="exact"), progress=False
+    )
     sharded_model = load_hf(tiny_mixtral.path, mesh=make_mesh("data=2,expert=4"))
-    sharded = calibrate(sharded_model, blocks, options=CalibrationOptions(batch_size=2, token_chunk=16, cka="exact"),
-                        progress=False)
+    sharded = calibrate(
+        sharded_model, blocks, options=CalibrationOptions(batch_size=2, token_chunk=16, cka="exact"), progress=False
+    )
     for a, b, c in zip(stats.layers, other.layers, sharded.layers):
         for field in ("freq", "gate_mass", "reap", "routed_m", "routed_n"):
             np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-6)
@@ -100,8 +102,9 @@ def test_resume_after_interruption(model, blocks, tmp_path, monkeypatch, every):
     interrupt itself); a rerun computes only the last batch and gives the uninterrupted stats bit for bit."""
     import grape_jax.calibration as cal
 
-    opts = CalibrationOptions(batch_size=1, token_chunk=16, cka="exact", checkpoint_every=int(every == "batch"),
-                              checkpoint_seconds=0)
+    opts = CalibrationOptions(
+        batch_size=1, token_chunk=16, cka="exact", checkpoint_every=int(every == "batch"), checkpoint_seconds=0
+    )
     whole = calibrate(model, blocks, options=opts, progress=False)
     resume = tmp_path / "progress"
     real, calls = cal.calibration_step_jit, []
@@ -137,9 +140,13 @@ def test_periodic_saves_by_time(model, blocks, tmp_path, monkeypatch):
     monkeypatch.setattr(cal.Progress, "save", lambda self, carry, n, **kw: (saves.append(n), real_save(self, carry, n)))
     clock = iter(range(0, 1000, 40))  # each call to the clock advances 40 s
     monkeypatch.setattr(cal, "_clock", lambda: next(clock))
-    calibrate(model, blocks, options=CalibrationOptions(batch_size=1, token_chunk=16, cka="exact",
-                                                        checkpoint_seconds=60), progress=False,
-              resume_dir=tmp_path / "p")
+    calibrate(
+        model,
+        blocks,
+        options=CalibrationOptions(batch_size=1, token_chunk=16, cka="exact", checkpoint_seconds=60),
+        progress=False,
+        resume_dir=tmp_path / "p",
+    )
     assert saves == [2]  # 80 s after the start (the last batch needs no save: its stats are returned)
 
 

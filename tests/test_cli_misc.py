@@ -29,7 +29,9 @@ def test_stats_and_plan_plots(tmp_path, capsys):
     assert grape(["stats", path, "--plot", str(tmp_path / "plots")]) == 0
     assert sorted(os.listdir(tmp_path / "plots")) == ["layer000.png", "layer001.png", "layer002.png"]
     assert "mean CKA" in capsys.readouterr().out
-    assert grape(["plan", path, "--method", "grape", "--per-layer", "2", "--show", "--plot", str(tmp_path / "a.png")]) == 0
+    assert (
+        grape(["plan", path, "--method", "grape", "--per-layer", "2", "--show", "--plot", str(tmp_path / "a.png")]) == 0
+    )
     assert "total removed: 6" in capsys.readouterr().out
     assert os.path.getsize(tmp_path / "a.png") > 0
 

@@ -135,7 +135,11 @@ def test_shape_contradicting_config(tiny_mixtral, tmp_path):
     cfg = json.load(open(os.path.join(d, "config.json")))
     cfg["intermediate_size"] = 40
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(ConversionError, match=r"model\.safetensors: tensor 'model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight' has shape \(48, 32\), but config\.json implies \(40, 32\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"model\.safetensors: tensor 'model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight' "
+        r"has shape \(48, 32\), but config\.json implies \(40, 32\)",
+    ):
         load_hf(d)
 
 

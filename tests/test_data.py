@@ -96,11 +96,21 @@ def test_pack_without_bos():
 
 def test_loaders(tmp_path):
     (tmp_path / "a.txt").write_text("one para\nstill one\n\n\nsecond para\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello", "id": 1}) + "\n\n" + json.dumps({"text": " "}) + "\n"
-                                      + json.dumps({"text": "world"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "hello", "id": 1})
+        + "\n\n"
+        + json.dumps({"text": " "})
+        + "\n"
+        + json.dumps({"text": "world"})
+        + "\n"
+    )
     assert load_texts([tmp_path / "a.txt"]) == ["one para\nstill one", "second para"]
     assert load_texts([tmp_path / "a.txt", tmp_path / "b.jsonl"], text_field="text") == [
-        "one para\nstill one", "second para", "hello", "world"]
+        "one para\nstill one",
+        "second para",
+        "hello",
+        "world",
+    ]
 
 
 def test_saved_dataset_dir(tmp_path, monkeypatch):

@@ -51,8 +51,12 @@ def export(request, tmp_path_factory):
     hf_cfg = _tiny_config(norm_topk_prob=request.param)
     src = dsref.save_checkpoint(str(root / "src"), hf_cfg, dsref.random_weights(hf_cfg, seed=WEIGHT_SEED))
     loaded = load_hf(src)
-    stats = calibrate(loaded, random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
-                      options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
+    stats = calibrate(
+        loaded,
+        random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
+        options=CalibrationOptions(batch_size=4, token_chunk=48),
+        progress=False,
+    )
     plan = make_plan(stats, method="grape", budget=BUDGET, guard="none", operator="freq")
     merged = apply_plan(loaded, plan)
     out = save_hf(merged, root / "out")
@@ -139,8 +143,9 @@ def test_from_config_matches_float64_reference():
     weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     assert all(np.isfinite(v).all() and v.std() > 0 for k, v in weights.items() if k.endswith("proj.weight"))
     tokens = random_tokens(128, batch=2, seq=10, seed=1)
-    assert_close_logits(torch_logits(model, tokens), dsref.reference_logits(_tiny_config(norm_topk_prob=True),
-                                                                             weights, tokens))
+    assert_close_logits(
+        torch_logits(model, tokens), dsref.reference_logits(_tiny_config(norm_topk_prob=True), weights, tokens)
+    )
 
 
 def test_no_shared_experts():

@@ -35,20 +35,49 @@ BASE = {**TINY, "num_hidden_layers": 3, "num_key_value_heads": 4, "max_position_
 CONFIGS = {
     # V2-Lite-style: no q LoRA, plain top-k, YaRN with mscale_all_dim, norm_topk_prob ignored by HF
     "greedy": lambda: transformers.DeepseekV2Config(
-        **BASE, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-        topk_method="greedy", first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_shared_experts=2,
-        routed_scaling_factor=1.5, norm_topk_prob=True,
-        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
-                             original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
-                             mscale=0.707, mscale_all_dim=1.0),
+        **BASE,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        topk_method="greedy",
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        n_shared_experts=2,
+        routed_scaling_factor=1.5,
+        norm_topk_prob=True,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=8.0,
+            original_max_position_embeddings=32,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=0.707,
+            mscale_all_dim=1.0,
+        ),
     ),
     # V2-style: q LoRA, group-limited greedy (3 of 4 groups of 2), attention biases
     "group_limited_greedy": lambda: transformers.DeepseekV2Config(
-        **BASE, n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
-        topk_method="group_limited_greedy", n_group=4, topk_group=3, first_k_dense_replace=1,
-        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-        n_shared_experts=1, routed_scaling_factor=2.0, attention_bias=True,
+        **BASE,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=16,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=3,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_shared_experts=1,
+        routed_scaling_factor=2.0,
+        attention_bias=True,
     ),
 }
 
@@ -112,8 +141,10 @@ def test_round_trip_is_bit_identical(cases, tmp_path, tokens, name):
     src, _, ref, loaded = cases(name)
     out = export_hf(loaded, tmp_path / "export")
     _assert_same_tensors(src, out)
-    assert any(".mlp.experts.0.gate_proj.weight" in k for k in open(os.path.join(out, "model.safetensors"), "rb")
-               .read(1 << 16).decode("latin-1").split('"'))  # per-expert keys on disk, as save_pretrained
+    assert any(
+        ".mlp.experts.0.gate_proj.weight" in k
+        for k in open(os.path.join(out, "model.safetensors"), "rb").read(1 << 16).decode("latin-1").split('"')
+    )  # per-expert keys on disk, as save_pretrained
     source_cfg = json.load(open(os.path.join(src, "config.json")))
     exported_cfg = json.load(open(os.path.join(out, "config.json")))
     assert {k: exported_cfg.get(k) for k in source_cfg} == source_cfg
@@ -126,8 +157,7 @@ def test_grape_prune_export_reload_uneven_counts(cases, tmp_path):
     src, _, _, loaded = cases("greedy")
     cfg = loaded.cfg
     blocks = random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2)
-    stats = calibrate(loaded, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48),
-                      progress=False)
+    stats = calibrate(loaded, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
     total = sum(cfg.num_experts)
     plan = make_plan(stats, method="grape", budget=total // 4, guard="none", operator="freq")
     merged = apply_plan(loaded, plan)
@@ -153,8 +183,12 @@ def test_group_limited_prune_keeps_group_multiples(cases, tmp_path):
     assert cfg.expert_count_multiple == 4 and cfg.min_routable_experts == 4
     with pytest.raises(ConfigError, match=r"MoE layer 1 keeps 6 experts; needs at least 4 .* and a multiple of 4"):
         cfg.with_num_experts((0, 6, 8))
-    stats = calibrate(loaded, random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2),
-                      options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
+    stats = calibrate(
+        loaded,
+        random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2),
+        options=CalibrationOptions(batch_size=4, token_chunk=48),
+        progress=False,
+    )
     assert [(ls.count_multiple, ls.min_count) for ls in stats.layers] == [(4, 4), (4, 4)]
     with pytest.raises(PlanError, match=r"multiple of 4.*nearest: 4 or 8"):
         make_plan(stats, method="grape", budget=6, guard="none")

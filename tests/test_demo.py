@@ -41,8 +41,24 @@ def test_reproduce_paper_tiny(tiny_mixtral_tok, tmp_path):
     from scripts.reproduce_paper import main
 
     out = tmp_path / "repro"
-    main(["--preset", "tiny", "--hf-dir", tiny_mixtral_tok.path, "--out", str(out), "--num-samples", "4",
-          "--seq-len", "32", "--eval-samples", "4", "--task", f"piqa={sample_task_path('piqa')}"])
+    main(
+        [
+            "--preset",
+            "tiny",
+            "--hf-dir",
+            tiny_mixtral_tok.path,
+            "--out",
+            str(out),
+            "--num-samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--eval-samples",
+            "4",
+            "--task",
+            f"piqa={sample_task_path('piqa')}",
+        ]
+    )
     rows = _rows(out / "results.csv")
     assert {r["method"] for r in rows} >= {"grape", "grape-r", "local", "frequency", "reap", "hc-smoe", "m-smoe"}
     assert {int(r["per_layer"]) for r in rows if r["method"] != "-"} == {1, 2}

@@ -85,23 +85,66 @@ def test_perplexity_errors(bigram):
 
 
 FIRST_REQUESTS = {  # the harness's prompt templates, written out by hand for the first sample of each task
-    "arc_easy": ([("Question: Which object sinks in water?\nAnswer:", c)
-                  for c in (" a cork", " a stone", " a leaf")], 1),
-    "boolq": ([("The river flows north to the sea and freezes in the coldest months.\nQuestion: does the river flow "
-                "north?\nAnswer:", c) for c in (" no", " yes")], 1),
-    "hellaswag": ([("Cooking: A man cracks two eggs into a bowl. He", c) for c in (
-        " whisks them with a fork.", " paints the bowl blue.", " throws the bowl into a lake.",
-        " reads a newspaper upside down.")], 0),
-    "openbookqa": ([("Heat from the sun mostly reaches the earth by", c)
-                    for c in (" radiation", " plumbing", " conversation", " magnets")], 0),
-    "piqa": ([("Question: To keep bread fresh longer,\nAnswer:", c)
-              for c in (" store it in a sealed bag.", " leave it in the rain.")], 0),
-    "rte": ([("The committee approved the new budget on Monday.\nQuestion: The budget was approved. True or False?"
-              "\nAnswer:", c) for c in (" True", " False")], 0),
-    "winogrande": ([("The trophy did not fit in the suitcase because the " + o, " was too big.")
-                    for o in ("trophy", "suitcase")], 0),
-    "mmlu": ([("What is 7 multiplied by 6?\nA. 36\nB. 42\nC. 48\nD. 56\nAnswer:", c)
-              for c in (" A", " B", " C", " D")], 1),
+    "arc_easy": (
+        [("Question: Which object sinks in water?\nAnswer:", c) for c in (" a cork", " a stone", " a leaf")],
+        1,
+    ),
+    "boolq": (
+        [
+            (
+                "The river flows north to the sea and freezes in the coldest months.\nQuestion: does the river flow "
+                "north?\nAnswer:",
+                c,
+            )
+            for c in (" no", " yes")
+        ],
+        1,
+    ),
+    "hellaswag": (
+        [
+            ("Cooking: A man cracks two eggs into a bowl. He", c)
+            for c in (
+                " whisks them with a fork.",
+                " paints the bowl blue.",
+                " throws the bowl into a lake.",
+                " reads a newspaper upside down.",
+            )
+        ],
+        0,
+    ),
+    "openbookqa": (
+        [
+            ("Heat from the sun mostly reaches the earth by", c)
+            for c in (" radiation", " plumbing", " conversation", " magnets")
+        ],
+        0,
+    ),
+    "piqa": (
+        [
+            ("Question: To keep bread fresh longer,\nAnswer:", c)
+            for c in (" store it in a sealed bag.", " leave it in the rain.")
+        ],
+        0,
+    ),
+    "rte": (
+        [
+            (
+                "The committee approved the new budget on Monday.\nQuestion: The budget was approved. True or False?"
+                "\nAnswer:",
+                c,
+            )
+            for c in (" True", " False")
+        ],
+        0,
+    ),
+    "winogrande": (
+        [("The trophy did not fit in the suitcase because the " + o, " was too big.") for o in ("trophy", "suitcase")],
+        0,
+    ),
+    "mmlu": (
+        [("What is 7 multiplied by 6?\nA. 36\nB. 42\nC. 48\nD. 56\nAnswer:", c) for c in (" A", " B", " C", " D")],
+        1,
+    ),
 }
 
 
@@ -123,8 +166,13 @@ def _choice_texts(task, row):
         return row["choices"]["text"]
     if task == "winogrande":  # shared continuation: equal lengths, so acc_norm == acc (module docstring)
         return [row["sentence"][row["sentence"].index("_") + 1 :].strip()] * 2
-    return {"boolq": ["no", "yes"], "rte": ["True", "False"], "mmlu": list("ABCD"),
-            "piqa": [row.get("sol1"), row.get("sol2")], "hellaswag": [e.strip() for e in row.get("endings", [])]}[task]
+    return {
+        "boolq": ["no", "yes"],
+        "rte": ["True", "False"],
+        "mmlu": list("ABCD"),
+        "piqa": [row.get("sol1"), row.get("sol2")],
+        "hellaswag": [e.strip() for e in row.get("endings", [])],
+    }[task]
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -162,8 +210,11 @@ def test_encoding_truncation_and_bos(bigram):
     assert len(_enc(tok, context)) > 40
     for kw in ({}, {"max_length": 16}, {"max_length": 33}, {"add_bos": False}):
         got = score_requests(fn, tok, [(context, cont), ("", " Amen."), ("And he said: ", "Go")], **kw)
-        want = [_hand_score(tok, logp, context, cont, **kw), _hand_score(tok, logp, "", " Amen.", add_bos=True,
-                max_length=kw.get("max_length")), _hand_score(tok, logp, "And he said: ", "Go", **kw)]
+        want = [
+            _hand_score(tok, logp, context, cont, **kw),
+            _hand_score(tok, logp, "", " Amen.", add_bos=True, max_length=kw.get("max_length")),
+            _hand_score(tok, logp, "And he said: ", "Go", **kw),
+        ]
         np.testing.assert_allclose(got, want, rtol=1e-5)  # empty context: BOS is the prefix either way
     moved = score_requests(fn, tok, [("Answer: ", "yes"), ("Answer:", " yes")])
     np.testing.assert_allclose(moved[0], moved[1], rtol=1e-6)
@@ -185,8 +236,11 @@ def _row_model(vocab, *, respect_mask=True):
     def fn(tokens, mask):
         e = emb[tokens] * mask[..., None]
         prefix = jnp.cumsum(e, 1) / jnp.maximum(jnp.cumsum(mask, 1), 1)[..., None]
-        row = e.sum(1, keepdims=True) / jnp.maximum(mask.sum(1), 1)[:, None, None] if respect_mask else (
-            emb[tokens].mean(1, keepdims=True))
+        row = (
+            e.sum(1, keepdims=True) / jnp.maximum(mask.sum(1), 1)[:, None, None]
+            if respect_mask
+            else (emb[tokens].mean(1, keepdims=True))
+        )
         return (prefix + row) @ out
 
     return fn
@@ -247,9 +301,13 @@ def test_mmlu_subject_header(tmp_path):
     from grape_jax.tasks import load_task
 
     path = tmp_path / "mmlu.jsonl"
-    path.write_text('{"question": "2+2?", "choices": ["1", "2", "3", "4"], "answer": 3, "subject": "elementary_mathematics"}\n')
+    path.write_text(
+        '{"question": "2+2?", "choices": ["1", "2", "3", "4"], "answer": 3, "subject": "elementary_mathematics"}\n'
+    )
     (ex,) = load_task("mmlu", path)
     context = ex.requests[0][0]
-    assert context == ("The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
-                       "2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:")
+    assert context == (
+        "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
+        "2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"
+    )
     assert ex.label == 3 and [c for _, c in ex.requests] == [" A", " B", " C", " D"]

@@ -64,8 +64,9 @@ def test_interrupted_export_resumes_and_equals_a_clean_one(loaded, clean_export,
     lines = []
     export_hf(loaded, out, log=lines.append, **kw)
     assert lines[0].startswith("resuming the export") and "2 of" in lines[0], lines
-    assert sorted(line[len("wrote "):] for line in lines[1:]) == sorted(
-        f for f in _files(clean_export) if f.endswith(".safetensors") and f not in kept)
+    assert sorted(line[len("wrote ") :] for line in lines[1:]) == sorted(
+        f for f in _files(clean_export) if f.endswith(".safetensors") and f not in kept
+    )
     assert {f: os.stat(os.path.join(out, f)).st_ino for f in kept} == inodes  # not rewritten
     assert _files(out) == _files(clean_export)
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no work dir or lock left

@@ -35,35 +35,78 @@ from tests.test_model_parity import assert_close_logits
 HF_CONFIGS = {
     # mlp_only_layers=[0]: layer 0 is dense (intermediate_size), layer 1 sparse
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
-        **TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-        shared_expert_intermediate_size=24, mlp_only_layers=[0], norm_topk_prob=False,
+        **TINY,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        mlp_only_layers=[0],
+        norm_topk_prob=False,
     ),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        **TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+        **TINY,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
     ),
     "olmoe": lambda: transformers.OlmoeConfig(
-        **TINY, num_experts=8, num_experts_per_tok=3, clip_qkv=2.5, eos_token_id=1, pad_token_id=0,
+        **TINY,
+        num_experts=8,
+        num_experts_per_tok=3,
+        clip_qkv=2.5,
+        eos_token_id=1,
+        pad_token_id=0,
     ),
     # V2-Lite-style (no q LoRA), YaRN with mscale_all_dim, 4 groups of 2, negative-capable bias
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
         **{**TINY, "num_key_value_heads": 4, "max_position_embeddings": 256},
-        n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, n_group=4,
-        topk_group=2, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_shared_experts=2,
-        norm_topk_prob=True, routed_scaling_factor=1.5,
-        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
-                             original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
-                             mscale=0.707, mscale_all_dim=1.0),
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=16,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        n_shared_experts=2,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.5,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=8.0,
+            original_max_position_embeddings=32,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=0.707,
+            mscale_all_dim=1.0,
+        ),
     ),
     "deepseek_v3_qlora": lambda: transformers.DeepseekV3Config(
-        **{**TINY, "num_key_value_heads": 4}, n_routed_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=16, n_group=2, topk_group=1, first_k_dense_replace=1,
-        q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+        **{**TINY, "num_key_value_heads": 4},
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
         n_shared_experts=1,
     ),
     # YaRN by default, sliding window 4 on alternate layers (exercised by 12-token inputs)
     "gpt_oss": lambda: transformers.GptOssConfig(
-        **{**TINY, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+        **{**TINY, "intermediate_size": 32},
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
         sliding_window=4,
     ),
     **NEW_CONFIGS,
@@ -176,7 +219,8 @@ def _load_reads_multi_source() -> bool:
 
 
 EXPORT_PENDING = pytest.mark.xfail(
-    not _export_groups_fused_tensors(), strict=True,
+    not _export_groups_fused_tensors(),
+    strict=True,
     reason="conversion/export.py must write base.hf_tensors(bindings) (GPT-OSS fuses gate/up)",
 )
 
@@ -230,8 +274,15 @@ def _mxfp4_checkpoint(bf16_dir: str, out_dir: str) -> str:
     os.makedirs(out_dir)
     save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     cfg = json.load(open(os.path.join(bf16_dir, "config.json")))
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f)
     return out_dir
@@ -268,9 +319,11 @@ def test_gpt_oss_mxfp4_checkpoint_decodes_per_expert_slice(cases, tmp_path):
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
         blocks = f.get_tensor("model.layers.1.mlp.experts.gate_up_proj_blocks").numpy()
         scales = f.get_tensor("model.layers.1.mlp.experts.gate_up_proj_scales").numpy()
-        down = decode_mxfp4(f.get_tensor("model.layers.0.mlp.experts.down_proj_blocks").numpy(),
-                            f.get_tensor("model.layers.0.mlp.experts.down_proj_scales").numpy(),
-                            dtype=np.asarray(params["layers.0.mlp.w_down"]).dtype)
+        down = decode_mxfp4(
+            f.get_tensor("model.layers.0.mlp.experts.down_proj_blocks").numpy(),
+            f.get_tensor("model.layers.0.mlp.experts.down_proj_scales").numpy(),
+            dtype=np.asarray(params["layers.0.mlp.w_down"]).dtype,
+        )
     gate_up = decode_mxfp4(blocks, scales, dtype=np.asarray(params["layers.1.mlp.w_gate"]).dtype)
     assert str(gate_up.dtype) == "bfloat16"
     np.testing.assert_array_equal(np.asarray(params["layers.1.mlp.w_gate"]), gate_up[..., 0::2])
@@ -278,13 +331,17 @@ def test_gpt_oss_mxfp4_checkpoint_decodes_per_expert_slice(cases, tmp_path):
     np.testing.assert_array_equal(np.asarray(params["layers.0.mlp.w_down"]), down)
     cfg = export_module.hf_config_for(
         get_family("gpt_oss").config_from_hf(json.load(open(os.path.join(path, "config.json")))),
-        get_family("gpt_oss"), json.load(open(os.path.join(path, "config.json"))),
+        get_family("gpt_oss"),
+        json.load(open(os.path.join(path, "config.json"))),
     )
     assert "quantization_config" not in cfg
 
 
-@pytest.mark.xfail(not _load_reads_multi_source(), strict=True,
-                   reason="conversion/load.py must read via Binding.read / Binding.hf_sources")
+@pytest.mark.xfail(
+    not _load_reads_multi_source(),
+    strict=True,
+    reason="conversion/load.py must read via Binding.read / Binding.hf_sources",
+)
 def test_gpt_oss_mxfp4_load_hf_on_mesh(tmp_path):
     bf16 = save_model(build_model(HF_CONFIGS["gpt_oss"](), seed=0, dtype=torch.bfloat16), tmp_path / "bf16")
     path = _mxfp4_checkpoint(bf16, str(tmp_path / "mxfp4"))

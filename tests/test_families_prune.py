@@ -33,10 +33,21 @@ CONFIGS = {
     **{name: HF_CONFIGS[name] for name in NEW_CONFIGS},
     # group-limited routing (2 groups): the planner keeps every count a multiple of 2, >= 2 per group
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
-        **{**TINY, "num_key_value_heads": 4}, n_routed_experts=8, num_experts_per_tok=2,
-        moe_intermediate_size=16, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
-        kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, n_shared_experts=1,
-        norm_topk_prob=True, routed_scaling_factor=1.5,
+        **{**TINY, "num_key_value_heads": 4},
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        n_shared_experts=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=1.5,
     ),
 }
 
@@ -47,8 +58,7 @@ def test_prune_quarter_export_and_reload(family, tmp_path):
     loaded = load_hf(src)
     cfg = loaded.cfg
     blocks = random_tokens(cfg.vocab_size, batch=4, seq=12, seed=2)
-    stats = calibrate(loaded, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48),
-                      progress=False)
+    stats = calibrate(loaded, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
     total = sum(cfg.num_experts)
     budget = total // 4
     plan = make_plan(stats, method="grape", budget=budget, guard="none", operator="freq")
@@ -88,8 +98,12 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, source_c
             with open(os.path.join(src, name), "w") as f:
                 f.write(f"# stand-in for the published {name}\n")
     loaded = load_hf(src)
-    stats = calibrate(loaded, random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
-                      options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
+    stats = calibrate(
+        loaded,
+        random_tokens(loaded.cfg.vocab_size, batch=4, seq=12, seed=5),
+        options=CalibrationOptions(batch_size=4, token_chunk=48),
+        progress=False,
+    )
     plan = make_plan(stats, method="local", budget=len(stats.layers), operator="dominant")
     merged = apply_plan(loaded, plan)
     new_cfg = merged.cfg
@@ -102,16 +116,22 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, source_c
         assert exported_cfg["auto_map"] == hf_cfg["auto_map"]
         for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
             copied = os.path.join(out, name)
-            assert (open(copied).read() == open(os.path.join(src, name)).read() if source_code == "files"
-                    else not os.path.exists(copied))
+            assert (
+                open(copied).read() == open(os.path.join(src, name)).read()
+                if source_code == "files"
+                else not os.path.exists(copied)
+            )
     else:
         assert exported_cfg["model_type"] == "deepseek" and "num_experts_per_layer" in exported_cfg
         assert not os.path.exists(os.path.join(out, "modeling_deepseek.py"))
         model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
         assert_close_logits(merged(tokens), torch_logits(model, tokens))
     weights = load_file(os.path.join(out, "model.safetensors"))
-    assert set(weights) == {k for k in load_file(os.path.join(src, "model.safetensors"))
-                            if ".experts." not in k or int(k.split(".experts.")[1].split(".")[0]) < exported_cfg["n_routed_experts"]}
+    assert set(weights) == {
+        k
+        for k in load_file(os.path.join(src, "model.safetensors"))
+        if ".experts." not in k or int(k.split(".experts.")[1].split(".")[0]) < exported_cfg["n_routed_experts"]
+    }
     ref = dsref.reference_logits(exported_cfg, weights, tokens)
     assert_close_logits(merged(tokens), ref)
     again = load_hf(out)
@@ -123,10 +143,20 @@ def test_deepseek_v3_counts_must_be_multiples_of_n_group(tmp_path):
     run: a config with them cannot even be built, so no merge or export can produce one."""
     from grape_jax.config import ConfigError
 
-    cfg = transformers.DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, n_routed_experts=8,
-                                        num_experts_per_tok=2, moe_intermediate_size=16, n_group=4, topk_group=2,
-                                        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
-                                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    cfg = transformers.DeepseekV3Config(
+        **{**TINY, "num_key_value_heads": 4},
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        q_lora_rank=None,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+    )
     src = save_model(build_model(cfg, seed=1), tmp_path / "src")
     loaded = load_hf(src)
     assert loaded.cfg.expert_rule.floor() == 8
@@ -151,13 +181,16 @@ def test_non_uniform_prune_exports_load_through_remote_code(family, tmp_path):
     src = save_model(build_model(NEW_CONFIGS[family](**NON_UNIFORM[family]), seed=3), tmp_path / "src")
     loaded = load_hf(src)
     cfg = loaded.cfg
-    stats = calibrate(loaded, random_tokens(cfg.vocab_size, batch=2, seq=12, seed=4),
-                      options=CalibrationOptions(batch_size=2, token_chunk=24), progress=False)
+    stats = calibrate(
+        loaded,
+        random_tokens(cfg.vocab_size, batch=2, seq=12, seed=4),
+        options=CalibrationOptions(batch_size=2, token_chunk=24),
+        progress=False,
+    )
     groups = []
     for i, ls in enumerate(stats.layers):
         merged = cfg.expert_count_multiple if i == 0 else 0
-        groups.append([[2 * k, 2 * k + 1] for k in range(merged)]
-                      + [[e] for e in range(2 * merged, ls.num_experts)])
+        groups.append([[2 * k, 2 * k + 1] for k in range(merged)] + [[e] for e in range(2 * merged, ls.num_experts)])
     plan = build_plan(stats, groups, method="hand", budget=cfg.expert_count_multiple, operator="freq")
     merged = apply_plan(loaded, plan)
     new_cfg = merged.cfg

@@ -242,7 +242,10 @@ def test_export_fp8_round_trip_is_byte_identical_and_bf16_export_drops_quantizat
     assert sorted(a) == sorted(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), key
-    assert read_json(os.path.join(out, "config.json"))["quantization_config"] == loaded.info.hf_config["quantization_config"]
+    assert (
+        read_json(os.path.join(out, "config.json"))["quantization_config"]
+        == loaded.info.hf_config["quantization_config"]
+    )
     plain = export_hf(loaded, tmp_path / "bf16")
     assert "quantization_config" not in read_json(os.path.join(plain, "config.json"))
     tensors = load_file(os.path.join(plain, "model.safetensors"))

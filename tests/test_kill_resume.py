@@ -18,11 +18,22 @@ DATA = ["--num-samples", "24", "--seq-len", "32", "--batch-size", "8", "--token-
 
 
 def _grape(*args, env_extra=None):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT,
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=ROOT,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    )
     env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, "-m", "grape_jax.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "grape_jax.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(ready, proc, what, timeout=120):
@@ -87,7 +98,9 @@ def test_killed_export_never_looks_complete(tiny_mixtral_tok, tmp_path):
         if os.path.exists(out):
             outcomes.append("complete")
             json.load(open(os.path.join(out, "config.json")))
-            assert sorted(CheckpointIndex.open(out).keys()) == sorted(CheckpointIndex.open(tiny_mixtral_tok.path).keys())
+            assert sorted(CheckpointIndex.open(out).keys()) == sorted(
+                CheckpointIndex.open(tiny_mixtral_tok.path).keys()
+            )
         else:
             outcomes.append("absent")
         leftovers = [n for n in os.listdir(tmp_path) if n.startswith(f".hf{i}.tmp-")]

@@ -18,18 +18,53 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = ("base", "core", "method", "io", "app")
 LAYER_OF = {
     "base": ["grape_jax.atomic", "grape_jax.multihost"],
-    "core": ["grape_jax.config", "grape_jax.params", "grape_jax.sharding", "grape_jax.routing", "grape_jax.rope",
-             "grape_jax.mla", "grape_jax.layers", "grape_jax.dispatch", "grape_jax.model"],
-    "method": ["grape_jax.similarity", "grape_jax.calibration", "grape_jax.stats", "grape_jax.plan",
-               "grape_jax.planners.*", "grape_jax.merge", "grape_jax.alignment", "grape_jax.resume",
-               "grape_jax.evaluate", "grape_jax.distill", "grape_jax.heal_step", "grape_jax.heal_loop",
-               "grape_jax.healing"],
+    "core": [
+        "grape_jax.config",
+        "grape_jax.params",
+        "grape_jax.sharding",
+        "grape_jax.routing",
+        "grape_jax.rope",
+        "grape_jax.mla",
+        "grape_jax.layers",
+        "grape_jax.dispatch",
+        "grape_jax.model",
+    ],
+    "method": [
+        "grape_jax.similarity",
+        "grape_jax.calibration",
+        "grape_jax.stats",
+        "grape_jax.plan",
+        "grape_jax.planners.*",
+        "grape_jax.merge",
+        "grape_jax.alignment",
+        "grape_jax.resume",
+        "grape_jax.evaluate",
+        "grape_jax.distill",
+        "grape_jax.heal_step",
+        "grape_jax.heal_loop",
+        "grape_jax.healing",
+    ],
     "io": ["conversion.*"],
-    "app": ["grape_jax", "grape_jax.api", "grape_jax.pipeline", "grape_jax.cli", "grape_jax.cli_args",
-            "grape_jax.cli_model", "grape_jax.cli_method", "grape_jax.cli_demo", "grape_jax.cli_heal",
-            "grape_jax.compare", "grape_jax.demo_model", "grape_jax.tasks", "grape_jax.plots",
-            "grape_jax.lm_eval_adapter", "grape_jax.train", "grape_jax.data", "grape_jax.tokenizer",
-            "grape_jax.recipe"],
+    "app": [
+        "grape_jax",
+        "grape_jax.api",
+        "grape_jax.pipeline",
+        "grape_jax.cli",
+        "grape_jax.cli_args",
+        "grape_jax.cli_model",
+        "grape_jax.cli_method",
+        "grape_jax.cli_demo",
+        "grape_jax.cli_heal",
+        "grape_jax.compare",
+        "grape_jax.demo_model",
+        "grape_jax.tasks",
+        "grape_jax.plots",
+        "grape_jax.lm_eval_adapter",
+        "grape_jax.train",
+        "grape_jax.data",
+        "grape_jax.tokenizer",
+        "grape_jax.recipe",
+    ],
 }
 
 
@@ -71,8 +106,10 @@ def _imports(path: str, module: str, modules: set[str]) -> list[tuple[str, int, 
             base = node.module or ""
             if node.level:
                 parts = module.split(".")
-                base = ".".join(parts[: len(parts) - node.level + (1 if path.endswith("__init__.py") else 0)]
-                                + ([node.module] if node.module else []))
+                base = ".".join(
+                    parts[: len(parts) - node.level + (1 if path.endswith("__init__.py") else 0)]
+                    + ([node.module] if node.module else [])
+                )
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         for name in names:
             while name and name not in modules:
@@ -96,9 +133,12 @@ def test_every_module_has_a_layer(graph):
 
 def test_no_upward_import(graph):
     _, edges = graph
-    bad = [f"{m} ({layer(m)}) imports {t} ({layer(t)}) at line {line}"
-           for m, targets in edges.items() for t, line, _ in targets
-           if LAYERS.index(layer(t)) > LAYERS.index(layer(m))]
+    bad = [
+        f"{m} ({layer(m)}) imports {t} ({layer(t)}) at line {line}"
+        for m, targets in edges.items()
+        for t, line, _ in targets
+        if LAYERS.index(layer(t)) > LAYERS.index(layer(m))
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -113,7 +153,7 @@ def test_no_import_cycle(graph):
         stack.append(m)
         for t in top.get(m, []):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = stack[stack.index(t) :] + [t]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)

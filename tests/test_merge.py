@@ -19,8 +19,17 @@ from grape_jax.plan import LayerPlan, Plan
 from grape_jax.sharding import RunContext, make_mesh
 
 BASE = MoEConfig(
-    family="mixtral", vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
-    head_dim=8, moe_intermediate_size=24, num_experts=(4, 4), top_k=2, max_position_embeddings=64,
+    family="mixtral",
+    vocab_size=64,
+    hidden_size=16,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    moe_intermediate_size=24,
+    num_experts=(4, 4),
+    top_k=2,
+    max_position_embeddings=64,
 )
 
 
@@ -37,15 +46,26 @@ def _layer(layer, groups, weights=None, dominant=None, n=4, dropped=()):
     weights = weights or [[1.0 / len(g)] * len(g) for g in groups]
     dominant = dominant or [g[0] for g in groups]
     order = sorted(range(len(groups)), key=lambda k: min(groups[k]))
-    return LayerPlan(layer, n, tuple(tuple(sorted(groups[k])) for k in order),
-                     tuple(tuple(w for _, w in sorted(zip(groups[k], weights[k]))) for k in order),
-                     tuple(dominant[k] for k in order), tuple(dropped))
+    return LayerPlan(
+        layer,
+        n,
+        tuple(tuple(sorted(groups[k])) for k in order),
+        tuple(tuple(w for _, w in sorted(zip(groups[k], weights[k]))) for k in order),
+        tuple(dominant[k] for k in order),
+        tuple(dropped),
+    )
 
 
 def _plan(*layers, operator="freq", rule="dominant", made_from=None):
     removed = sum(lp.num_experts_before - lp.num_kept for lp in layers)
-    return Plan(layers=tuple(layers), method="test", budget=removed, operator=operator, router_rule=rule,
-                made_from=made_from or {})
+    return Plan(
+        layers=tuple(layers),
+        method="test",
+        budget=removed,
+        operator=operator,
+        router_rule=rule,
+        made_from=made_from or {},
+    )
 
 
 def _ident(layer, n=4):
@@ -63,8 +83,10 @@ def test_identity_plan_is_bit_identical():
 def test_merge_state_is_pure_under_eval_shape_and_jit():
     """eval_shape gives the pruned shapes without computing; jit of the same function equals apply_plan."""
     model = _model()
-    plan = _plan(_layer(0, [[0, 1], [2], [3]], [[0.3, 0.7], [1.0], [1.0]], [1, 2, 3]),
-                 _layer(1, [[0], [1], [3]], n=4, dropped=(2,)))
+    plan = _plan(
+        _layer(0, [[0, 1], [2], [3]], [[0.3, 0.7], [1.0], [1.0]], [1, 2, 3]),
+        _layer(1, [[0], [1], [3]], n=4, dropped=(2,)),
+    )
     _, state = nnx.split(model)
     shapes = jax.eval_shape(lambda s: merge_state(s, plan), state)
     flat = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(shapes)}
@@ -109,7 +131,9 @@ def test_dropping_a_never_selected_expert_keeps_logits():
     assert merged.layers[0].mlp.router_bias.get_value().shape == (3,)
     tokens = _tokens()
     np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(model(tokens)), atol=1e-6, rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(merged.layers[0].mlp.w_up.get_value()), arrays["layers.0.mlp.w_up"][[0, 2, 3]])
+    np.testing.assert_array_equal(
+        np.asarray(merged.layers[0].mlp.w_up.get_value()), arrays["layers.0.mlp.w_up"][[0, 2, 3]]
+    )
 
 
 @pytest.mark.parametrize("rule", ["dominant", "mean"])
@@ -140,8 +164,7 @@ def test_shardings_follow_the_new_table_on_an_8_device_mesh():
     ctx = RunContext(make_mesh("fsdp=2,expert=4"))
     cfg = BASE.with_num_experts((8, 8))
     model = init_model(cfg, ctx=ctx)
-    plan = _plan(_layer(0, [[0, 1], [2, 3], [4], [5], [6], [7]], n=8),
-                 _layer(1, [[0, 4], [1, 5], [2, 6], [3, 7]], n=8))
+    plan = _plan(_layer(0, [[0, 1], [2, 3], [4], [5], [6], [7]], n=8), _layer(1, [[0, 4], [1, 5], [2, 6], [3, 7]], n=8))
     merged = apply_plan(model, plan)
     assert merged.cfg.num_experts == (6, 4) and merged.ctx == ctx
     _, want = nnx.split(abstract_model(merged.cfg, ctx=ctx))
@@ -191,8 +214,11 @@ def test_aligned_merge_of_a_permuted_copy_keeps_logits():
     model = _model(cfg, _permuted_copy(cfg))
     layer1 = _layer(1, [[0, 2], [1], [3]], [[0.5, 0.5], [1.0], [1.0]], [0, 1, 3])
     merged = apply_plan(model, _plan(_ident(0), layer1, operator="aligned"))
-    np.testing.assert_allclose(np.asarray(merged.layers[1].mlp.w_up.get_value()[0]),
-                               np.asarray(model.layers[1].mlp.w_up.get_value()[0]), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(merged.layers[1].mlp.w_up.get_value()[0]),
+        np.asarray(model.layers[1].mlp.w_up.get_value()[0]),
+        rtol=1e-6,
+    )
     tokens = _tokens()
     ref = np.asarray(model(tokens))
     np.testing.assert_allclose(np.asarray(merged(tokens)), ref, atol=1e-5, rtol=1e-5)
@@ -217,7 +243,9 @@ def test_overrides_replace_whole_leaves():
     w_down = np.random.default_rng(1).normal(size=(3, 24, 16)).astype(np.float32)
     merged = apply_plan(model, plan, inputs=MergeInputs(overrides={"layers.0.mlp.w_down": w_down}))
     np.testing.assert_array_equal(np.asarray(merged.layers[0].mlp.w_down.get_value()), w_down)
-    with pytest.raises(MergeError, match=r"override for layers.0.mlp.w_down: shape \(4, 24, 16\), expected \(3, 24, 16\)"):
+    with pytest.raises(
+        MergeError, match=r"override for layers.0.mlp.w_down: shape \(4, 24, 16\), expected \(3, 24, 16\)"
+    ):
         apply_plan(model, plan, inputs=MergeInputs(overrides={"layers.0.mlp.w_down": np.zeros((4, 24, 16))}))
 
 
@@ -236,4 +264,6 @@ def test_aligned_merge_equals_host_reference(mesh_spec):
         got = param_view(merged)[p + k]
         np.testing.assert_allclose(np.asarray(got[0]), want[k], rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(np.asarray(got[1]), host[k][2])
-        assert got.sharding == ctx.sharding(got.shape, ("experts", *(("embed", "mlp") if k != "w_down" else ("mlp", "embed")))), k
+        assert got.sharding == ctx.sharding(
+            got.shape, ("experts", *(("embed", "mlp") if k != "w_down" else ("mlp", "embed")))
+        ), k

@@ -81,9 +81,12 @@ def test_nnx_model_is_the_parameter_table(tiny_mixtral, tokens):
     np.testing.assert_array_equal(np.asarray(restored(tokens)), np.asarray(model(tokens)))
     x = np.random.default_rng(0).normal(size=(5, model.cfg.hidden_size)).astype(np.float32)
     block = model.layers[1].mlp
-    np.testing.assert_allclose(np.asarray(block(jnp.asarray(x))),
-                               np.asarray(layers.moe_block(param_view(model), "layers.1.mlp.", model.cfg, x)[0]),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(block(jnp.asarray(x))),
+        np.asarray(layers.moe_block(param_view(model), "layers.1.mlp.", model.cfg, x)[0]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_wrong_shapes_fail_at_the_entry_of_the_jitted_forward(tiny_mixtral, tokens):

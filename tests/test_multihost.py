@@ -35,17 +35,36 @@ def _run_workers(model: str, out: str, reports: list[str], num: int = 2) -> None
     """Start `num` workers, wait (TIMEOUT_S in all), fail with every worker's output on any error."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     procs = []
     for i in range(num):
-        cmd = [sys.executable, "-m", "tests.multihost_worker", "--coordinator", f"localhost:{port}",
-               "--num-processes", str(num), "--process-id", str(i), "--model", model, "--out", out,
-               "--report", reports[i]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tests.multihost_worker",
+            "--coordinator",
+            f"localhost:{port}",
+            "--num-processes",
+            str(num),
+            "--process-id",
+            str(i),
+            "--model",
+            model,
+            "--out",
+            out,
+            "--report",
+            reports[i],
+        ]
         for spec in MESHES:
             cmd += ["--mesh", spec]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     deadline = time.monotonic() + TIMEOUT_S
     outputs, failed = [], False
     for p in procs:
@@ -58,11 +77,12 @@ def _run_workers(model: str, out: str, reports: list[str], num: int = 2) -> None
             outputs.append(p.communicate()[0] + f"\n[killed after {TIMEOUT_S} s]")
         failed |= p.returncode != 0
     if failed:
-        for q in procs[len(outputs):]:
+        for q in procs[len(outputs) :]:
             q.kill()
             outputs.append(q.communicate()[0])
-        text = "\n".join(f"----- worker {i} (exit {p.returncode}) -----\n{o}"
-                         for i, (p, o) in enumerate(zip(procs, outputs)))
+        text = "\n".join(
+            f"----- worker {i} (exit {p.returncode}) -----\n{o}" for i, (p, o) in enumerate(zip(procs, outputs))
+        )
         pytest.fail(f"multi-host workers failed:\n{text}")
 
 
@@ -112,7 +132,8 @@ def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
             rep.append(json.load(f))
 
     assert sorted(os.listdir(tmp_path / "multi")) == sorted([str(i) for i in range(len(MESHES))] + ["pipeline0"]), (
-        "only the finished exports may be left (no temp dirs from a second writer)")
+        "only the finished exports may be left (no temp dirs from a second writer)"
+    )
     # calibrate -> plan -> merge -> export on 2 processes equals the same chain in one process
     for r in rep:
         assert r["meshes"][0]["pipeline"]["kept"] == ref_pipeline["kept"] != [8, 8]
@@ -152,7 +173,8 @@ def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
             for a in boxes[0][key]:
                 for b in boxes[1][key]:
                     assert any(max(x0, y0) >= min(x1, y1) for (x0, x1), (y0, y1) in zip(a, b)), (
-                        f"mesh {spec}: both processes read {key} {a} / {b}")
+                        f"mesh {spec}: both processes read {key} {a} / {b}"
+                    )
         expert_elements = [sum(_volume(b) for bs in bx.values() for b in bs) for bx in boxes]
         assert expert_elements[0] == expert_elements[1] > 0, expert_elements
         for param in per_proc[0]["own_experts"]:

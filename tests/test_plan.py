@@ -27,9 +27,17 @@ STATS = stats_of([[0.1, 0.4, 0.3, 0.2], [0.0, 0.0, 0.5, 0.5], [0.25, 0.25, 0.25,
 
 def merge_plan(operator="freq", router_rule="dominant") -> Plan:
     groups = [[[2, 0], [1], [3]], [[3], [1, 0, 2]], [[0], [1], [2], [3]]]
-    return build_plan(STATS, groups, method="test", budget=3, operator=operator, router_rule=router_rule,
-                      options={"gamma": 0.01, "pair": (1, 2)}, seed=7,
-                      diagnostics={"restarts": 2, "entropy": np.float64(0.5), "order": np.array([1, 0])})
+    return build_plan(
+        STATS,
+        groups,
+        method="test",
+        budget=3,
+        operator=operator,
+        router_rule=router_rule,
+        options={"gamma": 0.01, "pair": (1, 2)},
+        seed=7,
+        diagnostics={"restarts": 2, "entropy": np.float64(0.5), "order": np.array([1, 0])},
+    )
 
 
 # ---------------------------------------------------------------------------------- operators
@@ -102,8 +110,7 @@ def test_json_round_trip_equal(operator, rule):
 
 def test_pruning_plan_round_trip():
     groups = [[[0], [2]], [[1], [2], [3]], [[0], [1], [2], [3]]]
-    plan = build_plan(STATS, groups, method="frequency", budget=3, operator="drop",
-                      dropped_per_layer=[[3, 1], [0], []])
+    plan = build_plan(STATS, groups, method="frequency", budget=3, operator="drop", dropped_per_layer=[[3, 1], [0], []])
     assert plan.layers[0].dropped == (1, 3)
     assert Plan.from_json(plan.to_json()) == plan
 
@@ -160,13 +167,19 @@ BAD = [
     (lambda d: _set(d, ["layers", 1, "weights", 0, 2], "1"), r"layers\[1\]\.weights\[0\]: expected a number"),
     (lambda d: _set(d, ["budget"], 2.5), r"budget: expected an integer"),
     (lambda d: _set(d, ["options"], [1]), r"options: expected a JSON object"),
-    (lambda d: _set(d, ["layers", 0, "groups", 1], [1, 2]),
-     r"layers\[0\] \(layer 0\)\.groups \+ dropped must partition range\(4\) exactly \(missing \[\], repeated \[2\]"),
-    (lambda d: _set(d, ["layers", 0, "groups", 2], [4]),
-     r"layers\[0\] \(layer 0\)\.groups \+ dropped must partition range\(4\) exactly \(missing \[3\], repeated \[\], "
-     r"out of range \[4\]\)"),
-    (lambda d: _set(d, ["layers", 0, "weights", 0], [-0.25, 1.25]),
-     r"layers\[0\] \(layer 0\)\.weights\[0\]: \[-0\.25, 1\.25\] must be finite, >= 0 and sum to 1"),
+    (
+        lambda d: _set(d, ["layers", 0, "groups", 1], [1, 2]),
+        r"layers\[0\] \(layer 0\)\.groups \+ dropped must partition range\(4\) exactly \(missing \[\], repeated \[2\]",
+    ),
+    (
+        lambda d: _set(d, ["layers", 0, "groups", 2], [4]),
+        r"layers\[0\] \(layer 0\)\.groups \+ dropped must partition range\(4\) exactly \(missing \[3\], repeated \[\], "
+        r"out of range \[4\]\)",
+    ),
+    (
+        lambda d: _set(d, ["layers", 0, "weights", 0], [-0.25, 1.25]),
+        r"layers\[0\] \(layer 0\)\.weights\[0\]: \[-0\.25, 1\.25\] must be finite, >= 0 and sum to 1",
+    ),
     (lambda d: _set(d, ["layers", 0, "weights", 0], [0.25, 0.7]), r"weights\[0\]: .* sum to 1"),
     (lambda d: _set(d, ["layers", 0, "weights", 0], [1.0]), r"layers\[0\] \(layer 0\)\.weights\[0\]: 1 weights"),
     (lambda d: _set(d, ["layers", 0, "weights"], [[1.0]]), r"\.weights: 1 entries for 3 groups"),
@@ -206,7 +219,8 @@ def test_expert_count_rule_is_one_statement():
     rule = ExpertCountRule(top_k=2, least=2)
     assert rule.floor() == 2 and rule.floor(min_experts=3) == 3
     assert rule.problem(2) is None and rule.problem(1) == (
-        "keeps 1 experts; needs at least 2 (max(top_k=2, router minimum=2, min_experts=0))")
+        "keeps 1 experts; needs at least 2 (max(top_k=2, router minimum=2, min_experts=0))"
+    )
     assert "needs at least 3" in rule.problem(2, min_experts=3)
     grouped = ExpertCountRule(top_k=3, least=4, multiple=4)
     assert grouped.floor() == 4 and grouped.floor(min_experts=5) == 8

@@ -18,8 +18,9 @@ from tests.test_planners import FAST, option_strategy, random_stats
 
 
 def grouped(stats: ModelStats, multiple: int, min_count: int) -> ModelStats:
-    return ModelStats(tuple(dataclasses.replace(ls, count_multiple=multiple, min_count=min_count)
-                            for ls in stats.layers))
+    return ModelStats(
+        tuple(dataclasses.replace(ls, count_multiple=multiple, min_count=min_count) for ls in stats.layers)
+    )
 
 
 def test_floors_round_up_to_whole_groups():
@@ -94,8 +95,9 @@ def _two_layer_case(scale: float) -> tuple[ModelStats, list[int]]:
         x = (x + x.T) / 2
         np.fill_diagonal(x, 1.0)
         sims.append(x)
-    free = ModelStats(tuple(dataclasses.replace(ls, sim={k: s for k in ls.sim})
-                            for ls, s in zip(base.layers, sims, strict=True)))
+    free = ModelStats(
+        tuple(dataclasses.replace(ls, sim={k: s for k in ls.sim}) for ls, s in zip(base.layers, sims, strict=True))
+    )
     greedy = [e - lp.num_kept for lp in make_plan(free, method="grape", budget=8, guard="none").layers]
     return free, greedy
 

@@ -28,7 +28,7 @@ def layer(l, sim, freq=None, k=2, reap=None, y=None, seed=0):
     freq = np.full(e, k / e) if freq is None else np.asarray(freq, float)
     y = rng.normal(size=(e, 6)) if y is None else np.asarray(y, float)
     m = freq[:, None] * (y @ y.T)
-    n = freq[:, None] * (y ** 2).sum(1)[None, :]
+    n = freq[:, None] * (y**2).sum(1)[None, :]
     sims = {"cka": sim, "cos_mean": sim, "router": sim, "weight": sim}
     reap = rng.random(e) if reap is None else np.asarray(reap, float)
     return LayerStats(l, 1000, k, freq, freq / k, reap, sims, m, n)
@@ -43,10 +43,12 @@ def sym(rng, e, lo=0.0, hi=1.0):
 
 def random_stats(num_layers, num_experts, k, seed):
     rng = np.random.default_rng(seed)
-    return ModelStats(tuple(
-        layer(l, sym(rng, num_experts) ** (1 + l % 3), rng.dirichlet(np.ones(num_experts)) * k, k, seed=seed)
-        for l in range(num_layers)
-    ))
+    return ModelStats(
+        tuple(
+            layer(l, sym(rng, num_experts) ** (1 + l % 3), rng.dirichlet(np.ones(num_experts)) * k, k, seed=seed)
+            for l in range(num_layers)
+        )
+    )
 
 
 def option_strategy(method):
@@ -54,17 +56,27 @@ def option_strategy(method):
     merge_ops = st.sampled_from(["freq", "uniform", "dominant"])
     common = {"min_experts": st.integers(0, 3), "router_rule": st.sampled_from(["dominant", "mean"])}
     extra = {
-        "grape": {"operator": merge_ops, "guard": st.sampled_from(["entropy", "none", "cap"]),
-                  "linkage": st.sampled_from(["single-zero", "average"]), "gamma": st.sampled_from([0.0, 0.01, 0.1])},
+        "grape": {
+            "operator": merge_ops,
+            "guard": st.sampled_from(["entropy", "none", "cap"]),
+            "linkage": st.sampled_from(["single-zero", "average"]),
+            "gamma": st.sampled_from([0.0, 0.01, 0.1]),
+        },
         "local": {"operator": merge_ops, "linkage": st.sampled_from(["single-zero", "average"])},
-        "grape-r": {"operator": merge_ops, "guard": st.sampled_from(["entropy", "none", "cap"]),
-                    "normalise": st.sampled_from(["none", "energy"])},
+        "grape-r": {
+            "operator": merge_ops,
+            "guard": st.sampled_from(["entropy", "none", "cap"]),
+            "normalise": st.sampled_from(["none", "energy"]),
+        },
         "hc-smoe": {"operator": merge_ops},
         "m-smoe": {"operator": merge_ops},
         "frequency": {"operator": st.sampled_from(["drop", "freq"]), "global_rank": st.booleans()},
         "reap": {"operator": st.sampled_from(["drop", "dominant"]), "global_rank": st.booleans()},
-        "random": {"operator": st.sampled_from(["drop", "uniform"]), "global_rank": st.booleans(),
-                   "seed": st.integers(0, 10)},
+        "random": {
+            "operator": st.sampled_from(["drop", "uniform"]),
+            "global_rank": st.booleans(),
+            "seed": st.integers(0, 10),
+        },
     }[method]
     return st.fixed_dictionaries({**common, **extra})
 
@@ -160,19 +172,33 @@ def naive_grape(stats, budget, *, gamma=0.01, guard="entropy", linkage_="single-
 
 @settings(FAST, max_examples=80)
 @given(
-    num_layers=st.integers(1, 6), num_experts=st.integers(2, 9), k=st.integers(1, 2), frac=st.floats(0, 1),
-    seed=st.integers(0, 2**16), gamma=st.sampled_from([0.0, 0.005, 0.02, 0.2]),
-    guard=st.sampled_from(["entropy", "none", "cap"]), linkage_=st.sampled_from(["single-zero", "average"]),
+    num_layers=st.integers(1, 6),
+    num_experts=st.integers(2, 9),
+    k=st.integers(1, 2),
+    frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+    gamma=st.sampled_from([0.0, 0.005, 0.02, 0.2]),
+    guard=st.sampled_from(["entropy", "none", "cap"]),
+    linkage_=st.sampled_from(["single-zero", "average"]),
     min_experts=st.integers(0, 3),
 )
 def test_grape_equals_naive_algorithm(num_layers, num_experts, k, frac, seed, gamma, guard, linkage_, min_experts):
     stats = random_stats(num_layers, num_experts, min(k, num_experts), seed)
     floor = max(k, min_experts, 1)
     budget = int(frac * num_layers * max(num_experts - floor, 0))
-    plan = make_plan(stats, method="grape", budget=budget, gamma=gamma, guard=guard, linkage=linkage_,
-                     min_experts=min_experts, cap_gamma=0.5)
-    expected = naive_grape(stats, budget, gamma=gamma, guard=guard, linkage_=linkage_, min_experts=min_experts,
-                           cap_gamma=0.5)
+    plan = make_plan(
+        stats,
+        method="grape",
+        budget=budget,
+        gamma=gamma,
+        guard=guard,
+        linkage=linkage_,
+        min_experts=min_experts,
+        cap_gamma=0.5,
+    )
+    expected = naive_grape(
+        stats, budget, gamma=gamma, guard=guard, linkage_=linkage_, min_experts=min_experts, cap_gamma=0.5
+    )
     assert [lp.groups for lp in plan.layers] == expected
 
 
@@ -200,8 +226,13 @@ def naive_grape_r(stats, budget, *, normalise="none"):
 
 
 @settings(FAST, max_examples=50)
-@given(num_layers=st.integers(1, 5), num_experts=st.integers(2, 8), frac=st.floats(0, 1),
-       seed=st.integers(0, 2**16), normalise=st.sampled_from(["none", "energy"]))
+@given(
+    num_layers=st.integers(1, 5),
+    num_experts=st.integers(2, 8),
+    frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+    normalise=st.sampled_from(["none", "energy"]),
+)
 def test_grape_r_equals_brute_force(num_layers, num_experts, frac, seed, normalise):
     stats = random_stats(num_layers, num_experts, 1, seed)
     budget = int(frac * num_layers * (num_experts - 1))
@@ -211,8 +242,11 @@ def test_grape_r_equals_brute_force(num_layers, num_experts, frac, seed, normali
     assert [dict(zip(lp.groups, lp.dominant)) for lp in plan.layers] == reps
     np.testing.assert_allclose(plan.diagnostics["estimated_cost"], total, rtol=1e-9, atol=1e-12)
     # the cost of the plan is Σ_G Σ_{i∈G} C[i, rep_G]: the telescoped absorptions
-    direct = sum(substitution_cost(ls, normalise)[list(g), d].sum()
-                 for ls, lp in zip(stats.layers, plan.layers) for g, d in zip(lp.groups, lp.dominant))
+    direct = sum(
+        substitution_cost(ls, normalise)[list(g), d].sum()
+        for ls, lp in zip(stats.layers, plan.layers)
+        for g, d in zip(lp.groups, lp.dominant)
+    )
     np.testing.assert_allclose(plan.diagnostics["estimated_cost"], direct, rtol=1e-9, atol=1e-12)
 
 
@@ -224,11 +258,11 @@ def test_substitution_cost_matches_brute_force():
     g = rng.random((t, e))
     g[:, 2] = 0
     m = np.einsum("ti,itd,jtd->ij", g, y, y)
-    n = np.einsum("ti,jtd->ij", g, y ** 2)
+    n = np.einsum("ti,jtd->ij", g, y**2)
     ls = LayerStats(0, t, 2, g.mean(0), g.mean(0), g.mean(0), {"cka": np.eye(e)}, m, n)
     brute = np.einsum("ti,ijtd->ij", g, (y[:, None] - y[None, :]) ** 2)
     np.testing.assert_allclose(substitution_cost(ls, "none"), brute, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(substitution_cost(ls), brute / np.einsum("ti,itd->", g, y ** 2), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(substitution_cost(ls), brute / np.einsum("ti,itd->", g, y**2), rtol=1e-10, atol=1e-12)
     c = substitution_cost(ls)
     assert c[1, 3] < 1e-12 and c[3, 1] < 1e-12 and np.all(c[2] == 0)
 
@@ -303,6 +337,7 @@ def test_hand_computed_grape_steps():
     5) all frozen: restart; l1 (2.6) merges {0,1} with {2,3} via (0,2): R1 = 0, (3,1,3), E = 1.00424.
     Unguarded: l1, l1, l1 (2.6 > 2.0), then l2 (2.0 > 1.4), then l0.
     """
+
     def hand(pairs):
         s = np.eye(4)
         for (i, j), v in pairs.items():
@@ -343,8 +378,12 @@ def test_never_routed_expert_goes_first():
     freq, reap = np.array([0.5, 0.0, 0.7, 0.8]), np.array([1.0, 0.0, 2.0, 3.0])
     s = sym(rng, 4)
     stats = ModelStats((layer(0, s, freq, k=2, reap=reap), layer(1, s, [0.5] * 4, k=2, seed=1)))
-    for method, options, budget in (("frequency", {}, 2), ("reap", {}, 2), ("frequency", {"global_rank": True}, 1),
-                                    ("reap", {"global_rank": True}, 1)):
+    for method, options, budget in (
+        ("frequency", {}, 2),
+        ("reap", {}, 2),
+        ("frequency", {"global_rank": True}, 1),
+        ("reap", {"global_rank": True}, 1),
+    ):
         plan = make_plan(stats, method=method, budget=budget, **options)
         assert plan.layers[0].dropped == (1,), (method, options)
     plan = make_plan(stats, method="grape-r", budget=1)
@@ -355,10 +394,14 @@ def test_never_routed_expert_goes_first():
 
 def test_global_rank_uses_shares_of_each_layer():
     s = np.eye(4)
-    stats = ModelStats((layer(0, s, [0.5, 0.0, 0.7, 0.8], k=2, reap=[10, 20, 30, 40]),
-                        layer(1, s, [0.5] * 4, k=2, reap=[1, 2, 3, 4])))
+    stats = ModelStats(
+        (layer(0, s, [0.5, 0.0, 0.7, 0.8], k=2, reap=[10, 20, 30, 40]), layer(1, s, [0.5] * 4, k=2, reap=[1, 2, 3, 4]))
+    )
     # frequency shares: l0 (0.25, 0, 0.35, 0.4), l1 0.25 each; ties -> lowest layer, then lowest id
-    assert [lp.dropped for lp in make_plan(stats, method="frequency", budget=3, global_rank=True).layers] == [(0, 1), (0,)]
+    assert [lp.dropped for lp in make_plan(stats, method="frequency", budget=3, global_rank=True).layers] == [
+        (0, 1),
+        (0,),
+    ]
     # REAP shares are equal across the two layers although the scales differ tenfold
     assert [lp.dropped for lp in make_plan(stats, method="reap", budget=2, global_rank=True).layers] == [(0,), (0,)]
     assert [lp.dropped for lp in make_plan(stats, method="reap", budget=3, global_rank=True).layers] == [(0, 1), (0,)]
@@ -440,8 +483,9 @@ def test_errors():
         make_plan(stats, method="local", budget=3, min_experts=3)
     with pytest.raises(PlanError, match="budget must be >= 0"):
         make_plan(stats, method="reap", budget=-1)
-    no_moments = ModelStats(tuple(LayerStats(l.layer, l.num_tokens, l.top_k, l.freq, l.gate_mass, l.reap, l.sim)
-                                  for l in stats.layers))
+    no_moments = ModelStats(
+        tuple(LayerStats(l.layer, l.num_tokens, l.top_k, l.freq, l.gate_mass, l.reap, l.sim) for l in stats.layers)
+    )
     with pytest.raises(PlanError, match=r"layer 0: stats have no routed moments \(routed_m/routed_n\)"):
         make_plan(no_moments, method="grape-r", budget=1)
     assert budget_from_per_layer(2, stats) == 4

@@ -40,8 +40,20 @@ def _dir_bytes(d):
 @pytest.mark.parametrize("method,trust", [("local", False), ("grape", True)])
 def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work, method, trust, monkeypatch):
     out = str(work / f"out-{method}")
-    args = ["prune", tiny_mixtral_tok.path, "--method", method, "--per-layer", "2", "--out", out,
-            "--work-dir", str(work / f"work-{method}"), "--keep-work", *DATA]
+    args = [
+        "prune",
+        tiny_mixtral_tok.path,
+        "--method",
+        method,
+        "--per-layer",
+        "2",
+        "--out",
+        out,
+        "--work-dir",
+        str(work / f"work-{method}"),
+        "--keep-work",
+        *DATA,
+    ]
     if method == "grape":  # make it non-uniform
         args += ["--option", "guard=none"]
     assert grape(args) == 0
@@ -68,7 +80,9 @@ def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work
     n_before = sum(p.numel() for p in tiny_mixtral_tok.model.parameters())
     n_after = sum(p.numel() for p in torch_model.parameters())
     assert n_before - n_after == 6 * per_expert == recipe["params_before"] - recipe["params_after"]
-    assert _dir_bytes(tiny_mixtral_tok.path) - _dir_bytes(out) in range(6 * per_expert * 4 - 4096, 6 * per_expert * 4 + 4096)
+    assert _dir_bytes(tiny_mixtral_tok.path) - _dir_bytes(out) in range(
+        6 * per_expert * 4 - 4096, 6 * per_expert * 4 + 4096
+    )
     # re-converting the export gives the merged state bit for bit
     plan = Plan.load(str(work / f"work-{method}" / "plan.json"))
     merged = apply_plan(original, plan)

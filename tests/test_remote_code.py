@@ -53,7 +53,11 @@ CASES = {
     ),
     "qwen2_moe": (
         lambda: transformers.Qwen2MoeConfig(
-            **_BASE, **_MOE, num_experts=6, shared_expert_intermediate_size=24, mlp_only_layers=[1],
+            **_BASE,
+            **_MOE,
+            num_experts=6,
+            shared_expert_intermediate_size=24,
+            mlp_only_layers=[1],
             norm_topk_prob=False,
         ),
         ("mlp.gate.weight",),
@@ -71,52 +75,91 @@ CASES = {
     ),
     "deepseek_v3": (
         lambda: transformers.DeepseekV3Config(
-            **dict(_BASE, num_key_value_heads=4), **_MOE, n_routed_experts=8, n_group=2, topk_group=1,
-            first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
-            qk_nope_head_dim=4, v_head_dim=8, routed_scaling_factor=1.5,
+            **dict(_BASE, num_key_value_heads=4),
+            **_MOE,
+            n_routed_experts=8,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            routed_scaling_factor=1.5,
         ),
         ("mlp.gate.weight", "mlp.gate.e_score_correction_bias"),
         [[], [0, 2, 3, 4, 5, 7], [1, 2, 4, 6]],  # groups {0..3}, {4..7}: drop 1 / 2 per group
     ),
     "gpt_oss": (
         lambda: transformers.GptOssConfig(**_BASE, num_local_experts=6, num_experts_per_tok=2, head_dim=8),
-        ("mlp.router.weight", "mlp.router.bias", "mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias",
-         "mlp.experts.down_proj", "mlp.experts.down_proj_bias"),
+        (
+            "mlp.router.weight",
+            "mlp.router.bias",
+            "mlp.experts.gate_up_proj",
+            "mlp.experts.gate_up_proj_bias",
+            "mlp.experts.down_proj",
+            "mlp.experts.down_proj_bias",
+        ),
         [[0, 1, 3, 4], [2, 5], [0, 1, 2, 4, 5]],
     ),
     "glm4_moe": (
         lambda: transformers.Glm4MoeConfig(
-            **_BASE, **_MOE, n_routed_experts=8, n_group=2, topk_group=1, first_k_dense_replace=1,
-            use_qk_norm=True, head_dim=12, routed_scaling_factor=1.5,
+            **_BASE,
+            **_MOE,
+            n_routed_experts=8,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            use_qk_norm=True,
+            head_dim=12,
+            routed_scaling_factor=1.5,
         ),
         ("mlp.gate.weight", "mlp.gate.e_score_correction_bias"),
         [[], [0, 1, 3, 4, 6, 7], [1, 2, 5, 6]],  # groups {0..3}, {4..7}
     ),
     "ernie4_5_moe": (
         lambda: transformers.Ernie4_5_MoeConfig(
-            **_BASE, moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1,
+            **_BASE,
+            moe_num_experts=6,
+            moe_k=2,
+            moe_intermediate_size=16,
+            moe_num_shared_experts=1,
         ),
         ("mlp.gate.weight", "mlp.moe_statics.e_score_correction_bias"),
         [[], [0, 2, 3, 5], [1, 4]],  # layer 0 is dense (moe_layer_start_index 1)
     ),
     "minimax_m2": (
         lambda: transformers.MiniMaxM2Config(
-            **_BASE, num_local_experts=6, num_experts_per_tok=2, head_dim=16, rotary_dim=8,
+            **_BASE,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            head_dim=16,
+            rotary_dim=8,
         ),
         ("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias"),
         [[0, 1, 2, 5], [3, 4], [0, 2, 3, 4, 5]],
     ),
     "phimoe": (
         lambda: transformers.PhimoeConfig(
-            **_BASE, num_local_experts=6, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+            **_BASE,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            attention_bias=True,
+            lm_head_bias=True,
         ),
         ("block_sparse_moe.gate.weight",),
         [[1, 2, 4], [0, 5], [0, 1, 2, 3, 5]],
     ),
     "llama4_text": (
         lambda: transformers.Llama4TextConfig(
-            **_BASE, num_local_experts=6, num_experts_per_tok=1, intermediate_size_mlp=40, head_dim=8,
-            moe_layers=[0, 2], attention_chunk_size=4,
+            **_BASE,
+            num_local_experts=6,
+            num_experts_per_tok=1,
+            intermediate_size_mlp=40,
+            head_dim=8,
+            moe_layers=[0, 2],
+            attention_chunk_size=4,
         ),
         ("feed_forward.router.weight", "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),
         [[0, 3, 4, 5], [], [1, 2]],
@@ -157,8 +200,9 @@ def _slice_checkpoint(src: str, dst: str, kept: list[list[int]], routed_keys: tu
                 continue
             m = _LAYER_KEY.match(key)
             if m and m[2] in routed_keys:  # [E, ...], or ERNIE's correction bias [1, E]
-                tensor = tensor[:, kept[int(m[1])]] if tensor.ndim == 2 and tensor.shape[0] == 1 else tensor[
-                    kept[int(m[1])]]
+                tensor = (
+                    tensor[:, kept[int(m[1])]] if tensor.ndim == 2 and tensor.shape[0] == 1 else tensor[kept[int(m[1])]]
+                )
             out[key] = np.ascontiguousarray(tensor)
     os.makedirs(dst, exist_ok=True)
     save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
@@ -270,9 +314,10 @@ def test_per_layer_counts_load_and_match_masked_original(tmp_path, family):
     # save_pretrained writes the family's on-disk layout (per-expert keys), which reloads identically.
     resaved = str(tmp_path / "resaved")
     model.save_pretrained(resaved)
-    with safe_open(os.path.join(dst, "model.safetensors"), "np") as a, safe_open(
-        os.path.join(resaved, "model.safetensors"), "np"
-    ) as b:
+    with (
+        safe_open(os.path.join(dst, "model.safetensors"), "np") as a,
+        safe_open(os.path.join(resaved, "model.safetensors"), "np") as b,
+    ):
         assert set(a.keys()) == set(b.keys())
         for key in a.keys():
             np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key), err_msg=key)
@@ -282,8 +327,11 @@ def test_per_layer_counts_load_and_match_masked_original(tmp_path, family):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
 def test_uniform_counts_need_no_remote_code(tmp_path, family):
-    n_layers_kept = {"mixtral": [[0, 2, 5], [1, 3, 4], [0, 1, 2]], "qwen2_moe": [[1, 2, 4], [], [0, 3, 5]],
-                     "gpt_oss": [[0, 4, 5], [1, 2, 3], [2, 3, 5]]}[family]
+    n_layers_kept = {
+        "mixtral": [[0, 2, 5], [1, 3, 4], [0, 1, 2]],
+        "qwen2_moe": [[1, 2, 4], [], [0, 3, 5]],
+        "gpt_oss": [[0, 4, 5], [1, 2, 3], [2, 3, 5]],
+    }[family]
     original, dst = _export(tmp_path, family, n_layers_kept, remote=False)
     assert not os.path.exists(os.path.join(dst, "modeling_pruned_moe.py"))
     model = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()

@@ -49,8 +49,19 @@ def _one_line_error(capsys) -> str:
 
 def test_rerun_with_other_data_recalibrates_and_the_recipe_says_so(tiny_mixtral_tok, other_text, tmp_path, capsys):
     out, work = str(tmp_path / "out"), str(tmp_path / "work")
-    common = ["prune", tiny_mixtral_tok.path, "--method", "frequency", "--per-layer", "1", "--out", out,
-              "--work-dir", work, "--keep-work"]
+    common = [
+        "prune",
+        tiny_mixtral_tok.path,
+        "--method",
+        "frequency",
+        "--per-layer",
+        "1",
+        "--out",
+        out,
+        "--work-dir",
+        work,
+        "--keep-work",
+    ]
     assert grape([*common, *DATA]) == 0
     first = ModelStats.load(os.path.join(work, "stats.npz"))
     capsys.readouterr()
@@ -96,22 +107,44 @@ def test_plan_of_another_model_is_refused_by_merge_and_compare(tiny_mixtral_tok,
     b = ModelStats.load(stats_b).model_fingerprint
     assert f"made from statistics of model {b[:16]}" in err and "but this model is" in err
     assert not os.path.exists(tmp_path / "merged")
-    assert grape(["compare", tiny_mixtral_tok.path, "--stats", stats_b, "--out", str(tmp_path / "cmp"),
-                  "--per-layer", "1", "--methods", "frequency", "--eval-samples", "2", "--seq-len", "32"]) == 2
+    assert (
+        grape(
+            [
+                "compare",
+                tiny_mixtral_tok.path,
+                "--stats",
+                stats_b,
+                "--out",
+                str(tmp_path / "cmp"),
+                "--per-layer",
+                "1",
+                "--methods",
+                "frequency",
+                "--eval-samples",
+                "2",
+                "--seq-len",
+                "32",
+            ]
+        )
+        == 2
+    )
     assert "calibrate this model" in _one_line_error(capsys)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--method", "bogus", "--per-layer", "1"], "method 'bogus' unknown"),
-    (["--per-layer", "-1"], r"per_layer (--per-layer) must be an integer >= 0"),
-    (["--budget", "-2"], "budget must be >= 0"),
-    (["--budget", "19"], "budget 19 exceeds the 18 experts removable"),
-    (["--per-layer", "1", "--option", "gamma=abc"], "option gamma='abc': expected float"),
-    (["--per-layer", "1", "--option", "guard=maybe"], "guard 'maybe' unknown"),
-    (["--per-layer", "1", "--mesh", "expert=3"], "--mesh expert=3: uses 3 of the 8 devices"),
-    (["--per-layer", "1", "--data", "/nonexistent.txt"], "/nonexistent.txt: file not found"),
-    (["--per-layer", "1", "--seq-len", "1"], "--seq-len must be an integer >= 2"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "bogus", "--per-layer", "1"], "method 'bogus' unknown"),
+        (["--per-layer", "-1"], r"per_layer (--per-layer) must be an integer >= 0"),
+        (["--budget", "-2"], "budget must be >= 0"),
+        (["--budget", "19"], "budget 19 exceeds the 18 experts removable"),
+        (["--per-layer", "1", "--option", "gamma=abc"], "option gamma='abc': expected float"),
+        (["--per-layer", "1", "--option", "guard=maybe"], "guard 'maybe' unknown"),
+        (["--per-layer", "1", "--mesh", "expert=3"], "--mesh expert=3: uses 3 of the 8 devices"),
+        (["--per-layer", "1", "--data", "/nonexistent.txt"], "/nonexistent.txt: file not found"),
+        (["--per-layer", "1", "--seq-len", "1"], "--seq-len must be an integer >= 2"),
+    ],
+)
 def test_bad_requests_fail_before_any_work(tiny_mixtral_tok, tmp_path, capsys, monkeypatch, args, message):
     def no_weights(*a, **k):
         raise AssertionError("weights were loaded before the request was checked")
@@ -133,8 +166,23 @@ def test_plan_option_of_the_wrong_type_is_one_line(tmp_path, capsys):
 
 def test_ctrl_c_in_prune_says_what_was_saved_and_resumes(tiny_mixtral_tok, tmp_path, capsys, monkeypatch):
     out, work = str(tmp_path / "out"), str(tmp_path / "work")
-    args = ["prune", tiny_mixtral_tok.path, "--method", "frequency", "--per-layer", "1", "--out", out,
-            "--work-dir", work, "--checkpoint-every", "1", "--mesh", "expert=8", *DATA]
+    args = [
+        "prune",
+        tiny_mixtral_tok.path,
+        "--method",
+        "frequency",
+        "--per-layer",
+        "1",
+        "--out",
+        out,
+        "--work-dir",
+        work,
+        "--checkpoint-every",
+        "1",
+        "--mesh",
+        "expert=8",
+        *DATA,
+    ]
     real, calls = calibration_module.calibration_step_jit, []
 
     def interrupted(*a, **k):
@@ -185,8 +233,23 @@ def test_stage_by_stage_export_carries_the_same_recipe_as_prune(tiny_mixtral_tok
 def test_eval_reports_perplexity_equal_to_transformers(tiny_mixtral_tok, tmp_path, capsys):
     out = str(tmp_path / "eval.json")
     task = os.path.join(os.path.dirname(__file__), "..", "grape_jax", "assets", "tasks", "piqa.jsonl")
-    assert grape(["eval", tiny_mixtral_tok.path, "--num-samples", "4", "--seq-len", "32", "--out", out,
-                  "--task", f"piqa={task}"]) == 0
+    assert (
+        grape(
+            [
+                "eval",
+                tiny_mixtral_tok.path,
+                "--num-samples",
+                "4",
+                "--seq-len",
+                "32",
+                "--out",
+                out,
+                "--task",
+                f"piqa={task}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "piqa" in printed
     result = json.load(open(out))

@@ -25,12 +25,21 @@ from grape_jax.atomic import OutputExistsError, atomic_output_dir, atomic_write_
 
 # safetensors dtype -> (torch dtype, numpy dtype); torch is the oracle's own type system.
 DTYPES = {
-    "F64": (torch.float64, np.float64), "F32": (torch.float32, np.float32), "F16": (torch.float16, np.float16),
-    "BF16": (torch.bfloat16, ml_dtypes.bfloat16), "I64": (torch.int64, np.int64), "I32": (torch.int32, np.int32),
-    "I16": (torch.int16, np.int16), "I8": (torch.int8, np.int8), "U8": (torch.uint8, np.uint8),
-    "BOOL": (torch.bool, np.bool_), "F8_E4M3": (torch.float8_e4m3fn, ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": (torch.float8_e5m2, ml_dtypes.float8_e5m2), "U16": (torch.uint16, np.uint16),
-    "U32": (torch.uint32, np.uint32), "U64": (torch.uint64, np.uint64),
+    "F64": (torch.float64, np.float64),
+    "F32": (torch.float32, np.float32),
+    "F16": (torch.float16, np.float16),
+    "BF16": (torch.bfloat16, ml_dtypes.bfloat16),
+    "I64": (torch.int64, np.int64),
+    "I32": (torch.int32, np.int32),
+    "I16": (torch.int16, np.int16),
+    "I8": (torch.int8, np.int8),
+    "U8": (torch.uint8, np.uint8),
+    "BOOL": (torch.bool, np.bool_),
+    "F8_E4M3": (torch.float8_e4m3fn, ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": (torch.float8_e5m2, ml_dtypes.float8_e5m2),
+    "U16": (torch.uint16, np.uint16),
+    "U32": (torch.uint32, np.uint32),
+    "U64": (torch.uint64, np.uint64),
 }
 _TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -81,6 +90,7 @@ def write_all(out_dir, arrays: dict[str, np.ndarray], **kw) -> list[str]:
 
 # ---- dtypes ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", sorted(DTYPES))
 def test_dtype_maps_both_ways(name):
     assert dtype_to_numpy(name) == np.dtype(DTYPES[name][1])
@@ -98,11 +108,15 @@ def test_dtype_map_errors_and_byte_order():
 
 # ---- reading what safetensors wrote -------------------------------------------------------------------
 
+
 def test_reads_reference_files_bit_identically(tmp_path):
     rng = np.random.default_rng(0)
     shapes = [(3, 5), (7,), (), (0, 4), (2, 3, 4)]
-    tensors = {f"t.{name}.{i}": to_torch(random_array(rng, DTYPES[name][1], shape))
-               for name in DTYPES for i, shape in enumerate(shapes)}
+    tensors = {
+        f"t.{name}.{i}": to_torch(random_array(rng, DTYPES[name][1], shape))
+        for name in DTYPES
+        for i, shape in enumerate(shapes)
+    }
     safetensors.torch.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt", "k": "v"})
     with CheckpointIndex.open(tmp_path) as index:
         assert sorted(index.keys()) == sorted(tensors) and len(index) == len(tensors)
@@ -116,8 +130,12 @@ def test_reads_reference_files_bit_identically(tmp_path):
 
 def test_reads_reference_numpy_files(tmp_path):
     rng = np.random.default_rng(1)
-    arrays = {f"a{i}": random_array(rng, dt, (4, 3)) for i, dt in enumerate(
-        [np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_])}
+    arrays = {
+        f"a{i}": random_array(rng, dt, (4, 3))
+        for i, dt in enumerate(
+            [np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_]
+        )
+    }
     safetensors.numpy.save_file(arrays, tmp_path / "weights.safetensors")
     index = CheckpointIndex.open(tmp_path)
     for key, a in arrays.items():
@@ -150,8 +168,19 @@ def test_reads_a_save_pretrained_checkpoint_with_index(tmp_path):
 
 # ---- slices -------------------------------------------------------------------------------------------
 
-SLICES = [(), (1,), (-1,), (slice(None),), (slice(1, 3),), (slice(None, None, 2), 3), (2, slice(1, None), -2),
-          (slice(None, None, -1),), (slice(5, 1, -2), slice(0, 4, 3)), (np.int64(2), slice(10, 20)), (0, 0, 0)]
+SLICES = [
+    (),
+    (1,),
+    (-1,),
+    (slice(None),),
+    (slice(1, 3),),
+    (slice(None, None, 2), 3),
+    (2, slice(1, None), -2),
+    (slice(None, None, -1),),
+    (slice(5, 1, -2), slice(0, 4, 3)),
+    (np.int64(2), slice(10, 20)),
+    (0, 0, 0),
+]
 
 
 @pytest.mark.parametrize("index", SLICES, ids=[str(i) for i in range(len(SLICES))])
@@ -256,7 +285,8 @@ def test_read_slice_rejects_bad_indices(tmp_path):
 
 NAMES = st.text(alphabet=st.sampled_from("abz.0_9é"), min_size=1, max_size=6)
 TENSORS = st.dictionaries(
-    NAMES, st.tuples(st.sampled_from(sorted(DTYPES)), st.lists(st.integers(0, 4), max_size=3)), max_size=6)
+    NAMES, st.tuples(st.sampled_from(sorted(DTYPES)), st.lists(st.integers(0, 4), max_size=3)), max_size=6
+)
 
 
 @FAST
@@ -266,8 +296,9 @@ def test_single_file_is_byte_identical_to_save_file(tmp_path_factory, spec, seed
     arrays = {k: random_array(rng, DTYPES[d][1], tuple(s)) for k, (d, s) in spec.items()}
     out = tmp_path_factory.mktemp("w")
     assert write_all(out, arrays) == [os.path.join(out, "model.safetensors")]
-    safetensors.torch.save_file({k: to_torch(a) for k, a in arrays.items()}, out / "ref.safetensors",
-                                metadata={"format": "pt"})
+    safetensors.torch.save_file(
+        {k: to_torch(a) for k, a in arrays.items()}, out / "ref.safetensors", metadata={"format": "pt"}
+    )
     ours = open(out / "model.safetensors", "rb").read()
     assert ours == open(out / "ref.safetensors", "rb").read()
     assert (8 + struct.unpack("<Q", ours[:8])[0]) % 8 == 0
@@ -289,8 +320,9 @@ def test_written_files_load_in_safetensors_numpy_and_metadata(tmp_path):
         assert f.metadata() == {"format": "np"}
 
 
-ENTRY_LISTS = st.lists(st.tuples(st.sampled_from(["F32", "BF16", "I8", "F64"]), st.integers(1, 40)),
-                       min_size=1, max_size=12)  # >= 1 element: torch gives empty tensors one shared storage,
+ENTRY_LISTS = st.lists(
+    st.tuples(st.sampled_from(["F32", "BF16", "I8", "F64"]), st.integers(1, 40)), min_size=1, max_size=12
+)  # >= 1 element: torch gives empty tensors one shared storage,
 # which the hub keeps in one file (a tied-weights rule); no file at all is planned for nothing
 
 
@@ -300,8 +332,8 @@ def test_plan_shards_matches_huggingface_hub(spec, limit):
     entries = [TensorEntry(f"t{i}", (n,), DTYPES[d][1]) for i, (d, n) in enumerate(spec)]
     plan = plan_shards(entries, max_shard_bytes=limit)
     ref = split_torch_state_dict_into_shards(
-        {e.name: torch.zeros(e.shape, dtype=DTYPES[d][0]) for e, (d, _) in zip(entries, spec)},
-        max_shard_size=limit)
+        {e.name: torch.zeros(e.shape, dtype=DTYPES[d][0]) for e, (d, _) in zip(entries, spec)}, max_shard_size=limit
+    )
     assert [p.filename for p in plan] == list(ref.filename_to_tensors)
     assert [{e.name for e in p.entries} for p in plan] == [set(v) for v in ref.filename_to_tensors.values()]
     assert sorted(e.name for p in plan for e in p.entries) == sorted(e.name for e in entries)  # each once
@@ -330,10 +362,16 @@ def test_sharded_write_round_trips_and_streams_one_tensor_at_a_time(tmp_path):
     assert [os.path.basename(p) for p in written] == [p.filename for p in plan] + ["model.safetensors.index.json"]
     # 256-byte tensors pair up; "big" is placed when met, before the open file that "bias" then joins
     assert [[e.name for e in p.entries] for p in plan] == [
-        ["layer.0.w", "layer.1.w"], ["layer.2.w", "layer.3.w"], ["big"], ["bias", "layer.4.w", "layer.5.w"]]
+        ["layer.0.w", "layer.1.w"],
+        ["layer.2.w", "layer.3.w"],
+        ["big"],
+        ["bias", "layer.4.w", "layer.5.w"],
+    ]
     index = json.load(open(tmp_path / "model.safetensors.index.json"))
-    assert index["metadata"] == {"total_parameters": sum(a.size for a in arrays.values()),
-                                 "total_size": sum(a.nbytes for a in arrays.values())}
+    assert index["metadata"] == {
+        "total_parameters": sum(a.size for a in arrays.values()),
+        "total_size": sum(a.nbytes for a in arrays.values()),
+    }
     assert index["weight_map"] == {e.name: p.filename for p in plan for e in p.entries}
     ckpt = CheckpointIndex.open(tmp_path)
     for k, a in arrays.items():
@@ -344,7 +382,9 @@ def test_sharded_write_round_trips_and_streams_one_tensor_at_a_time(tmp_path):
 
 def test_writer_errors(tmp_path):
     e = TensorEntry("w", (2, 3), np.float32)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'w' produced as \(3, 2\) float32, planned \(2, 3\) float32"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: tensor 'w' produced as \(3, 2\) float32, planned \(2, 3\) float32"
+    ):
         write_checkpoint(tmp_path, [e], lambda _: np.zeros((3, 2), np.float32))
     with pytest.raises(CheckpointError, match=r"tensor 'w' produced as \(2, 3\) bfloat16, planned"):
         write_checkpoint(tmp_path, [e], lambda _: np.zeros((2, 3), ml_dtypes.bfloat16))
@@ -371,24 +411,28 @@ def test_writer_errors(tmp_path):
 
 # ---- reader errors ------------------------------------------------------------------------------------
 
+
 def _good(tmp_path) -> str:
     write_all(tmp_path, {"a": np.arange(4, dtype=np.float32), "b": np.ones((2, 2), np.int8)})
     return os.fspath(tmp_path / "model.safetensors")
 
 
-@pytest.mark.parametrize("case, match", [
-    ("short", r"model\.safetensors: truncated \(no 8-byte header length"),
-    ("header_len", r"model\.safetensors: header length \d+ exceeds the file size"),
-    ("data_cut", r"model\.safetensors: tensor 'b' ends at byte \d+ beyond the file size \d+ \(truncated\)"),
-    ("json", r"model\.safetensors: malformed safetensors header JSON"),
-    ("not_object", r"model\.safetensors: header is list, expected a JSON object"),
-    ("dtype", r"model\.safetensors: tensor 'a': unknown safetensors dtype 'F12'"),
-    ("offsets", r"model\.safetensors: tensor 'a': data_offsets 0\.\.12 hold 12 bytes, shape \(4,\) x F32 needs 16"),
-    ("entry", r"model\.safetensors: tensor 'a': header entry needs dtype, shape, data_offsets"),
-    ("shape", r"model\.safetensors: tensor 'a': shape \[4\.5\] is not a list of non-negative integers"),
-    ("overlap", r"model\.safetensors: tensors 'a' and 'b' overlap"),
-    ("metadata", r"model\.safetensors: __metadata__ must map strings to strings"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("short", r"model\.safetensors: truncated \(no 8-byte header length"),
+        ("header_len", r"model\.safetensors: header length \d+ exceeds the file size"),
+        ("data_cut", r"model\.safetensors: tensor 'b' ends at byte \d+ beyond the file size \d+ \(truncated\)"),
+        ("json", r"model\.safetensors: malformed safetensors header JSON"),
+        ("not_object", r"model\.safetensors: header is list, expected a JSON object"),
+        ("dtype", r"model\.safetensors: tensor 'a': unknown safetensors dtype 'F12'"),
+        ("offsets", r"model\.safetensors: tensor 'a': data_offsets 0\.\.12 hold 12 bytes, shape \(4,\) x F32 needs 16"),
+        ("entry", r"model\.safetensors: tensor 'a': header entry needs dtype, shape, data_offsets"),
+        ("shape", r"model\.safetensors: tensor 'a': shape \[4\.5\] is not a list of non-negative integers"),
+        ("overlap", r"model\.safetensors: tensors 'a' and 'b' overlap"),
+        ("metadata", r"model\.safetensors: __metadata__ must map strings to strings"),
+    ],
+)
 def test_malformed_files_name_the_file(tmp_path, case, match):
     path = os.path.join(tmp_path, "model.safetensors")
     a = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
@@ -405,12 +449,14 @@ def test_malformed_files_name_the_file(tmp_path, case, match):
     elif case == "not_object":
         raw_file(path, [1, 2])  # type: ignore[arg-type]
     else:
-        header = {"dtype": dict(a=dict(a, dtype="F12"), b=b),
-                  "offsets": dict(a=dict(a, data_offsets=[0, 12]), b=b),
-                  "entry": dict(a={"dtype": "F32"}, b=b),
-                  "shape": dict(a=dict(a, shape=[4.5]), b=b),
-                  "overlap": dict(a=a, b=dict(b, data_offsets=[12, 16])),
-                  "metadata": {"__metadata__": {"x": 1}, "a": a, "b": b}}[case]
+        header = {
+            "dtype": dict(a=dict(a, dtype="F12"), b=b),
+            "offsets": dict(a=dict(a, data_offsets=[0, 12]), b=b),
+            "entry": dict(a={"dtype": "F32"}, b=b),
+            "shape": dict(a=dict(a, shape=[4.5]), b=b),
+            "overlap": dict(a=a, b=dict(b, data_offsets=[12, 16])),
+            "metadata": {"__metadata__": {"x": 1}, "a": a, "b": b},
+        }[case]
         raw_file(path, header, bytes(20))
     with pytest.raises(CheckpointError, match=match):
         CheckpointIndex.open(tmp_path)
@@ -422,8 +468,13 @@ def test_index_errors_name_the_file(tmp_path):
     index = json.load(open(index_path))
     CheckpointIndex.open(tmp_path)
 
-    json.dump(dict(index, weight_map=dict(index["weight_map"], c="model-00001-of-00002.safetensors")), open(index_path, "w"))
-    with pytest.raises(CheckpointError, match=r"model-00001-of-00002\.safetensors: tensor 'c' named in model\.safetensors\.index\.json is absent"):
+    json.dump(
+        dict(index, weight_map=dict(index["weight_map"], c="model-00001-of-00002.safetensors")), open(index_path, "w")
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"model-00001-of-00002\.safetensors: tensor 'c' named in model\.safetensors\.index\.json is absent",
+    ):
         CheckpointIndex.open(tmp_path)
     json.dump(dict(index, weight_map=dict(index["weight_map"], c="../x.safetensors")), open(index_path, "w"))
     with pytest.raises(CheckpointError, match=r"index\.json: shard '\.\./x\.safetensors' is not a plain file name"):
@@ -436,7 +487,10 @@ def test_index_errors_name_the_file(tmp_path):
         CheckpointIndex.open(tmp_path)
     json.dump(index, open(index_path, "w"))
     os.remove(tmp_path / "model-00002-of-00002.safetensors")
-    with pytest.raises(CheckpointError, match=r"model-00002-of-00002\.safetensors: shard named in model\.safetensors\.index\.json is missing"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model-00002-of-00002\.safetensors: shard named in model\.safetensors\.index\.json is missing",
+    ):
         CheckpointIndex.open(tmp_path)
 
 
@@ -473,7 +527,9 @@ def test_pickles_are_never_loaded(tmp_path):
 
 def test_file_choice_without_index(tmp_path):
     write_all(tmp_path, {"a": np.zeros(2, np.float32)})
-    raw_file(tmp_path / "consolidated.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    raw_file(
+        tmp_path / "consolidated.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8)
+    )
     assert CheckpointIndex.open(tmp_path).files == [os.path.join(tmp_path, "model.safetensors")]
     os.rename(tmp_path / "model.safetensors", tmp_path / "part1.safetensors")
     with pytest.raises(CheckpointError, match=r"part1\.safetensors: tensor 'a' also stored in .*consolidated"):
@@ -486,6 +542,7 @@ def test_file_choice_without_index(tmp_path):
 
 
 # ---- atomic outputs -----------------------------------------------------------------------------------
+
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -31,8 +31,9 @@ def ref_hsic1(k: np.ndarray, l: np.ndarray) -> float:
     np.fill_diagonal(k, 0)
     np.fill_diagonal(l, 0)
     one = np.ones(n)
-    return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * one @ k @ l @ one) / (n * (n - 3))
+    return (
+        np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ k @ l @ one
+    ) / (n * (n - 3))
 
 
 def ref_minibatch_cka(batches: list[np.ndarray]) -> np.ndarray:
@@ -146,7 +147,7 @@ def test_cka_invariances_and_identical_experts(mode):
 def test_exact_streaming_equals_one_shot_and_combine():
     y, g, s, l = make_inputs(seed=4, t=3 * T)
     one = run([full((y, g, s, l), 3 * T)], "exact")
-    parts = [(y[:, a:a + T], g[a:a + T], s[a:a + T], l[a:a + T], np.ones(T, bool)) for a in (0, T, 2 * T)]
+    parts = [(y[:, a : a + T], g[a : a + T], s[a : a + T], l[a : a + T], np.ones(T, bool)) for a in (0, T, 2 * T)]
     assert_stats_close(run(parts, "exact"), one)
     # per-host partial sums: accumulate two halves separately and add
     a = update(S.init_accumulators(E, D), *parts[0])
@@ -157,7 +158,7 @@ def test_exact_streaming_equals_one_shot_and_combine():
 def test_minibatch_streaming_equals_chunked_one_shot():
     """k updates of c tokens == one update of k*c tokens with chunk=c == the mean-over-chunks definition."""
     y, g, s, l = make_inputs(seed=9, t=3 * T)
-    parts = [(y[:, a:a + T], g[a:a + T], s[a:a + T], l[a:a + T], np.ones(T, bool)) for a in (0, T, 2 * T)]
+    parts = [(y[:, a : a + T], g[a : a + T], s[a : a + T], l[a : a + T], np.ones(T, bool)) for a in (0, T, 2 * T)]
     streamed = run(parts, "minibatch", chunk=T)
     one_shot = run([full((y, g, s, l), 3 * T)], "minibatch", chunk=T)
     assert_stats_close(streamed, one_shot)
@@ -180,7 +181,7 @@ def test_exact_masked_tokens_are_ignored_even_when_not_finite():
 def test_minibatch_masked_tokens_match_dropping_them():
     y, g, s, l = make_inputs(seed=6, t=2 * T)
     mask = np.random.default_rng(1).random(2 * T) < 0.7
-    mask[T:T + T - 3] = False  # the second minibatch keeps 3 tokens: too few for HSIC_1, adds nothing
+    mask[T : T + T - 3] = False  # the second minibatch keeps 3 tokens: too few for HSIC_1, adds nothing
     y = np.where(mask[None, :, None], y, 1e3).astype(np.float32)
     out = run([(y, g, s, l, mask)], "minibatch", chunk=T)
     first = y[:, :T][:, mask[:T]]
@@ -209,8 +210,13 @@ def test_sharded_over_8_devices_equals_single_device(mode):
     put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
     acc = S.init_accumulators(E, D, cka=mode, chunk=12)
     with jax.set_mesh(mesh):
-        args = (put(y, P("expert", "data", None)), put(g, P("data", "expert")),
-                put(s, P("data", "expert")), put(l, P("data", None)), put(mask, P("data")))
+        args = (
+            put(y, P("expert", "data", None)),
+            put(g, P("data", "expert")),
+            put(s, P("data", "expert")),
+            put(l, P("data", None)),
+            put(mask, P("data")),
+        )
         acc = update(acc, *args)
         acc = update(acc, *args)
     assert len(acc.cka_sum.sharding.device_set) == 8  # computed on the mesh, not pulled to one device
@@ -266,7 +272,8 @@ def test_memory_formula_and_donation_keep_the_pytree():
         new = donated(acc, *full(make_inputs()))
         assert jax.tree.structure(new) == jax.tree.structure(acc)
         assert [(x.shape, x.dtype) for x in jax.tree.leaves(new)] == [
-            (x.shape, x.dtype) for x in jax.tree.leaves(S.init_accumulators(E, D, cka=mode))]
+            (x.shape, x.dtype) for x in jax.tree.leaves(S.init_accumulators(E, D, cka=mode))
+        ]
 
 
 def test_bad_options_and_shapes_raise_clear_errors():

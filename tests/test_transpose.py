@@ -6,8 +6,17 @@ import pytest
 
 from conversion.transpose import copy_transposed, rows_per_chunk, transposed
 
-DTYPES = [np.uint8, np.bool_, ml_dtypes.bfloat16, np.float16, np.float32, np.int64, np.float64,
-          ml_dtypes.float8_e4m3fn, np.complex128]
+DTYPES = [
+    np.uint8,
+    np.bool_,
+    ml_dtypes.bfloat16,
+    np.float16,
+    np.float32,
+    np.int64,
+    np.float64,
+    ml_dtypes.float8_e4m3fn,
+    np.complex128,
+]
 
 
 def random_bits(rng, dtype, shape):
@@ -18,7 +27,11 @@ def random_bits(rng, dtype, shape):
 
 
 def same_bits(a, b):
-    return a.shape == b.shape and a.dtype == b.dtype and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,8 +63,10 @@ def test_copy_transposed_into_a_column_block(dtype):
         copy_transposed(src, dst[:, :20])
 
 
-@pytest.mark.parametrize("row_bytes, chunk, want", [(8192, 2 << 20, 256), (18432, 2 << 20, 112), (100, 250, 2),
-                                                    (1, 40, 32), (10**9, 2 << 20, 1)])
+@pytest.mark.parametrize(
+    "row_bytes, chunk, want",
+    [(8192, 2 << 20, 256), (18432, 2 << 20, 112), (100, 250, 2), (1, 40, 32), (10**9, 2 << 20, 1)],
+)
 def test_rows_per_chunk_takes_whole_packs(row_bytes, chunk, want):
     assert rows_per_chunk(row_bytes, chunk) == want
 

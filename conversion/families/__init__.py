@@ -44,9 +44,7 @@ def get_family(model_type: str | None, *, source: str = "config.json") -> Family
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     supported = ", ".join(f"{t} ({FAMILIES[t].architectures[0]})" for t in sorted(FAMILIES))
-    raise ConversionError(
-        f"{source}: model_type {model_type!r} is not supported; supported: {supported}"
-    )
+    raise ConversionError(f"{source}: model_type {model_type!r} is not supported; supported: {supported}")
 
 
 def family_by_name(name: str) -> Family:

@@ -261,11 +261,13 @@ def hf_tensors(bindings: Mapping[str, Binding]) -> list[HFTensor]:
     for key, parts in grouped.items():
         if len(parts) > 1:
             transforms = [b.transform for b, _ in parts]
-            if not all(hasattr(t, "combine") for t in transforms) or sorted(
-                t.part for t in transforms
-            ) != list(range(transforms[0].parts)):
-                raise ConversionError(f"HF tensor {key!r} is bound by several parameters that "
-                                      f"do not form one interleaved group: {[b.name for b, _ in parts]}")
+            if not all(hasattr(t, "combine") for t in transforms) or sorted(t.part for t in transforms) != list(
+                range(transforms[0].parts)
+            ):
+                raise ConversionError(
+                    f"HF tensor {key!r} is bound by several parameters that "
+                    f"do not form one interleaved group: {[b.name for b, _ in parts]}"
+                )
             parts.sort(key=lambda be: be[0].transform.part)
         out.append(HFTensor(key, tuple(parts[0][0].hf_shape()), tuple(parts)))
     return out
@@ -306,9 +308,7 @@ def quant_method(hf_config: Mapping[str, Any] | None) -> str | None:
     return quant.get("quant_method") if quant else None
 
 
-def family_rules(
-    family: Family, cfg: MoEConfig, hf_config: Mapping[str, Any] | None = None
-) -> list[KeyRule]:
+def family_rules(family: Family, cfg: MoEConfig, hf_config: Mapping[str, Any] | None = None) -> list[KeyRule]:
     """The family's table; for a checkpoint whose config.json has a `quantization_config`, the
     family's quantised table (or an error naming what is supported). FP8 block quantisation reads
     through the plain table (`bind` then swaps in the dequantising transform where the checkpoint
@@ -344,8 +344,7 @@ def bind(
         matches = [(rule, m) for rule, rx in compiled if (m := rx.match(name)) is not None]
         if len(matches) != 1:
             raise ConversionError(
-                f"family {family.name}: parameter {name!r} matches {len(matches)} key rules, "
-                f"expected exactly 1"
+                f"family {family.name}: parameter {name!r} matches {len(matches)} key rules, expected exactly 1"
             )
         rule, m = matches[0]
         values = {k: int(v) for k, v in m.groupdict().items()}

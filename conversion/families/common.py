@@ -50,9 +50,7 @@ def swiglu_rules(ours: str, hf: str) -> list[KeyRule]:
     ]
 
 
-def per_layer_mlp_rules(
-    cfg: MoEConfig, moe: Callable[[str, str], list[KeyRule]]
-) -> list[KeyRule]:
+def per_layer_mlp_rules(cfg: MoEConfig, moe: Callable[[str, str], list[KeyRule]]) -> list[KeyRule]:
     """MLP rules with literal layer numbers: `moe(ours_prefix, hf_prefix)` for MoE layers, a dense
     `mlp.{gate,up,down}_proj` for dense ones."""
     out = []
@@ -62,16 +60,13 @@ def per_layer_mlp_rules(
     return out
 
 
-def expert_counts(
-    hf: Mapping[str, Any], num_layers: int, is_moe: Callable[[int], bool], count: int
-) -> tuple[int, ...]:
+def expert_counts(hf: Mapping[str, Any], num_layers: int, is_moe: Callable[[int], bool], count: int) -> tuple[int, ...]:
     """Per-layer expert counts: `num_experts_per_layer` (our pruned exports) or the family's rule."""
     per_layer = hf.get("num_experts_per_layer")
     if per_layer is not None:
         if len(per_layer) != num_layers:
             raise ConversionError(
-                f"config.json: num_experts_per_layer has {len(per_layer)} entries for "
-                f"{num_layers} layers"
+                f"config.json: num_experts_per_layer has {len(per_layer)} entries for {num_layers} layers"
             )
         return tuple(int(e) for e in per_layer)
     return tuple(count if is_moe(layer) else 0 for layer in range(num_layers))

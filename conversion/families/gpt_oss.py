@@ -86,8 +86,7 @@ def rules(cfg: MoEConfig) -> list[KeyRule]:
 def quantized_rules(cfg: MoEConfig, quant: Mapping[str, Any]) -> list[KeyRule]:
     if quant.get("quant_method") != "mxfp4":
         raise ConversionError(
-            f"config.json: quant_method {quant.get('quant_method')!r} is not supported for gpt_oss "
-            f"(only 'mxfp4')"
+            f"config.json: quant_method {quant.get('quant_method')!r} is not supported for gpt_oss (only 'mxfp4')"
         )
     return [
         *top_rules(),

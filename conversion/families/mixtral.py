@@ -16,9 +16,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:
     hidden = int(require(hf, "hidden_size"))
     per_layer = hf.get("num_experts_per_layer")
     experts = (
-        tuple(int(e) for e in per_layer)
-        if per_layer is not None
-        else (int(require(hf, "num_local_experts")),) * layers
+        tuple(int(e) for e in per_layer) if per_layer is not None else (int(require(hf, "num_local_experts")),) * layers
     )
     return MoEConfig(
         family="mixtral",

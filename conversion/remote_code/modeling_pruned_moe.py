@@ -8,10 +8,10 @@ one causal-LM class of this file in `auto_map`, so
 loads the export offline. Each class reuses the family's stock transformers model unchanged except
 for the expert count: config.json's `num_experts_per_layer` (one entry per decoder layer, 0 for
 dense layers) gives every MoE layer a block built from a copy of the config with that layer's count,
-so weight shapes match the checkpoint (Llama-4's block is `feed_forward`). The checkpoint keeps the family's on-disk key layout
-(per-expert keys where the family has them); the family's own load/save key conversion is
-registered for the custom model type, so loading fuses and `save_pretrained` splits exactly as the
-stock model does.
+so weight shapes match the checkpoint (Llama-4's block is `feed_forward`). The checkpoint keeps
+the family's on-disk key layout (per-expert keys where the family has them); the family's own
+load/save key conversion is registered for the custom model type, so loading fuses and
+`save_pretrained` splits exactly as the stock model does.
 
 DeepSeek-MoE (`deepseek`) has no class in transformers (its checkpoints ship their own remote code),
 so this file implements it: `PrunedDeepseekForCausalLM` is transformers' Llama model (attention,

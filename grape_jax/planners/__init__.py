@@ -85,6 +85,7 @@ def check_option_types(method: str, options: dict) -> None:
         declared = str(params[name].annotation).replace(" ", "").split("|")
         allowed = tuple(t for d in declared for t in _TYPES.get(d, ()))
         ok = (value is None and "None" in declared) or (
-            isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed))
+            isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        )
         if not ok:
             raise PlanError(f"{method}: option {name}={value!r}: expected {' or '.join(declared)}")

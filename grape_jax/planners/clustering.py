@@ -18,8 +18,15 @@ from grape_jax.planners.grape import MERGE_OPERATORS, LayerClusters
 from grape_jax.stats import ModelStats
 
 
-def hc_smoe(stats: ModelStats, *, budget: int, metric: str = "cos_mean", operator: str = "freq",
-            router_rule: str = "dominant", min_experts: int = 0) -> Plan:
+def hc_smoe(
+    stats: ModelStats,
+    *,
+    budget: int,
+    metric: str = "cos_mean",
+    operator: str = "freq",
+    router_rule: str = "dominant",
+    min_experts: int = 0,
+) -> Plan:
     """Average-linkage hierarchical clustering per layer (module docstring)."""
     check_choice("operator", operator, MERGE_OPERATORS)
     floor = floors(stats, min_experts)
@@ -31,13 +38,27 @@ def hc_smoe(stats: ModelStats, *, budget: int, metric: str = "cos_mean", operato
         for _ in range(r):
             state.merge(*state.best())
         groups.append(state.groups())
-    return build_plan(stats, groups, method="hc-smoe", budget=budget, operator=operator, router_rule=router_rule,
-                      options=dict(metric=metric, min_experts=min_experts),
-                      diagnostics={"removed_per_layer": alloc})
+    return build_plan(
+        stats,
+        groups,
+        method="hc-smoe",
+        budget=budget,
+        operator=operator,
+        router_rule=router_rule,
+        options=dict(metric=metric, min_experts=min_experts),
+        diagnostics={"removed_per_layer": alloc},
+    )
 
 
-def m_smoe(stats: ModelStats, *, budget: int, metric: str = "cka", operator: str = "freq",
-           router_rule: str = "dominant", min_experts: int = 0) -> Plan:
+def m_smoe(
+    stats: ModelStats,
+    *,
+    budget: int,
+    metric: str = "cka",
+    operator: str = "freq",
+    router_rule: str = "dominant",
+    min_experts: int = 0,
+) -> Plan:
     """Most-frequent experts as centres, the rest join their most similar centre (module docstring)."""
     check_choice("operator", operator, MERGE_OPERATORS)
     floor = floors(stats, min_experts)
@@ -52,6 +73,13 @@ def m_smoe(stats: ModelStats, *, budget: int, metric: str = "cka", operator: str
             if x not in members:
                 members[max(centres, key=lambda c: (sim[x, c], -c))].append(x)
         groups.append([members[c] for c in centres])
-    return build_plan(stats, groups, method="m-smoe", budget=budget, operator=operator, router_rule=router_rule,
-                      options=dict(metric=metric, min_experts=min_experts),
-                      diagnostics={"removed_per_layer": alloc})
+    return build_plan(
+        stats,
+        groups,
+        method="m-smoe",
+        budget=budget,
+        operator=operator,
+        router_rule=router_rule,
+        options=dict(metric=metric, min_experts=min_experts),
+        diagnostics={"removed_per_layer": alloc},
+    )

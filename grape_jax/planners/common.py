@@ -64,9 +64,7 @@ def check_budget(stats: ModelStats, budget: int, floor: Sequence[int]) -> None:
         )
 
 
-def uniform_allocation(
-    stats: ModelStats, budget: int, floor: Sequence[int], tie_break: Sequence[float]
-) -> list[int]:
+def uniform_allocation(stats: ModelStats, budget: int, floor: Sequence[int], tie_break: Sequence[float]) -> list[int]:
     """Removals per layer for the uniform (local) planners.
 
     Every layer gets B // L (capped at its room above the floor). The remaining experts go one at a time,
@@ -152,8 +150,16 @@ class EntropyGuard:
     mode 'none': every layer above its floor may merge (the unguarded greedy).
     """
 
-    def __init__(self, counts: Sequence[int], floor: Sequence[int], *, gamma: float, mode: str, budget: int,
-                 cap_gamma: float = 1.0):
+    def __init__(
+        self,
+        counts: Sequence[int],
+        floor: Sequence[int],
+        *,
+        gamma: float,
+        mode: str,
+        budget: int,
+        cap_gamma: float = 1.0,
+    ):
         check_choice("guard", mode, GUARDS)
         check_gamma(gamma, cap_gamma)
         self.mode = mode

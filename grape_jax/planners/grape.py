@@ -157,8 +157,9 @@ def grape(
     floor = floors(stats, min_experts)
     check_budget(stats, budget, floor)
     states = _states(stats, metric, linkage)
-    guard_state = EntropyGuard([s.num_clusters for s in states], floor, gamma=gamma, mode=guard,
-                               budget=budget, cap_gamma=cap_gamma)
+    guard_state = EntropyGuard(
+        [s.num_clusters for s in states], floor, gamma=gamma, mode=guard, budget=budget, cap_gamma=cap_gamma
+    )
     red = np.array([s.redundancy for s in states])
     order = []
     for _ in range(budget):
@@ -174,15 +175,27 @@ def grape(
         states = _states(stats, metric, linkage)
         _merge_counts(states, removed)
         red = np.array([s.redundancy for s in states])
-    options = dict(metric=metric, gamma=gamma, guard=guard, cap_gamma=cap_gamma, linkage=linkage,
-                   min_experts=min_experts)
-    diagnostics = {**guard_state.diagnostics(), "redundancy_final": red.tolist(), "merge_order": order,
-                   "removed_per_layer": removed}
+    options = dict(
+        metric=metric, gamma=gamma, guard=guard, cap_gamma=cap_gamma, linkage=linkage, min_experts=min_experts
+    )
+    diagnostics = {
+        **guard_state.diagnostics(),
+        "redundancy_final": red.tolist(),
+        "merge_order": order,
+        "removed_per_layer": removed,
+    }
     if removed != greedy:
         diagnostics["removed_per_layer_greedy"] = greedy
-    return build_plan(stats, [s.groups() for s in states], method="grape", budget=budget, operator=operator,
-                      router_rule=router_rule, options=options,
-                      diagnostics=diagnostics)
+    return build_plan(
+        stats,
+        [s.groups() for s in states],
+        method="grape",
+        budget=budget,
+        operator=operator,
+        router_rule=router_rule,
+        options=options,
+        diagnostics=diagnostics,
+    )
 
 
 def local(
@@ -202,6 +215,13 @@ def local(
     alloc = uniform_allocation(stats, budget, floor, [s.redundancy for s in states])
     _merge_counts(states, alloc)
     options = dict(metric=metric, linkage=linkage, min_experts=min_experts)
-    return build_plan(stats, [s.groups() for s in states], method="local", budget=budget, operator=operator,
-                      router_rule=router_rule, options=options,
-                      diagnostics={"removed_per_layer": alloc})
+    return build_plan(
+        stats,
+        [s.groups() for s in states],
+        method="local",
+        budget=budget,
+        operator=operator,
+        router_rule=router_rule,
+        options=options,
+        diagnostics={"removed_per_layer": alloc},
+    )

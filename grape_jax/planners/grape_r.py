@@ -119,8 +119,9 @@ def grape_r(
     floor = floors(stats, min_experts)
     check_budget(stats, budget, floor)
     states = [CostClusters(substitution_cost(ls, normalise)) for ls in stats.layers]
-    guard_state = EntropyGuard([s.num_clusters for s in states], floor, gamma=gamma, mode=guard,
-                               budget=budget, cap_gamma=cap_gamma)
+    guard_state = EntropyGuard(
+        [s.num_clusters for s in states], floor, gamma=gamma, mode=guard, budget=budget, cap_gamma=cap_gamma
+    )
     best = np.array([s.best()[0] for s in states])
     total, order = 0.0, []
     for _ in range(budget):
@@ -133,8 +134,12 @@ def grape_r(
         order.append(stats.layers[layer].layer)
     greedy = guard_state.removed.tolist()
     removed = snap_allocation(stats, greedy)
-    diagnostics = {**guard_state.diagnostics(), "estimated_cost": total, "merge_order": order,
-                   "removed_per_layer": removed}
+    diagnostics = {
+        **guard_state.diagnostics(),
+        "estimated_cost": total,
+        "merge_order": order,
+        "removed_per_layer": removed,
+    }
     if removed != greedy:  # group-limited router: whole groups per layer, each replays its own order
         states = [CostClusters(substitution_cost(ls, normalise)) for ls in stats.layers]
         total = 0.0
@@ -146,5 +151,14 @@ def grape_r(
         diagnostics.update(estimated_cost=total, removed_per_layer_greedy=greedy)
     groups, reps = zip(*(s.groups_and_reps() for s in states), strict=True)
     options = dict(gamma=gamma, guard=guard, cap_gamma=cap_gamma, normalise=normalise, min_experts=min_experts)
-    return build_plan(stats, list(groups), method="grape-r", budget=budget, operator=operator,
-                      router_rule=router_rule, dominant_per_layer=list(reps), options=options, diagnostics=diagnostics)
+    return build_plan(
+        stats,
+        list(groups),
+        method="grape-r",
+        budget=budget,
+        operator=operator,
+        router_rule=router_rule,
+        dominant_per_layer=list(reps),
+        options=options,
+        diagnostics=diagnostics,
+    )

@@ -60,8 +60,19 @@ def choose_dropped(
     return [lowest(s, r) if r != len(d) else sorted(d) for s, d, r in zip(scores, dropped, removed, strict=True)]
 
 
-def _plan(stats: ModelStats, method: str, scores: list[np.ndarray], *, budget: int, global_rank: bool,
-          min_experts: int, operator: str, router_rule: str, metric: str, seed: int | None) -> Plan:
+def _plan(
+    stats: ModelStats,
+    method: str,
+    scores: list[np.ndarray],
+    *,
+    budget: int,
+    global_rank: bool,
+    min_experts: int,
+    operator: str,
+    router_rule: str,
+    metric: str,
+    seed: int | None,
+) -> Plan:
     check_choice("operator", operator, PRUNE_OPERATORS)
     dropped = choose_dropped(stats, scores, budget=budget, global_rank=global_rank, min_experts=min_experts)
     options = dict(global_rank=global_rank, min_experts=min_experts)
@@ -77,31 +88,103 @@ def _plan(stats: ModelStats, method: str, scores: list[np.ndarray], *, budget: i
         groups.append([members[k] for k in kept])
         dominant.append(kept)
     if operator == "drop":
-        return build_plan(stats, groups, method=method, budget=budget, operator="drop", router_rule=router_rule,
-                          dropped_per_layer=dropped, seed=seed, options=options)
-    return build_plan(stats, groups, method=method, budget=budget, operator=operator, router_rule=router_rule,
-                      dominant_per_layer=dominant, seed=seed,
-                      options={**options, "folded_by": metric})
+        return build_plan(
+            stats,
+            groups,
+            method=method,
+            budget=budget,
+            operator="drop",
+            router_rule=router_rule,
+            dropped_per_layer=dropped,
+            seed=seed,
+            options=options,
+        )
+    return build_plan(
+        stats,
+        groups,
+        method=method,
+        budget=budget,
+        operator=operator,
+        router_rule=router_rule,
+        dominant_per_layer=dominant,
+        seed=seed,
+        options={**options, "folded_by": metric},
+    )
 
 
-def frequency(stats: ModelStats, *, budget: int, global_rank: bool = False, operator: str = "drop",
-              router_rule: str = "dominant", metric: str = "cka", min_experts: int = 0) -> Plan:
+def frequency(
+    stats: ModelStats,
+    *,
+    budget: int,
+    global_rank: bool = False,
+    operator: str = "drop",
+    router_rule: str = "dominant",
+    metric: str = "cka",
+    min_experts: int = 0,
+) -> Plan:
     """Drop the least-routed experts (routing frequency under the model's own router)."""
-    return _plan(stats, "frequency", [ls.freq for ls in stats.layers], budget=budget, global_rank=global_rank,
-                 min_experts=min_experts, operator=operator, router_rule=router_rule, metric=metric, seed=None)
+    return _plan(
+        stats,
+        "frequency",
+        [ls.freq for ls in stats.layers],
+        budget=budget,
+        global_rank=global_rank,
+        min_experts=min_experts,
+        operator=operator,
+        router_rule=router_rule,
+        metric=metric,
+        seed=None,
+    )
 
 
-def reap(stats: ModelStats, *, budget: int, global_rank: bool = False, operator: str = "drop",
-         router_rule: str = "dominant", metric: str = "cka", min_experts: int = 0) -> Plan:
+def reap(
+    stats: ModelStats,
+    *,
+    budget: int,
+    global_rank: bool = False,
+    operator: str = "drop",
+    router_rule: str = "dominant",
+    metric: str = "cka",
+    min_experts: int = 0,
+) -> Plan:
     """Drop the lowest REAP scores: mean over routed tokens of gate·‖y‖ (0 if never routed)."""
-    return _plan(stats, "reap", [ls.reap for ls in stats.layers], budget=budget, global_rank=global_rank,
-                 min_experts=min_experts, operator=operator, router_rule=router_rule, metric=metric, seed=None)
+    return _plan(
+        stats,
+        "reap",
+        [ls.reap for ls in stats.layers],
+        budget=budget,
+        global_rank=global_rank,
+        min_experts=min_experts,
+        operator=operator,
+        router_rule=router_rule,
+        metric=metric,
+        seed=None,
+    )
 
 
-def random(stats: ModelStats, *, budget: int, seed: int = 0, global_rank: bool = False, operator: str = "drop",
-           router_rule: str = "dominant", metric: str = "cka", min_experts: int = 0) -> Plan:
+def random(
+    stats: ModelStats,
+    *,
+    budget: int,
+    seed: int = 0,
+    global_rank: bool = False,
+    operator: str = "drop",
+    router_rule: str = "dominant",
+    metric: str = "cka",
+    min_experts: int = 0,
+) -> Plan:
     """Drop experts chosen by uniform random scores from numpy's default_rng(seed) (one draw per layer)."""
     rng = np.random.default_rng(seed)
     scores = [rng.random(ls.num_experts) for ls in stats.layers]
-    return _plan(stats, "random", scores, budget=budget, global_rank=global_rank, min_experts=min_experts,
-                 operator=operator, router_rule=router_rule, metric=metric, seed=seed)
+    return _plan(
+        stats,
+        "random",
+        scores,
+        budget=budget,
+        global_rank=global_rank,
+        min_experts=min_experts,
+        operator=operator,
+        router_rule=router_rule,
+        metric=metric,
+        seed=seed,
+    )
