@@ -12,6 +12,9 @@ its FLOPs. Two grouped matmuls:
   blocked     every expert's rows padded to a multiple of a block of B rows (at most one partial block
               per expert), then one `lax.scan` over the blocks, each a plain [B, d] x [d, f] matmul with
               its expert's weights; blocks past the last expert's rows are skipped. Portable.
+  batched     the same layout with B = the average rows per expert (so at most 2 E blocks), run as one
+              batched matmul with every block's expert weights gathered: no sequential loop, at the cost
+              of up to twice the experts' weights in transient memory and up to twice the routed FLOPs.
 
 Under a mesh (`jax.set_mesh`; `MoEModel` sets its run context's mesh around its forward) the routed
 path is a `jax.shard_map` over the whole mesh: tokens stay where the batch rules put them (split over
@@ -42,9 +45,11 @@ from grape_jax.config import MoEConfig
 from grape_jax.params import param_specs
 from grape_jax.sharding import DEFAULT_RULES, logical_to_pspec
 
-DISPATCHES = ("auto", "dense", "routed", "ragged_dot", "blocked")
+GROUPED_KINDS = ("ragged_dot", "blocked", "batched")
+DISPATCHES = ("auto", "dense", "routed", *GROUPED_KINDS)
 """auto: the faster of dense and routed on this backend (`choose`); dense: every expert on every token;
-routed: the backend's grouped matmul (`grouped_matmul_kind`); ragged_dot / blocked: routed with that one."""
+routed: the backend's grouped matmul (`grouped_matmul_kind`); ragged_dot / blocked / batched: routed with
+that one."""
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 MAX_BLOCK = 512  # rows per block of the blocked grouped matmul (more: fewer, larger matmuls, more padding)
 MIN_BLOCK = 8
@@ -73,10 +78,12 @@ def fast_gpu_ragged_dot() -> bool:
 
 def grouped_matmul_kind(platform: str) -> str:
     """The grouped matmul `routed` uses on a backend: ragged_dot where it is a real grouped GEMM (TPU,
-    GPU with a grouped lowering), else blocked."""
+    GPU with a grouped lowering); on other GPUs batched (one H200: 1.75x dense and 3.3x blocked with 128
+    experts of f 768, equal to blocked with 8 large experts; BENCHMARKS.md); on CPU blocked (batched's
+    weight gather costs more than the scan's loop there)."""
     if platform == "tpu" or (platform == "gpu" and fast_gpu_ragged_dot()):
         return "ragged_dot"
-    return "blocked"
+    return "batched" if platform == "gpu" else "blocked"
 
 
 # On CPU the blocked routed path beat dense on every measured shape whose dense work (6 T E d f FLOPs) is
@@ -88,11 +95,11 @@ CPU_MIN_DENSE_FLOPS = 1e8
 def choose(
     dispatch: str, *, num_experts: int, top_k: int, tokens: int, hidden: int, ffn: int, platform: str | None = None
 ) -> str:
-    """Resolve a dispatch mode to 'dense', 'ragged_dot' or 'blocked' for one MoE layer (static shapes).
+    """Resolve a dispatch mode to 'dense' or a grouped kind for one MoE layer (static shapes).
 
     auto: routed on accelerators; on CPU routed where the measured rule above says it is faster."""
     check_dispatch(dispatch)
-    if dispatch in ("dense", "ragged_dot", "blocked"):
+    if dispatch == "dense" or dispatch in GROUPED_KINDS:
         return dispatch
     platform = platform or jax.default_backend()
     routed = grouped_matmul_kind(platform)
@@ -150,10 +157,12 @@ def _ffn_ragged(
     return jnp.where(s.local[:, None], y, 0)
 
 
-def block_rows(rows: int, num_experts: int) -> int:
-    """Block size of the blocked grouped matmul: the average rows per expert, as a power of two."""
+def block_rows(rows: int, num_experts: int, *, cap: int | None = MAX_BLOCK) -> int:
+    """Block size of the blocked grouped matmul: the average rows per expert, as a power of two (at most
+    `cap`; no cap gives at most 2 E blocks)."""
     average = max(1, -(-rows // max(num_experts, 1)))
-    return int(min(MAX_BLOCK, max(MIN_BLOCK, 1 << (average - 1).bit_length())))
+    size = max(MIN_BLOCK, 1 << (average - 1).bit_length())
+    return int(size if cap is None else min(cap, size))
 
 
 def _ffn_blocked(
@@ -163,12 +172,16 @@ def _ffn_blocked(
     w: Mapping[str, jax.Array],
     activation: Activation,
     down_bias_scale: jax.Array | float,
+    *,
+    batched: bool = False,
 ) -> jax.Array:
-    """Expert MLPs over blocks of B rows, each expert's rows padded to whole blocks (see module doc).
+    """Expert MLPs over blocks of B rows, each expert's rows padded to whole blocks (see module doc):
+    a scan over blocks of at most MAX_BLOCK rows, or (`batched`) one batched matmul over at most 2 E
+    blocks with each block's expert weights gathered.
 
     Returns the rows in sorted order (0 for rows of experts held elsewhere)."""
     m, num_local = token_of_row.shape[0], s.group_sizes.shape[0]
-    b = block_rows(m, num_local)
+    b = block_rows(m, num_local, cap=None if batched else MAX_BLOCK)
     blocks = (m + num_local * (b - 1)) // b  # >= sum over experts of ceil(rows / b)
     padded = (s.group_sizes + b - 1) // b * b
     padded_end = jnp.cumsum(padded)
@@ -183,24 +196,31 @@ def _ffn_blocked(
     live = block_start < padded_end[-1]
 
     def run(xb: jax.Array, e: jax.Array) -> jax.Array:
-        gate, up = xb @ w["w_gate"][e], xb @ w["w_up"][e]
+        # batched: xb [n, b, d] and e [n]; scan: one block
+        mm = (lambda a, name: jnp.einsum("nbi,nio->nbo", a, w[name][e])) if batched else (lambda a, n: a @ w[n][e])
+        bias = (lambda name: w[name][e][:, None]) if batched else (lambda name: w[name][e])
+        gate, up = mm(xb, "w_gate"), mm(xb, "w_up")
         if "b_gate" in w:
-            gate, up = gate + w["b_gate"][e], up + w["b_up"][e]
-        y = activation(gate, up) @ w["w_down"][e]
+            gate, up = gate + bias("b_gate"), up + bias("b_up")
+        y = mm(activation(gate, up), "w_down")
         if "b_down" in w:
-            y = y + w["b_down"][e] * down_bias_scale
+            y = y + bias("b_down") * down_bias_scale
         return y
 
-    def skip(xb: jax.Array, e: jax.Array) -> jax.Array:
-        # Under shard_map both branches must vary over the same mesh axes, and `run`'s output also varies
-        # over the axes that split the weights: a zero times one weight row carries them (any jax version).
-        return jnp.zeros_like(xb) + 0 * w["w_down"][e, 0].astype(xb.dtype)
+    if batched:  # dead blocks hold only zero rows, and no row's slot points into them
+        y_blocks = run(x_blocks, block_expert)
+    else:
 
-    def step(carry: None, inputs: tuple) -> tuple[None, jax.Array]:
-        xb, e, on = inputs
-        return carry, jax.lax.cond(on, run, skip, xb, e)
+        def skip(xb: jax.Array, e: jax.Array) -> jax.Array:
+            # Under shard_map both branches must vary over the same mesh axes, and `run`'s output also
+            # varies over the axes that split the weights: a zero times one weight row carries them.
+            return jnp.zeros_like(xb) + 0 * w["w_down"][e, 0].astype(xb.dtype)
 
-    _, y_blocks = jax.lax.scan(step, None, (x_blocks, block_expert, live))
+        def step(carry: None, inputs: tuple) -> tuple[None, jax.Array]:
+            xb, e, on = inputs
+            return carry, jax.lax.cond(on, run, skip, xb, e)
+
+        _, y_blocks = jax.lax.scan(step, None, (x_blocks, block_expert, live))
     return jnp.take(y_blocks.reshape(blocks * b, -1), slot, axis=0, mode="fill", fill_value=0)
 
 
@@ -223,7 +243,7 @@ def _routed_local(
     if kind == "ragged_dot":
         y_rows = _ffn_ragged(x[token_of_row], s, w, activation, down_bias_scale)
     else:
-        y_rows = _ffn_blocked(x, token_of_row, s, w, activation, down_bias_scale)
+        y_rows = _ffn_blocked(x, token_of_row, s, w, activation, down_bias_scale, batched=kind == "batched")
     # back to assignment order (t * k + j) by the inverse permutation, then combine as the dense path does
     inverse = jnp.zeros_like(s.order).at[s.order].set(jnp.arange(s.order.shape[0], dtype=s.order.dtype))
     y = y_rows[inverse].reshape(t, k, -1)
@@ -258,8 +278,8 @@ def routed_experts(
     """The routed experts' combined output Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) (no shared
     expert), by the grouped matmul `kind` ('ragged_dot' or 'blocked'); on a mesh, per device by
     shard_map (module docstring)."""
-    if kind not in ("ragged_dot", "blocked"):
-        raise DispatchError(f"grouped matmul {kind!r} unknown; expected ragged_dot or blocked")
+    if kind not in GROUPED_KINDS:
+        raise DispatchError(f"grouped matmul {kind!r} unknown; expected one of {GROUPED_KINDS}")
     w = expert_leaves(params, p)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(mesh.shape.values()) == 1:

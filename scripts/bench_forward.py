@@ -173,11 +173,11 @@ def jax_variants(platform: str, requested: str | None) -> list[str]:
     `requested`: a comma-separated subset."""
     import importlib.util
 
-    out = ["dense", "blocked", "ragged_dot"]
+    out = ["dense", "blocked", "batched", "ragged_dot"]
     if platform == "gpu" and importlib.util.find_spec("jax._src.lax.pallas_lowerings") is not None:
         out.append("ragged_dot+pallas")
     if platform == "cpu" and not requested:  # XLA:CPU expands ragged_dot densely (see --sweep): skip it
-        requested = "dense,blocked"
+        requested = "dense,blocked,batched"
     if requested:
         unknown = set(requested.split(",")) - set(out)
         if unknown:
@@ -313,7 +313,7 @@ def sweep(args) -> list[str]:
 
     platform = jax.default_backend()
     lines = [
-        "| shape | d | f | E | k | tokens | dense ms | blocked ms | ragged_dot ms | best | auto picks |",
+        "| shape | d | f | E | k | tokens | dense ms | blocked ms | batched ms | ragged_dot ms | best | auto picks |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, d, f, e, k, t in SWEEP:
@@ -332,7 +332,7 @@ def sweep(args) -> list[str]:
         params = {n: jnp.asarray(v) for n, v in init_params(cfg, seed=0, scale=0.05).items() if ".mlp." in n}
         x = jnp.asarray(np.random.default_rng(0).standard_normal((t, d), np.float32))
         times = {}
-        for kind in ("dense", "blocked", "ragged_dot"):
+        for kind in ("dense", "blocked", "batched", "ragged_dot"):
             fn = jax.jit(functools.partial(layers.moe_output, p="layers.0.mlp.", cfg=cfg, dispatch=kind))
             fn(params, x=x).block_until_ready()
             reps, best = 0, float("inf")
@@ -347,6 +347,7 @@ def sweep(args) -> list[str]:
         auto = choose("auto", num_experts=e, top_k=k, tokens=t, hidden=d, ffn=f, platform=platform)
         lines.append(
             f"| {label} | {d} | {f} | {e} | {k} | {t} | {times['dense']:.3f} | {times['blocked']:.3f} | "
+            f"{times['batched']:.3f} | "
             f"{times['ragged_dot']:.3f} | {best} | {auto} |"
         )
         print(lines[-1], flush=True)

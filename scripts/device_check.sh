@@ -7,7 +7,7 @@
 #
 #   1 convert      load_hf of a 9.2 GB bf16 Mixtral-8x7B-dims checkpoint vs safetensors.torch to CUDA
 #                  (goal: >= 80% of torch, first call)
-#   2 forward      evaluation forward tokens/s, JAX dense / blocked / ragged_dot (/ Pallas) vs the
+#   2 forward      evaluation forward tokens/s, JAX dense / blocked / batched / ragged_dot (/ Pallas) vs the
 #                  transformers forward, Mixtral-8x7B dims (goal: >= 1.2x) and Qwen3-30B-A3B dims (>= 2x)
 #   3 forward-cudnn  ragged_dot under XLA's cuDNN ragged-dot fusion flag, if this XLA knows the flag
 #   4 calibration  bf16 calibration TFLOP/s vs a bf16 8192^3 matmul (goal: >= 50%), torch hooks on CUDA

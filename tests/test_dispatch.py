@@ -28,7 +28,7 @@ from tests.hf_models import TINY
 from tests.test_deepseek_v2 import CONFIGS as DEEPSEEK_V2
 from tests.test_families import HF_CONFIGS
 
-KINDS = ("blocked", "ragged_dot")
+KINDS = ("blocked", "batched", "ragged_dot")
 TOKENS = 40
 
 
@@ -221,6 +221,9 @@ def test_auto_choice_and_bad_modes():
     assert dispatch.choose("auto", **{**demo, "num_experts": 2}, platform="cpu") == "dense"  # E == k
     assert dispatch.choose("auto", **tiny, platform="tpu") == "ragged_dot"
     assert dispatch.choose("routed", **tiny, platform="cpu") == "blocked"
+    assert dispatch.choose("auto", **tiny, platform="gpu") == (
+        "ragged_dot" if dispatch.fast_gpu_ragged_dot() else "batched"
+    )
     assert dispatch.choose("dense", **demo, platform="tpu") == "dense"
     with pytest.raises(dispatch.DispatchError, match="dispatch 'fast' unknown; expected one of"):
         dispatch.choose("fast", **tiny)
