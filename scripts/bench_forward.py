@@ -314,7 +314,7 @@ def sweep(args) -> list[str]:
     platform = jax.default_backend()
     lines = [
         "| shape | d | f | E | k | tokens | dense ms | blocked ms | batched ms | ragged_dot ms | best | auto picks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, d, f, e, k, t in SWEEP:
         cfg = MoEConfig(
