@@ -231,6 +231,21 @@ class ModelStats:
         return stats
 
 
+def routing_entropy(layer: LayerStats) -> float:
+    """Normalised entropy of the layer's routed top-k slots over its experts: H(freq / top_k) / log(E).
+
+    1 means every expert receives the same share of the routed slots; values near 0 mean routing has
+    collapsed onto few experts (what load balancing is meant to prevent). Experts with no share add 0."""
+    share = np.asarray(layer.routing_share, np.float64)
+    e = share.shape[0]
+    if e < 2:
+        raise StatsError(f"layer {layer.layer}: routing entropy needs at least 2 experts, got {e}")
+    if np.any(share < 0) or not np.isclose(share.sum(), 1.0, atol=1e-6):
+        raise StatsError(f"layer {layer.layer}: freq / top_k must be a distribution, sums to {share.sum():.6f}")
+    nonzero = share[share > 0]
+    return float(-np.sum(nonzero * np.log(nonzero)) / np.log(e))
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
