@@ -19,8 +19,8 @@ from grape_jax.fit_solve import RIDGE_GRID, ridge_fit
 from grape_jax.merge import MergeError, MergeInputs
 from grape_jax.model import model_from_arrays, param_view
 from grape_jax.params import init_params
-from grape_jax.pipeline import apply_plan
-from grape_jax.plan import LayerPlan, Plan
+from grape_jax.pipeline import apply_plan, check_plan_request
+from grape_jax.plan import LayerPlan, Plan, PlanError
 from grape_jax.sharding import RunContext, make_mesh
 
 CFG = MoEConfig(
@@ -310,3 +310,38 @@ def test_fit_on_a_mesh_equals_one_device():
     merged = apply_plan(sharded, plan, inputs=MergeInputs(overrides=got))
     w = param_view(merged)["layers.0.mlp.w_down"]
     assert w.sharding.spec == param_view(sharded)["layers.0.mlp.w_down"].sharding.spec
+
+
+def test_biased_experts_fit_their_bias_and_identical_ones_come_back_unchanged():
+    """GPT-OSS-style experts (gate/up/down biases, clamped SwiGLU) with a shared expert: b_down is fitted as
+    the weight of a constant feature, so a bit-identical copy merged into its original returns both its
+    w_down and its b_down, and the merged model the original logits."""
+    cfg = dataclasses.replace(
+        CFG, top_k=1, expert_bias=True, activation="gptoss_clamped_swiglu", shared_expert_intermediate_size=8
+    )
+    params = init_params(cfg, seed=5, scale=0.4)
+    rng = np.random.default_rng(0)
+    p = "layers.1.mlp."
+    for layer in (0, 1):
+        for k in ("b_gate", "b_up", "b_down"):
+            name = f"layers.{layer}.mlp.{k}"
+            params[name] = rng.normal(scale=0.3, size=params[name].shape).astype(np.float32)
+    for k in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"):
+        params[p + k][3] = params[p + k][0]
+    params[p + "router"][:, 3] = params[p + "router"][:, 0]
+    model = model_from_arrays(cfg, params)
+    blocks = _blocks(seed=2)
+    plan = _plan([[[0], [1], [2], [3], [4]], [[0, 3], [1], [2], [4]]], [[0, 1, 2, 3, 4], [0, 1, 2, 4]])
+    got, _ = fit_overrides(model, plan, blocks, options=FitOptions(ridge=1e-2, steps=()))
+    assert set(got) == {p + "w_down", p + "b_down"}
+    np.testing.assert_allclose(got[p + "w_down"], params[p + "w_down"][[0, 1, 2, 4]], atol=1e-5)
+    np.testing.assert_allclose(got[p + "b_down"], params[p + "b_down"][[0, 1, 2, 4]], atol=1e-5)
+    merged = apply_plan(model, plan, inputs=MergeInputs(overrides=got))
+    np.testing.assert_allclose(np.asarray(merged(blocks)), np.asarray(model(blocks)), atol=1e-4)
+
+
+def test_grape_l_without_gradients_is_refused_from_the_config_alone():
+    check_plan_request(CFG, method="grape-l", budget=None, per_layer=1, options={}, gradients=True)
+    with pytest.raises(PlanError, match="no gradient sensitivities"):
+        check_plan_request(CFG, method="grape-l", budget=None, per_layer=1, options={}, gradients=False)
+    check_plan_request(CFG, method="grape", budget=None, per_layer=1, options={}, gradients=False)
