@@ -13,7 +13,8 @@ import pytest
 
 from grape_jax import layers, merge
 from grape_jax.config import MoEConfig
-from grape_jax.fit import FitError, FitOptions, fit_inputs, fit_overrides, slot_targets
+from grape_jax.fit import FitError, FitOptions, fit_inputs, fit_overrides
+from grape_jax.fit_accumulate import slot_targets
 from grape_jax.fit_check import calibration_nll, checked_steps
 from grape_jax.fit_solve import RIDGE_GRID, ridge_fit
 from grape_jax.merge import MergeError, MergeInputs

@@ -38,6 +38,7 @@ LAYER_OF = {
         "grape_jax.merge",
         "grape_jax.fit",
         "grape_jax.fit_pass",
+        "grape_jax.fit_accumulate",
         "grape_jax.fit_solve",
         "grape_jax.fit_check",
         "grape_jax.alignment",
