@@ -187,11 +187,7 @@ def fit_overrides(
     if plan.operator != "fit":
         raise FitError(f"plan {plan.method!r} has operator {plan.operator!r}; the fit runs for operator 'fit'")
     cfg, ctx = model.cfg, model.ctx
-    if cfg.router_scales_input:
-        raise FitError(
-            "operator 'fit' does not support routers that scale the experts' input (Llama-4): the merged "
-            "experts' features depend on the gate; use operator 'dominant'"
-        )
+    check_supported(cfg)
     try:
         blocks = check_blocks(blocks, cfg)
     except ValueError as e:
@@ -241,6 +237,16 @@ def fit_overrides(
     if options.steps and overrides:
         overrides = checked_steps(merged, new_cfg, ctx, overrides, blocks, steps=options.steps, diagnostics=diagnostics)
     return overrides, diagnostics
+
+
+def check_supported(cfg: MoEConfig) -> None:
+    """Refuse architectures the fit cannot serve: routers that scale the experts' input by the gate
+    (Llama-4) make the merged experts' features depend on the gate."""
+    if cfg.router_scales_input:
+        raise FitError(
+            "operator 'fit' does not support routers that scale the experts' input (Llama-4): the merged "
+            "experts' features depend on the gate; pass --option operator=dominant (operator='dominant')"
+        )
 
 
 def fit_inputs(

@@ -33,6 +33,7 @@ from grape_jax.calibration import CalibrationInterrupted, CalibrationOptions, ca
 from grape_jax.config import MoEConfig
 from grape_jax.data import DataSpec, load_tokenizer
 from grape_jax.fit import FitOptions, plan_inputs
+from grape_jax.fit import check_supported as check_fit_supported
 from grape_jax.merge import MergeInputs
 from grape_jax.model import ModelInfo, MoEModel
 from grape_jax.plan import Plan
@@ -128,10 +129,12 @@ def check_plan_request(
 ) -> None:
     """Run the planner on statistics with the model's shapes and rules (`neutral_stats`): method, option
     names, types and values, the budget against the per-layer floors, and whether the planner can work
-    from a calibration with or without `gradients` are checked by the planners' own code, from
-    config.json alone, before any weight is loaded."""
+    from a calibration with or without `gradients` are checked by the planners' own code, and whether
+    the plan's operator suits the architecture, from config.json alone, before any weight is loaded."""
     stats = neutral_stats(cfg, gradients=gradients)
-    make_plan(stats, method=method, budget=budget, per_layer=per_layer, **dict(options))
+    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **dict(options))
+    if plan.operator == "fit":
+        check_fit_supported(cfg)
 
 
 def apply_plan(

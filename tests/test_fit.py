@@ -346,3 +346,18 @@ def test_grape_l_without_gradients_is_refused_from_the_config_alone():
     with pytest.raises(PlanError, match="no gradient sensitivities"):
         check_plan_request(CFG, method="grape-l", budget=None, per_layer=1, options={}, gradients=False)
     check_plan_request(CFG, method="grape", budget=None, per_layer=1, options={}, gradients=False)
+
+
+def test_fit_is_refused_for_input_scaling_routers_before_loading():
+    """Llama-4's router scales the experts' input: the default (operator fit) is refused from the config,
+    naming the way out; another operator passes."""
+    cfg = dataclasses.replace(CFG, top_k=1, router_scales_input=True)
+    with pytest.raises(FitError, match="operator=dominant"):
+        check_plan_request(cfg, method="grape-l", budget=None, per_layer=1, options={})
+    check_plan_request(cfg, method="grape-l", budget=None, per_layer=1, options={"operator": "dominant"})
+    with pytest.raises(FitError, match="scale the experts' input"):
+        fit_inputs(
+            _model(cfg),
+            _plan([[[0], [1], [2], [3], [4]], [[0, 3], [1], [2], [4]]], [[0, 1, 2, 3, 4], [0, 1, 2, 4]]),
+            _blocks(),
+        )
