@@ -18,6 +18,7 @@ _API = "grape_jax.api"
 PUBLIC = (
     "CalibrationOptions",
     "DataSpec",
+    "FitOptions",
     "HealError",
     "HealInterrupted",
     "HealOptions",
@@ -39,6 +40,7 @@ PUBLIC = (
     "calibrate",
     "demo_model_path",
     "describe",
+    "fit_inputs",
     "heal",
     "init_model",
     "load_hf",

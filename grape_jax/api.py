@@ -4,13 +4,15 @@
     model = gj.load_hf(hf_dir, mesh=gj.make_mesh("expert=8"))   # a flax.nnx.Module, sharded
     blocks = gj.token_blocks(hf_dir, num_samples=64)             # int32 [n, seq_len] from the shipped text
     stats = gj.calibrate(model, blocks)
-    plan = gj.make_plan(stats, method="grape", per_layer=2)
-    pruned = gj.apply_plan(model, plan)                           # a new module with fewer experts
+    plan = gj.make_plan(stats, per_layer=2)                       # the default planner, grape-l
+    pruned = gj.apply_plan(model, plan, blocks=blocks)            # a new module with fewer experts
+                                                                  # (operator 'fit' refits on `blocks`)
     logits = pruned(blocks[:2])
     gj.save_hf(pruned, out_dir)                                   # HF directory + recipe.json + card
 
-The pure core: `graphdef, state = nnx.split(model)`; `gj.merge_state(state, plan)` under `jax.jit` or
-`jax.eval_shape`. The CLI (`grape ...`) is a thin layer over these functions.
+The pure core: `graphdef, state = nnx.split(model)`; `gj.merge_state(state, plan, inputs)` under `jax.jit`
+or `jax.eval_shape`, with `inputs = gj.fit_inputs(model, plan, blocks)` (operator 'fit') or
+`gj.merge_inputs(model, plan)` (every other operator). The CLI (`grape ...`) is a thin layer over these functions.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from grape_jax.config import MoEConfig
 from grape_jax.data import DataSpec
 from grape_jax.demo_model import shipped_path as demo_model_path
 from grape_jax.evaluate import PerplexityResult, perplexity
+from grape_jax.fit import FitOptions, fit_inputs
 from grape_jax.healing import (
     HealError,
     HealInterrupted,
@@ -37,9 +40,9 @@ from grape_jax.healing import (
     cache_teacher_logits,
     heal,
 )
-from grape_jax.merge import MergeInputs, apply_plan, merge_inputs, merge_state
+from grape_jax.merge import MergeInputs, merge_inputs, merge_state
 from grape_jax.model import ModelInfo, MoEModel, abstract_model, init_model, param_view
-from grape_jax.pipeline import blocks_for, load_model, prune, save_hf
+from grape_jax.pipeline import apply_plan, blocks_for, load_model, prune, save_hf
 from grape_jax.plan import Plan
 from grape_jax.planners import PLANNERS, make_plan
 from grape_jax.sharding import RunContext, ShardingRules, make_mesh
@@ -48,6 +51,7 @@ from grape_jax.stats import ModelStats
 __all__ = [
     "CalibrationOptions",
     "DataSpec",
+    "FitOptions",
     "HealError",
     "HealInterrupted",
     "HealOptions",
@@ -69,6 +73,7 @@ __all__ = [
     "calibrate",
     "demo_model_path",
     "describe",
+    "fit_inputs",
     "heal",
     "init_model",
     "load_hf",

@@ -13,11 +13,19 @@ float32 on CPU (where XLA's bf16 matmuls are slow and fp32 costs no more). The r
 (attention, norms, router, residual stream) runs in fp32, so the routing the statistics describe is the
 fp32 reference's wherever the layer input is (the first MoE layer: always). Statistics are fp32 sums:
 matmuls over bf16 expert outputs accumulate in fp32 (`preferred_element_type`; each product is exact).
+
+Gradient sensitivities (option `gradients`, on by default; the `grape-l` planner needs them): each step
+first takes one backward pass of the batch's summed next-token loss to the output of every MoE block
+(`output_gradients`: the routed forward, each decoder layer rematerialised, so its memory is that of a
+training step of one batch, never of the number of blocks); the statistics pass then adds
+∂L/∂out · y_j per expert and token to the accumulators (`grape_jax.similarity`). It costs about one more
+forward and a backward per batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -29,7 +37,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Float, Int
 from tqdm.auto import tqdm
 
 from grape_jax import layers, similarity
@@ -38,7 +46,7 @@ from grape_jax.model import MoEModel, param_view
 from grape_jax.params import param_specs
 from grape_jax.resume import Progress
 from grape_jax.sharding import RunContext, replicate
-from grape_jax.stats import LayerStats, ModelStats, StatsError
+from grape_jax.stats import SENSITIVITIES, LayerStats, ModelStats, StatsError
 
 Accumulators = dict[str, Any]  # str(layer) -> similarity.Accumulators
 _clock = time.monotonic  # when periodic saves are due (a seam for tests)
@@ -64,6 +72,8 @@ class CalibrationOptions:
     checkpoint_every    with a resume directory: also save every this many batches (0: never by count)
     compute_dtype       dtype of the experts' matmuls (None: the checkpoint's on accelerators, float32 on CPU;
                         the statistics are fp32 sums either way: module docstring)
+    gradients           also accumulate the gradient sensitivities (one backward pass per batch; module
+                        docstring); the statistics then hold sens_m/sens_n/sens_g
     """
 
     batch_size: int = 4
@@ -73,8 +83,11 @@ class CalibrationOptions:
     checkpoint_seconds: float = 60.0
     checkpoint_every: int = 0
     compute_dtype: str | None = None
+    gradients: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.gradients, bool):
+            raise ValueError(f"calibration option gradients: expected True or False, got {self.gradients!r}")
         for name in ("batch_size", "token_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -144,22 +157,54 @@ def accumulator_shardings(acc: Accumulators, ctx: RunContext) -> Accumulators:
     return {k: place(v) for k, v in acc.items()}
 
 
-def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk, expert_dtype):
-    """MoE block over token chunks (lax.scan), accumulating statistics of every chunk."""
+def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk, expert_dtype, grad=None):
+    """MoE block over token chunks (lax.scan), accumulating statistics of every chunk (`grad`: the loss
+    gradient w.r.t. the block output [t, d], for the sensitivities)."""
     t, d = h.shape
     pad = (-t) % chunk
     h = jnp.pad(h, ((0, pad), (0, 0)))
     mask = jnp.pad(mask, (0, pad))
     n = h.shape[0] // chunk
+    grads = None if grad is None else jnp.pad(grad, ((0, pad), (0, 0))).reshape(n, chunk, d)
 
     def body(acc, xs):
-        x, m = xs
+        x, m, g = xs
         out, routing, y_all = layers.moe_block(params, p, cfg, x, expert_dtype=expert_dtype)
-        acc = similarity.update_accumulators(acc, y_all, routing.gates, routing.selected, routing.logits, m)
+        acc = similarity.update_accumulators(acc, y_all, routing.gates, routing.selected, routing.logits, m, out_grad=g)
         return acc, out
 
-    acc, outs = jax.lax.scan(body, acc, (h.reshape(n, chunk, d), mask.reshape(n, chunk)))
+    acc, outs = jax.lax.scan(body, acc, (h.reshape(n, chunk, d), mask.reshape(n, chunk), grads))
     return outs.reshape(n * chunk, d)[:t], acc
+
+
+def output_gradients(
+    params: Mapping[str, jax.Array], cfg: MoEConfig, tokens: Int[Array, "b t"], mask: Bool[Array, "b t"]
+) -> dict[str, Float[Array, "bt d"]]:
+    """∂L/∂(MoE block output) of every MoE layer (key str(layer)), [b*t, d] fp32, where L is the summed
+    next-token NLL of the batch's real positions. The forward takes the routed dispatch and recomputes
+    each decoder layer in the backward pass (`jax.checkpoint`), so nothing of size experts x tokens is
+    kept between the passes."""
+    positions = layers.default_positions(mask)
+    b, t = tokens.shape
+    zeros = {str(layer): jnp.zeros((b * t, cfg.hidden_size), jnp.float32) for layer in cfg.moe_layers}
+
+    @functools.partial(jax.checkpoint, static_argnums=(0,))
+    def decoder_layer(layer: int, params, x, delta):
+        def moe_fn(prefix: str, h: jax.Array, m: jax.Array) -> jax.Array:
+            out = layers.moe_output(params, prefix, cfg, h)
+            return out + delta.astype(out.dtype)
+
+        return layers.decoder_layer(params, cfg, layer, x, positions, mask, moe_fn=moe_fn)
+
+    def loss(deltas: dict[str, jax.Array]) -> jax.Array:
+        x = layers.embed(params, tokens)
+        for layer in range(cfg.num_layers):
+            x = decoder_layer(layer, params, x, deltas.get(str(layer)))
+        logp = jax.nn.log_softmax(layers.head(params, cfg, x)[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(mask[:, 1:] & mask[:, :-1], nll, 0.0))
+
+    return jax.grad(loss)(zeros)
 
 
 def cast_for_compute(params: Mapping[str, jax.Array], cfg: MoEConfig, expert_dtype: jnp.dtype) -> dict[str, jax.Array]:
@@ -183,12 +228,14 @@ def calibration_step(
     token_chunk: int,
     acc_shardings: tuple[jax.sharding.Sharding, ...] | None = None,
     compute_dtype: str | None = None,
+    gradients: bool = False,
 ) -> Accumulators:
     """One batch through the model, updating every MoE layer's accumulators (pure; jit it).
 
     `acc_shardings` (flattened `accumulator_shardings`) pins the updated accumulators' placement;
     `compute_dtype` (None: the parameters' own dtypes throughout) is the dtype of the experts' weights and
-    inputs, every other floating parameter computing in fp32 (module docstring)."""
+    inputs, every other floating parameter computing in fp32 (module docstring); with `gradients` a
+    backward pass first gives each MoE layer's output gradients (`output_gradients`)."""
     chex.assert_rank(tokens, 2)
     chex.assert_type(tokens, int)
     chex.assert_equal_shape([tokens, mask])
@@ -198,11 +245,12 @@ def calibration_step(
         params = cast_for_compute(params, cfg, expert_dtype)
     positions = layers.default_positions(mask)
     acc = dict(acc)
+    grads = output_gradients(params, cfg, tokens, mask) if gradients else {}
 
     def moe_fn(prefix: str, h: jax.Array, m: jax.Array) -> jax.Array:
         key = prefix.split(".")[1]
         out, acc[key] = _moe_layer_with_stats(
-            params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]), expert_dtype
+            params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]), expert_dtype, grads.get(key)
         )
         return out
 
@@ -218,12 +266,17 @@ def calibration_step(
 
 
 calibration_step_jit = jax.jit(
-    calibration_step, static_argnames=("cfg", "token_chunk", "acc_shardings", "compute_dtype"), donate_argnums=(0,)
+    calibration_step,
+    static_argnames=("cfg", "token_chunk", "acc_shardings", "compute_dtype", "gradients"),
+    donate_argnums=(0,),
 )
 
 
-def finalize_stats(acc: Accumulators, model: MoEModel, *, meta: Mapping[str, Any]) -> ModelStats:
-    """Host statistics of every MoE layer, with weight-space cosine added (needs no data).
+def finalize_stats(
+    acc: Accumulators, model: MoEModel, *, meta: Mapping[str, Any], gradients: bool = False
+) -> ModelStats:
+    """Host statistics of every MoE layer, with weight-space cosine added (needs no data); the gradient
+    sensitivities only when they were accumulated (`gradients`).
 
     On a mesh the accumulators are first replicated (an all-reduce/all-gather of E x E-sized sums), so
     every process, on any number of hosts, finalises the same statistics."""
@@ -252,6 +305,7 @@ def finalize_stats(acc: Accumulators, model: MoEModel, *, meta: Mapping[str, Any
                 sim={"cka": s["cka"], "cos_mean": s["cos_mean"], "router": s["router"], "weight": weight},
                 routed_m=s["routed_m"],
                 routed_n=s["routed_n"],
+                **({name: s[name] for name in SENSITIVITIES} if gradients else {}),
                 count_multiple=cfg.expert_count_multiple,
                 min_count=cfg.min_routable_experts,
             )
@@ -333,16 +387,18 @@ def calibrate(
         t0 = time.perf_counter()
         try:
             for i in range(start, tokens.shape[0]):
-                acc = calibration_step_jit(
-                    acc,
-                    params,
-                    ctx.put_batch(tokens[i]),
-                    ctx.put_batch(mask[i]),
-                    cfg=cfg,
-                    token_chunk=chunk,
-                    acc_shardings=flat_placement,
-                    compute_dtype=compute_dtype,
-                )
+                with ctx.scope():  # the gradients' routed forward splits its work over the mesh
+                    acc = calibration_step_jit(
+                        acc,
+                        params,
+                        ctx.put_batch(tokens[i]),
+                        ctx.put_batch(mask[i]),
+                        cfg=cfg,
+                        token_chunk=chunk,
+                        acc_shardings=flat_placement,
+                        compute_dtype=compute_dtype,
+                        gradients=options.gradients,
+                    )
                 done = i + 1
                 bar.update(int(mask[i].sum()))
                 due = (options.checkpoint_seconds and _clock() - last_save >= options.checkpoint_seconds) or (
@@ -375,11 +431,15 @@ def calibrate(
         "cka_mode": cka,
         "token_chunk": chunk,
         "compute_dtype": compute_dtype,
+        "gradients": options.gradients,
         "seconds": round(elapsed, 3),
     }
     model_record = {"fingerprint": model.info.fingerprint, "source": model.info.source}
     return finalize_stats(
-        acc, model, meta={**dict(meta or {}), "model": model_record, "calibration": info, "fingerprint": fingerprint}
+        acc,
+        model,
+        meta={**dict(meta or {}), "model": model_record, "calibration": info, "fingerprint": fingerprint},
+        gradients=options.gradients,
     )
 
 
@@ -387,9 +447,9 @@ def calibration_fingerprint(
     model_fingerprint: str, cfg: MoEConfig, blocks: Int[np.ndarray, "n seq"], options: CalibrationOptions
 ) -> str:
     """The identity of a calibration: the model's weights (`ModelInfo.fingerprint`), its architecture, the
-    token blocks, the options that shape the accumulators and the compute dtype (an explicit one, or the
-    backend that picks it). Statistics record it; a resumed calibration and a re-run that wants to reuse
-    saved statistics must match it."""
+    token blocks, the options that shape the accumulators (gradient sensitivities too) and the compute
+    dtype (an explicit one, or the backend that picks it). Statistics record it; a resumed calibration and
+    a re-run that wants to reuse saved statistics must match it."""
     blocks = np.ascontiguousarray(blocks, np.int32)
     h = hashlib.sha256(blocks.tobytes())
     h.update(
@@ -402,6 +462,7 @@ def calibration_fingerprint(
                 options.token_chunk,
                 choose_cka_mode(cfg, options),
                 options.compute_dtype or jax.default_backend(),
+                options.gradients,
             ],
             sort_keys=True,
         ).encode()

@@ -106,6 +106,12 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
         help="dtype of the experts' and statistics' matmuls (default: the checkpoint's on "
         "accelerators, float32 on CPU); statistics are fp32 sums either way",
     )
+    g.add_argument(
+        "--no-gradients",
+        dest="gradients",
+        action="store_false",
+        help="skip the gradient sensitivities (one backward pass per batch; the grape-l planner needs them)",
+    )
 
 
 def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
@@ -116,6 +122,7 @@ def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
         checkpoint_seconds=args.checkpoint_seconds,
         checkpoint_every=args.checkpoint_every,
         compute_dtype=args.compute_dtype,
+        gradients=args.gradients,
     )
 
 

@@ -22,23 +22,35 @@ from grape_jax.cli_args import (
 from grape_jax.compare import Row, Variant, markdown_table, run_comparison, write_report
 from grape_jax.data import DataSpec
 from grape_jax.demo_model import SEQ_LEN, ensure_demo_model
+from grape_jax.fit import FitOptions
 from grape_jax.healing import HealOptions, heal
-from grape_jax.merge import apply_plan
 from grape_jax.model import MoEModel
 from grape_jax.params import count_params
-from grape_jax.pipeline import blocks_for, check_output, load_model, model_fingerprint
+from grape_jax.pipeline import apply_plan, blocks_for, check_output, load_model, model_fingerprint
 from grape_jax.plan import OPERATORS
-from grape_jax.planners import PLANNERS, make_plan
+from grape_jax.planners import DEFAULT_METHOD, PLANNERS, make_plan
 from grape_jax.stats import ModelStats, StatsError
 
-DEMO_METHODS = ("grape", "grape-r", "local", "frequency", "reap")
-MERGING = ("grape", "local", "hc-smoe", "m-smoe", "grape-r")
+# The demo's rows (planner, options, label): the default, GRAPE with and without the fit operator, and
+# the strongest baselines. `--methods` (with `--operators`) replaces them by every method x operator.
+DEMO_VARIANTS = (
+    (DEFAULT_METHOD, {}, f"{DEFAULT_METHOD} (fit, default)"),
+    ("grape", {"operator": "fit"}, "grape (fit)"),
+    ("grape", {"operator": "dominant"}, "grape (dominant)"),
+    ("grape-r", {}, "grape-r (dominant)"),
+    ("local", {"operator": "dominant"}, "local (dominant)"),
+    ("frequency", {}, "frequency"),
+    ("frequency", {"global_rank": True}, "frequency (global)"),
+    ("reap", {}, "reap"),
+)
+MERGING = ("grape", "local", "hc-smoe", "m-smoe", "grape-r", "grape-l")
 
 
 def default_variants(
     methods: Sequence[str], per_layer_list: Sequence[int], *, operators: Sequence[str] = ("freq",)
 ) -> list[Variant]:
-    """One row per (method, operator, budget); pruning planners also get their global-rank twin."""
+    """One row per (method, operator, budget). Pruning planners (frequency, reap, random) drop experts,
+    and also fold them with 'fit' when it is among the operators; frequency also with global ranking."""
     unknown = sorted(set(methods) - set(PLANNERS))
     if unknown:
         raise UsageError(f"--methods: {unknown} unknown; expected some of {sorted(PLANNERS)}")
@@ -52,10 +64,13 @@ def default_variants(
                 for op in operators:
                     label = m if len(operators) == 1 else f"{m} ({op})"
                     out.append(Variant(m, r, {"operator": op}, label))
-            else:
-                out.append(Variant(m, r))
-                if m == "frequency":
-                    out.append(Variant(m, r, {"global_rank": True}, "frequency (global)"))
+                continue
+            for global_rank in (False, True) if m == "frequency" else (False,):
+                name = f"{m} (global)" if global_rank else m
+                extra = {"global_rank": True} if global_rank else {}
+                out.append(Variant(m, r, extra, name))
+                if "fit" in operators:
+                    out.append(Variant(m, r, {**extra, "operator": "fit"}, f"{name} (fit)"))
     return out
 
 
@@ -64,8 +79,10 @@ def configure_demo(p: argparse.ArgumentParser) -> None:
         "--out", default="grape-demo", help="report directory (report.md, results.csv, PNGs; a re-run replaces them)"
     )
     p.add_argument("--per-layer", default="2,4", help="experts removed per layer, comma-separated")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="planners to compare, comma-separated")
-    p.add_argument("--operators", default="dominant", help="merge operators for merging planners, comma-separated")
+    p.add_argument(
+        "--methods", default=None, help="planners to compare, comma-separated (default: the demo's own rows)"
+    )
+    p.add_argument("--operators", default="fit,dominant", help="merge operators for merging planners (with --methods)")
     p.add_argument("--quick", action="store_true", help="fewer calibration/evaluation tokens (for CI)")
     p.add_argument(
         "--heal-steps",
@@ -80,7 +97,10 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = check_output(args.out, overwrite=True)
     per_layer = parse_int_list(args.per_layer, "--per-layer")
-    variants = default_variants(args.methods.split(","), per_layer, operators=tuple(args.operators.split(",")))
+    if args.methods:
+        variants = default_variants(args.methods.split(","), per_layer, operators=tuple(args.operators.split(",")))
+    else:
+        variants = [Variant(m, r, options, label) for r in per_layer for m, options, label in DEMO_VARIANTS]
     model_dir = ensure_demo_model()
     n_cal, n_eval = (16, 16) if args.quick else (64, 96)
     cal = blocks_for(model_dir, DataSpec(seq_len=SEQ_LEN, num_samples=n_cal, seed=0))
@@ -97,15 +117,16 @@ def run_demo(args: argparse.Namespace) -> int:
         progress=False,
         meta={"data": DataSpec(seq_len=SEQ_LEN, num_samples=n_cal).record()},
     )
-    original, rows = run_comparison(model, stats, variants, held)
+    original, rows = run_comparison(model, stats, variants, held, calibration_blocks=cal)
     if args.heal_steps > 0:
         steps = min(args.heal_steps, 4) if args.quick else args.heal_steps
         rows.append(healed_row(model, stats, variants, rows, cal, held, steps=steps))
     notes = (
         f"Embedded demo model ({model.cfg.num_layers} MoE layers x {model.cfg.num_experts[0]} experts, top-"
         f"{model.cfg.top_k}, trained on the shipped KJV text); calibration {cal.size} tokens (Genesis/Exodus), "
-        f"held-out perplexity on {held.size} tokens (Mark/Ruth). Merging planners use the "
-        f"'{args.operators}' operator."
+        f"held-out perplexity on {held.size} tokens (Mark/Ruth). The operator of each merging planner is in "
+        f"its name ('fit': down projections refitted on the calibration tokens; 'dominant': each group keeps "
+        f"its most-routed member)."
         + (
             " The '+ heal' row is the best variant at that budget after "
             "distillation from the original model (`grape heal`) on other blocks of the calibration text."
@@ -129,7 +150,8 @@ def healed_row(
     best = min((r for r in rows if r.per_layer == budget), key=lambda r: r.ppl)
     v = next(v for v in variants if v.name == best.name and v.per_layer == budget)
     t0 = time.perf_counter()
-    merged = apply_plan(model, make_plan(stats, method=v.method, per_layer=v.per_layer, **dict(v.options)))
+    plan = make_plan(stats, method=v.method, per_layer=v.per_layer, **dict(v.options))
+    merged = apply_plan(model, plan, blocks=cal)
     every = blocks_for(ensure_demo_model(), DataSpec(seq_len=SEQ_LEN, num_samples=None))
     used = {row.tobytes() for row in cal}
     train = every[[row.tobytes() not in used for row in every]]
@@ -147,10 +169,14 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-layer", default="1,2,4", help="experts removed per layer, comma-separated")
     p.add_argument(
         "--methods",
-        default="grape,grape-r,local,frequency,reap,hc-smoe,m-smoe",
+        default="grape-l,grape,grape-r,local,frequency,reap,hc-smoe,m-smoe",
         help="planners to compare, comma-separated",
     )
-    p.add_argument("--operators", default="dominant,freq", help="merge operators for merging planners")
+    p.add_argument(
+        "--operators",
+        default="fit,dominant,freq",
+        help="merge operators for merging planners ('fit' also folds and refits the pruning planners' rows)",
+    )
     p.add_argument("--eval-data", nargs="*", default=None, help="held-out text (default: shipped held-out text)")
     p.add_argument("--eval-samples", type=int, default=64, help="held-out blocks")
     p.add_argument("--stats", default=None, help="reuse a stats file of this model instead of calibrating")
@@ -176,6 +202,7 @@ def run_compare(args: argparse.Namespace) -> int:
         seed=args.seed + 1,
     )
     held = blocks_for(args.model, eval_spec, heldout=not args.eval_data)
+    blocks = blocks_for(args.model, spec)  # calibration, and the fit operator's data
     stats = None
     if args.stats:
         stats = ModelStats.load(args.stats)
@@ -185,14 +212,14 @@ def run_compare(args: argparse.Namespace) -> int:
                 f"{args.stats}: statistics of model {stats.model_fingerprint[:16]}, but {args.model} is "
                 f"model {have[:16]}; calibrate this model (drop --stats)"
             )
-    else:
-        blocks = blocks_for(args.model, spec)
     model = load_model(args.model, mesh=mesh_from_args(args))
     if stats is None:
         stats = calibrate(model, blocks, options=calibration_options(args), meta={"data": spec.record()})
         os.makedirs(out, exist_ok=True)
         stats.save(os.path.join(out, "stats.npz"))
-    original, rows = run_comparison(model, stats, variants, held)
+    original, rows = run_comparison(
+        model, stats, variants, held, calibration_blocks=blocks, fit_options=FitOptions.like(calibration_options(args))
+    )
     report = write_report(out, original, rows, title=f"grape-jax comparison: {args.model}")
     print(markdown_table(original, rows))
     print(f"report: {report}")

@@ -18,9 +18,10 @@ from grape_jax.cli_args import (
     mesh_from_args,
     planner_options,
 )
-from grape_jax.merge import MergeError, apply_plan, merged_config
+from grape_jax.merge import MergeError, merged_config
 from grape_jax.pipeline import (
     Interrupted,
+    apply_plan,
     blocks_for,
     check_output,
     check_plan_request,
@@ -104,7 +105,7 @@ def run_plan(args: argparse.Namespace) -> int:
     plan = make_plan(stats, method=args.method, budget=args.budget, per_layer=args.per_layer, **planner_options(args))
     if args.out:
         plan.save(args.out)
-        print(f"plan ({args.method}, {plan.budget} experts removed) -> {args.out}")
+        print(f"plan ({plan.method}, operator {plan.operator}, {plan.budget} experts removed) -> {args.out}")
     if args.show or not args.out:
         print(allocation_table(plan))
     if args.plot:
@@ -128,6 +129,7 @@ def configure_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("plan", help="plan JSON (from `grape plan`)")
     p.add_argument("--out", required=True, help="merged checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_data_args(p)  # operator 'fit' refits on calibration text: pass the data given to `grape calibrate`
     add_mesh_args(p)
 
 
@@ -141,8 +143,9 @@ def run_merge(args: argparse.Namespace) -> int:
         merged_config(cfg, plan)
     except MergeError as e:
         raise MergeError(f"{args.plan}: {e}") from None
+    blocks = blocks_for(args.ckpt, data_spec(args)) if plan.operator == "fit" else None
     model = restore_checkpoint(args.ckpt, mesh=mesh_from_args(args))
-    merged = apply_plan(model, plan)
+    merged = apply_plan(model, plan, blocks=blocks, progress=True)
     save_checkpoint(args.out, merged, overwrite=args.overwrite)
     print(f"merged: experts per layer {list(model.cfg.num_experts)} -> {list(merged.cfg.num_experts)} -> {args.out}")
     return 0
@@ -170,6 +173,7 @@ def run_prune(args: argparse.Namespace) -> int:
         budget=args.budget,
         per_layer=args.per_layer,
         options=planner_options(args),
+        gradients=options.gradients,
     )
     check_output(args.out, overwrite=args.overwrite)
     result = prune(

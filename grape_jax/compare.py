@@ -1,7 +1,8 @@
 """Compare planners (and merge operators) at equal budgets from one calibration pass.
 
 For each (method, operator, experts removed per layer): plan -> merge -> held-out perplexity, parameter
-count and per-layer allocation. Used by `grape demo` (the embedded default) and `grape compare`.
+count and per-layer allocation. Variants with operator 'fit' refit their merged down projections on the
+calibration blocks the statistics were made from. Used by `grape demo` (the embedded default) and `grape compare`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 
 from grape_jax.atomic import atomic_write_text
 from grape_jax.evaluate import perplexity
-from grape_jax.merge import apply_plan
+from grape_jax.fit import FitOptions
 from grape_jax.model import MoEModel
 from grape_jax.params import count_params
+from grape_jax.pipeline import apply_plan
 from grape_jax.planners import make_plan
 from grape_jax.plots import plot_allocation, plot_perplexity
 from grape_jax.stats import ModelStats
@@ -57,10 +59,13 @@ def run_comparison(
     variants: Sequence[Variant],
     eval_blocks: np.ndarray,
     *,
+    calibration_blocks: np.ndarray | None = None,
+    fit_options: FitOptions = FitOptions(),
     batch_size: int = 8,
     log=print,
 ) -> tuple[Row, list[Row]]:
-    """The original model's row and one row per variant (every plan from the same statistics)."""
+    """The original model's row and one row per variant (every plan from the same statistics; variants
+    with operator 'fit' fit on `calibration_blocks`)."""
     cfg = model.cfg
     t0 = time.perf_counter()
     base = perplexity(model, eval_blocks, batch_size=batch_size).ppl
@@ -71,7 +76,7 @@ def run_comparison(
     for v in variants:
         t0 = time.perf_counter()
         plan = make_plan(stats, method=v.method, per_layer=v.per_layer, **dict(v.options))
-        merged = apply_plan(model, plan)
+        merged = apply_plan(model, plan, blocks=calibration_blocks, fit_options=fit_options)
         ppl = perplexity(merged, eval_blocks, batch_size=batch_size).ppl
         rows.append(
             Row(

@@ -138,18 +138,26 @@ def dense_mlp(params: Params, p: str, cfg: MoEConfig, x: Float[Array, "... d"]) 
     return swiglu(x @ params[p + "w_gate"], x @ params[p + "w_up"], cfg) @ params[p + "w_down"]
 
 
-def all_expert_outputs(
+def expert_hidden(
     params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"] | Float[Array, "e t d"]
-) -> Float[Array, "e t d"]:
-    """Every routed expert of the layer applied to every token (unweighted); `x` [e, t, d] gives each
-    expert its own input."""
+) -> Float[Array, "e t f"]:
+    """Every routed expert's activated intermediate features on every token (the input of w_down);
+    `x` [e, t, d] gives each expert its own input."""
     spec = "td,edf->etf" if x.ndim == 2 else "etd,edf->etf"
     gate = jnp.einsum(spec, x, params[p + "w_gate"])
     up = jnp.einsum(spec, x, params[p + "w_up"])
     if p + "b_gate" in params:
         gate = gate + params[p + "b_gate"][:, None, :]
         up = up + params[p + "b_up"][:, None, :]
-    y = jnp.einsum("etf,efd->etd", swiglu(gate, up, cfg), params[p + "w_down"])
+    return swiglu(gate, up, cfg)
+
+
+def all_expert_outputs(
+    params: Params, p: str, cfg: MoEConfig, x: Float[Array, "t d"] | Float[Array, "e t d"]
+) -> Float[Array, "e t d"]:
+    """Every routed expert of the layer applied to every token (unweighted); `x` [e, t, d] gives each
+    expert its own input."""
+    y = jnp.einsum("etf,efd->etd", expert_hidden(params, p, cfg, x), params[p + "w_down"])
     if p + "b_down" in params:
         y = y + params[p + "b_down"][:, None, :]
     return y

@@ -9,7 +9,8 @@ exact bit for bit; merged rows are summed in fp32 and cast back.
 
 Work that needs data runs first on the host and yields plain arrays (`MergeInputs`): the neuron
 permutations of the 'aligned' operator (`merge_inputs`, one group of experts gathered to the writer
-process at a time) and whole replacement leaves (`overrides`, e.g. fitted experts). `merge_state` maps
+process at a time) and whole replacement leaves (`overrides`: the 'fit' operator's down projections,
+`grape_jax.fit.fit_inputs`, which runs a streamed pass over calibration data). `merge_state` maps
 (state, plan, inputs) to the new state with no other input: it runs under `jax.jit` and
 `jax.eval_shape`. `apply_plan` runs it as one jitted program whose output shardings come from the new
 config's parameter table on the model's run context.
@@ -178,7 +179,13 @@ def merge_state(state: nnx.State, plan: Plan, inputs: MergeInputs | None = None)
 
 
 def merge_inputs(model: MoEModel, plan: Plan) -> MergeInputs:
-    """The host-computed arrays `plan` needs: neuron permutations for operator 'aligned' (else none)."""
+    """The host-computed arrays `plan` needs: neuron permutations for operator 'aligned' (else none).
+    Operator 'fit' needs calibration data, which this function does not have: `grape_jax.fit.fit_inputs`."""
+    if plan.operator == "fit":
+        raise MergeError(
+            "operator 'fit' needs the calibration blocks at merge time: pass "
+            "inputs=grape_jax.fit.fit_inputs(model, plan, blocks) (gj.fit_inputs)"
+        )
     if plan.operator != "aligned":
         return MergeInputs()
     params = param_view(model)

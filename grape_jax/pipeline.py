@@ -1,6 +1,8 @@
 """The end-to-end jobs and the pieces they share, as library functions the API, CLI and scripts call.
 
-`prune` = check the request -> load (streamed, sharded) -> calibrate -> plan -> merge -> export. Every
+`prune` = check the request -> load (streamed, sharded) -> calibrate -> plan -> merge -> export (the merge
+refits down projections on the same calibration blocks when the plan's operator is 'fit', the default
+planner's; `apply_plan` here computes whatever inputs a plan's operator needs). Every
 check that needs no weights (output path, method, option names and values, budget against the
 per-layer floors from config.json, data files, tokenizer) runs before anything expensive. Statistics
 saved in the work directory are reused only when their fingerprint (model weights, token blocks,
@@ -24,12 +26,15 @@ from conversion.checkpoint import checkpoint_config, read_checkpoint_meta, resto
 from conversion.export import export_hf
 from conversion.families.base import ConversionError
 from conversion.load import family_of, load_hf, provenance_of, read_hf_config
+from grape_jax import merge
 from grape_jax import recipe as rc
 from grape_jax.atomic import OutputExistsError
 from grape_jax.calibration import CalibrationInterrupted, CalibrationOptions, calibrate, calibration_fingerprint
 from grape_jax.config import MoEConfig
 from grape_jax.data import DataSpec, load_tokenizer
-from grape_jax.merge import apply_plan
+from grape_jax.fit import FitOptions, plan_inputs
+from grape_jax.fit import check_supported as check_fit_supported
+from grape_jax.merge import MergeInputs
 from grape_jax.model import ModelInfo, MoEModel
 from grape_jax.plan import Plan
 from grape_jax.planners import DEFAULT_METHOD, make_plan
@@ -114,12 +119,38 @@ def check_output(out: str | os.PathLike, *, overwrite: bool, flag: str = "--out"
 
 
 def check_plan_request(
-    cfg: MoEConfig, *, method: str, budget: int | None, per_layer: int | None, options: Mapping[str, Any]
+    cfg: MoEConfig,
+    *,
+    method: str,
+    budget: int | None,
+    per_layer: int | None,
+    options: Mapping[str, Any],
+    gradients: bool = True,
 ) -> None:
     """Run the planner on statistics with the model's shapes and rules (`neutral_stats`): method, option
-    names, types and values, and the budget against the per-layer floors are checked by the planners'
-    own code, from config.json alone, before any weight is loaded."""
-    make_plan(neutral_stats(cfg), method=method, budget=budget, per_layer=per_layer, **dict(options))
+    names, types and values, the budget against the per-layer floors, and whether the planner can work
+    from a calibration with or without `gradients` are checked by the planners' own code, and whether
+    the plan's operator suits the architecture, from config.json alone, before any weight is loaded."""
+    stats = neutral_stats(cfg, gradients=gradients)
+    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **dict(options))
+    if plan.operator == "fit":
+        check_fit_supported(cfg)
+
+
+def apply_plan(
+    model: MoEModel,
+    plan: Plan,
+    *,
+    inputs: MergeInputs | None = None,
+    blocks: np.ndarray | None = None,
+    fit_options: FitOptions = FitOptions(),
+    progress: bool = False,
+) -> MoEModel:
+    """`merge.apply_plan` with the inputs the plan's operator needs computed when not given
+    (`fit.plan_inputs`): operator 'fit' refits the merged down projections on the calibration `blocks`."""
+    if inputs is None:
+        inputs = plan_inputs(model, plan, blocks=blocks, options=fit_options, progress=progress)
+    return merge.apply_plan(model, plan, inputs=inputs)
 
 
 def save_hf(
@@ -194,7 +225,14 @@ def prune(
     if os.path.abspath(work_dir) == out:
         raise ValueError(f"--work-dir {work_dir} must differ from --out")
     cfg = model_config(hf_dir)
-    check_plan_request(cfg, method=method, budget=budget, per_layer=per_layer, options=options)
+    check_plan_request(
+        cfg,
+        method=method,
+        budget=budget,
+        per_layer=per_layer,
+        options=options,
+        gradients=calibration_options.gradients,
+    )
     data.check()
     blocks = data.blocks(load_tokenizer(tokenizer_dir(hf_dir)), max_positions=cfg.max_position_embeddings)
     fingerprint = calibration_fingerprint(model_fingerprint(hf_dir), cfg, blocks, calibration_options)
@@ -225,7 +263,7 @@ def prune(
         shutil.rmtree(progress_dir, ignore_errors=True)
     plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **options)
     plan.save(os.path.join(work_dir, "plan.json"))
-    merged = apply_plan(model, plan)
+    merged = apply_plan(model, plan, blocks=blocks, fit_options=FitOptions.like(calibration_options), progress=progress)
     try:
         save_hf(merged, out, overwrite=overwrite, quantize=quantize, log=log if progress else None)
     except KeyboardInterrupt:

@@ -13,6 +13,9 @@ How a group becomes one expert (the operator, chosen independently of the groupi
   'dominant'  α = 1 on the most frequently routed member (ties -> lowest id): pruning inside the group
   'aligned'   α ∝ routing frequency, after permuting each member's intermediate neurons to match the
               group's dominant member (`grape_jax.alignment`; applied by merge)
+  'fit'       the dominant member's gate/up (and router column), and every output expert's down projection
+              solved by ridge least squares to reproduce the original layer's routed output on calibration
+              tokens (`grape_jax.fit`; needs the calibration data at merge time); weights as 'dominant'
   'drop'      pruning planners only: every group is a singleton, removed experts are in `dropped`
 Router rule: 'dominant' (the dominant member's router column; default) or 'mean' (α-weighted mean).
 
@@ -38,7 +41,8 @@ from jaxtyping import Float
 from grape_jax.atomic import atomic_write_text
 from grape_jax.stats import LayerStats, ModelStats
 
-OPERATORS = ("freq", "uniform", "dominant", "aligned")
+OPERATORS = ("freq", "uniform", "dominant", "aligned", "fit")
+DOMINANT_WEIGHTS = ("dominant", "fit")  # operators whose weights are 1 on the dominant member
 PLAN_OPERATORS = OPERATORS + ("drop",)
 ROUTER_RULES = ("dominant", "mean")
 WEIGHT_TOL = 1e-6
@@ -98,8 +102,8 @@ class LayerPlan:
                 raise PlanError(f"{where}.weights[{k}]: {list(w)} must be finite, >= 0 and sum to 1")
             if d not in g:
                 raise PlanError(f"{where}.dominant[{k}]: {d} is not a member of group {list(g)}")
-            if operator == "dominant" and w[g.index(d)] != 1.0:
-                raise PlanError(f"{where}.weights[{k}]: operator 'dominant' needs weight 1 on member {d}")
+            if operator in DOMINANT_WEIGHTS and w[g.index(d)] != 1.0:
+                raise PlanError(f"{where}.weights[{k}]: operator {operator!r} needs weight 1 on member {d}")
             if operator == "drop" and len(g) != 1:
                 raise PlanError(f"{where}.groups[{k}]: operator 'drop' keeps singletons, got {list(g)}")
 
@@ -327,7 +331,7 @@ def group_weights(
     f = np.asarray([freq[e] for e in members], np.float64)
     best = np.flatnonzero(f == f.max())
     dominant = min(members[int(k)] for k in best)  # ties -> lowest id
-    if operator == "dominant":
+    if operator in DOMINANT_WEIGHTS:
         alphas = [1.0 if e == dominant else 0.0 for e in members]
     elif operator == "uniform" or (operator in ("freq", "aligned") and f.sum() <= 0):
         alphas = [1.0 / len(members)] * len(members)
@@ -355,7 +359,7 @@ def layer_plan(
         w, d = group_weights(g, ls.freq, operator)
         if dominant is not None:
             d = int(dominant[k])
-            if operator == "dominant":
+            if operator in DOMINANT_WEIGHTS:
                 w = tuple(1.0 if e == d else 0.0 for e in g)
         gs.append(g)
         ws.append(w)

@@ -24,6 +24,12 @@ Two streaming forms (`cka=`):
              cancellation. Padding is handled with a static shape: padded rows/columns of Ũ are zero and
              n is the minibatch's count of valid tokens; a minibatch with n < 4 adds nothing.
              Scales to real models (d in the thousands).
+Gradient sensitivities (when the driver also passes `out_grad`, ∂L/∂(block output) per token, L the summed
+next-token NLL of the batch): u_j(t) = ∂L/∂out(t) · y_j(t) is the first-order loss change per unit of
+expert j's output on token t, so serving i's routed tokens with j instead changes the loss by about
+g_i(u_j - u_i). Sums kept: sens_m[i, j] = Σ g_i² u_i u_j, sens_n[i, j] = Σ g_i² u_j², sens_g[i, j] = Σ g_i u_j,
+from which Σ_t g_i² (u_i - u_j)² = sens_n[i, i] + sens_n[i, j] - 2 sens_m[i, j] (a second-order,
+Fisher-style loss cost in nats², used by the `grape-l` planner) and the first-order sum follow.
 Conventions in `finalize`: every [E, E] similarity has diagonal 1; an expert with zero variance (or zero
 mean output for `cos_mean`) has similarity 0 to the others. Counts are int32 (exact past 2^24 tokens).
 """
@@ -71,6 +77,10 @@ class Accumulators:
     routed_m: Float[Array, "experts experts"]  # Σ g_i <y_i, y_j>
     routed_n: Float[Array, "experts experts"]  # Σ g_i ||y_j||²
     cka_sum: Array  # exact: [pairs, embed, embed] Σ y_i y_jᵀ (i <= j); minibatch: [E, E] Σ HSIC_1
+    # gradient sensitivities (zeros unless the driver passes output gradients; u_j = ∂L/∂out · y_j):
+    sens_m: Float[Array, "experts experts"]  # Σ g_i² u_i u_j
+    sens_n: Float[Array, "experts experts"]  # Σ g_i² u_j²
+    sens_g: Float[Array, "experts experts"]  # Σ g_i u_j
     cka: str = dataclasses.field(default="exact", metadata=dict(static=True))
     chunk: int = dataclasses.field(default=0, metadata=dict(static=True))
 
@@ -105,6 +115,9 @@ def init_accumulators(num_experts: int, embed: int, *, cka: str = "exact", chunk
         routed_m=f32(e, e),
         routed_n=f32(e, e),
         cka_sum=big,
+        sens_m=f32(e, e),
+        sens_n=f32(e, e),
+        sens_g=f32(e, e),
         cka=cka,
         chunk=chunk,
     )
@@ -124,6 +137,9 @@ def accumulator_axes(cka: str) -> dict[str, tuple[str | None, ...]]:
         "logit_outer": ("experts", None),
         "routed_m": ("experts", None),
         "routed_n": ("experts", None),
+        "sens_m": ("experts", None),
+        "sens_n": ("experts", None),
+        "sens_g": ("experts", None),
         "cka_sum": (None, "embed", None) if cka == "exact" else ("experts", None),
     }
 
@@ -194,12 +210,19 @@ def update_accumulators(
     selected: Bool[Array, "tokens experts"],
     router_logits: Float[Array, "tokens experts"],
     mask: Bool[Array, " tokens"],
+    out_grad: Float[Array, "tokens embed"] | None = None,
 ) -> Accumulators:
     """Add one chunk of tokens; tokens with mask False contribute nothing (pure; jit and donate `acc`).
 
     `y` may be fp32 or the model's bf16/fp16: the big matmuls (CKA moments or Grams) then take it as it is
-    with fp32 accumulation; every other statistic is computed from it in fp32."""
+    with fp32 accumulation; every other statistic is computed from it in fp32. `out_grad` (optional):
+    ∂L/∂(block output) per token, for the gradient sensitivities sens_* (left unchanged without it)."""
     _check_shapes(acc, y, gates, selected, router_logits, mask)
+    if out_grad is not None and tuple(out_grad.shape) != (y.shape[1], acc.embed):
+        raise ValueError(
+            f"similarity.update_accumulators: out_grad must be [tokens, embed]={(y.shape[1], acc.embed)}, "
+            f"got {tuple(out_grad.shape)}"
+        )
     valid = jnp.asarray(mask).astype(bool)
     y_in = jnp.asarray(y)
     if not jnp.issubdtype(y_in.dtype, jnp.floating) or jnp.finfo(y_in.dtype).bits > 32:
@@ -215,8 +238,19 @@ def update_accumulators(
         cka_sum = acc.cka_sum + _exact_moments(y_in)
     else:
         cka_sum = acc.cka_sum + _minibatch_hsic(y_in, valid, acc.chunk)
+    sens = {}
+    if out_grad is not None:
+        grad = jnp.where(valid[:, None], jnp.asarray(out_grad, jnp.float32), 0.0)
+        u = jnp.einsum("etd,td->et", y, grad, precision=HIGHEST)  # [E, T]: each output's first-order loss
+        g2 = gt * gt
+        sens = {
+            "sens_m": acc.sens_m + jnp.einsum("it,jt->ij", g2 * u, u, precision=HIGHEST),
+            "sens_n": acc.sens_n + jnp.einsum("it,jt->ij", g2, u * u, precision=HIGHEST),
+            "sens_g": acc.sens_g + jnp.einsum("it,jt->ij", gt, u, precision=HIGHEST),
+        }
     return dataclasses.replace(
         acc,
+        **sens,
         num_tokens=acc.num_tokens + jnp.sum(valid.astype(jnp.int32)),
         count=acc.count + jnp.sum(sel, axis=0),
         gate_sum=acc.gate_sum + jnp.sum(gt, axis=1),
@@ -280,12 +314,15 @@ _SOURCES = {  # accumulator -> the statistics that read it, for error messages
     "routed_m": "routed_m",
     "routed_n": "routed_n",
     "cka_num": "cka",
+    "sens_m": "sens_m",
+    "sens_n": "sens_n",
+    "sens_g": "sens_g",
 }
 
 
 def finalize(acc: Accumulators) -> dict[str, np.ndarray]:
-    """Host float64 statistics: freq, gate_mass, reap [E]; cka, cos_mean, router, routed_m, routed_n [E, E];
-    num_tokens []. Raises ValueError naming the statistic when any is NaN or infinite."""
+    """Host float64 statistics: freq, gate_mass, reap [E]; cka, cos_mean, router, routed_m, routed_n, sens_m,
+    sens_n, sens_g [E, E]; num_tokens []. Raises ValueError naming the statistic when any is NaN or infinite."""
     h = {k: np.asarray(v, np.float64) for k, v in _device_summary(acc).items()}
     if h.pop("cka_nan"):
         raise ValueError("similarity.finalize: statistic 'cka' is not finite (NaN or inf in the expert outputs?)")
@@ -309,6 +346,9 @@ def finalize(acc: Accumulators) -> dict[str, np.ndarray]:
         "router": _normalise(logit_cov, np.diag(logit_cov)),
         "routed_m": h["routed_m"],
         "routed_n": h["routed_n"],
+        "sens_m": h["sens_m"],
+        "sens_n": h["sens_n"],
+        "sens_g": h["sens_g"],
     }
     for name, value in out.items():
         if not np.all(np.isfinite(value)):

@@ -21,6 +21,7 @@ from grape_jax.atomic import atomic_write, atomic_write_text
 from grape_jax.config import ExpertCountRule, MoEConfig
 
 SIMILARITY_METRICS = ("cka", "cos_mean", "router", "weight")
+SENSITIVITIES = ("sens_m", "sens_n", "sens_g")  # gradient sensitivities (calibration option `gradients`)
 
 
 class StatsError(ValueError):
@@ -37,6 +38,9 @@ class LayerStats:
     sim[name]     [E, E] symmetric similarity, diagonal 1, for name in SIMILARITY_METRICS
     routed_m      [E, E] sum_t g_i(t) <y_i(t), y_j(t)>        (routed substitution moments;
     routed_n      [E, E] sum_t g_i(t) ||y_j(t)||^2              None when not collected)
+    sens_m        [E, E] sum_t g_i² u_i u_j   with u_j(t) = dL/d(block output)(t) . y_j(t): gradient
+    sens_n        [E, E] sum_t g_i² u_j²      sensitivities (`grape_jax.similarity`); None when
+    sens_g        [E, E] sum_t g_i u_j        calibrated without gradients
     count_multiple  the layer's expert count must stay a multiple of this (group-limited routers: n_group)
     min_count       fewest experts the router can use (top_k; more for group-limited routers)
     """
@@ -50,6 +54,9 @@ class LayerStats:
     sim: Mapping[str, np.ndarray]
     routed_m: np.ndarray | None = None
     routed_n: np.ndarray | None = None
+    sens_m: np.ndarray | None = None
+    sens_n: np.ndarray | None = None
+    sens_g: np.ndarray | None = None
     count_multiple: int = 1
     min_count: int = 0
 
@@ -66,6 +73,10 @@ class LayerStats:
     def routing_share(self) -> np.ndarray:
         """Each expert's share of the layer's routed top-k slots (`freq / top_k`; sums to 1)."""
         return self.freq / self.top_k
+
+    def sensitivities(self) -> dict[str, np.ndarray]:
+        """The gradient sensitivities present (all three, or none when calibrated without gradients)."""
+        return {name: getattr(self, name) for name in SENSITIVITIES if getattr(self, name) is not None}
 
     def similarity(self, metric: str) -> np.ndarray:
         if metric not in self.sim:
@@ -87,6 +98,7 @@ class LayerStats:
             matrices["routed_m"] = self.routed_m
         if self.routed_n is not None:
             matrices["routed_n"] = self.routed_n
+        matrices.update(self.sensitivities())
         for name, v in vectors.items():
             if v.shape != (e,):
                 raise StatsError(f"layer {self.layer}: {name} has shape {v.shape}, expected ({e},)")
@@ -150,6 +162,7 @@ class ModelStats:
                 arrays[p + "routed_m"] = ls.routed_m
             if ls.routed_n is not None:
                 arrays[p + "routed_n"] = ls.routed_n
+            arrays.update({p + name: m for name, m in ls.sensitivities().items()})
             header.append(
                 {
                     "layer": ls.layer,
@@ -219,6 +232,7 @@ class ModelStats:
                     sim=sim,
                     routed_m=_opt(data.get(p + "routed_m")),
                     routed_n=_opt(data.get(p + "routed_n")),
+                    **{name: _opt(data.get(p + name)) for name in SENSITIVITIES},
                     count_multiple=int(h.get("count_multiple", 1)),
                     min_count=int(h.get("min_count", 0)),
                 )
@@ -265,10 +279,11 @@ def _mean_offdiag(m: np.ndarray | None) -> float | None:
     return float((m.sum() - np.trace(m)) / (e * (e - 1)))
 
 
-def neutral_stats(cfg: MoEConfig) -> ModelStats:
+def neutral_stats(cfg: MoEConfig, *, gradients: bool = True) -> ModelStats:
     """Statistics with the model's MoE layers, expert counts and routing rules and arbitrary but valid
     values (seeded): planners run on them to check a request (method, options, budget against the
-    floors) from config.json alone, before any weight is loaded or token calibrated."""
+    floors) from config.json alone, before any weight is loaded or token calibrated. `gradients` False:
+    without the gradient sensitivities, as a calibration without them would be."""
     rng = np.random.default_rng(0)
     layers = []
     for layer in cfg.moe_layers:
@@ -290,6 +305,9 @@ def neutral_stats(cfg: MoEConfig) -> ModelStats:
                 sim={m: sim for m in SIMILARITY_METRICS},
                 routed_m=freq[:, None] * gram,
                 routed_n=freq[:, None] * np.diag(gram)[None, :],
+                sens_m=freq[:, None] * gram if gradients else None,
+                sens_n=freq[:, None] * np.diag(gram)[None, :] if gradients else None,
+                sens_g=np.outer(freq, y[:, 0]) if gradients else None,
                 count_multiple=cfg.expert_count_multiple,
                 min_count=cfg.min_routable_experts,
             )

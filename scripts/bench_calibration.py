@@ -25,6 +25,10 @@ prints the largest CKA difference.
 
     python scripts/bench_calibration.py                  # CPU, ~5 min on 2 cores
     python scripts/bench_calibration.py --device gpu     # GPU: bf16 model, 65k tokens, TFLOP/s
+    python scripts/bench_calibration.py --gradients      # ours with the gradient sensitivities (grape-l)
+
+Ours runs without the gradient sensitivities unless `--gradients` (the reference computes none; the
+library's default computes them, about one more forward and a backward per batch).
 
 On GPU (`--device gpu`) the model is bf16 (`--dtype`), ours calibrates in the checkpoint's dtype
 (bf16 experts and statistics matmuls, fp32 sums; `CalibrationOptions.compute_dtype`), the reference runs
@@ -297,7 +301,9 @@ def run_ours(model_dir: str, blocks: np.ndarray, args) -> dict:
     loaded = load_hf(model_dir)
     jax.block_until_ready(param_view(loaded))
     load_s = time.perf_counter() - t0
-    opts = CalibrationOptions(batch_size=args.batch_size, token_chunk=args.token_chunk, cka=args.cka)
+    opts = CalibrationOptions(
+        batch_size=args.batch_size, token_chunk=args.token_chunk, cka=args.cka, gradients=args.gradients
+    )
     # Warm up on two batches: the first step gets freshly created (uncommitted) accumulators, later steps
     # the step's own committed outputs, and jit compiles one executable for each (see the report).
     before = calibration_step_jit._cache_size()
@@ -342,6 +348,7 @@ def child_memory(model_dir: str, num_tokens: int, args) -> None:
 
 def measure_memory(model_dir: str, num_tokens: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", model_dir, str(num_tokens)]
+    cmd += ["--gradients"] if args.gradients else []
     for k in ("batch_size", "seq_len", "token_chunk", "cka", "vocab", "seed"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -388,6 +395,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mem-tokens", type=int, default=1024, help="N of (d) (runs N and 8N)")
     ap.add_argument("--matmul-n", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gradients", action="store_true", help="ours also accumulates the gradient sensitivities")
     ap.add_argument("--child-memory", nargs=2, metavar=("DIR", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device == "gpu" else "float32")
@@ -428,7 +436,7 @@ def main(argv=None) -> None:
     print(
         f"# model: Mixtral d={args.hidden} f={args.intermediate} E={args.experts} top-{args.top_k} "
         f"L={args.layers} heads={args.heads}/{args.kv_heads} vocab={args.vocab} {args.dtype}; "
-        f"tokens {blocks.shape[0]} x {args.seq_len} = {ntok}, batch {args.batch_size}"
+        f"tokens {blocks.shape[0]} x {args.seq_len} = {ntok}, batch {args.batch_size}, gradients {args.gradients}"
     )
 
     with tempfile.TemporaryDirectory(prefix="bench_calib_") as tmp:

@@ -63,7 +63,7 @@ def run(model: str, args: argparse.Namespace) -> dict:
         meta={"data": DataSpec(paths=tuple(calib) if calib else None, num_samples=64).record()},
     )
     plan = make_plan(stats, method=DEFAULT_METHOD, per_layer=args.per_layer)
-    pruned = apply_plan(teacher, plan)
+    pruned = apply_plan(teacher, plan, blocks=cal)
     prep = time.perf_counter() - t0
     print(
         f"{model}: {teacher.cfg.num_layers} layers, experts {list(teacher.cfg.num_experts)} -> "

@@ -1,10 +1,11 @@
-"""Planner speed at real model shapes: grape and grape-r vs naive references, in the same run.
+"""Planner speed at real model shapes: grape, grape-r and grape-l vs naive references, in the same run.
 
 The naive references are written here, independently of the library's bookkeeping:
   naive grape    at every step, recomputes the masked argmax over the chosen layer's full E x E similarity
                  (pairs already in one cluster masked out) and keeps its own frozen set for the guard;
   naive grape-r  after every merge, recomputes the merged layer's full absorption-cost matrix over all
-                 cluster pairs (instead of one row and the row minima).
+                 cluster pairs (instead of one row and the row minima);
+  naive grape-l  the same naive greedy on the loss-unit costs built from the gradient sensitivities.
 Each must give the same plan as the library; the script checks that and prints times and speed-ups.
 
     python scripts/bench_planner.py [--fraction 0.25] [--repeat 3]
@@ -40,9 +41,24 @@ def random_stats(num_layers: int, num_experts: int, k: int, seed: int = 0) -> Mo
         f = rng.dirichlet(np.ones(num_experts)) * k
         y = rng.normal(size=(num_experts, 16)) * (1 + l % 5)
         m, n = f[:, None] * (y @ y.T), f[:, None] * (y**2).sum(1)[None]
+        u, g2 = rng.normal(size=num_experts) * (1 + l % 4), (f / k) ** 2
+        sens = {
+            "sens_m": g2[:, None] * np.outer(u, u),
+            "sens_n": g2[:, None] * (u**2)[None],
+            "sens_g": (f / k)[:, None] * u,
+        }
         layers.append(
             LayerStats(
-                l, 1000, k, f, f / k, rng.random(num_experts), {"cka": s, "cos_mean": s, "router": s, "weight": s}, m, n
+                l,
+                1000,
+                k,
+                f,
+                f / k,
+                rng.random(num_experts),
+                {"cka": s, "cos_mean": s, "router": s, "weight": s},
+                m,
+                n,
+                **sens,
             )
         )
     return ModelStats(tuple(layers))
@@ -94,8 +110,8 @@ def naive_grape(stats: ModelStats, budget: int, gamma: float = 0.01) -> list[lis
     return _groups(labels)
 
 
-def naive_grape_r(stats: ModelStats, budget: int) -> list[list[list[int]]]:
-    """Unguarded, absolute costs (grape-r's defaults)."""
+def naive_grape_r(stats: ModelStats, budget: int, moments=("routed_m", "routed_n")) -> list[list[list[int]]]:
+    """Unguarded, absolute costs (grape-r's defaults); `moments` ("sens_m", "sens_n"): grape-l's costs."""
     rows, reps, members, best = [], [], [], []
 
     def layer_best(l: int) -> tuple[float, int, int]:
@@ -107,7 +123,7 @@ def naive_grape_r(stats: ModelStats, budget: int) -> list[list[list[int]]]:
         return float(delta[a, b]), int(roots[a]), int(roots[b])
 
     for l, ls in enumerate(stats.layers):
-        n, m = ls.routed_n, ls.routed_m
+        m, n = getattr(ls, moments[0]), getattr(ls, moments[1])
         rows.append(np.maximum(np.diag(n)[:, None] + n - 2.0 * m, 0.0))
         reps.append({i: i for i in range(ls.num_experts)})
         members.append({i: [i] for i in range(ls.num_experts)})
@@ -145,22 +161,27 @@ def main() -> None:
     args = p.parse_args()
     print(
         f"{'shape':31s} {'budget':>6} {'grape s':>8} {'naive s':>8} {'speed-up':>8} {'same':>5} "
-        f"{'grape-r s':>9} {'naive-r s':>9} {'speed-up':>8} {'same':>5}"
+        f"{'grape-r s':>9} {'naive-r s':>9} {'speed-up':>8} {'same':>5} "
+        f"{'grape-l s':>9} {'naive-l s':>9} {'speed-up':>8} {'same':>5}"
     )
     for name, (layers, experts, k) in SHAPES.items():
         stats = random_stats(layers, experts, k)
         budget = int(args.fraction * layers * experts)
         t_g, plan = _timed(lambda s=stats, b=budget: make_plan(s, method="grape", budget=b), args.repeat)
         t_r, plan_r = _timed(lambda s=stats, b=budget: make_plan(s, method="grape-r", budget=b), args.repeat)
+        t_l, plan_l = _timed(lambda s=stats, b=budget: make_plan(s, method="grape-l", budget=b), args.repeat)
         t_n, naive = _timed(lambda s=stats, b=budget: naive_grape(s, b), 1)
         t_nr, naive_r = _timed(lambda s=stats, b=budget: naive_grape_r(s, b), 1)
+        t_nl, naive_l = _timed(lambda s=stats, b=budget: naive_grape_r(s, b, ("sens_m", "sens_n")), 1)
         same = [list(map(list, lp.groups)) for lp in plan.layers] == naive
         same_r = [list(map(list, lp.groups)) for lp in plan_r.layers] == naive_r
+        same_l = [list(map(list, lp.groups)) for lp in plan_l.layers] == naive_l
         print(
             f"{name:31s} {budget:6d} {t_g:8.3f} {t_n:8.3f} {t_n / t_g:7.1f}x {same!s:>5} "
-            f"{t_r:9.3f} {t_nr:9.3f} {t_nr / t_r:7.1f}x {same_r!s:>5}"
+            f"{t_r:9.3f} {t_nr:9.3f} {t_nr / t_r:7.1f}x {same_r!s:>5} "
+            f"{t_l:9.3f} {t_nl:9.3f} {t_nl / t_l:7.1f}x {same_l!s:>5}"
         )
-        if not (same and same_r):
+        if not (same and same_r and same_l):
             raise SystemExit(f"{name}: the library and the naive reference disagree")
 
 

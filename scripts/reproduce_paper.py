@@ -21,12 +21,11 @@ from conversion.load import family_of, load_hf, read_hf_config
 from grape_jax.atomic import atomic_write_json
 from grape_jax.calibration import CalibrationOptions, calibrate
 from grape_jax.cli_demo import default_variants
-from grape_jax.compare import run_comparison, write_report
+from grape_jax.compare import Variant, run_comparison, write_report
 from grape_jax.data import DataSpec, load_tokenizer
 from grape_jax.evaluate import multiple_choice
-from grape_jax.merge import apply_plan
-from grape_jax.pipeline import blocks_for, model_config
-from grape_jax.planners import make_plan
+from grape_jax.pipeline import apply_plan, blocks_for, model_config
+from grape_jax.planners import DEFAULT_METHOD, make_plan
 from grape_jax.sharding import make_mesh
 from grape_jax.tasks import load_task
 
@@ -85,13 +84,15 @@ def run(rc: RunConfig) -> str:
     os.makedirs(rc.out, exist_ok=True)
     stats.save(os.path.join(rc.out, "stats.npz"))
     variants = default_variants(METHODS, budgets, operators=("dominant",))
-    original, rows = run_comparison(model, stats, variants, held)
+    variants += [Variant(DEFAULT_METHOD, r, {}, f"{DEFAULT_METHOD} (fit, default)") for r in budgets]
+    original, rows = run_comparison(model, stats, variants, held, calibration_blocks=cal)
     notes = f"Preset `{rc.preset}`, model `{rc.hf_dir}`, mesh `{rc.mesh}`, calibration {cal.size} tokens."
     if tasks:
         tok = load_tokenizer(rc.hf_dir)
         acc = {"original": {t: multiple_choice(model, tok, ex) for t, ex in tasks.items()}}
         for v in variants:
-            merged = apply_plan(model, make_plan(stats, method=v.method, per_layer=v.per_layer, **dict(v.options)))
+            plan = make_plan(stats, method=v.method, per_layer=v.per_layer, **dict(v.options))
+            merged = apply_plan(model, plan, blocks=cal)
             acc[f"{v.name} r={v.per_layer}"] = {t: multiple_choice(merged, tok, ex) for t, ex in tasks.items()}
         atomic_write_json(os.path.join(rc.out, "zero_shot.json"), acc)
         notes += "\n\nZero-shot accuracies: `zero_shot.json`."

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from conversion.load import load_hf
-from grape_jax.calibration import CalibrationInterrupted, CalibrationOptions, calibrate
+from grape_jax.calibration import CalibrationInterrupted, CalibrationOptions, calibrate, output_gradients
+from grape_jax.model import param_view
 from grape_jax.sharding import make_mesh
 from grape_jax.stats import ModelStats, StatsError
 from tests.hf_models import random_tokens
@@ -55,12 +59,46 @@ def test_batching_and_sharding_do_not_change_stats(model, blocks, stats, tiny_mi
         sharded_model, blocks, options=CalibrationOptions(batch_size=2, token_chunk=16, cka="exact"), progress=False
     )
     for a, b, c in zip(stats.layers, other.layers, sharded.layers):
-        for field in ("freq", "gate_mass", "reap", "routed_m", "routed_n"):
-            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-4, atol=1e-6)
-            np.testing.assert_allclose(getattr(c, field), getattr(a, field), rtol=1e-4, atol=1e-6)
+        for field in ("freq", "gate_mass", "reap", "routed_m", "routed_n", "sens_m", "sens_n", "sens_g"):
+            atol = 1e-6 * max(1.0, float(np.abs(getattr(a, field)).max()))
+            np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-4, atol=atol)
+            np.testing.assert_allclose(getattr(c, field), getattr(a, field), rtol=1e-4, atol=atol)
         for metric in ("cka", "cos_mean", "router", "weight"):
             np.testing.assert_allclose(b.sim[metric], a.sim[metric], rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(c.sim[metric], a.sim[metric], rtol=1e-4, atol=1e-5)
+
+
+def test_output_gradients_match_torch_autograd(tiny_mixtral, model, blocks):
+    """∂(summed next-token NLL)/∂(MoE block output) per layer and token, against PyTorch autograd through
+    the transformers model with a zero tensor added to each MoE block's output."""
+    hf = tiny_mixtral.model
+    deltas, hooks = [], []
+    for layer in hf.model.layers:
+        delta = torch.zeros(blocks.shape + (hf.config.hidden_size,), requires_grad=True)
+        deltas.append(delta)
+        hooks.append(layer.mlp.register_forward_hook(lambda mod, inp, out, d=delta: out + d))
+    try:
+        t = torch.as_tensor(blocks, dtype=torch.long)
+        logp = torch.log_softmax(hf(input_ids=t).logits[:, :-1].double(), -1)
+        (-logp.gather(-1, t[:, 1:, None]).sum()).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    ours = output_gradients(param_view(model), model.cfg, jnp.asarray(blocks), jnp.ones(blocks.shape, bool))
+    for layer, delta in enumerate(deltas):
+        ref = delta.grad.numpy().reshape(-1, hf.config.hidden_size)
+        np.testing.assert_allclose(np.asarray(ours[str(layer)]), ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+    assert np.abs(deltas[0].grad.numpy()).max() > 0
+
+
+def test_gradients_enter_the_fingerprint_and_the_stats(model, blocks, stats):
+    without = calibrate(model, blocks, options=dataclasses.replace(OPTS, gradients=False), progress=False)
+    assert without.fingerprint != stats.fingerprint
+    assert all(ls.sens_m is None and ls.sensitivities() == {} for ls in without.layers)
+    assert all(set(ls.sensitivities()) == {"sens_m", "sens_n", "sens_g"} for ls in stats.layers)
+    np.testing.assert_array_equal(without.layers[0].routed_m, stats.layers[0].routed_m)
+    with pytest.raises(ValueError, match="calibration option gradients: expected True or False"):
+        CalibrationOptions(gradients="yes")
 
 
 def test_stats_file_round_trip(stats, tmp_path):
@@ -71,6 +109,7 @@ def test_stats_file_round_trip(stats, tmp_path):
     for a, b in zip(stats.layers, back.layers):
         np.testing.assert_array_equal(a.sim["cka"], b.sim["cka"])
         np.testing.assert_array_equal(a.routed_m, b.routed_m)
+        np.testing.assert_array_equal(a.sens_m, b.sens_m)
 
 
 def test_bad_inputs(model, stats, tmp_path):

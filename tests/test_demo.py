@@ -22,7 +22,17 @@ def test_demo_quick_shows_every_method(tmp_path, capsys):
     printed = capsys.readouterr().out
     rows = _rows(out / "results.csv")
     names = {r["name"] for r in rows}
-    assert {"original", "grape", "local", "frequency", "frequency (global)", "reap"} <= names
+    assert {
+        "original",
+        "grape-l (fit, default)",
+        "grape (fit)",
+        "grape (dominant)",
+        "grape-r (dominant)",
+        "local (dominant)",
+        "frequency",
+        "frequency (global)",
+        "reap",
+    } <= names
     for r in rows:
         assert math.isfinite(float(r["ppl"])) and float(r["ppl"]) > 1, r
         assert f"| {r['name']} |" in printed

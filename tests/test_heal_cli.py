@@ -17,6 +17,7 @@ from grape_jax.data import DataSpec
 from grape_jax.healing import HealInterrupted, HealOptions, heal
 from grape_jax.model import param_view
 from grape_jax.pipeline import blocks_for, save_hf
+from grape_jax.planners import DEFAULT_METHOD
 from grape_jax.sharding import make_mesh
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
 from tests.test_model_parity import assert_close_logits
@@ -72,7 +73,7 @@ def test_heal_cli_end_to_end(tiny_mixtral_tok, pruned, tmp_path, capsys):
     assert healing["steps"] == 4 and healing["trained"] == "all" and healing["data"]["num_blocks"] == 12
     assert healing["data"]["files"][0]["path"].endswith("(shipped)") and len(healing["data"]["blocks_sha256"]) == 64
     assert healing["heldout"]["ppl_after"] == pytest.approx(report["ppl_after"])
-    assert recipe["method"] == "grape" and [r["stage"] for r in recipe["provenance"]] == [
+    assert recipe["method"] == DEFAULT_METHOD and [r["stage"] for r in recipe["provenance"]] == [
         "load",
         "merge",
         "load",

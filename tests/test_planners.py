@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,8 +14,9 @@ from scipy.spatial.distance import squareform
 
 from grape_jax.config import ExpertCountRule
 from grape_jax.plan import Plan, PlanError
-from grape_jax.planners import PLANNERS, budget_from_per_layer, make_plan, planner_options
+from grape_jax.planners import DEFAULT_METHOD, PLANNERS, budget_from_per_layer, make_plan, planner_options
 from grape_jax.planners.common import normalised_entropy
+from grape_jax.planners.grape_l import loss_cost
 from grape_jax.planners.grape_r import substitution_cost
 from grape_jax.stats import LayerStats, ModelStats
 
@@ -31,7 +33,16 @@ def layer(l, sim, freq=None, k=2, reap=None, y=None, seed=0):
     n = freq[:, None] * (y**2).sum(1)[None, :]
     sims = {"cka": sim, "cos_mean": sim, "router": sim, "weight": sim}
     reap = rng.random(e) if reap is None else np.asarray(reap, float)
-    return LayerStats(l, 1000, k, freq, freq / k, reap, sims, m, n)
+    return LayerStats(l, 1000, k, freq, freq / k, reap, sims, m, n, **sensitivities(freq / k, rng.normal(size=e)))
+
+
+def sensitivities(g, u):
+    """sens_* of constant per-expert gates g_i and first-order losses u_j on every token."""
+    return {
+        "sens_m": (g**2)[:, None] * np.outer(u, u),
+        "sens_n": (g**2)[:, None] * (u**2)[None, :],
+        "sens_g": g[:, None] * u[None, :],
+    }
 
 
 def sym(rng, e, lo=0.0, hi=1.0):
@@ -53,7 +64,7 @@ def random_stats(num_layers, num_experts, k, seed):
 
 def option_strategy(method):
     """Hypothesis strategy of valid options for `method` (operators, guards, linkages, ranks, floors)."""
-    merge_ops = st.sampled_from(["freq", "uniform", "dominant"])
+    merge_ops = st.sampled_from(["freq", "uniform", "dominant", "fit"])
     common = {"min_experts": st.integers(0, 3), "router_rule": st.sampled_from(["dominant", "mean"])}
     extra = {
         "grape": {
@@ -68,9 +79,14 @@ def option_strategy(method):
             "guard": st.sampled_from(["entropy", "none", "cap"]),
             "normalise": st.sampled_from(["none", "energy"]),
         },
+        "grape-l": {
+            "operator": merge_ops,
+            "guard": st.sampled_from(["entropy", "none", "cap"]),
+            "cost": st.sampled_from(["fisher", "taylor"]),
+        },
         "hc-smoe": {"operator": merge_ops},
         "m-smoe": {"operator": merge_ops},
-        "frequency": {"operator": st.sampled_from(["drop", "freq"]), "global_rank": st.booleans()},
+        "frequency": {"operator": st.sampled_from(["drop", "freq", "fit"]), "global_rank": st.booleans()},
         "reap": {"operator": st.sampled_from(["drop", "dominant"]), "global_rank": st.booleans()},
         "random": {
             "operator": st.sampled_from(["drop", "uniform"]),
@@ -493,3 +509,43 @@ def test_errors():
         budget_from_per_layer(-1, stats)
     assert "gamma" in planner_options("grape") and "seed" in planner_options("random")
     assert all({"operator", "router_rule", "min_experts"} <= set(planner_options(m)) for m in PLANNERS)
+
+
+def test_loss_cost_matches_brute_force():
+    rng = np.random.default_rng(6)
+    t, e = 60, 4
+    u = rng.normal(size=(e, t))
+    u[3] = u[1]
+    g = rng.random((t, e))
+    g[:, 2] = 0
+    sens = {
+        "sens_m": np.einsum("ti,it,jt->ij", g**2, u, u),
+        "sens_n": np.einsum("ti,jt->ij", g**2, u**2),
+        "sens_g": np.einsum("ti,jt->ij", g, u),
+    }
+    ls = LayerStats(0, t, 2, g.mean(0), g.mean(0), g.mean(0), {"cka": np.eye(e)}, **sens)
+    fisher = np.einsum("ti,ijt->ij", g**2, (u[:, None] - u[None, :]) ** 2)
+    first = np.abs(np.einsum("ti,ijt->ij", g, u[None, :] - u[:, None]))
+    np.testing.assert_allclose(loss_cost(ls), fisher, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(loss_cost(ls, "taylor"), first + 0.5 * fisher, rtol=1e-10, atol=1e-12)
+    c = loss_cost(ls)
+    assert c[1, 3] < 1e-12 and np.all(c[2] == 0)
+    with pytest.raises(PlanError, match="no gradient sensitivities"):
+        loss_cost(dataclasses.replace(ls, sens_m=None))
+
+
+def test_grape_l_spends_removals_where_the_loss_is_insensitive():
+    """Layer 0's experts differ a lot in output (so grape-r keeps them) but the loss gradient there is ~0;
+    layer 1's outputs differ less but the loss sees them: grape-l removes from layer 0, grape-r from 1."""
+    e = 4
+    base = [layer(0, np.eye(e), y=np.eye(e) * 10.0), layer(1, np.eye(e), y=np.eye(e))]
+    quiet, loud = 1e-3 * np.arange(1, e + 1), np.arange(1, e + 1, dtype=float)
+    stats = ModelStats(
+        tuple(
+            dataclasses.replace(ls, **sensitivities(ls.freq / 2, u)) for ls, u in zip(base, (quiet, loud), strict=True)
+        )
+    )
+    assert make_plan(stats, method="grape-l", budget=2).kept_per_layer == (2, 4)
+    assert make_plan(stats, method="grape-r", budget=2).kept_per_layer == (4, 2)
+    plan = make_plan(stats, budget=2)
+    assert DEFAULT_METHOD == "grape-l" and plan.method == "grape-l" and plan.operator == "fit"

@@ -10,11 +10,18 @@ import pytest
 import transformers
 
 from conversion.load import load_hf
+from grape_jax.calibration import CalibrationOptions
 from grape_jax.cli import main as grape
-from grape_jax.merge import apply_plan
+from grape_jax.data import DataSpec
+from grape_jax.evaluate import perplexity
+from grape_jax.fit import FitOptions
+from grape_jax.merge import MergeError, MergeInputs, apply_plan
 from grape_jax.model import param_view
 from grape_jax.params import count_params
+from grape_jax.pipeline import apply_plan as fit_apply_plan
+from grape_jax.pipeline import blocks_for
 from grape_jax.plan import Plan
+from grape_jax.planners import DEFAULT_METHOD
 from tests.hf_models import random_tokens, torch_logits
 from tests.test_model_parity import assert_close_logits
 
@@ -92,6 +99,34 @@ def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work
         assert np.asarray(arr).tobytes() == np.asarray(param_view(pruned)[name]).tobytes(), name
 
 
+def test_prune_with_the_default_method_fits_and_exports(tiny_mixtral_tok, work):
+    """No --method: grape-l with the fit operator; the export matches the JAX model in PyTorch and is
+    reproduced by apply_plan on the same calibration blocks; the fit's loss check keeps the merged model
+    at least as good as the base (dominant) merge on those blocks."""
+    out, work_dir = str(work / "out-default"), work / "work-default"
+    args = ["prune", tiny_mixtral_tok.path, "--per-layer", "2", "--out", out, "--work-dir", str(work_dir)]
+    assert grape([*args, "--keep-work", *DATA]) == 0
+    recipe = json.load(open(os.path.join(out, "recipe.json")))
+    assert recipe["method"] == DEFAULT_METHOD == "grape-l" and recipe["operator"] == "fit"
+    pruned = load_hf(out)
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tokens = random_tokens(pruned.cfg.vocab_size, batch=2, seq=16, seed=9)
+    assert_close_logits(pruned(tokens), torch_logits(torch_model, tokens))
+    original = load_hf(tiny_mixtral_tok.path)
+    plan = Plan.load(str(work_dir / "plan.json"))
+    assert plan.operator == "fit"
+    with pytest.raises(MergeError, match="operator 'fit' needs the calibration blocks"):
+        apply_plan(original, plan)
+    blocks = blocks_for(tiny_mixtral_tok.path, DataSpec(seq_len=32, num_samples=6))
+    fit = FitOptions.like(CalibrationOptions(batch_size=3, token_chunk=48))
+    merged = fit_apply_plan(original, plan, blocks=blocks, fit_options=fit)
+    assert merged.cfg == pruned.cfg
+    for name, arr in param_view(merged).items():
+        np.testing.assert_allclose(np.asarray(arr), np.asarray(param_view(pruned)[name]), rtol=1e-4, atol=1e-6)
+    base = apply_plan(original, plan, inputs=MergeInputs())
+    assert perplexity(merged, blocks).nll_sum <= perplexity(base, blocks).nll_sum * (1 + 1e-6)
+
+
 def test_plan_merge_export_cli_chain(tiny_mixtral_tok, stats_path, work, capsys):
     plan_path, ckpt, merged, out = (str(work / n) for n in ("p.json", "ckpt", "merged", "hf"))
     assert grape(["plan", stats_path, "--method", "frequency", "--per-layer", "1", "--out", plan_path, "--show"]) == 0
@@ -101,6 +136,12 @@ def test_plan_merge_export_cli_chain(tiny_mixtral_tok, stats_path, work, capsys)
     assert grape(["export", merged, out]) == 0
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert model.config.num_local_experts == 7
+    # the default planner's plan (operator 'fit') merges with the calibration data given to `grape merge`
+    fit_plan, fit_merged = str(work / "p-fit.json"), str(work / "merged-fit")
+    assert grape(["plan", stats_path, "--per-layer", "1", "--out", fit_plan]) == 0
+    assert "(grape-l, operator fit, 3 experts removed)" in capsys.readouterr().out
+    assert grape(["merge", ckpt, fit_plan, "--out", fit_merged, "--num-samples", "6", "--seq-len", "32"]) == 0
+    assert "experts per layer [8, 8, 8] ->" in capsys.readouterr().out
     # errors: the export exists; a plan for another model; a plan that breaks a floor
     assert grape(["export", merged, out]) == 2
     assert "already exists" in capsys.readouterr().err

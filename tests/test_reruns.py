@@ -17,6 +17,7 @@ import grape_jax.pipeline as pipeline_module
 from grape_jax import calibration as calibration_module
 from grape_jax.cli import main as grape
 from grape_jax.data import DataSpec, default_heldout_texts
+from grape_jax.planners import DEFAULT_METHOD
 from grape_jax.stats import ModelStats
 from tests.hf_models import build_model, save_model
 
@@ -161,7 +162,7 @@ def test_plan_option_of_the_wrong_type_is_one_line(tmp_path, capsys):
 
     path = _stats(tmp_path / "s.npz")
     assert grape(["plan", path, "--per-layer", "1", "--option", "gamma=abc"]) == 2
-    assert "grape: option gamma='abc': expected float" in _one_line_error(capsys)
+    assert f"{DEFAULT_METHOD}: option gamma='abc': expected float" in _one_line_error(capsys)
 
 
 def test_ctrl_c_in_prune_says_what_was_saved_and_resumes(tiny_mixtral_tok, tmp_path, capsys, monkeypatch):

@@ -101,6 +101,37 @@ def test_exact_statistics_match_float64_brute_force():
     assert all(v.dtype == np.float64 for v in out.values())
 
 
+def test_gradient_sensitivities_match_float64_and_stream():
+    """sens_* from per-token output gradients: float64 brute force; two chunks == one; padding adds nothing."""
+    y, g, s, l = make_inputs(seed=3)
+    grad = np.random.default_rng(4).normal(size=(T, D)).astype(np.float32)
+    mask = np.ones(T, bool)
+    mask[-3:] = False
+    one = S.finalize(update(S.init_accumulators(E, D), y, g, s, l, mask, grad))
+    acc = S.init_accumulators(E, D)
+    for part in (slice(0, 10), slice(10, T)):
+        acc = update(acc, y[:, part], g[part], s[part], l[part], mask[part], grad[part])
+    two = S.finalize(acc)
+    keep = mask
+    u = np.einsum("etd,td->et", y.astype(np.float64)[:, keep], grad.astype(np.float64)[keep])
+    g64 = g.astype(np.float64)[keep].T  # [E, T']
+    ref = {
+        "sens_m": np.einsum("it,it,jt->ij", g64**2, u, u),
+        "sens_n": np.einsum("it,jt->ij", g64**2, u**2),
+        "sens_g": np.einsum("it,jt->ij", g64, u),
+    }
+    for name, r in ref.items():
+        np.testing.assert_allclose(one[name], r, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(two[name], r, rtol=1e-5, atol=1e-6, err_msg=name)
+    cost = np.diag(one["sens_n"])[:, None] + one["sens_n"] - 2 * one["sens_m"]
+    brute = np.array([[np.sum(g64[i] ** 2 * (u[i] - u[j]) ** 2) for j in range(E)] for i in range(E)])
+    np.testing.assert_allclose(cost, brute, rtol=1e-4, atol=1e-5)
+    without = S.finalize(update(S.init_accumulators(E, D), y, g, s, l, mask))
+    assert not np.any(without["sens_m"]) and not np.any(without["sens_g"])
+    with pytest.raises(ValueError, match=r"out_grad must be \[tokens, embed\]"):
+        S.update_accumulators(S.init_accumulators(E, D), y, g, s, l, mask, grad[:, :2])
+
+
 def test_exact_cka_with_large_mean_offset():
     """Raw-moment centring in fp32 still gives CKA to ~1e-4 when means are 3x the spread."""
     y, g, s, l = make_inputs(seed=11, t=64, offset=3.0)
@@ -267,7 +298,7 @@ def test_memory_formula_and_donation_keep_the_pytree():
             assert acc.cka_sum.nbytes + acc.y_sum.nbytes == S.exact_cka_bytes(E, D) == 4 * (10 * 36 + 24)
         else:
             assert acc.cka_sum.shape == (E, E)
-        assert small < 4 * 5 * E * E
+        assert small < 4 * 8 * E * E  # 8 [E, E] sums (logits, routed, sensitivities) + vectors
         donated = jax.jit(S.update_accumulators, donate_argnums=0)
         new = donated(acc, *full(make_inputs()))
         assert jax.tree.structure(new) == jax.tree.structure(acc)

@@ -4,6 +4,7 @@ Budget B = experts removed in total over all MoE layers; every layer keeps at le
 max(top_k, min_experts). Every planner takes `operator` and `router_rule` (see grape_jax.plan); defaults:
   grape, local, hc-smoe, m-smoe   operator 'freq' (frequency-weighted average of each group)
   grape-r                         operator 'dominant' (its cost model serves a group by its representative)
+  grape-l                         operator 'fit' (down projections fitted on calibration data at merge time)
   frequency, reap, random         operator 'drop' (plain pruning; other operators fold removed experts
                                   into their most similar kept expert)
   all                             router_rule 'dominant'
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from grape_jax.plan import Plan, PlanError
 from grape_jax.planners.clustering import hc_smoe, m_smoe
 from grape_jax.planners.grape import grape, local
+from grape_jax.planners.grape_l import grape_l
 from grape_jax.planners.grape_r import grape_r
 from grape_jax.planners.scores import frequency, random, reap
 from grape_jax.stats import ModelStats
@@ -25,6 +27,7 @@ from grape_jax.stats import ModelStats
 PLANNERS: dict[str, Callable[..., Plan]] = {
     "grape": grape,
     "grape-r": grape_r,
+    "grape-l": grape_l,
     "local": local,
     "frequency": frequency,
     "reap": reap,
@@ -34,7 +37,7 @@ PLANNERS: dict[str, Callable[..., Plan]] = {
 }
 
 
-DEFAULT_METHOD = "grape"
+DEFAULT_METHOD = "grape-l"  # with its default operator 'fit': the evidence is in README.md / BENCHMARKS.md
 
 
 def budget_from_per_layer(per_layer: int, stats: ModelStats) -> int:

@@ -102,23 +102,20 @@ class CostClusters:
         return [self.members[r] for r in roots], [int(self.rep[r]) for r in roots]
 
 
-def grape_r(
+def cheapest_absorption(
     stats: ModelStats,
+    costs: list[np.ndarray],
     *,
     budget: int,
-    gamma: float = 0.01,
-    guard: str = "none",
-    cap_gamma: float = 1.0,
-    operator: str = "dominant",
-    router_rule: str = "dominant",
-    normalise: str = "none",
-    min_experts: int = 0,
-) -> Plan:
-    """Global cheapest-absorption greedy on the routed substitution cost (module docstring)."""
-    check_choice("operator", operator, MERGE_OPERATORS)
-    floor = floors(stats, min_experts)
+    floor: np.ndarray,
+    guard: str,
+    gamma: float,
+    cap_gamma: float,
+) -> tuple[list[CostClusters], dict]:
+    """The global greedy over per-layer cost matrices (module docstring): each step takes the cheapest
+    absorption anywhere; shared by grape-r (output costs) and grape-l (loss costs)."""
     check_budget(stats, budget, floor)
-    states = [CostClusters(substitution_cost(ls, normalise)) for ls in stats.layers]
+    states = [CostClusters(c) for c in costs]
     guard_state = EntropyGuard(
         [s.num_clusters for s in states], floor, gamma=gamma, mode=guard, budget=budget, cap_gamma=cap_gamma
     )
@@ -141,7 +138,7 @@ def grape_r(
         "removed_per_layer": removed,
     }
     if removed != greedy:  # group-limited router: whole groups per layer, each replays its own order
-        states = [CostClusters(substitution_cost(ls, normalise)) for ls in stats.layers]
+        states = [CostClusters(c) for c in costs]
         total = 0.0
         for state, r in zip(states, removed, strict=True):
             for _ in range(r):
@@ -149,6 +146,29 @@ def grape_r(
                 state.merge(a, b)
                 total += c
         diagnostics.update(estimated_cost=total, removed_per_layer_greedy=greedy)
+    return states, diagnostics
+
+
+def grape_r(
+    stats: ModelStats,
+    *,
+    budget: int,
+    gamma: float = 0.01,
+    guard: str = "none",
+    cap_gamma: float = 1.0,
+    operator: str = "dominant",
+    router_rule: str = "dominant",
+    normalise: str = "none",
+    min_experts: int = 0,
+) -> Plan:
+    """Global cheapest-absorption greedy on the routed substitution cost (module docstring)."""
+    check_choice("operator", operator, MERGE_OPERATORS)
+    floor = floors(stats, min_experts)
+    check_budget(stats, budget, floor)
+    costs = [substitution_cost(ls, normalise) for ls in stats.layers]
+    states, diagnostics = cheapest_absorption(
+        stats, costs, budget=budget, floor=floor, guard=guard, gamma=gamma, cap_gamma=cap_gamma
+    )
     groups, reps = zip(*(s.groups_and_reps() for s in states), strict=True)
     options = dict(gamma=gamma, guard=guard, cap_gamma=cap_gamma, normalise=normalise, min_experts=min_experts)
     return build_plan(
