@@ -56,7 +56,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -257,9 +261,36 @@ def fit_inputs(
     options: FitOptions = FitOptions(),
     progress: bool = False,
 ) -> MergeInputs:
-    """The merge inputs of a plan with operator 'fit': the fitted leaves as `MergeInputs.overrides`."""
-    overrides, _ = fit_overrides(model, plan, blocks, options=options, progress=progress)
-    return MergeInputs(overrides=overrides)
+    """The merge inputs of a plan with operator 'fit': the fitted leaves as `MergeInputs.overrides`, and
+    how they were made (`fit_record`) for the merged model's provenance."""
+    overrides, diagnostics = fit_overrides(model, plan, blocks, options=options, progress=progress)
+    record = fit_record(blocks, options, diagnostics)
+    return MergeInputs(overrides=overrides, made_by=json.dumps(record, sort_keys=True))
+
+
+def fit_record(blocks: Int[np.ndarray, "n seq"], options: FitOptions, diagnostics: Mapping[int, dict]) -> dict:
+    """What recipes keep of a fit: its options, the calibration blocks it solved on (shape and sha256 of the
+    int32 token ids) and each layer's choices (ridge per output expert, residuals, step, calibration NLL)."""
+    tokens = np.ascontiguousarray(np.asarray(blocks, np.int32))
+    layers = {str(layer): {k: _plain(v) for k, v in d.items()} for layer, d in sorted(diagnostics.items())}
+    return {
+        "operator": "fit",
+        "options": {k: _plain(v) for k, v in dataclasses.asdict(options).items()},
+        "blocks": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()},
+        "layers": layers,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Strict-JSON-ready: tuples to lists, NumPy scalars and arrays to Python numbers and lists, non-finite
+    floats (ρ = inf keeps the base merge) to strings."""
+    if isinstance(value, np.ndarray | np.generic):
+        value = value.tolist()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 def plan_inputs(

@@ -19,6 +19,7 @@ config's parameter table on the model's run context.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 
 import jax
@@ -50,10 +51,13 @@ class MergeInputs:
     permutations  MoE-block prefix (`layers.3.mlp.`) -> [E_old, f] int32: expert e's neuron n of the
                   aligned expert is its neuron `perm[e, n]` (identity rows where nothing is averaged)
     overrides     parameter name -> the whole merged leaf (new shape), used instead of mixing
+    made_by       JSON of how the arrays were computed (e.g. the fit's options, data and per-layer choices;
+                  static, not traced): `apply_plan` keeps it in the merged model's provenance
     """
 
     permutations: Mapping[str, Int[Array, "experts mlp"]] = dataclasses.field(default_factory=dict)
     overrides: Mapping[str, Array] = dataclasses.field(default_factory=dict)
+    made_by: str = dataclasses.field(default="", metadata={"static": True})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +232,7 @@ def apply_plan(model: MoEModel, plan: Plan, *, inputs: MergeInputs | None = None
     check_made_for(model, plan)
     new_cfg = merged_config(model.cfg, plan)
     inputs = merge_inputs(model, plan) if inputs is None else inputs
-    info = model.info.with_record(plan_record(plan))
+    info = model.info.with_record(plan_record(plan, inputs))
     graphdef, _ = nnx.split(abstract_model(new_cfg, ctx=model.ctx, info=info))
     state = nnx.state(model, nnx.Param)
 
@@ -251,6 +255,10 @@ def check_made_for(model: MoEModel, plan: Plan) -> None:
         )
 
 
-def plan_record(plan: Plan) -> dict:
-    """What a model's provenance keeps of a plan applied to it (the whole plan: recipes are built from it)."""
-    return {"stage": "merge", "fingerprint": plan.fingerprint, "plan": plan.to_dict()}
+def plan_record(plan: Plan, inputs: MergeInputs | None = None) -> dict:
+    """What a model's provenance keeps of a plan applied to it: the whole plan (recipes are built from it)
+    and, when the merge inputs say how they were made (the fit), that too."""
+    record = {"stage": "merge", "fingerprint": plan.fingerprint, "plan": plan.to_dict()}
+    if inputs is not None and inputs.made_by:
+        record["inputs"] = json.loads(inputs.made_by)
+    return record

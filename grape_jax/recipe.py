@@ -82,6 +82,7 @@ def build_recipe(model: MoEModel) -> dict[str, Any]:
             "model_fingerprint": made_from.get("model_fingerprint"),
         },
         "plan": plan,
+        "merge_inputs": merges[-1].get("inputs") if merges else None,
         "healing": [{k: v for k, v in r.items() if k != "stage"} for r in records if r.get("stage") == "heal"],
         "provenance": records,
         "versions": package_versions(),

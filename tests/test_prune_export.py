@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 
@@ -121,6 +123,19 @@ def test_prune_with_the_default_method_fits_and_exports(tiny_mixtral_tok, work):
     fit = FitOptions.like(CalibrationOptions(batch_size=3, token_chunk=48))
     merged = fit_apply_plan(original, plan, blocks=blocks, fit_options=fit)
     assert merged.cfg == pruned.cfg
+    # the recipe says how the fit ran: its options, the blocks it solved on, each merged layer's choices
+    made = recipe["merge_inputs"]
+    assert made["operator"] == "fit" and made["options"] == json.loads(json.dumps(dataclasses.asdict(fit)))
+    sha = hashlib.sha256(np.ascontiguousarray(blocks, np.int32).tobytes()).hexdigest()
+    assert made["blocks"] == {"shape": list(blocks.shape), "sha256": sha}
+    changed = [str(lp.layer) for lp in plan.layers if lp.num_kept < lp.num_experts_before]
+    assert changed and sorted(made["layers"]) == sorted(changed)
+    assert all(len(made["layers"][k]["ridge"]) == len(plan.layers[int(k)].groups) for k in changed)
+    # the same fit run again records the same options, blocks and steps (ridge choices can flip on near
+    # ties of the cross-validation, and the residuals differ by float rounding)
+    again = merged.info.provenance[-1]["inputs"]
+    assert {k: v for k, v in again.items() if k != "layers"} == {k: v for k, v in made.items() if k != "layers"}
+    assert {k: d["step"] for k, d in again["layers"].items()} == {k: d["step"] for k, d in made["layers"].items()}
     for name, arr in param_view(merged).items():
         np.testing.assert_allclose(np.asarray(arr), np.asarray(param_view(pruned)[name]), rtol=1e-4, atol=1e-6)
     base = apply_plan(original, plan, inputs=MergeInputs())
