@@ -1,4 +1,4 @@
-"""Calibration throughput, FLOP efficiency and memory against a plain PyTorch reference (issue 3).
+"""Calibration throughput, FLOP efficiency and memory against a plain PyTorch reference.
 
 One random transformers MixtralForCausalLM (default: d 1024, 16 heads / 8 KV heads, 8 experts top-2,
 f 2048, 4 layers, vocab 1024, fp32, ~0.8 B parameters) is saved to a temp dir and loaded with `load_hf`;
