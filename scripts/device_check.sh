@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the accelerator goals in one run on one H200 (under 8 minutes; nothing downloaded).
+# Every GPU figure of the accelerator goals in one run on one H200 (under 10 minutes; nothing downloaded).
 # Needs python3 with jax[cuda], torch (CUDA), transformers, safetensors and grape-jax's other imports
 # (flax, jaxtyping, ml_dtypes, optax, orbax, tokenizers); the project is used from this checkout.
 # Each step has its own time limit, so one slow step loses only its own figures. Output: $OUT/*.txt
@@ -11,6 +11,8 @@
 #                  transformers forward, Mixtral-8x7B dims (goal: >= 1.2x) and Qwen3-30B-A3B dims (>= 2x)
 #   3 forward-cudnn  ragged_dot under XLA's cuDNN ragged-dot fusion flag, if this XLA knows the flag
 #   4 calibration  bf16 calibration TFLOP/s vs a bf16 8192^3 matmul (goal: >= 50%), torch hooks on CUDA
+#   5 e2e          the default pipeline (grape-l + fit) end to end at Mixtral-8x7B layer dims, export
+#                  checked in transformers
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -45,10 +47,11 @@ step() {  # step NAME SECONDS COMMAND...
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
 }
 
-step convert 100 "$PY" scripts/bench_convert.py --device gpu
-step forward-mixtral 115 "$PY" scripts/bench_forward.py --device gpu --full --shape mixtral
-step forward-qwen3 100 "$PY" scripts/bench_forward.py --device gpu --full --shape qwen3
-step forward-cudnn 55 env XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true \
+step convert 80 "$PY" scripts/bench_convert.py --device gpu
+step forward-mixtral 80 "$PY" scripts/bench_forward.py --device gpu --full --shape mixtral
+step forward-qwen3 70 "$PY" scripts/bench_forward.py --device gpu --full --shape qwen3
+step forward-cudnn 50 env XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true \
   "$PY" scripts/bench_forward.py --device gpu --full --shape all --variants ragged_dot --no-torch --batches 8
-step calibration 100 "$PY" scripts/bench_calibration.py --device gpu
+step calibration 70 "$PY" scripts/bench_calibration.py --device gpu
+step e2e 150 "$PY" scripts/bench_e2e.py
 echo "== device_check done; outputs in $OUT/"
