@@ -1,7 +1,7 @@
 """Benchmark: how much of the perplexity lost to pruning a short healing wins back.
 
 For each model: calibrate on 64 blocks of 128 tokens of its calibration text, plan with the default
-planner at 4 experts removed per MoE layer, merge, then heal (distil the original into the pruned model)
+planner (or --method) at 4 experts removed per MoE layer, merge, then heal (distil the original into the pruned model)
 for at most --max-minutes on the other blocks of the calibration text; perplexity of the original, the
 pruned and the healed model on 200 held-out blocks of 128 tokens of its held-out text (never trained on).
 Prints a table with the fraction of the gap recovered, (ppl_pruned - ppl_healed) / (ppl_pruned - ppl_orig).
@@ -62,12 +62,12 @@ def run(model: str, args: argparse.Namespace) -> dict:
         progress=False,
         meta={"data": DataSpec(paths=tuple(calib) if calib else None, num_samples=64).record()},
     )
-    plan = make_plan(stats, method=DEFAULT_METHOD, per_layer=args.per_layer)
+    plan = make_plan(stats, method=args.method, per_layer=args.per_layer)
     pruned = apply_plan(teacher, plan, blocks=cal)
     prep = time.perf_counter() - t0
     print(
         f"{model}: {teacher.cfg.num_layers} layers, experts {list(teacher.cfg.num_experts)} -> "
-        f"{list(pruned.cfg.num_experts)} ({DEFAULT_METHOD}, operator {plan.operator}); {len(train)} training "
+        f"{list(pruned.cfg.num_experts)} ({args.method}, operator {plan.operator}); {len(train)} training "
         f"blocks, {len(heldout)} held-out blocks; prepared in {prep:.0f} s",
         flush=True,
     )
@@ -88,7 +88,7 @@ def run(model: str, args: argparse.Namespace) -> dict:
     original = perplexity(teacher, heldout).ppl if result.ppl_teacher is None else result.ppl_teacher
     return {
         "model": model,
-        "method": DEFAULT_METHOD,
+        "method": args.method,
         "operator": plan.operator,
         "per_layer": args.per_layer,
         "experts_after": list(pruned.cfg.num_experts),
@@ -112,6 +112,7 @@ def run(model: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=None, help="'demo' or an HF dir with calib.txt/heldout.txt")
+    p.add_argument("--method", default=DEFAULT_METHOD, help="planner (with its default operator)")
     p.add_argument("--per-layer", type=int, default=4, help="experts removed per MoE layer")
     p.add_argument("--max-minutes", type=float, default=10.0, help="healing time budget per model")
     p.add_argument("--steps", type=int, default=None, help="fixed number of steps instead of the time budget")
