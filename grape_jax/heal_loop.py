@@ -148,6 +148,8 @@ class TrainLoop:
         if self.horizon is not None and self.done >= self.horizon:
             return
         compiled = self.step.compile(self.carry, self.batch(self._rows(self.done)), ahead=self.horizon is None)
+        if self.done == 0 and len(self.val_rows):
+            self._validate()  # the unhealed model is a candidate too: healing never exports a worse one
         self.elapsed = base + time.perf_counter() - started
         bar = tqdm(total=self.horizon, initial=self.done, unit="step", desc="heal", disable=not self.progress)
         tokens, first, t_first = 0, self.done, time.perf_counter()

@@ -114,7 +114,8 @@ class HealResult:
     steps, horizon  optimizer steps taken, and the schedule's horizon (steps < horizon: stopped by time)
     losses, kl, nll per step, training batch values (loss = kl_weight * kl + lm_weight * nll), and the
                     gradient's global norm (before clipping) in grad_norms
-    val_losses      (step, validation loss) pairs; best_step the step the model comes from
+    val_losses      (step, validation loss) pairs from step 0 (the unhealed model); best_step the step the
+                    model comes from (0: no step validated better than the unhealed model)
     ppl_*           held-out perplexity of the student, the healed model and the teacher (None without
                     held-out blocks; the teacher's also None when only its cached logits were given)
     record          the provenance record appended to the healed model's info
