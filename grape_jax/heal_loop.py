@@ -90,11 +90,12 @@ class TrainLoop:
             if len(self.val_rows) == 0:
                 self.best_step = self.done
         finally:
+            resumable = self.last is not None and self.last.latest is not None
             for p in (self.last, self.best):
                 if p is not None:
                     empty = p.latest is None
                     p.close()
-                    if empty:  # nothing saved: leave nothing that looks like progress
+                    if empty or not resumable:  # nothing to resume: leave nothing that looks like progress
                         shutil.rmtree(p.directory, ignore_errors=True)
             if self.last is not None and os.path.isdir(self.root) and not os.listdir(self.root):
                 os.rmdir(self.root)
