@@ -196,9 +196,9 @@ def _ffn_blocked(
     live = block_start < padded_end[-1]
 
     def run(xb: jax.Array, e: jax.Array) -> jax.Array:
-        # batched: xb [n, b, d] and e [n]; scan: one block
-        mm = (lambda a, name: jnp.einsum("nbi,nio->nbo", a, w[name][e])) if batched else (lambda a, n: a @ w[n][e])
-        bias = (lambda name: w[name][e][:, None]) if batched else (lambda name: w[name][e])
+        """One block (xb [b, d], e scalar) or all of them at once (xb [n, b, d], e [n])."""
+        mm = lambda a, name: jnp.einsum("...bi,...io->...bo", a, w[name][e])
+        bias = lambda name: jnp.expand_dims(w[name][e], -2)
         gate, up = mm(xb, "w_gate"), mm(xb, "w_up")
         if "b_gate" in w:
             gate, up = gate + bias("b_gate"), up + bias("b_up")
