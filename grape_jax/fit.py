@@ -58,9 +58,7 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +84,7 @@ from grape_jax.fit_pass import host, run_pass
 from grape_jax.fit_solve import residual, solve_down
 from grape_jax.merge import MergeInputs, apply_plan, merge_inputs
 from grape_jax.model import MoEModel, param_view
-from grape_jax.plan import LayerPlan, Plan
+from grape_jax.plan import LayerPlan, Plan, json_native
 
 FIT_OUTPUTS = ("all", "merged")
 MERGED_KEYS = ("router", "router_bias", "w_gate", "w_up", "b_gate", "b_up", "b_down")
@@ -272,25 +270,14 @@ def fit_record(blocks: Int[np.ndarray, "n seq"], options: FitOptions, diagnostic
     """What recipes keep of a fit: its options, the calibration blocks it solved on (shape and sha256 of the
     int32 token ids) and each layer's choices (ridge per output expert, residuals, step, calibration NLL)."""
     tokens = np.ascontiguousarray(np.asarray(blocks, np.int32))
-    layers = {str(layer): {k: _plain(v) for k, v in d.items()} for layer, d in sorted(diagnostics.items())}
-    return {
-        "operator": "fit",
-        "options": {k: _plain(v) for k, v in dataclasses.asdict(options).items()},
-        "blocks": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()},
-        "layers": layers,
-    }
-
-
-def _plain(value: Any) -> Any:
-    """Strict-JSON-ready: tuples to lists, NumPy scalars and arrays to Python numbers and lists, non-finite
-    floats (ρ = inf keeps the base merge) to strings."""
-    if isinstance(value, np.ndarray | np.generic):
-        value = value.tolist()
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
+    return json_native(
+        {
+            "operator": "fit",
+            "options": dataclasses.asdict(options),
+            "blocks": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()},
+            "layers": {str(layer): d for layer, d in sorted(diagnostics.items())},
+        }
+    )
 
 
 def plan_inputs(

@@ -159,10 +159,10 @@ class Plan:
             "budget": self.budget,
             "operator": self.operator,
             "router_rule": self.router_rule,
-            "options": _json_native(self.options),
+            "options": json_native(self.options),
             "seed": self.seed,
-            "made_from": _json_native(self.made_from),
-            "diagnostics": _json_native(self.diagnostics),
+            "made_from": json_native(self.made_from),
+            "diagnostics": json_native(self.diagnostics),
             "kept_per_layer": list(self.kept_per_layer),
             "layers": [
                 {
@@ -301,7 +301,7 @@ def _parse_plan(d: Any) -> Plan:
     )
 
 
-def _json_native(x: Any) -> Any:
+def json_native(x: Any) -> Any:
     """Options/diagnostics as plain JSON types, so a plan equals its own JSON round trip."""
     return json.loads(json.dumps(x, default=_jsonable))
 
@@ -399,9 +399,9 @@ def build_plan(
         budget=int(budget),
         operator=operator,
         router_rule=router_rule,
-        options=_json_native(dict(options or {})),
+        options=json_native(dict(options or {})),
         seed=seed,
-        diagnostics=_json_native(dict(diagnostics or {})),
+        diagnostics=json_native(dict(diagnostics or {})),
     )
     plan.validate()
     for ls, groups in zip(stats.layers, groups_per_layer, strict=True):
