@@ -67,7 +67,7 @@ def configure_heal(p: argparse.ArgumentParser) -> None:
         "--max-minutes",
         type=float,
         default=None,
-        help="train as many steps as fit in this many minutes (estimated from the first step)",
+        help="train as many steps as fit in this many minutes (estimated from the first warm-up steps)",
     )
     g.add_argument(
         "--train",

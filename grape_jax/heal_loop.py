@@ -25,7 +25,23 @@ from grape_jax.distill import HealError, HealOptions, batch_rows
 from grape_jax.heal_step import TrainStep
 from grape_jax.resume import Progress
 
+
+def budget_horizon(
+    done: int, timings: list[float], *, seconds_left: float, val_batches: int, val_every: int, warmup: int
+) -> tuple[int, float]:
+    """(horizon, seconds per step): after `done` steps timed as `timings`, the schedule's last step for the
+    time left, at 95% of it. The first step is left out when there are others: it carries one-off costs
+    (buffer allocation, thread start-up; horizons from the first step alone used 44% and 67% of 10-minute
+    budgets on CPU-2, demo model and gcide-moe-22m). A validation
+    batch (forward only) is counted as a third of a training step, `val_batches` of them every
+    `val_every` steps. At least one step after the warm-up."""
+    seconds = float(np.mean(timings[1:] if len(timings) > 1 else timings))
+    per_step = seconds * (1.0 + val_batches / val_every / 3.0)
+    return max(done + 1 + int(0.95 * seconds_left / per_step), warmup + 1), seconds
+
+
 _clock = time.monotonic  # when periodic saves are due (a seam for tests)
+TIMED_STEPS = 5  # a time budget's horizon is fixed after this many warm-up steps (their rate is the schedule's)
 
 
 class HealInterrupted(KeyboardInterrupt):
@@ -107,12 +123,14 @@ class TrainLoop:
         if restored is None:
             return
         self.carry, self.done, extra = restored
-        self.horizon, self.elapsed = int(extra["horizon"]), float(extra["elapsed"])
+        horizon = extra["horizon"]  # None: saved before the time budget fixed it (timed again)
+        self.horizon, self.elapsed = None if horizon is None else int(horizon), float(extra["elapsed"])
         self.curves = {k: list(v) for k, v in extra["curves"].items()}
         self.best_step, self.best_loss = int(extra["best_step"]), float(extra["best_loss"])
         if self.best.latest is not None:
             self.best_params, _, _ = self.best.restore(self.step.params_part(self.carry))
-        self.say(f"resuming healing after step {self.done} of {self.horizon} (saved in {self.root})")
+        of = f"of {self.horizon}" if self.horizon is not None else "(its horizon not fixed yet: timed again)"
+        self.say(f"resuming healing after step {self.done} {of} (saved in {self.root})")
 
     def _save(self) -> None:
         """Save the carry at the position its own step counter holds (so a Ctrl-C between updating the
@@ -154,6 +172,7 @@ class TrainLoop:
         self.elapsed = base + time.perf_counter() - started
         bar = tqdm(total=self.horizon, initial=self.done, unit="step", desc="heal", disable=not self.progress)
         tokens, first, t_first = 0, self.done, time.perf_counter()
+        timings: list[float] = []
         try:
             while self.horizon is None or self.done < self.horizon:
                 batch = self.batch(self._rows(self.done))
@@ -169,14 +188,16 @@ class TrainLoop:
                 self.done += 1
                 self.elapsed = base + time.perf_counter() - started
                 if self.horizon is None:
-                    self._fix_horizon(time.perf_counter() - t0)
-                    bar.reset(total=self.horizon)
-                    bar.update(self.done - 1)
+                    timings.append(time.perf_counter() - t0)
+                    if self.done >= min(max(o.warmup, 1), TIMED_STEPS):
+                        self._fix_horizon(timings)
+                        bar.reset(total=self.horizon)
+                        bar.update(self.done - 1)
                 tokens += int(metrics["tokens"])
                 speed = tokens / max(time.perf_counter() - t_first, 1e-9)
                 bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", tok_s=f"{speed:,.0f}")
                 bar.update(1)
-                stop = self.done >= self.horizon or self._budget_left() <= 0
+                stop = (self.horizon is not None and self.done >= self.horizon) or self._budget_left() <= 0
                 if len(self.val_rows) and (stop or self.done % o.val_every == 0):
                     self._validate()
                 self.elapsed = base + time.perf_counter() - started
@@ -192,16 +213,22 @@ class TrainLoop:
             self._save_after_interrupt()
             raise HealInterrupted(self.saved_at if self.last is not None else 0, self.root) from None
         bar.close()
+        if self.horizon is None:  # the budget ran out while the first steps were timed
+            self.horizon = self.done
         self.tokens_per_second = tokens / max(time.perf_counter() - t_first, 1e-9)
         if self.done > first and self.done < self.horizon:
             self.say(f"stopped by the time budget after {self.done} of {self.horizon} steps")
 
-    def _fix_horizon(self, seconds: float) -> None:
-        """steps=None: as many steps as the time left allows at this step's speed (validation included)."""
+    def _fix_horizon(self, timings: list[float]) -> None:
         o = self.options
-        val = math.ceil(len(self.val_rows) / self.step.rows) / o.val_every / 3.0 if len(self.val_rows) else 0.0
-        fit = int(0.95 * self._budget_left() / (seconds * (1.0 + val)))
-        self.horizon = max(self.done + 1 + fit, o.warmup + 1)
+        self.horizon, seconds = budget_horizon(
+            self.done,
+            timings,
+            seconds_left=self._budget_left(),
+            val_batches=math.ceil(len(self.val_rows) / self.step.rows),
+            val_every=o.val_every,
+            warmup=o.warmup,
+        )
         self.say(f"time budget {o.max_minutes} min: {seconds:.2f} s per step, so {self.horizon} steps")
 
     def _validate(self) -> None:

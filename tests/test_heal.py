@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+import grape_jax.heal_loop as heal_loop
 import grape_jax.heal_step as heal_step
 from conversion.checkpoint import restore_checkpoint, save_checkpoint
 from grape_jax import layers
@@ -24,6 +25,7 @@ from grape_jax.distill import (
     trainable_masks,
     warmup_cosine,
 )
+from grape_jax.heal_loop import budget_horizon
 from grape_jax.heal_step import TrainStep
 from grape_jax.healing import HealError, HealInterrupted, HealOptions, cache_teacher_logits, forward, heal
 from grape_jax.merge import apply_plan
@@ -432,6 +434,50 @@ def test_time_budget_fixes_a_horizon_and_stops(monkeypatch):
     )
     assert result.horizon >= 2 and 1 <= result.steps <= result.horizon
     assert result.record["horizon"] == result.horizon and result.record["options"]["max_minutes"] == 0.02
+
+
+def test_budget_horizon_by_hand():
+    """Mean of the timed steps after the first, validation as a third of a step per batch, 95% of the
+    time left, never inside the warm-up."""
+    # steps 2..4 take 1 s: 95 s of 100 s fit 95 steps after the 4 done (+1: the step being counted)
+    assert budget_horizon(4, [7.0, 1.0, 1.0, 1.0], seconds_left=100.0, val_batches=0, val_every=50, warmup=4) == (
+        100,
+        1.0,
+    )
+    # one timing only: it is used; 2 validation batches every 2 steps add 1/3 step: 4 s, 38 s fit 9 steps
+    assert budget_horizon(1, [3.0], seconds_left=40.0, val_batches=2, val_every=2, warmup=1) == (1 + 1 + 9, 3.0)
+    assert budget_horizon(2, [1.0, 9.0], seconds_left=1.0, val_batches=0, val_every=1, warmup=10) == (11, 9.0)
+
+
+def test_time_budget_horizon_is_fixed_after_the_warm_up_steps_and_a_resume_times_again(tmp_path, monkeypatch):
+    """The schedule's horizon is fixed once min(warmup, 5) steps are timed (their learning rate does not
+    depend on it); a run interrupted before that saves no horizon and the resumed run times again."""
+    teacher = _teacher()
+    student = _pruned(teacher)
+    calls = []
+
+    def horizon(done, timings, **kw):
+        calls.append((done, len(timings)))
+        return done + 2, 0.0
+
+    monkeypatch.setattr(heal_loop, "budget_horizon", horizon)
+    opts = HealOptions(steps=None, max_minutes=10, warmup=4, val_blocks=0, batch_size=4, checkpoint_every=1)
+    result = heal(student, teacher, _blocks(), options=opts, **QUIET)
+    assert calls == [(4, 4)] and result.horizon == result.steps == 6
+
+    def interrupt(out):
+        raise KeyboardInterrupt
+
+    calls.clear()
+    with monkeypatch.context() as m:
+        _fail_at(m, 2, interrupt)
+        with pytest.raises(HealInterrupted) as e:
+            heal(student, teacher, _blocks(), options=opts, resume_dir=tmp_path, **QUIET)
+    assert e.value.saved == 2 and calls == []
+    logs = []
+    resumed = heal(student, teacher, _blocks(), options=opts, resume_dir=tmp_path, log=logs.append, **QUIET)
+    assert any("after step 2 (its horizon not fixed yet" in line for line in logs)
+    assert calls == [(4, 2)] and resumed.horizon == resumed.steps == 6
 
 
 def test_gradients_through_routed_and_dense_forward_agree():
