@@ -9,8 +9,8 @@ in fp32; τ² keeps the gradient scale of the soft targets independent of the te
 Optimizer: AdamW with gradient clipping, as one optax chain whose learning rate is an extra argument of
 each update (`scale_by_learning_rate_arg`), computed inside the jitted step from the step count and the
 run's horizon (`warmup_cosine`, optax's warm-up + cosine schedule). The horizon is therefore an input of
-the compiled step, not a constant in it: a run bounded by time fixes it after timing its first step
-without compiling again. Frozen parts of partly trained leaves (the rows of experts that were kept as
+the compiled step, not a constant in it: a run bounded by time fixes it after timing its first warm-up
+steps without compiling again. Frozen parts of partly trained leaves (the rows of experts that were kept as
 they were) are masked twice: their gradients before clipping (so they neither count in the clipping norm
 nor enter Adam's moments) and the final updates after weight decay (so they do not move at all).
 
@@ -51,7 +51,8 @@ class HealOptions:
     """How healing runs.
 
     steps               optimizer steps (the schedule's horizon); None: as many as `max_minutes` allows,
-                        estimated from the first step's time and then fixed (saved for a resume)
+                        estimated from the time of the first warm-up steps (at most 5; the horizon does not change a
+                        warm-up step's rate) and then fixed (saved for a resume)
     max_minutes         stop when training (compile, steps, validation, saves) has taken this long
     batch_size          blocks per step (rounded up to a multiple of the data-parallel size)
     learning_rate       peak of the warm-up + cosine schedule (AdamW)
@@ -72,7 +73,7 @@ class HealOptions:
     steps: int | None = 200
     max_minutes: float | None = None
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     warmup: int = 10
     weight_decay: float = 0.0
     clip_norm: float = 1.0
