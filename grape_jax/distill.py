@@ -51,8 +51,8 @@ class HealOptions:
     """How healing runs.
 
     steps               optimizer steps (the schedule's horizon); None: as many as `max_minutes` allows,
-                        estimated from the time of the first warm-up steps (at most 5; the horizon does not change a
-                        warm-up step's rate) and then fixed (saved for a resume)
+                        estimated from the time of the first min(warmup, 5) steps (a warm-up step's rate does
+                        not depend on the horizon) and then fixed (saved for a resume)
     max_minutes         stop when training (compile, steps, validation, saves) has taken this long
     batch_size          blocks per step (rounded up to a multiple of the data-parallel size)
     learning_rate       peak of the warm-up + cosine schedule (AdamW)

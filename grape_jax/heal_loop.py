@@ -32,16 +32,15 @@ def budget_horizon(
     """(horizon, seconds per step): after `done` steps timed as `timings`, the schedule's last step for the
     time left, at 95% of it. The first step is left out when there are others: it carries one-off costs
     (buffer allocation, thread start-up; horizons from the first step alone used 44% and 67% of 10-minute
-    budgets on CPU-2, demo model and gcide-moe-22m). A validation
-    batch (forward only) is counted as a third of a training step, `val_batches` of them every
-    `val_every` steps. At least one step after the warm-up."""
+    budgets on CPU-2, demo model and gcide-moe-22m). A validation batch (forward only) counts as a third
+    of a training step, `val_batches` of them every `val_every` steps. At least one step after the warm-up."""
     seconds = float(np.mean(timings[1:] if len(timings) > 1 else timings))
     per_step = seconds * (1.0 + val_batches / val_every / 3.0)
     return max(done + 1 + int(0.95 * seconds_left / per_step), warmup + 1), seconds
 
 
 _clock = time.monotonic  # when periodic saves are due (a seam for tests)
-TIMED_STEPS = 5  # a time budget's horizon is fixed after this many warm-up steps (their rate is the schedule's)
+TIMED_STEPS = 5  # a time budget's horizon is fixed after min(warmup, this) steps: their rate ignores the horizon
 
 
 class HealInterrupted(KeyboardInterrupt):
