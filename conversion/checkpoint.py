@@ -18,10 +18,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from conversion.families.base import ConversionError
-from grape_jax.atomic import atomic_output_dir
-from grape_jax.config import ConfigError, MoEConfig
-from grape_jax.model import ModelInfo, MoEModel, abstract_model, param_view
-from grape_jax.sharding import DEFAULT_RULES, RunContext, ShardingRules
+from grape_jax.base.atomic import atomic_output_dir
+from grape_jax.core.config import ConfigError, MoEConfig
+from grape_jax.core.model import ModelInfo, MoEModel, abstract_model, param_view
+from grape_jax.core.sharding import DEFAULT_RULES, RunContext, ShardingRules
 
 META_FILE = "grape.json"
 STATE_DIR = "state"

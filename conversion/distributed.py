@@ -2,7 +2,7 @@
 
 `load_hf` needs nothing extra on several hosts (each process is asked only for the slices its own
 devices hold). Export does: an HF tensor (one expert of one layer, or a whole parameter) may live on
-devices of other processes, so every process calls `grape_jax.multihost.gather_slice` for the same
+devices of other processes, so every process calls `grape_jax.base.multihost.gather_slice` for the same
 tensors in the same order: `follow_export` replays the writer's order (`write_checkpoint`'s, less the
 shards a resumed writer skips) on the other processes without touching the file system.
 """
@@ -15,7 +15,7 @@ import jax
 
 from conversion.families.base import ConversionError
 from conversion.safetensors_write import plan_shards
-from grape_jax.multihost import WRITER, broadcast_flags, gather_slice
+from grape_jax.base.multihost import WRITER, broadcast_flags, gather_slice
 
 
 def shard_gathers(shard, sources: Mapping) -> list[tuple[str, int | None]]:

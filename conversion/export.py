@@ -26,14 +26,15 @@ import numpy as np
 from conversion.distributed import finish_shard, follow_export, gather_shard
 from conversion.families import export_family, family_by_name
 from conversion.families.base import Binding, ConversionError, Family, HFTensor, bind, hf_tensors
-from conversion.fp8 import block_size, requantized_entries
+from conversion.quant.bindings import read_bindings
+from conversion.quant.fp8 import block_size, requantized_entries
 from conversion.safetensors_io import CheckpointIndex
 from conversion.safetensors_write import TensorEntry, completed_shards, plan_shards, write_checkpoint
-from grape_jax.atomic import resumable_output_dir
-from grape_jax.config import MoEConfig
-from grape_jax.model import MoEModel, param_view
-from grape_jax.multihost import all_processes_bytes, barrier, broadcast_flags, gather_slice, is_writer
-from grape_jax.plan import Plan
+from grape_jax.base.atomic import resumable_output_dir
+from grape_jax.base.multihost import all_processes_bytes, barrier, broadcast_flags, gather_slice, is_writer
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.model import MoEModel, param_view
+from grape_jax.planners.plan import Plan
 
 # Files copied verbatim from the source model dir when present.
 SIDE_FILES = (
@@ -171,7 +172,7 @@ def export_hf(
 
     `log` receives one line per shard written (and a line when resuming). `quantize` "fp8": the
     weights the FP8 source (`model.info.source`, its config.json) stored as FP8 are requantised with its
-    block size and scale dtype (`conversion.fp8`); an expert that is an unchanged copy of a source expert
+    block size and scale dtype (`conversion.quant.fp8`); an expert that is an unchanged copy of a source expert
     (`expert_origins` of the model's merges) keeps that expert's scales."""
     if not model.info.family:
         raise ConversionError(
@@ -323,7 +324,7 @@ def _quantized(
             f"--quantize fp8 reads the scales of the source FP8 checkpoint, which is not at {source_dir!r}"
         )
     source = CheckpointIndex.open(os.fspath(source_dir))
-    source_bindings = bind(family, family.config_from_hf(base_config), hf_config=base_config, stored=source)
+    source_bindings = read_bindings(family, family.config_from_hf(base_config), base_config, source)
     return requantized_entries(
         entries, sources, source_bindings=source_bindings, source=source, block=block, expert_origins=expert_origins
     )

@@ -38,11 +38,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from conversion.families import get_family
-from conversion.families.base import Binding, ConversionError, Family, Identity, Transpose, bind
+from conversion.families.base import Binding, ConversionError, Family, Identity, Transpose
 from conversion.fingerprint import source_fingerprint
+from conversion.quant.bindings import read_bindings
 from conversion.safetensors_io import CheckpointIndex, numpy_to_dtype
-from grape_jax.model import ModelInfo, MoEModel, fill_model
-from grape_jax.sharding import DEFAULT_RULES, RunContext, ShardingRules
+from grape_jax.core.model import ModelInfo, MoEModel, fill_model
+from grape_jax.core.sharding import DEFAULT_RULES, RunContext, ShardingRules
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -363,7 +364,7 @@ def load_hf(
     family = family_of(hf, source=os.path.join(model_dir, "config.json"))
     cfg = family.config_from_hf(hf)
     ckpt = CheckpointIndex.open(model_dir)
-    bindings = bind(family, cfg, hf_config=hf, stored=ckpt)
+    bindings = read_bindings(family, cfg, hf, ckpt)
     check_bindings(ckpt, bindings, model_dir)
     ctx = RunContext(mesh, rules)
     shardings = {name: ctx.sharding(b.spec.shape, b.spec.axes) for name, b in bindings.items()}

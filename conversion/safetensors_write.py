@@ -3,7 +3,7 @@
 Every offset comes from shapes alone: the header is written first, then each tensor as it is produced,
 so peak host memory is one tensor. Files are byte-for-byte what `safetensors.torch.save_file` writes for
 the same tensors (format notes in `conversion.safetensors_io`); sharding and the index follow
-`transformers`' `save_pretrained`. Each shard is written through `grape_jax.atomic.atomic_write` (a temp
+`transformers`' `save_pretrained`. Each shard is written through `grape_jax.base.atomic.atomic_write` (a temp
 sibling renamed when complete), so a file under its final name is always whole; `completed_shards` finds
 them for a resumed export.
 """
@@ -29,7 +29,7 @@ from conversion.safetensors_io import (
     dtype_to_numpy,
     numpy_to_dtype,
 )
-from grape_jax.atomic import atomic_write, atomic_write_text
+from grape_jax.base.atomic import atomic_write, atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 across layers (GRAPE), in JAX/Flax NNX on a device mesh. The public API is `grape_jax.api`; its names
 are importable from here (`import grape_jax as gj; gj.load_hf(...)`).
 
-The names resolve on first use: importing a submodule (`grape_jax.config`, as every process of a
+The names resolve on first use: importing a submodule (`grape_jax.core.config`, as every process of a
 multi-host job does) must not import the whole stack (transformers, Orbax) through this file."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ __version__ = "0.2.0"
 
 _API = "grape_jax.api"
 # The names of `grape_jax.api.__all__` (a test keeps the two lists equal). Listed here so that
-# `from grape_jax import layers` (a submodule) never triggers the API import.
+# `from grape_jax.core import config` (a submodule) never triggers the API import.
 PUBLIC = (
     "CalibrationOptions",
     "DataSpec",

@@ -25,13 +25,16 @@ from jaxtyping import Int
 
 from conversion.checkpoint import restore_checkpoint, save_checkpoint
 from conversion.load import load_hf
-from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.config import MoEConfig
-from grape_jax.data import DataSpec
-from grape_jax.demo_model import shipped_path as demo_model_path
-from grape_jax.evaluate import PerplexityResult, perplexity
-from grape_jax.fit import FitOptions, fit_inputs
-from grape_jax.healing import (
+from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.calibration.stats import ModelStats
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.model import ModelInfo, MoEModel, abstract_model, init_model, param_view
+from grape_jax.core.sharding import RunContext, ShardingRules, make_mesh
+from grape_jax.data.text import DataSpec
+from grape_jax.demo.model import shipped_path as demo_model_path
+from grape_jax.evaluation.scoring import PerplexityResult, perplexity
+from grape_jax.fit.operator import FitOptions, fit_inputs
+from grape_jax.heal.healing import (
     HealError,
     HealInterrupted,
     HealOptions,
@@ -40,13 +43,10 @@ from grape_jax.healing import (
     cache_teacher_logits,
     heal,
 )
-from grape_jax.merge import MergeInputs, merge_inputs, merge_state
-from grape_jax.model import ModelInfo, MoEModel, abstract_model, init_model, param_view
+from grape_jax.merge.state import MergeInputs, merge_inputs, merge_state
 from grape_jax.pipeline import apply_plan, blocks_for, load_model, prune, save_hf
-from grape_jax.plan import Plan
 from grape_jax.planners import PLANNERS, make_plan
-from grape_jax.sharding import RunContext, ShardingRules, make_mesh
-from grape_jax.stats import ModelStats
+from grape_jax.planners.plan import Plan
 
 __all__ = [
     "CalibrationOptions",

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from grape_jax.data import load_tokenizer
-from grape_jax.evaluate import perplexity, score_requests
+from grape_jax.core.sharding import make_mesh
+from grape_jax.data.text import load_tokenizer
+from grape_jax.evaluation.scoring import perplexity, score_requests
 from grape_jax.pipeline import load_model, tokenizer_dir
-from grape_jax.sharding import make_mesh
 
 
 class GrapeJaxLM:

@@ -26,21 +26,26 @@ from conversion.checkpoint import checkpoint_config, read_checkpoint_meta, resto
 from conversion.export import export_hf
 from conversion.families.base import ConversionError
 from conversion.load import family_of, load_hf, provenance_of, read_hf_config
-from grape_jax import merge
-from grape_jax import recipe as rc
-from grape_jax.atomic import OutputExistsError
-from grape_jax.calibration import CalibrationInterrupted, CalibrationOptions, calibrate, calibration_fingerprint
-from grape_jax.config import MoEConfig
-from grape_jax.data import DataSpec, load_tokenizer
-from grape_jax.fit import FitOptions, plan_inputs
-from grape_jax.fit import check_supported as check_fit_supported
-from grape_jax.merge import MergeInputs
-from grape_jax.model import ModelInfo, MoEModel
-from grape_jax.plan import Plan
+from grape_jax.base.atomic import OutputExistsError
+from grape_jax.calibration.calibrate import (
+    CalibrationInterrupted,
+    CalibrationOptions,
+    calibrate,
+    calibration_fingerprint,
+)
+from grape_jax.calibration.stats import ModelStats, StatsError, neutral_stats
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.model import ModelInfo, MoEModel
+from grape_jax.core.sharding import DEFAULT_RULES, ShardingRules
+from grape_jax.data.text import DataSpec, load_tokenizer
+from grape_jax.fit.operator import FitOptions, plan_inputs
+from grape_jax.fit.operator import check_supported as check_fit_supported
+from grape_jax.merge import state as merge
+from grape_jax.merge.state import MergeInputs
+from grape_jax.passes.resume import Progress, ResumeError
 from grape_jax.planners import DEFAULT_METHOD, make_plan
-from grape_jax.resume import Progress, ResumeError
-from grape_jax.sharding import DEFAULT_RULES, ShardingRules
-from grape_jax.stats import ModelStats, StatsError, neutral_stats
+from grape_jax.planners.plan import Plan
+from grape_jax.report import recipe as rc
 
 Log = Callable[[str], None]
 
@@ -146,11 +151,11 @@ def apply_plan(
     fit_options: FitOptions = FitOptions(),
     progress: bool = False,
 ) -> MoEModel:
-    """`merge.apply_plan` with the inputs the plan's operator needs computed when not given
+    """`merge.merge_model` with the inputs the plan's operator needs computed when not given
     (`fit.plan_inputs`): operator 'fit' refits the merged down projections on the calibration `blocks`."""
     if inputs is None:
         inputs = plan_inputs(model, plan, blocks=blocks, options=fit_options, progress=progress)
-    return merge.apply_plan(model, plan, inputs=inputs)
+    return merge.merge_model(model, plan, inputs=inputs)
 
 
 def save_hf(

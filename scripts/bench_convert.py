@@ -294,7 +294,7 @@ def _init_jax(devices: int):
 
 
 def _mesh(jax, spec: str):
-    from grape_jax.sharding import make_mesh
+    from grape_jax.core.sharding import make_mesh
 
     if spec == "auto":
         n = len(jax.devices())
@@ -315,7 +315,7 @@ def _resident(jax, params) -> int:
 def child_convert(directory: str, devices: int, mesh_spec: str) -> dict:
     jax = _init_jax(devices)
     from conversion.load import load_hf
-    from grape_jax.model import param_view
+    from grape_jax.core.model import param_view
 
     mesh, spec = _mesh(jax, mesh_spec)
     base = proc_status()["VmRSS"]
@@ -343,7 +343,7 @@ def child_export(directory: str, devices: int, mesh_spec: str, out: str) -> dict
     jax = _init_jax(devices)
     from conversion.export import export_hf
     from conversion.load import load_hf
-    from grape_jax.model import param_view
+    from grape_jax.core.model import param_view
 
     mesh, spec = _mesh(jax, mesh_spec)
     loaded = load_hf(directory, mesh=mesh)
@@ -403,7 +403,7 @@ def child_convert_gpu(directory: str) -> dict:
     import jax
 
     from conversion.load import load_hf
-    from grape_jax.model import param_view
+    from grape_jax.core.model import param_view
 
     device = jax.devices()[0]
     jax.block_until_ready(jax.device_put(np.zeros(1, np.float32), device))

@@ -22,9 +22,9 @@ import time
 import jax
 import numpy as np
 
-from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.demo_model import shipped_path
-from grape_jax.model import param_view
+from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.core.model import param_view
+from grape_jax.demo.model import shipped_path
 from grape_jax.pipeline import apply_plan, load_model
 from grape_jax.planners import make_plan
 

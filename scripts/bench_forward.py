@@ -4,9 +4,9 @@ For each shape (`mixtral`: few large experts; `qwen3`: many fine-grained experts
 model is built (fp32 on CPU, bf16 on GPU; norm weights perturbed), saved, and loaded with `load_hf`;
 the same random token batches then go through, in one process:
 
-  jax dense     `grape_jax.model.logits(..., dispatch="dense")`: every expert on every token;
+  jax dense     `grape_jax.core.model.logits(..., dispatch="dense")`: every expert on every token;
   jax blocked / ragged_dot
-                each token through its top-k experts by that grouped matmul (`grape_jax.dispatch`; on
+                each token through its top-k experts by that grouped matmul (`grape_jax.core.dispatch`; on
                 GPU also `ragged_dot+pallas`, ragged_dot through the Pallas Triton lowering, where the
                 installed jax ships it); the title line says which one `dispatch="routed"` and
                 `dispatch="auto"` (what evaluation uses by default) run here;
@@ -250,7 +250,7 @@ def bench_model(kind: str, args) -> list[str]:
         loaded = load_hf(tmp)
         load_s = time.perf_counter() - t0
     impl = getattr(model.config, "_experts_implementation", "?")
-    from grape_jax.dispatch import choose
+    from grape_jax.core.dispatch import choose
 
     shape = {
         "num_experts": dims["experts"],
@@ -306,10 +306,10 @@ def sweep(args) -> list[str]:
     import jax
     import jax.numpy as jnp
 
-    from grape_jax import layers
-    from grape_jax.config import MoEConfig
-    from grape_jax.dispatch import choose
-    from grape_jax.params import init_params
+    from grape_jax.core import transformer
+    from grape_jax.core.config import MoEConfig
+    from grape_jax.core.dispatch import choose
+    from grape_jax.core.params import init_params
 
     platform = jax.default_backend()
     lines = [
@@ -333,7 +333,7 @@ def sweep(args) -> list[str]:
         x = jnp.asarray(np.random.default_rng(0).standard_normal((t, d), np.float32))
         times = {}
         for kind in ("dense", "blocked", "batched", "ragged_dot"):
-            fn = jax.jit(functools.partial(layers.moe_output, p="layers.0.mlp.", cfg=cfg, dispatch=kind))
+            fn = jax.jit(functools.partial(transformer.moe_output, p="layers.0.mlp.", cfg=cfg, dispatch=kind))
             fn(params, x=x).block_until_ready()
             reps, best = 0, float("inf")
             t_end = time.perf_counter() + args.sweep_seconds
@@ -363,8 +363,8 @@ def demo(args) -> list[str]:
     import jax
 
     from conversion.load import load_hf
-    from grape_jax.demo_model import shipped_path
-    from grape_jax.evaluate import perplexity
+    from grape_jax.demo.model import shipped_path
+    from grape_jax.evaluation.scoring import perplexity
 
     loaded = load_hf(shipped_path(), dtype="float32")
     blocks = np.random.default_rng(args.seed).integers(0, loaded.cfg.vocab_size, (args.demo_blocks, 128), np.int32)

@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
+from grape_jax.calibration.stats import LayerStats, ModelStats
 from grape_jax.planners import make_plan
-from grape_jax.stats import LayerStats, ModelStats
 
 SHAPES = {
     "Qwen3-235B (94 x 128, top-8)": (94, 128, 8),

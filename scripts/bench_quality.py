@@ -25,15 +25,15 @@ import time
 
 import numpy as np
 
-from grape_jax.calibration import CalibrationOptions, calibrate, calibration_fingerprint
-from grape_jax.cli_args import parse_int_list, parse_scalar
-from grape_jax.data import DataSpec
-from grape_jax.evaluate import perplexity
-from grape_jax.fit import FitOptions, fit_overrides
-from grape_jax.merge import MergeInputs, apply_plan, merge_inputs
+from grape_jax.calibration.calibrate import CalibrationOptions, calibrate, calibration_fingerprint
+from grape_jax.calibration.stats import ModelStats
+from grape_jax.cli.args import parse_int_list, parse_scalar
+from grape_jax.data.text import DataSpec
+from grape_jax.evaluation.scoring import perplexity
+from grape_jax.fit.operator import FitOptions, fit_overrides
+from grape_jax.merge.state import MergeInputs, apply_plan, merge_inputs
 from grape_jax.pipeline import blocks_for, load_model
 from grape_jax.planners import DEFAULT_METHOD, make_plan
-from grape_jax.stats import ModelStats
 
 STANDARD = (  # label=method:options, the rows of BENCHMARKS.md's quality table
     f"default ({DEFAULT_METHOD})={DEFAULT_METHOD}",

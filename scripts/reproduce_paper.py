@@ -18,16 +18,16 @@ import dataclasses
 import os
 
 from conversion.load import family_of, load_hf, read_hf_config
-from grape_jax.atomic import atomic_write_json
-from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.cli_demo import default_variants
-from grape_jax.compare import Variant, run_comparison, write_report
-from grape_jax.data import DataSpec, load_tokenizer
-from grape_jax.evaluate import multiple_choice
+from grape_jax.base.atomic import atomic_write_json
+from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.cli.demo import default_variants
+from grape_jax.core.sharding import make_mesh
+from grape_jax.data.text import DataSpec, load_tokenizer
+from grape_jax.evaluation.scoring import multiple_choice
+from grape_jax.evaluation.tasks import load_task
 from grape_jax.pipeline import apply_plan, blocks_for, model_config
 from grape_jax.planners import DEFAULT_METHOD, make_plan
-from grape_jax.sharding import make_mesh
-from grape_jax.tasks import load_task
+from grape_jax.report.compare import Variant, run_comparison, write_report
 
 PRESETS = {
     # name: (model_type, MoE layers, experts, top_k, per-layer budgets)

@@ -2,7 +2,7 @@
 
 Calibrates the model on `--num-samples` blocks of `--seq-len` tokens (default: the shipped held-out
 text, `grape_jax/assets/kjv_heldout.txt`, blocks drawn with `--seed`), prints each MoE layer's
-`grape_jax.stats.routing_entropy` (entropy of the routed top-k slots over experts / log E; 1 =
+`grape_jax.calibration.stats.routing_entropy` (entropy of the routed top-k slots over experts / log E; 1 =
 balanced), the minimum over layers, and the token-weighted perplexity of the same blocks.
 
     python scripts/routing_entropy.py grape_jax/assets/demo_model
@@ -16,8 +16,8 @@ import json
 import sys
 
 import grape_jax as gj
-from grape_jax.data import DataError
-from grape_jax.stats import StatsError, routing_entropy
+from grape_jax.calibration.stats import StatsError, routing_entropy
+from grape_jax.data.text import DataError
 
 
 def measure(model_dir: str, *, data: list[str] | None, num_samples: int, seq_len: int, seed: int) -> dict:

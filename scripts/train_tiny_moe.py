@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from grape_jax.demo_model import shipped_path, train_demo_model
+from grape_jax.demo.model import shipped_path, train_demo_model
 
 
 def main() -> None:

@@ -40,8 +40,8 @@ def tiny_mixtral(tmp_path_factory) -> SavedModel:
 @pytest.fixture(scope="session")
 def tiny_mixtral_tok(tmp_path_factory) -> SavedModel:
     """A tiny Mixtral (8 experts, top-2) with a real tokenizer in its directory, for pipelines."""
-    from grape_jax.data import default_calibration_texts
-    from grape_jax.tokenizer import train_tokenizer
+    from grape_jax.data.text import default_calibration_texts
+    from grape_jax.data.tokenizer import train_tokenizer
     from tests.hf_models import build_model, save_model, tiny_mixtral_config
 
     tok = train_tokenizer(default_calibration_texts()[:60], vocab_size=300)

@@ -24,8 +24,8 @@ def run_pipeline(loaded, mesh, out: str) -> dict:
     import numpy as np
 
     from conversion.export import export_hf
-    from grape_jax.calibration import CalibrationOptions, calibrate
-    from grape_jax.merge import apply_plan
+    from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+    from grape_jax.merge.state import apply_plan
     from grape_jax.planners import make_plan
 
     blocks = pipeline_blocks(loaded.cfg.vocab_size)
@@ -49,7 +49,7 @@ def mid_export_failure(loaded, out: str) -> dict:
 
     max_shard_bytes = 60_000
     from conversion.families import family_by_name
-    from grape_jax.model import param_view
+    from grape_jax.core.model import param_view
 
     entries, sources = export_module.hf_entries(
         export_module.bind(family_by_name(loaded.info.family), loaded.cfg), param_view(loaded)
@@ -116,11 +116,11 @@ def main(argv=None) -> int:
         args.num_processes * args.local_devices
     ), (jax.process_count(), jax.devices())
 
-    import grape_jax.multihost as dist
+    import grape_jax.base.multihost as dist
     from conversion.load import load_hf
     from conversion.safetensors_io import CheckpointIndex
-    from grape_jax.model import param_view
-    from grape_jax.sharding import make_mesh
+    from grape_jax.core.model import param_view
+    from grape_jax.core.sharding import make_mesh
 
     reads: list[tuple[str, list[list[int]]]] = []
     original_read_slice = CheckpointIndex.read_slice

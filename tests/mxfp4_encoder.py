@@ -1,12 +1,12 @@
 """A NumPy MXFP4 encoder for the tests: writes GPT-OSS-style checkpoints whose decoding the loader must
-reproduce (the inverse of `conversion.mxfp4.decode_mxfp4`; grape-jax itself never writes MXFP4)."""
+reproduce (the inverse of `conversion.quant.mxfp4.decode_mxfp4`; grape-jax itself never writes MXFP4)."""
 
 from __future__ import annotations
 
 import numpy as np
 from jaxtyping import Float, UInt8
 
-from conversion.mxfp4 import _MAGNITUDES, BLOCK_SIZE, SCALE_BIAS
+from conversion.quant.mxfp4 import _MAGNITUDES, BLOCK_SIZE, SCALE_BIAS
 
 
 def _round_to_e2m1(magnitude: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from grape_jax.alignment import align_and_average, match_features, neuron_permutation, permute_expert
+from grape_jax.merge.alignment import align_and_average, match_features, neuron_permutation, permute_expert
 
 D, F = 12, 40
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conversion.load import load_hf
-from grape_jax.calibration import CalibrationInterrupted, CalibrationOptions, calibrate, output_gradients
-from grape_jax.model import param_view
-from grape_jax.sharding import make_mesh
-from grape_jax.stats import ModelStats, StatsError
+from grape_jax.calibration.calibrate import CalibrationInterrupted, CalibrationOptions, calibrate, output_gradients
+from grape_jax.calibration.stats import ModelStats, StatsError
+from grape_jax.core.model import param_view
+from grape_jax.core.sharding import make_mesh
 from tests.hf_models import random_tokens
 
 OPTS = CalibrationOptions(batch_size=2, token_chunk=16, cka="exact")
@@ -139,7 +139,7 @@ def test_bad_inputs(model, stats, tmp_path):
 def test_resume_after_interruption(model, blocks, tmp_path, monkeypatch, every):
     """Ctrl-C in the 4th of 4 batches: the accumulators of 3 are saved (periodically, or on the
     interrupt itself); a rerun computes only the last batch and gives the uninterrupted stats bit for bit."""
-    import grape_jax.calibration as cal
+    import grape_jax.calibration.calibrate as cal
 
     opts = CalibrationOptions(
         batch_size=1, token_chunk=16, cka="exact", checkpoint_every=int(every == "batch"), checkpoint_seconds=0
@@ -172,7 +172,7 @@ def test_resume_after_interruption(model, blocks, tmp_path, monkeypatch, every):
 
 def test_periodic_saves_by_time(model, blocks, tmp_path, monkeypatch):
     """checkpoint_seconds: a save whenever that much time has passed since the last one."""
-    import grape_jax.calibration as cal
+    import grape_jax.calibration.calibrate as cal
 
     saves = []
     real_save = cal.Progress.save
@@ -192,7 +192,7 @@ def test_periodic_saves_by_time(model, blocks, tmp_path, monkeypatch):
 @pytest.mark.parametrize("mesh_spec", [None, "fsdp=2,expert=4"])
 def test_one_compile_per_run(blocks, tiny_mixtral, mesh_spec):
     """Accumulators start where every step leaves them, so the jitted step compiles once, not twice."""
-    from grape_jax.calibration import calibration_step_jit
+    from grape_jax.calibration.calibrate import calibration_step_jit
 
     model = load_hf(tiny_mixtral.path, mesh=None if mesh_spec is None else make_mesh(mesh_spec))
     before = calibration_step_jit._cache_size()

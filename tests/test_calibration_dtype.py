@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from conversion.load import load_hf
-from grape_jax import layers, similarity
-from grape_jax.calibration import CalibrationOptions, calibrate, cast_for_compute, resolve_compute_dtype
-from grape_jax.model import param_view
+from grape_jax.calibration import similarity
+from grape_jax.calibration.calibrate import CalibrationOptions, calibrate, cast_for_compute, resolve_compute_dtype
+from grape_jax.core import transformer
+from grape_jax.core.model import param_view
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config
 from tests.test_families import HF_CONFIGS
 
@@ -61,14 +62,16 @@ def routings(loaded, blocks, dtype: str):
         recorded = []
 
         def moe_fn(p, h, m):
-            out, routing, _ = layers.moe_block(params, p, cfg, h, expert_dtype=jnp.dtype(dtype))
+            out, routing, _ = transformer.moe_block(params, p, cfg, h, expert_dtype=jnp.dtype(dtype))
             recorded.append(routing)
             return out
 
         mask = jnp.ones(tokens.shape, bool)
-        x = layers.embed(params, tokens)
+        x = transformer.embed(params, tokens)
         for layer in range(cfg.num_layers):
-            x = layers.decoder_layer(params, cfg, layer, x, layers.default_positions(mask), mask, moe_fn=moe_fn)
+            x = transformer.decoder_layer(
+                params, cfg, layer, x, transformer.default_positions(mask), mask, moe_fn=moe_fn
+            )
         return recorded
 
     return forward(param_view(loaded), jnp.asarray(blocks))

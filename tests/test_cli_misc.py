@@ -7,8 +7,8 @@ import os
 import numpy as np
 
 from conversion.families import FAMILIES
-from grape_jax.cli import main as grape
-from grape_jax.stats import LayerStats, ModelStats
+from grape_jax.calibration.stats import LayerStats, ModelStats
+from grape_jax.cli.main import main as grape
 
 
 def _stats(path):

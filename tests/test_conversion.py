@@ -15,9 +15,9 @@ from conversion.export import export_hf
 from conversion.families.base import ConversionError
 from conversion.load import load_hf
 from conversion.safetensors_io import CheckpointError, CheckpointIndex
-from grape_jax.cli import main as grape
-from grape_jax.model import param_view
-from grape_jax.sharding import make_mesh
+from grape_jax.cli.main import main as grape
+from grape_jax.core.model import param_view
+from grape_jax.core.sharding import make_mesh
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
 
 

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from grape_jax.data import DataError, default_calibration_texts, default_heldout_texts, load_texts, tokenize_and_pack
-from grape_jax.tokenizer import default_tokenizer, train_tokenizer
+from grape_jax.data.text import (
+    DataError,
+    default_calibration_texts,
+    default_heldout_texts,
+    load_texts,
+    tokenize_and_pack,
+)
+from grape_jax.data.tokenizer import default_tokenizer, train_tokenizer
 
 
 def test_shipped_texts_are_disjoint_and_sized():

@@ -19,9 +19,9 @@ from safetensors.numpy import load_file
 from conversion.load import load_hf
 from conversion.remote_code import modeling_pruned_moe as pruned
 from conversion.remote_code_export import write_remote_code
-from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.merge import apply_plan
-from grape_jax.model import param_view
+from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.core.model import param_view
+from grape_jax.merge.state import merge_model
 from grape_jax.pipeline import save_hf
 from grape_jax.planners import make_plan
 from tests import deepseek_reference as dsref
@@ -58,7 +58,7 @@ def export(request, tmp_path_factory):
         progress=False,
     )
     plan = make_plan(stats, method="grape", budget=BUDGET, guard="none", operator="freq")
-    merged = apply_plan(loaded, plan)
+    merged = merge_model(loaded, plan)
     out = save_hf(merged, root / "out")
     return dict(hf_cfg=hf_cfg, merged=merged, cfg=merged.cfg, out=out)
 

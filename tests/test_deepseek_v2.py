@@ -17,15 +17,15 @@ from conversion.export import export_hf
 from conversion.families import family_by_name, get_family
 from conversion.families.base import ConversionError
 from conversion.load import load_hf
-from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.config import ConfigError
-from grape_jax.merge import apply_plan
-from grape_jax.model import param_view
+from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.core.config import ConfigError
+from grape_jax.core.model import param_view
+from grape_jax.core.routing import route
+from grape_jax.core.sharding import make_mesh
+from grape_jax.merge.state import apply_plan
 from grape_jax.pipeline import save_hf
-from grape_jax.plan import PlanError
 from grape_jax.planners import make_plan
-from grape_jax.routing import route
-from grape_jax.sharding import make_mesh
+from grape_jax.planners.plan import PlanError
 from tests.hf_models import TINY, build_model, random_tokens, save_model, torch_logits
 from tests.test_families import _assert_same_tensors
 from tests.test_model_parity import assert_close_logits

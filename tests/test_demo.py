@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from grape_jax.cli import main as grape
+from grape_jax.cli.main import main as grape
 
 
 def _rows(path):
@@ -47,7 +47,7 @@ def test_demo_quick_shows_every_method(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_reproduce_paper_tiny(tiny_mixtral_tok, tmp_path):
-    from grape_jax.tasks import sample_task_path
+    from grape_jax.evaluation.tasks import sample_task_path
     from scripts.reproduce_paper import main
 
     out = tmp_path / "repro"

@@ -1,4 +1,4 @@
-"""Routed MoE dispatch (`grape_jax.dispatch`) against the dense all-experts path as the oracle: every
+"""Routed MoE dispatch (`grape_jax.core.dispatch`) against the dense all-experts path as the oracle: every
 family's router and expert features (shared experts and their gates, sigmoid + bias and group-limited
 routers, GPT-OSS biases and clamped SwiGLU), both grouped matmuls, 1 device and the simulated 8-device
 meshes with experts sharded (counts that divide the expert axis and counts that do not), gradients, and
@@ -16,12 +16,12 @@ import transformers
 from flax import nnx
 
 from conversion.families import get_family
-from grape_jax import dispatch, layers
-from grape_jax.config import MoEConfig
-from grape_jax.model import forward_jit, model_from_arrays
-from grape_jax.params import init_params, param_specs
-from grape_jax.sharding import RunContext, make_mesh
-from grape_jax.train import loss_fn
+from grape_jax.core import dispatch, transformer
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.model import forward_jit, model_from_arrays
+from grape_jax.core.params import init_params, param_specs
+from grape_jax.core.sharding import RunContext, make_mesh
+from grape_jax.demo.train import loss_fn
 from tests import deepseek_reference as dsref
 from tests.family_configs import NEW_CONFIGS
 from tests.hf_models import TINY
@@ -77,7 +77,7 @@ def moe_case(name: str, seed: int = 0):
 
 
 def moe_fn(cfg, p, kind):
-    return jax.jit(lambda params, x: layers.moe_output(params, p, cfg, x, dispatch=kind))
+    return jax.jit(lambda params, x: transformer.moe_output(params, p, cfg, x, dispatch=kind))
 
 
 def assert_close(a, b, rtol=2e-5):
@@ -134,7 +134,7 @@ def test_routed_gradients_match_dense(name):
     probe = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape, np.float32))
 
     def grads(kind):
-        loss = lambda params, x: jnp.sum(layers.moe_output(params, p, cfg, x, dispatch=kind) * probe)
+        loss = lambda params, x: jnp.sum(transformer.moe_output(params, p, cfg, x, dispatch=kind) * probe)
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
 
     ref_params, ref_x = grads("dense")
@@ -242,7 +242,7 @@ def _numpy_reference(params, p, cfg, x, indices, weights) -> np.ndarray:
         for e, g in zip(np.asarray(indices[t]), np.asarray(weights[t], np.float64), strict=True):
             gate, up = x[t] @ w["w_gate"][e] + w.get("b_gate", 0 * w["w_gate"][:, 0])[e], x[t] @ w["w_up"][e]
             up = up + (w["b_up"][e] if "b_up" in w else 0)
-            h = np.asarray(layers.swiglu(jnp.asarray(gate), jnp.asarray(up), cfg), np.float64)
+            h = np.asarray(transformer.swiglu(jnp.asarray(gate), jnp.asarray(up), cfg), np.float64)
             out[t] += g * (h @ w["w_down"][e] + (w["b_down"][e] if "b_down" in w else 0))
     return out
 
@@ -256,7 +256,7 @@ def test_skewed_routing_against_numpy(name):
     rng = np.random.default_rng(10)
     weights = jnp.asarray(rng.uniform(0.1, 1.0, (TOKENS, 2)), jnp.float32)
     routings = [np.tile([e - 1, 1], (TOKENS, 1)), np.stack([np.arange(TOKENS) % e, (np.arange(TOKENS) + 1) % e], 1)]
-    act = lambda gate, up: layers.swiglu(gate, up, cfg)
+    act = lambda gate, up: transformer.swiglu(gate, up, cfg)
     for indices in routings:
         indices = jnp.asarray(indices, jnp.int32)
         ref = _numpy_reference(params, p, cfg, x, indices, weights)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import grape_jax.evaluate as ev
+import grape_jax.evaluation.scoring as ev
 from conversion.load import load_hf
-from grape_jax.data import default_heldout_texts, tokenize_and_pack
-from grape_jax.evaluate import Example, multiple_choice, perplexity, score_requests
-from grape_jax.tasks import TASKS, TaskError, evaluate_tasks, load_task, sample_task_path
-from grape_jax.tokenizer import default_tokenizer
+from grape_jax.data.text import default_heldout_texts, tokenize_and_pack
+from grape_jax.data.tokenizer import default_tokenizer
+from grape_jax.evaluation.scoring import Example, multiple_choice, perplexity, score_requests
+from grape_jax.evaluation.tasks import TASKS, TaskError, evaluate_tasks, load_task, sample_task_path
 from tests.hf_models import random_tokens
 
 
@@ -298,7 +298,7 @@ def test_evaluate_tasks_and_errors(bigram, tmp_path):
 
 
 def test_mmlu_subject_header(tmp_path):
-    from grape_jax.tasks import load_task
+    from grape_jax.evaluation.tasks import load_task
 
     path = tmp_path / "mmlu.jsonl"
     path.write_text(

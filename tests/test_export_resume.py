@@ -11,9 +11,9 @@ import pytest
 
 from conversion.export import export_hf, params_fingerprint
 from conversion.load import load_hf
-from grape_jax.atomic import OutputExistsError
-from grape_jax.model import model_from_arrays, param_view
-from grape_jax.sharding import make_mesh
+from grape_jax.base.atomic import OutputExistsError
+from grape_jax.core.model import model_from_arrays, param_view
+from grape_jax.core.sharding import make_mesh
 
 SHARD = 60_000  # bytes: the tiny model splits into several files
 

@@ -22,10 +22,11 @@ from conversion.export import export_hf
 from conversion.families import FAMILIES, family_by_name, get_family
 from conversion.families.base import ConversionError, Interleaved, bind, hf_tensors
 from conversion.load import load_hf
-from conversion.mxfp4 import decode_mxfp4
-from grape_jax.model import param_view
-from grape_jax.routing import route
-from grape_jax.sharding import make_mesh
+from conversion.quant.bindings import read_bindings
+from conversion.quant.mxfp4 import decode_mxfp4
+from grape_jax.core.model import param_view
+from grape_jax.core.routing import route
+from grape_jax.core.sharding import make_mesh
 from tests import deepseek_reference as dsref
 from tests.family_configs import NEW_CONFIGS, build_llama4_multimodal
 from tests.hf_models import TINY, build_model, random_tokens, save_model, torch_logits
@@ -359,7 +360,7 @@ def test_quantised_checkpoint_of_other_family_is_refused(cases):
         with pytest.raises(ConversionError, match=f"quantization_config '{method}' is not supported"):
             bind(family, loaded.cfg, hf_config={"quantization_config": {"quant_method": method}})
     with pytest.raises(ConversionError, match="FP8 checkpoint needs its tensor index"):
-        bind(family, loaded.cfg, hf_config={"quantization_config": {"quant_method": "fp8"}})
+        read_bindings(family, loaded.cfg, {"quantization_config": {"quant_method": "fp8"}}, None)
 
 
 def test_deepseek_v3_router_matches_transformers(cases):

@@ -13,12 +13,12 @@ import pytest
 import transformers
 
 from conversion.load import load_hf
-from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.merge import apply_plan
-from grape_jax.model import param_view
+from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.core.model import param_view
+from grape_jax.merge.state import merge_model
 from grape_jax.pipeline import save_hf
-from grape_jax.plan import build_plan
 from grape_jax.planners import make_plan
+from grape_jax.planners.plan import build_plan
 from tests.family_configs import NEW_CONFIGS
 from tests.hf_models import TINY, build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
 from tests.test_families import HF_CONFIGS
@@ -62,7 +62,7 @@ def test_prune_quarter_export_and_reload(family, tmp_path):
     total = sum(cfg.num_experts)
     budget = total // 4
     plan = make_plan(stats, method="grape", budget=budget, guard="none", operator="freq")
-    merged = apply_plan(loaded, plan)
+    merged = merge_model(loaded, plan)
     new_cfg = merged.cfg
     assert sum(new_cfg.num_experts) == total - budget
     assert all(e % cfg.expert_count_multiple == 0 for e in new_cfg.num_experts)
@@ -105,7 +105,7 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, source_c
         progress=False,
     )
     plan = make_plan(stats, method="local", budget=len(stats.layers), operator="dominant")
-    merged = apply_plan(loaded, plan)
+    merged = merge_model(loaded, plan)
     new_cfg = merged.cfg
     out = save_hf(merged, str(tmp_path / "out"))
     exported_cfg = json.load(open(os.path.join(out, "config.json")))
@@ -141,7 +141,7 @@ def test_deepseek_moe_uniform_prune_matches_float64_reference(tmp_path, source_c
 def test_deepseek_v3_counts_must_be_multiples_of_n_group(tmp_path):
     """The one expert-count rule (`MoEConfig.expert_rule`) refuses counts the group-limited router cannot
     run: a config with them cannot even be built, so no merge or export can produce one."""
-    from grape_jax.config import ConfigError
+    from grape_jax.core.config import ConfigError
 
     cfg = transformers.DeepseekV3Config(
         **{**TINY, "num_key_value_heads": 4},
@@ -192,7 +192,7 @@ def test_non_uniform_prune_exports_load_through_remote_code(family, tmp_path):
         merged = cfg.expert_count_multiple if i == 0 else 0
         groups.append([[2 * k, 2 * k + 1] for k in range(merged)] + [[e] for e in range(2 * merged, ls.num_experts)])
     plan = build_plan(stats, groups, method="hand", budget=cfg.expert_count_multiple, operator="freq")
-    merged = apply_plan(loaded, plan)
+    merged = merge_model(loaded, plan)
     new_cfg = merged.cfg
     assert not new_cfg.is_uniform
     out = save_hf(merged, tmp_path / "out")

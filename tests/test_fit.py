@@ -11,18 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grape_jax import layers, merge
-from grape_jax.config import MoEConfig
-from grape_jax.fit import FitError, FitOptions, fit_inputs, fit_overrides
-from grape_jax.fit_accumulate import slot_targets
-from grape_jax.fit_check import calibration_nll, checked_steps
-from grape_jax.fit_solve import RIDGE_GRID, ridge_fit
-from grape_jax.merge import MergeError, MergeInputs
-from grape_jax.model import model_from_arrays, param_view
-from grape_jax.params import init_params
+from grape_jax.core import transformer
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.model import model_from_arrays, param_view
+from grape_jax.core.params import init_params
+from grape_jax.core.sharding import RunContext, make_mesh
+from grape_jax.fit.accumulate import slot_targets
+from grape_jax.fit.check import calibration_nll, checked_steps
+from grape_jax.fit.operator import FitError, FitOptions, fit_inputs, fit_overrides
+from grape_jax.fit.solve import RIDGE_GRID, ridge_fit
+from grape_jax.merge import state as merge
+from grape_jax.merge.state import MergeError, MergeInputs
 from grape_jax.pipeline import apply_plan, check_plan_request
-from grape_jax.plan import LayerPlan, Plan, PlanError
-from grape_jax.sharding import RunContext, make_mesh
+from grape_jax.planners.plan import LayerPlan, Plan, PlanError
 
 CFG = MoEConfig(
     family="mixtral",
@@ -83,13 +84,13 @@ def moe_inputs(params, cfg, blocks):
 
     def moe_fn(prefix, h, m):
         rec[int(prefix.split(".")[1])] = np.asarray(h, np.float64)
-        return layers.moe_block(params, prefix, cfg, h)[0]
+        return transformer.moe_block(params, prefix, cfg, h)[0]
 
     tokens = jnp.asarray(blocks)
     mask = jnp.ones(tokens.shape, bool)
-    x = layers.embed(params, tokens)
+    x = transformer.embed(params, tokens)
     for layer in range(cfg.num_layers):
-        x = layers.decoder_layer(params, cfg, layer, x, layers.default_positions(mask), mask, moe_fn=moe_fn)
+        x = transformer.decoder_layer(params, cfg, layer, x, transformer.default_positions(mask), mask, moe_fn=moe_fn)
     return rec, np.repeat(np.arange(blocks.shape[0]), blocks.shape[1])
 
 

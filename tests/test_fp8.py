@@ -19,15 +19,15 @@ from safetensors.torch import save_file as torch_save
 
 from conversion.export import export_hf
 from conversion.families.base import ConversionError
-from conversion.fp8 import FP8, dequantize_fp8, quantize_fp8
 from conversion.load import load_hf
+from conversion.quant.fp8 import FP8, dequantize_fp8, quantize_fp8
 from conversion.safetensors_io import CheckpointError
-from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.merge import apply_plan
-from grape_jax.model import model_from_arrays, param_view
+from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.core.model import model_from_arrays, param_view
+from grape_jax.core.sharding import make_mesh
+from grape_jax.merge.state import apply_plan
 from grape_jax.pipeline import save_hf
-from grape_jax.plan import build_plan
-from grape_jax.sharding import make_mesh
+from grape_jax.planners.plan import build_plan
 from tests.family_configs import NEW_CONFIGS
 from tests.hf_models import TINY, build_model, random_tokens, save_model, torch_logits
 from tests.test_model_parity import assert_close_logits
@@ -345,7 +345,7 @@ def test_truncated_scale_file_and_fp8_export_of_a_bf16_source_are_refused(tmp_pa
 def test_cli_convert_merge_export_fp8(tmp_path, minimax, capsys):
     """`grape convert -> merge -> export --quantize fp8`: the merged checkpoint's plan tells export which
     experts are unchanged copies, so they keep their bytes."""
-    from grape_jax.cli import main as grape
+    from grape_jax.cli.main import main as grape
 
     loaded = load_hf(minimax)
     stats = calibrate(

@@ -12,12 +12,15 @@ import optax
 import pytest
 from flax import nnx
 
-import grape_jax.heal_loop as heal_loop
-import grape_jax.heal_step as heal_step
+import grape_jax.heal.loop as heal_loop
+import grape_jax.heal.step as heal_step
 from conversion.checkpoint import restore_checkpoint, save_checkpoint
-from grape_jax import layers
-from grape_jax.config import MoEConfig
-from grape_jax.distill import (
+from grape_jax.calibration.stats import neutral_stats
+from grape_jax.core import transformer
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.model import ModelInfo, init_model, param_view
+from grape_jax.core.sharding import RunContext, make_mesh
+from grape_jax.heal.distill import (
     batch_rows,
     distill_loss,
     healing_optimizer,
@@ -25,16 +28,13 @@ from grape_jax.distill import (
     trainable_masks,
     warmup_cosine,
 )
-from grape_jax.heal_loop import budget_horizon
-from grape_jax.heal_step import TrainStep
-from grape_jax.healing import HealError, HealInterrupted, HealOptions, cache_teacher_logits, forward, heal
-from grape_jax.merge import apply_plan
-from grape_jax.model import ModelInfo, init_model, param_view
+from grape_jax.heal.healing import HealError, HealInterrupted, HealOptions, cache_teacher_logits, heal, model_logits
+from grape_jax.heal.loop import budget_horizon
+from grape_jax.heal.step import TrainStep
+from grape_jax.merge.state import apply_plan
+from grape_jax.passes.resume import Progress, ResumeError
 from grape_jax.planners import make_plan
-from grape_jax.recipe import build_recipe, model_card
-from grape_jax.resume import Progress, ResumeError
-from grape_jax.sharding import RunContext, make_mesh
-from grape_jax.stats import neutral_stats
+from grape_jax.report.recipe import build_recipe, model_card
 
 CFG = MoEConfig(
     family="mixtral",
@@ -125,9 +125,9 @@ def test_data_order_is_a_function_of_seed_and_step():
 
 def _reference_loss(params, teacher_params, tokens, *, lm_weight, temperature):
     """KL(teacher || student) at temperature T (times T²) + lm_weight * next-token NLL, written out."""
-    raw = layers.forward(params, CFG1, tokens)[:, :-1]
+    raw = transformer.forward(params, CFG1, tokens)[:, :-1]
     s = raw / temperature
-    t = layers.forward(teacher_params, CFG1, tokens)[:, :-1] / temperature
+    t = transformer.forward(teacher_params, CFG1, tokens)[:, :-1] / temperature
     p_t = jnp.exp(t - jax.scipy.special.logsumexp(t, axis=-1, keepdims=True))
     log_q = s - jax.scipy.special.logsumexp(s, axis=-1, keepdims=True)
     kl = jnp.mean(jnp.sum(p_t * (jnp.log(p_t) - log_q), axis=-1)) * temperature**2
@@ -523,7 +523,7 @@ def test_optimizer_state_is_sharded_like_the_parameters():
         loss=distill_loss,
         optimizer=healing_optimizer,
         schedule=warmup_cosine,
-        forward=forward,
+        forward=model_logits,
     )
     carry = step.init_carry()
     flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(carry)}

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import transformers
 
-import grape_jax.cli_heal as cli_heal
+import grape_jax.cli.heal as cli_heal
 from conversion.load import load_hf
-from grape_jax.cli import main as grape
-from grape_jax.data import DataSpec
-from grape_jax.healing import HealInterrupted, HealOptions, heal
-from grape_jax.model import param_view
+from grape_jax.cli.main import main as grape
+from grape_jax.core.model import param_view
+from grape_jax.core.sharding import make_mesh
+from grape_jax.data.text import DataSpec
+from grape_jax.heal.healing import HealInterrupted, HealOptions, heal
 from grape_jax.pipeline import blocks_for, save_hf
 from grape_jax.planners import DEFAULT_METHOD
-from grape_jax.sharding import make_mesh
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
 from tests.test_model_parity import assert_close_logits
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from grape_jax.stats import ModelStats
+from grape_jax.calibration.stats import ModelStats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = ["--num-samples", "24", "--seq-len", "32", "--batch-size", "8", "--token-chunk", "64", "--cka", "exact"]
@@ -27,7 +27,7 @@ def _grape(*args, env_extra=None):
     )
     env.update(env_extra or {})
     return subprocess.Popen(
-        [sys.executable, "-m", "grape_jax.cli", *args],
+        [sys.executable, "-m", "grape_jax.cli.main", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -10,8 +10,8 @@ import torch
 
 from conversion import load as load_module
 from conversion.load import load_hf
-from grape_jax.model import param_view
-from grape_jax.sharding import make_mesh
+from grape_jax.core.model import param_view
+from grape_jax.core.sharding import make_mesh
 from tests.hf_models import build_model, save_model, tiny_mixtral_config
 
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grape_jax.alignment import align_and_average
-from grape_jax.config import MoEConfig
-from grape_jax.merge import MergeError, MergeInputs, apply_plan, merge_inputs, merge_state
-from grape_jax.model import ModelInfo, abstract_model, init_model, model_from_arrays, param_view, state_shardings
-from grape_jax.params import init_params
-from grape_jax.plan import LayerPlan, Plan
-from grape_jax.sharding import RunContext, make_mesh
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.model import ModelInfo, abstract_model, init_model, model_from_arrays, param_view, state_shardings
+from grape_jax.core.params import init_params
+from grape_jax.core.sharding import RunContext, make_mesh
+from grape_jax.merge.alignment import align_and_average
+from grape_jax.merge.state import MergeError, MergeInputs, apply_plan, merge_inputs, merge_state
+from grape_jax.planners.plan import LayerPlan, Plan
 
 BASE = MoEConfig(
     family="mixtral",

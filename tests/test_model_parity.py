@@ -10,10 +10,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conversion.load import load_hf
-from grape_jax import layers
-from grape_jax.model import abstract_model, param_view
-from grape_jax.params import param_specs
-from grape_jax.sharding import make_mesh
+from grape_jax.core import transformer
+from grape_jax.core.model import abstract_model, param_view
+from grape_jax.core.params import param_specs
+from grape_jax.core.sharding import make_mesh
 from tests.hf_models import random_tokens, torch_logits
 
 
@@ -83,7 +83,7 @@ def test_nnx_model_is_the_parameter_table(tiny_mixtral, tokens):
     block = model.layers[1].mlp
     np.testing.assert_allclose(
         np.asarray(block(jnp.asarray(x))),
-        np.asarray(layers.moe_block(param_view(model), "layers.1.mlp.", model.cfg, x)[0]),
+        np.asarray(transformer.moe_block(param_view(model), "layers.1.mlp.", model.cfg, x)[0]),
         rtol=1e-6,
         atol=1e-6,
     )
@@ -133,7 +133,7 @@ def test_moe_block_with_any_expert_count_matches_float64_reference(tiny_mixtral,
     }
     x = np.random.default_rng(0).normal(size=(10, model.cfg.hidden_size)).astype(np.float32)
     cfg = model.cfg.with_num_experts((4, num_experts))
-    out, routing, y_all = jax.jit(layers.moe_block, static_argnums=(1, 2))(
+    out, routing, y_all = jax.jit(transformer.moe_block, static_argnums=(1, 2))(
         {k: jnp.asarray(v) for k, v in sub.items()}, p, cfg, jnp.asarray(x)
     )
     ref = _moe_reference(x, sub[p + "router"], sub[p + "w_gate"], sub[p + "w_up"], sub[p + "w_down"], cfg.top_k)

@@ -109,7 +109,7 @@ def test_two_processes_load_own_slices_and_export_like_one(tmp_path):
 
     from conversion.export import export_hf
     from conversion.load import load_hf
-    from grape_jax.sharding import make_mesh
+    from grape_jax.core.sharding import make_mesh
     from tests.hf_models import build_model, save_model, tiny_mixtral_config
 
     model = build_model(tiny_mixtral_config(num_local_experts=8), seed=3, dtype=torch.bfloat16)

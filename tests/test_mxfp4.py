@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from conversion.mxfp4 import decode_mxfp4
+from conversion.quant.mxfp4 import decode_mxfp4
 from tests.mxfp4_encoder import encode_mxfp4
 
 

@@ -19,8 +19,8 @@ from conversion.export import export_hf
 from conversion.families import get_family
 from conversion.families.base import ConversionError
 from conversion.load import load_hf
-from grape_jax.model import param_view
-from grape_jax.routing import route
+from grape_jax.core.model import param_view
+from grape_jax.core.routing import route
 from tests.family_configs import NEW_CONFIGS, build_llama4_multimodal
 from tests.hf_models import TINY, build_model, random_tokens, save_model, torch_logits
 from tests.test_model_parity import assert_close_logits

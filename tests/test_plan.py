@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from grape_jax.config import ExpertCountRule
-from grape_jax.plan import LayerPlan, Plan, PlanError, build_plan, group_weights, layer_plan
-from grape_jax.stats import LayerStats, ModelStats
+from grape_jax.calibration.stats import LayerStats, ModelStats
+from grape_jax.core.config import ExpertCountRule
+from grape_jax.planners.plan import LayerPlan, Plan, PlanError, build_plan, group_weights, layer_plan
 
 
 def stats_of(freqs, top_k=1):

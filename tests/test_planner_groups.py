@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grape_jax.plan import PlanError
+from grape_jax.calibration.stats import ModelStats
 from grape_jax.planners import PLANNERS, make_plan
 from grape_jax.planners.common import floors, snap_allocation, uniform_allocation
-from grape_jax.stats import ModelStats
+from grape_jax.planners.plan import PlanError
 from tests.test_planners import FAST, option_strategy, random_stats
 
 
@@ -134,7 +134,7 @@ def test_group_fields_survive_the_stats_file(tmp_path):
 
 
 def test_stats_refuse_counts_off_the_multiple():
-    from grape_jax.stats import StatsError
+    from grape_jax.calibration.stats import StatsError
 
     with pytest.raises(StatsError, match=r"layer 0 keeps 6 experts; .* and a multiple of 4 \(n_group\)"):
         grouped(random_stats(1, 6, 2, seed=5), multiple=4, min_count=4).validate()

@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from grape_jax.config import ExpertCountRule
-from grape_jax.plan import Plan, PlanError
+from grape_jax.calibration.stats import LayerStats, ModelStats
+from grape_jax.core.config import ExpertCountRule
 from grape_jax.planners import DEFAULT_METHOD, PLANNERS, budget_from_per_layer, make_plan, planner_options
 from grape_jax.planners.common import normalised_entropy
 from grape_jax.planners.grape_l import loss_cost
 from grape_jax.planners.grape_r import substitution_cost
-from grape_jax.stats import LayerStats, ModelStats
+from grape_jax.planners.plan import Plan, PlanError
 
 FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -12,18 +12,18 @@ import pytest
 import transformers
 
 from conversion.load import load_hf
-from grape_jax.calibration import CalibrationOptions
-from grape_jax.cli import main as grape
-from grape_jax.data import DataSpec
-from grape_jax.evaluate import perplexity
-from grape_jax.fit import FitOptions
-from grape_jax.merge import MergeError, MergeInputs, apply_plan
-from grape_jax.model import param_view
-from grape_jax.params import count_params
+from grape_jax.calibration.calibrate import CalibrationOptions
+from grape_jax.cli.main import main as grape
+from grape_jax.core.model import param_view
+from grape_jax.core.params import count_params
+from grape_jax.data.text import DataSpec
+from grape_jax.evaluation.scoring import perplexity
+from grape_jax.fit.operator import FitOptions
+from grape_jax.merge.state import MergeError, MergeInputs, apply_plan
 from grape_jax.pipeline import apply_plan as fit_apply_plan
 from grape_jax.pipeline import blocks_for
-from grape_jax.plan import Plan
 from grape_jax.planners import DEFAULT_METHOD
+from grape_jax.planners.plan import Plan
 from tests.hf_models import random_tokens, torch_logits
 from tests.test_model_parity import assert_close_logits
 

@@ -14,11 +14,11 @@ import torch
 import transformers
 
 import grape_jax.pipeline as pipeline_module
-from grape_jax import calibration as calibration_module
-from grape_jax.cli import main as grape
-from grape_jax.data import DataSpec, default_heldout_texts
+from grape_jax.calibration import calibrate as calibration_module
+from grape_jax.calibration.stats import ModelStats
+from grape_jax.cli.main import main as grape
+from grape_jax.data.text import DataSpec, default_heldout_texts
 from grape_jax.planners import DEFAULT_METHOD
-from grape_jax.stats import ModelStats
 from tests.hf_models import build_model, save_model
 
 DATA = ["--num-samples", "6", "--seq-len", "32", "--batch-size", "3", "--token-chunk", "48"]
@@ -208,7 +208,7 @@ def test_ctrl_c_elsewhere_is_one_line(tiny_mixtral_tok, tmp_path, capsys, monkey
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("grape_jax.cli_model.load_hf", interrupt)
+    monkeypatch.setattr("grape_jax.cli.models.load_hf", interrupt)
     assert grape(["convert", tiny_mixtral_tok.path, str(tmp_path / "ckpt")]) == 130
     assert "interrupted; nothing of this command was saved" in _one_line_error(capsys)
 
@@ -292,7 +292,7 @@ def test_stats_prints_shares_that_sum_to_one(tmp_path, capsys):
 
 
 def test_plots_tick_integers_under_their_bars(tmp_path, monkeypatch):
-    from grape_jax import plots
+    from grape_jax.report import plots
 
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, plt, path: figures.append(fig))

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import grape_jax as gj
-from grape_jax.stats import LayerStats, StatsError, routing_entropy
+from grape_jax.calibration.stats import LayerStats, StatsError, routing_entropy
 from scripts.routing_entropy import main as routing_entropy_main
 from scripts.routing_entropy import measure
 

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 
 from conversion.safetensors_io import CheckpointError, CheckpointIndex, dtype_to_numpy, numpy_to_dtype
 from conversion.safetensors_write import ShardPlan, TensorEntry, plan_shards, write_checkpoint
-from grape_jax.atomic import OutputExistsError, atomic_output_dir, atomic_write_json, atomic_write_text
+from grape_jax.base.atomic import OutputExistsError, atomic_output_dir, atomic_write_json, atomic_write_text
 
 # safetensors dtype -> (torch dtype, numpy dtype); torch is the oracle's own type system.
 DTYPES = {

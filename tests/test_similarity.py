@@ -1,4 +1,4 @@
-"""Streaming expert statistics (grape_jax.similarity) against float64 NumPy references."""
+"""Streaming expert statistics (grape_jax.calibration.similarity) against float64 NumPy references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from grape_jax import similarity as S
+from grape_jax.calibration import similarity as S
 
 E, T, D = 4, 24, 6
 update = jax.jit(S.update_accumulators)

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
-from conversion.mxfp4 import decode_mxfp4
+from conversion.quant.mxfp4 import decode_mxfp4
 from conversion.transpose import transposed
-from grape_jax.config import MoEConfig
-from grape_jax.params import ParamSpec, param_specs
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.params import ParamSpec, param_specs
 
 Index = tuple[slice, ...]
 SliceReader = Callable[[Index], np.ndarray]
@@ -143,7 +143,7 @@ class LeadingUnitAxis:
 class Mxfp4:
     """Our `[E, in, out]` expert tensor from MXFP4 `<key>_blocks` `[E, out', in/32, 16]` and
     `<key>_scales` `[E, out', in/32]` (`out' = out * parts`; `part` picks interleaved columns as in
-    `Interleaved`). Decoded per requested expert slice with `conversion.mxfp4` (transformers' values)
+    `Interleaved`). Decoded per requested expert slice with `conversion.quant.mxfp4` (transformers' values)
     to `dtype` (GPT-OSS's bf16). Read-only: exports write the dequantised tensor."""
 
     part: int = 0
@@ -329,13 +329,13 @@ def bind(
     cfg: MoEConfig,
     *,
     hf_config: Mapping[str, Any] | None = None,
-    stored: Container[str] | None = None,
 ) -> dict[str, Binding]:
     """Bind every parameter of `cfg`'s table to its HF key(s); each parameter exactly once.
 
-    Pass the checkpoint's `hf_config` when *reading* (quantised checkpoints bind to their stored
-    tensors; FP8 ones also need `stored`, the checkpoint's tensor names, to see which weights carry
-    scales); export binds without it and writes the dequantised layout."""
+    Pass the checkpoint's `hf_config` when *reading* a checkpoint whose family has a quantised table
+    (MXFP4); export binds without it and writes the dequantised layout. FP8 block quantisation binds
+    through the plain table: `conversion.quant.read_bindings` (what loading uses) then swaps in the
+    dequantising reads."""
     specs = param_specs(cfg)
     bindings: dict[str, Binding] = {}
     rules = family_rules(family, cfg, hf_config)
@@ -355,10 +355,6 @@ def bind(
         else:
             keys = (_instantiate(rule.hf, **values),)
         bindings[name] = Binding(name, spec, keys, rule.transform, rule.per_expert)
-    if quant_method(hf_config) == "fp8":
-        from conversion.fp8 import fp8_bindings  # noqa: PLC0415  (deferred: conversion.fp8 builds on this module)
-
-        return fp8_bindings(bindings, hf_config["quantization_config"], stored)
     return bindings
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from conversion.families.base import TRANSPOSE, ConversionError, KeyRule, require
 from conversion.families.hf_rope import rope_fields
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 LP, HP = "layers.{l}.", "model.layers.{l}."
 

@@ -1,5 +1,5 @@
 """DeepSeek-V2 (`DeepseekV2ForCausalLM`, transformers-native; V2, V2-Lite, V2.5 configs): multi-head
-latent attention exactly as DeepSeek-V3 (`grape_jax.mla`, `q_lora_rank: null` for V2-Lite) with
+latent attention exactly as DeepSeek-V3 (`grape_jax.core.mla`, `q_lora_rank: null` for V2-Lite) with
 interleaved RoPE pairs (transformers rotates complex pairs (x0, x1), (x2, x3), ...; YaRN scales the
 cos/sin by its attention factor and the softmax scale by mscale(mscale_all_dim)^2); softmax router
 scores (no score-correction bias) with `topk_method` 'greedy' (plain top-k) or
@@ -34,8 +34,8 @@ from conversion.families.common import (
 )
 from conversion.families.deepseek_v3 import mla_rules
 from conversion.families.hf_rope import rope_params
-from grape_jax.config import MoEConfig
-from grape_jax.rope import yarn_mscale
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.rope import yarn_mscale
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 

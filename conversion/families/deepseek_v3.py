@@ -1,5 +1,5 @@
 """DeepSeek-V3 (`DeepseekV3ForCausalLM`, transformers-native; also V2-Lite-style configs with
-`q_lora_rank: null`): multi-head latent attention (`grape_jax.mla`) with interleaved RoPE on the
+`q_lora_rank: null`): multi-head latent attention (`grape_jax.core.mla`) with interleaved RoPE on the
 rotary part, sigmoid router scores plus `e_score_correction_bias` for selection only, group-limited
 top-k (`n_group`, `topk_group`), renormalisation iff `norm_topk_prob`, times `routed_scaling_factor`;
 the first `first_k_dense_replace` layers are dense; `n_shared_experts` shared experts (one MLP).
@@ -33,8 +33,8 @@ from conversion.families.common import (
     update_counts,
 )
 from conversion.families.hf_rope import rope_params
-from grape_jax.config import MoEConfig
-from grape_jax.rope import yarn_mscale
+from grape_jax.core.config import MoEConfig
+from grape_jax.core.rope import yarn_mscale
 
 
 def _check_router(hf: Mapping[str, Any]) -> None:

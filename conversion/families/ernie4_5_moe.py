@@ -27,7 +27,7 @@ from conversion.families.common import (
     top_rules,
     update_counts,
 )
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 
 def moe_layers(hf: Mapping[str, Any], num_layers: int):

@@ -24,7 +24,7 @@ from conversion.families.common import (
 )
 from conversion.families.deepseek_v3 import moe_rules
 from conversion.families.hf_rope import partial_rotary_dim
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:

@@ -34,7 +34,7 @@ from conversion.families.common import (
     top_rules,
     update_counts,
 )
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from conversion.families.base import ConversionError, require
-from grape_jax.rope import yarn_mscale
+from grape_jax.core.rope import yarn_mscale
 
 
 def rope_params(hf: Mapping[str, Any]) -> dict[str, Any]:

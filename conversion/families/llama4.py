@@ -35,7 +35,7 @@ from conversion.families.common import (
     swiglu_rules,
     update_counts,
 )
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 TEXT_ARCH, TEXT_TYPE = "Llama4ForCausalLM", "llama4_text"
 

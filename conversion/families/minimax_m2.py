@@ -20,7 +20,7 @@ from conversion.families.common import (
     update_counts,
 )
 from conversion.families.hf_rope import partial_rotary_dim
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 HEAD_DIM = 128  # MiniMaxM2Config's default
 

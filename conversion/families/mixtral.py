@@ -7,7 +7,7 @@ from typing import Any
 
 from conversion.families.base import TRANSPOSE, Family, KeyRule, require
 from conversion.families.hf_rope import rope_theta
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:

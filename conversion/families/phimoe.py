@@ -28,7 +28,7 @@ from conversion.families.common import (
     update_counts,
 )
 from conversion.families.hf_rope import rope_params
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> MoEConfig:

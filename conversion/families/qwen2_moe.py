@@ -17,7 +17,7 @@ from conversion.families.common import (
     top_rules,
     update_counts,
 )
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 
 def sparse_layers(hf: Mapping[str, Any], count: int):

@@ -17,7 +17,7 @@ from conversion.families.common import (
     update_counts,
 )
 from conversion.families.qwen2_moe import sparse_layers
-from grape_jax.config import MoEConfig
+from grape_jax.core.config import MoEConfig
 
 COUNT_KEYS = ("num_experts", "num_local_experts")  # released configs / transformers 5's attribute
 

@@ -1,7 +1,7 @@
 """Planners: pure functions (stats, *, budget, **options) -> Plan, and the registry the CLI uses.
 
 Budget B = experts removed in total over all MoE layers; every layer keeps at least
-max(top_k, min_experts). Every planner takes `operator` and `router_rule` (see grape_jax.plan); defaults:
+max(top_k, min_experts). Every planner takes `operator` and `router_rule` (see grape_jax.planners.plan); defaults:
   grape, local, hc-smoe, m-smoe   operator 'freq' (frequency-weighted average of each group)
   grape-r                         operator 'dominant' (its cost model serves a group by its representative)
   grape-l                         operator 'fit' (down projections fitted on calibration data at merge time)
@@ -16,13 +16,13 @@ import dataclasses
 import inspect
 from collections.abc import Callable
 
-from grape_jax.plan import Plan, PlanError
+from grape_jax.calibration.stats import ModelStats
 from grape_jax.planners.clustering import hc_smoe, m_smoe
 from grape_jax.planners.grape import grape, local
 from grape_jax.planners.grape_l import grape_l
 from grape_jax.planners.grape_r import grape_r
+from grape_jax.planners.plan import Plan, PlanError
 from grape_jax.planners.scores import frequency, random, reap
-from grape_jax.stats import ModelStats
 
 PLANNERS: dict[str, Callable[..., Plan]] = {
     "grape": grape,

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from grape_jax.plan import Plan, build_plan
+from grape_jax.calibration.stats import ModelStats
 from grape_jax.planners.common import check_choice, floors, uniform_allocation
 from grape_jax.planners.grape import MERGE_OPERATORS, LayerClusters
-from grape_jax.stats import ModelStats
+from grape_jax.planners.plan import Plan, build_plan
 
 
 def hc_smoe(

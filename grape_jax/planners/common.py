@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from grape_jax.plan import PlanError
-from grape_jax.stats import ModelStats
+from grape_jax.calibration.stats import ModelStats
+from grape_jax.planners.plan import PlanError
 
 GUARDS = ("entropy", "none", "cap")
 

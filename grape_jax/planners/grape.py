@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Float
 
-from grape_jax.plan import OPERATORS, Plan, build_plan
+from grape_jax.calibration.stats import ModelStats
 from grape_jax.planners.common import (
     EntropyGuard,
     UnionFind,
@@ -44,10 +44,10 @@ from grape_jax.planners.common import (
     snap_allocation,
     uniform_allocation,
 )
-from grape_jax.stats import ModelStats
+from grape_jax.planners.plan import OPERATORS, Plan, build_plan
 
 LINKAGES = ("single-zero", "average")
-MERGE_OPERATORS = OPERATORS  # every way a group becomes one expert (see grape_jax.plan)
+MERGE_OPERATORS = OPERATORS  # every way a group becomes one expert (see grape_jax.planners.plan)
 
 
 class LayerClusters:

@@ -3,7 +3,7 @@
 grape-r's cost is the squared error a merge adds to the layer's own output; an error in an early layer
 is then counted like the same error in the last one, although it passes through every later layer
 before it reaches the logits. grape-l weighs each token's error by the loss gradient at that layer's
-output instead (calibration option `gradients`, `grape_jax.similarity`): with u_j(t) = ∂L/∂out(t) · y_j(t),
+output instead (calibration option `gradients`, `grape_jax.calibration.similarity`): with u_j(t) = ∂L/∂out(t) · y_j(t),
 serving expert i's routed tokens with expert j changes the loss by about g_i(t)(u_j(t) - u_i(t)) on
 token t, so
 
@@ -16,7 +16,7 @@ the rest of the network. 'fisher' is the empirical-Fisher (second-order) estimat
 the first-order sum is an option only, because signed per-token terms cancel and make it noisy. Groups,
 representatives, the entropy-guard options and group-limited rounding are grape-r's
 (`grape_r.cheapest_absorption`); the default operator is 'fit' (each merged layer's down projections
-fitted on calibration data at merge time, `grape_jax.fit`).
+fitted on calibration data at merge time, `grape_jax.fit.operator`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Float
 
-from grape_jax.plan import OPERATORS, Plan, PlanError, build_plan
+from grape_jax.calibration.stats import LayerStats, ModelStats
 from grape_jax.planners.common import check_choice, floors
 from grape_jax.planners.grape_r import cheapest_absorption
-from grape_jax.stats import LayerStats, ModelStats
+from grape_jax.planners.plan import OPERATORS, Plan, PlanError, build_plan
 
 LOSS_COSTS = ("fisher", "taylor")
 

@@ -33,12 +33,12 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Float
 
-from grape_jax.plan import OPERATORS, Plan, PlanError, build_plan
+from grape_jax.calibration.stats import LayerStats, ModelStats
 from grape_jax.planners.common import EntropyGuard, check_budget, check_choice, floors, snap_allocation
-from grape_jax.stats import LayerStats, ModelStats
+from grape_jax.planners.plan import OPERATORS, Plan, PlanError, build_plan
 
 NORMALISATIONS = ("energy", "none")
-MERGE_OPERATORS = OPERATORS  # every way a group becomes one expert (see grape_jax.plan)
+MERGE_OPERATORS = OPERATORS  # every way a group becomes one expert (see grape_jax.planners.plan)
 
 
 def substitution_cost(ls: LayerStats, normalise: str = "energy") -> Float[np.ndarray, "experts experts"]:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Float
 
-from grape_jax.plan import OPERATORS, Plan, build_plan
+from grape_jax.calibration.stats import ModelStats
 from grape_jax.planners.common import check_budget, check_choice, floors, snap_allocation, uniform_allocation
-from grape_jax.stats import ModelStats
+from grape_jax.planners.plan import OPERATORS, Plan, build_plan
 
 PRUNE_OPERATORS = ("drop",) + OPERATORS
 

@@ -1,0 +1,1 @@
+"""Method layer: calibration (routing statistics, expert-output similarity, gradient sensitivities)."""

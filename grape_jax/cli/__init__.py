@@ -1,0 +1,1 @@
+"""App layer: the `grape` command line, a table of commands over the Python API."""

@@ -1,0 +1,1 @@
+"""App layer: text files to token blocks, and tokenizers."""

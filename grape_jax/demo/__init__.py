@@ -1,0 +1,1 @@
+"""App layer: the embedded demo model and the small trainer that made it."""

@@ -1,0 +1,1 @@
+"""Method layer: perplexity and multiple-choice scoring."""

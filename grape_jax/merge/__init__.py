@@ -1,0 +1,1 @@
+"""Method layer: the pure merge of a model state by a plan, and neuron alignment."""

@@ -1,0 +1,1 @@
+"""Method layer: the one engine for streamed passes over token blocks, and resumable progress."""

@@ -1,0 +1,1 @@
+"""App layer: recipes and model cards, method comparisons, plots."""
