@@ -31,7 +31,7 @@ from grape_jax.cli.args import parse_int_list, parse_scalar
 from grape_jax.data.text import DataSpec
 from grape_jax.evaluation.scoring import perplexity
 from grape_jax.fit.operator import FitOptions, fit_overrides
-from grape_jax.merge.state import MergeInputs, apply_plan, merge_inputs
+from grape_jax.merge.state import MergeInputs, merge_inputs, merge_model
 from grape_jax.pipeline import blocks_for, load_model
 from grape_jax.planners import DEFAULT_METHOD, make_plan
 
@@ -148,7 +148,7 @@ def merge_with_diagnostics(model, plan, blocks, fit_options):
     """The merged model, and for operator 'fit' the per-layer diagnostics (ridge chosen, residual before and
     after, step chosen by the calibration loss)."""
     if plan.operator != "fit":
-        return apply_plan(model, plan, inputs=merge_inputs(model, plan)), None
+        return merge_model(model, plan, inputs=merge_inputs(model, plan)), None
     overrides, diag = fit_overrides(model, plan, blocks, options=fit_options)
     for layer, d in diag.items():
         print(
@@ -156,7 +156,7 @@ def merge_with_diagnostics(model, plan, blocks, fit_options):
             f"{d['relative_residual_after']:.3f}, ridge {d['ridge']}, step {d.get('step')}",
             flush=True,
         )
-    return apply_plan(model, plan, inputs=MergeInputs(overrides=overrides)), {str(k): v for k, v in diag.items()}
+    return merge_model(model, plan, inputs=MergeInputs(overrides=overrides)), {str(k): v for k, v in diag.items()}
 
 
 def _append(path: str, row: dict) -> None:

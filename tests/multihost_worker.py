@@ -25,7 +25,7 @@ def run_pipeline(loaded, mesh, out: str) -> dict:
 
     from conversion.export import export_hf
     from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
-    from grape_jax.merge.state import apply_plan
+    from grape_jax.merge.state import merge_model
     from grape_jax.planners import make_plan
 
     blocks = pipeline_blocks(loaded.cfg.vocab_size)
@@ -33,7 +33,7 @@ def run_pipeline(loaded, mesh, out: str) -> dict:
         loaded, blocks, progress=False, options=CalibrationOptions(batch_size=8, token_chunk=32, cka="exact")
     )
     plan = make_plan(stats, method="grape", budget=3, operator="aligned", guard="none")  # aligned: collectives too
-    merged = apply_plan(loaded, plan)
+    merged = merge_model(loaded, plan)
     export_hf(merged, out)
     return {"kept": list(plan.kept_per_layer), "freq": [np.round(ls.freq, 9).tolist() for ls in stats.layers]}
 

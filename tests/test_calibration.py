@@ -173,12 +173,13 @@ def test_resume_after_interruption(model, blocks, tmp_path, monkeypatch, every):
 def test_periodic_saves_by_time(model, blocks, tmp_path, monkeypatch):
     """checkpoint_seconds: a save whenever that much time has passed since the last one."""
     import grape_jax.calibration.calibrate as cal
+    import grape_jax.passes.engine as engine
 
     saves = []
     real_save = cal.Progress.save
     monkeypatch.setattr(cal.Progress, "save", lambda self, carry, n, **kw: (saves.append(n), real_save(self, carry, n)))
     clock = iter(range(0, 1000, 40))  # each call to the clock advances 40 s
-    monkeypatch.setattr(cal, "_clock", lambda: next(clock))
+    monkeypatch.setattr(engine, "_clock", lambda: next(clock))
     calibrate(
         model,
         blocks,

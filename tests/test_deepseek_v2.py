@@ -22,7 +22,7 @@ from grape_jax.core.config import ConfigError
 from grape_jax.core.model import param_view
 from grape_jax.core.routing import route
 from grape_jax.core.sharding import make_mesh
-from grape_jax.merge.state import apply_plan
+from grape_jax.merge.state import merge_model
 from grape_jax.pipeline import save_hf
 from grape_jax.planners import make_plan
 from grape_jax.planners.plan import PlanError
@@ -160,7 +160,7 @@ def test_grape_prune_export_reload_uneven_counts(cases, tmp_path):
     stats = calibrate(loaded, blocks, options=CalibrationOptions(batch_size=4, token_chunk=48), progress=False)
     total = sum(cfg.num_experts)
     plan = make_plan(stats, method="grape", budget=total // 4, guard="none", operator="freq")
-    merged = apply_plan(loaded, plan)
+    merged = merge_model(loaded, plan)
     new_cfg = merged.cfg
     assert sum(new_cfg.num_experts) == total - total // 4
     out = save_hf(merged, str(tmp_path / "out"))
@@ -193,7 +193,7 @@ def test_group_limited_prune_keeps_group_multiples(cases, tmp_path):
     with pytest.raises(PlanError, match=r"multiple of 4.*nearest: 4 or 8"):
         make_plan(stats, method="grape", budget=6, guard="none")
     plan = make_plan(stats, method="grape", budget=4, guard="none", operator="dominant")
-    merged = apply_plan(loaded, plan)
+    merged = merge_model(loaded, plan)
     new_cfg = merged.cfg
     assert sorted(new_cfg.num_experts) == [0, 4, 8]
     out = save_hf(merged, str(tmp_path / "out"))

@@ -285,7 +285,7 @@ def test_fit_needs_data_and_valid_options():
     with pytest.raises(FitError, match="needs the calibration blocks"):
         apply_plan(model, plan)
     with pytest.raises(MergeError, match="operator 'fit' needs the calibration blocks"):
-        merge.apply_plan(model, plan)
+        merge.merge_model(model, plan)
     with pytest.raises(FitError, match="calibration blocks must be a non-empty"):
         fit_inputs(model, plan, np.zeros((0, 8), np.int32))
     for bad, msg in (

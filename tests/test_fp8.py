@@ -25,7 +25,7 @@ from conversion.safetensors_io import CheckpointError
 from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
 from grape_jax.core.model import model_from_arrays, param_view
 from grape_jax.core.sharding import make_mesh
-from grape_jax.merge.state import apply_plan
+from grape_jax.merge.state import merge_model
 from grape_jax.pipeline import save_hf
 from grape_jax.planners.plan import build_plan
 from tests.family_configs import NEW_CONFIGS
@@ -266,7 +266,7 @@ def test_pruned_fp8_export_keeps_unmerged_scales_and_requantises_merged(tmp_path
     )
     groups = [[[0, 1], *[[e] for e in range(2, 8)]], [*[[e] for e in range(7)]]]  # merge 0+1; drop 7
     plan = build_plan(stats, groups, method="hand", budget=2, operator="freq", dropped_per_layer=[(), (7,)])
-    merged = apply_plan(loaded, plan)
+    merged = merge_model(loaded, plan)
     new_cfg = merged.cfg
     out = save_hf(merged, tmp_path / "out", quantize="fp8")
     a, b = load_file(os.path.join(minimax, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))

@@ -31,7 +31,7 @@ from grape_jax.heal.distill import (
 from grape_jax.heal.healing import HealError, HealInterrupted, HealOptions, cache_teacher_logits, heal, model_logits
 from grape_jax.heal.loop import budget_horizon
 from grape_jax.heal.step import TrainStep
-from grape_jax.merge.state import apply_plan
+from grape_jax.merge.state import merge_model
 from grape_jax.passes.resume import Progress, ResumeError
 from grape_jax.planners import make_plan
 from grape_jax.report.recipe import build_recipe, model_card
@@ -62,7 +62,7 @@ def _teacher(cfg=CFG, info=LOADED, ctx=RunContext(), seed=0):
 
 def _pruned(teacher):
     """The teacher with one pair of experts merged per layer (grape's default operator averages them)."""
-    return apply_plan(teacher, make_plan(neutral_stats(teacher.cfg), method="grape", per_layer=1))
+    return merge_model(teacher, make_plan(neutral_stats(teacher.cfg), method="grape", per_layer=1))
 
 
 def _blocks(n=12, t=16, seed=0):

@@ -15,7 +15,7 @@ from grape_jax.core.model import ModelInfo, abstract_model, init_model, model_fr
 from grape_jax.core.params import init_params
 from grape_jax.core.sharding import RunContext, make_mesh
 from grape_jax.merge.alignment import align_and_average
-from grape_jax.merge.state import MergeError, MergeInputs, apply_plan, merge_inputs, merge_state
+from grape_jax.merge.state import MergeError, MergeInputs, merge_inputs, merge_model, merge_state
 from grape_jax.planners.plan import LayerPlan, Plan
 
 BASE = MoEConfig(
@@ -74,14 +74,14 @@ def _ident(layer, n=4):
 
 def test_identity_plan_is_bit_identical():
     model = _model()
-    merged = apply_plan(model, _plan(_ident(0), _ident(1), operator="drop"))
+    merged = merge_model(model, _plan(_ident(0), _ident(1), operator="drop"))
     assert merged.cfg == BASE
     for name, value in param_view(model).items():
         assert np.asarray(param_view(merged)[name]).tobytes() == np.asarray(value).tobytes(), name
 
 
 def test_merge_state_is_pure_under_eval_shape_and_jit():
-    """eval_shape gives the pruned shapes without computing; jit of the same function equals apply_plan."""
+    """eval_shape gives the pruned shapes without computing; jit of the same function equals merge_model."""
     model = _model()
     plan = _plan(
         _layer(0, [[0, 1], [2], [3]], [[0.3, 0.7], [1.0], [1.0]], [1, 2, 3]),
@@ -94,7 +94,7 @@ def test_merge_state_is_pure_under_eval_shape_and_jit():
     assert flat["layers.0.mlp.w_gate"].shape == (3, 16, 24) and flat["layers.1.mlp.router"].shape == (16, 3)
     assert flat["layers.0.attn.q_proj"].shape == (16, 16)
     jitted = jax.jit(lambda s: merge_state(s, plan))(state)
-    merged = apply_plan(model, plan)
+    merged = merge_model(model, plan)
     assert merged.cfg.num_experts == (3, 3)
     got = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(jitted)}
     for name, value in param_view(merged).items():
@@ -115,7 +115,7 @@ def test_merging_identical_experts_keeps_logits():
         arrays[p + k][2] = arrays[p + k][0]
     arrays[p + "router"][:, 2] = arrays[p + "router"][:, 0]
     model = _model(cfg, arrays)
-    merged = apply_plan(model, _plan(_ident(0), _layer(1, [[0, 2], [1], [3]], [[0.5, 0.5], [1.0], [1.0]])))
+    merged = merge_model(model, _plan(_ident(0), _layer(1, [[0, 2], [1], [3]], [[0.5, 0.5], [1.0], [1.0]])))
     assert merged.cfg.num_experts == (4, 3)
     tokens = _tokens()
     np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(model(tokens)), atol=1e-5, rtol=1e-5)
@@ -127,7 +127,7 @@ def test_dropping_a_never_selected_expert_keeps_logits():
     arrays = init_params(cfg, seed=0, scale=0.3)
     arrays["layers.0.mlp.router_bias"][1] = -1e4
     model = _model(cfg, arrays)
-    merged = apply_plan(model, _plan(_layer(0, [[0], [2], [3]], dropped=(1,)), _ident(1), operator="drop"))
+    merged = merge_model(model, _plan(_layer(0, [[0], [2], [3]], dropped=(1,)), _ident(1), operator="drop"))
     assert merged.layers[0].mlp.router_bias.get_value().shape == (3,)
     tokens = _tokens()
     np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(model(tokens)), atol=1e-6, rtol=1e-6)
@@ -141,7 +141,7 @@ def test_merged_weights_match_numpy_reference(rule):
     model = _model()
     params = param_view(model)
     groups, weights, dominant = [[0, 3], [1, 2]], [[0.25, 0.75], [0.6, 0.4]], [3, 1]
-    merged = apply_plan(model, _plan(_ident(0), _layer(1, groups, weights, dominant), rule=rule))
+    merged = merge_model(model, _plan(_ident(0), _layer(1, groups, weights, dominant), rule=rule))
     assert merged.cfg.num_experts == (4, 2)
     out = param_view(merged)
     p = "layers.1.mlp."
@@ -165,7 +165,7 @@ def test_shardings_follow_the_new_table_on_an_8_device_mesh():
     cfg = BASE.with_num_experts((8, 8))
     model = init_model(cfg, ctx=ctx)
     plan = _plan(_layer(0, [[0, 1], [2, 3], [4], [5], [6], [7]], n=8), _layer(1, [[0, 4], [1, 5], [2, 6], [3, 7]], n=8))
-    merged = apply_plan(model, plan)
+    merged = merge_model(model, plan)
     assert merged.cfg.num_experts == (6, 4) and merged.ctx == ctx
     _, want = nnx.split(abstract_model(merged.cfg, ctx=ctx))
     shardings = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(state_shardings(want, ctx))}
@@ -179,11 +179,11 @@ def test_shardings_follow_the_new_table_on_an_8_device_mesh():
 def test_plan_for_another_model_is_refused():
     model = _model()
     with pytest.raises(MergeError, match="plan is for 5 experts, the model has 4"):
-        apply_plan(model, _plan(_layer(0, [[e] for e in range(5)], n=5), _ident(1)))
+        merge_model(model, _plan(_layer(0, [[e] for e in range(5)], n=5), _ident(1)))
     with pytest.raises(MergeError, match="keeps 1 experts; needs at least 2"):
-        apply_plan(model, _plan(_layer(0, [[0, 1, 2, 3]]), _ident(1)))
+        merge_model(model, _plan(_layer(0, [[0, 1, 2, 3]]), _ident(1)))
     with pytest.raises(MergeError, match=r"covers MoE layers \[0\]"):
-        apply_plan(model, _plan(_ident(0)))
+        merge_model(model, _plan(_ident(0)))
 
 
 def test_plan_made_from_another_models_statistics_is_refused():
@@ -191,9 +191,9 @@ def test_plan_made_from_another_models_statistics_is_refused():
     model = model_from_arrays(BASE, init_params(BASE, seed=0), info=info)
     other = {"model_fingerprint": "b" * 64, "model_source": "/models/B"}
     with pytest.raises(MergeError, match="made from statistics of model bbbb.*but this model is "):
-        apply_plan(model, _plan(_ident(0), _ident(1), made_from=other))
+        merge_model(model, _plan(_ident(0), _ident(1), made_from=other))
     same = {"model_fingerprint": info.fingerprint}
-    assert apply_plan(model, _plan(_ident(0), _ident(1), made_from=same)).cfg == BASE
+    assert merge_model(model, _plan(_ident(0), _ident(1), made_from=same)).cfg == BASE
 
 
 def _permuted_copy(cfg):
@@ -213,7 +213,7 @@ def test_aligned_merge_of_a_permuted_copy_keeps_logits():
     cfg = dataclasses.replace(BASE, top_k=1)
     model = _model(cfg, _permuted_copy(cfg))
     layer1 = _layer(1, [[0, 2], [1], [3]], [[0.5, 0.5], [1.0], [1.0]], [0, 1, 3])
-    merged = apply_plan(model, _plan(_ident(0), layer1, operator="aligned"))
+    merged = merge_model(model, _plan(_ident(0), layer1, operator="aligned"))
     np.testing.assert_allclose(
         np.asarray(merged.layers[1].mlp.w_up.get_value()[0]),
         np.asarray(model.layers[1].mlp.w_up.get_value()[0]),
@@ -222,7 +222,7 @@ def test_aligned_merge_of_a_permuted_copy_keeps_logits():
     tokens = _tokens()
     ref = np.asarray(model(tokens))
     np.testing.assert_allclose(np.asarray(merged(tokens)), ref, atol=1e-5, rtol=1e-5)
-    plain = apply_plan(model, _plan(_ident(0), layer1, operator="freq"))
+    plain = merge_model(model, _plan(_ident(0), layer1, operator="freq"))
     assert np.abs(np.asarray(plain(tokens)) - ref).max() > 1e-3
 
 
@@ -241,12 +241,12 @@ def test_overrides_replace_whole_leaves():
     model = _model()
     plan = _plan(_layer(0, [[0, 1], [2], [3]]), _ident(1))
     w_down = np.random.default_rng(1).normal(size=(3, 24, 16)).astype(np.float32)
-    merged = apply_plan(model, plan, inputs=MergeInputs(overrides={"layers.0.mlp.w_down": w_down}))
+    merged = merge_model(model, plan, inputs=MergeInputs(overrides={"layers.0.mlp.w_down": w_down}))
     np.testing.assert_array_equal(np.asarray(merged.layers[0].mlp.w_down.get_value()), w_down)
     with pytest.raises(
         MergeError, match=r"override for layers.0.mlp.w_down: shape \(4, 24, 16\), expected \(3, 24, 16\)"
     ):
-        apply_plan(model, plan, inputs=MergeInputs(overrides={"layers.0.mlp.w_down": np.zeros((4, 24, 16))}))
+        merge_model(model, plan, inputs=MergeInputs(overrides={"layers.0.mlp.w_down": np.zeros((4, 24, 16))}))
 
 
 @pytest.mark.parametrize("mesh_spec", [None, "expert=2,tensor=2,fsdp=2"])
@@ -257,7 +257,7 @@ def test_aligned_merge_equals_host_reference(mesh_spec):
     model = _model(ctx=ctx)
     p = "layers.1.mlp."
     groups, weights = [[0, 1, 3], [2]], [[0.5, 0.3, 0.2], [1.0]]
-    merged = apply_plan(model, _plan(_ident(0), _layer(1, groups, weights, [1, 2]), operator="aligned"))
+    merged = merge_model(model, _plan(_ident(0), _layer(1, groups, weights, [1, 2]), operator="aligned"))
     host = {k: np.asarray(param_view(model)[p + k]) for k in ("w_gate", "w_up", "w_down")}
     want = align_and_average(host, groups[0], weights[0], anchor=1)
     for k in ("w_gate", "w_up", "w_down"):

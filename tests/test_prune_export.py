@@ -19,9 +19,8 @@ from grape_jax.core.params import count_params
 from grape_jax.data.text import DataSpec
 from grape_jax.evaluation.scoring import perplexity
 from grape_jax.fit.operator import FitOptions
-from grape_jax.merge.state import MergeError, MergeInputs, apply_plan
-from grape_jax.pipeline import apply_plan as fit_apply_plan
-from grape_jax.pipeline import blocks_for
+from grape_jax.merge.state import MergeError, MergeInputs, merge_model
+from grape_jax.pipeline import apply_plan, blocks_for
 from grape_jax.planners import DEFAULT_METHOD
 from grape_jax.planners.plan import Plan
 from tests.hf_models import random_tokens, torch_logits
@@ -94,7 +93,7 @@ def test_prune_export_matches_jax_and_shrinks(tiny_mixtral_tok, stats_path, work
     )
     # re-converting the export gives the merged state bit for bit
     plan = Plan.load(str(work / f"work-{method}" / "plan.json"))
-    merged = apply_plan(original, plan)
+    merged = merge_model(original, plan)
     cfg = merged.cfg
     assert cfg == pruned.cfg
     for name, arr in param_view(merged).items():
@@ -118,10 +117,10 @@ def test_prune_with_the_default_method_fits_and_exports(tiny_mixtral_tok, work):
     plan = Plan.load(str(work_dir / "plan.json"))
     assert plan.operator == "fit"
     with pytest.raises(MergeError, match="operator 'fit' needs the calibration blocks"):
-        apply_plan(original, plan)
+        merge_model(original, plan)
     blocks = blocks_for(tiny_mixtral_tok.path, DataSpec(seq_len=32, num_samples=6))
     fit = FitOptions.like(CalibrationOptions(batch_size=3, token_chunk=48))
-    merged = fit_apply_plan(original, plan, blocks=blocks, fit_options=fit)
+    merged = apply_plan(original, plan, blocks=blocks, fit_options=fit)
     assert merged.cfg == pruned.cfg
     # the recipe says how the fit ran: its options, the blocks it solved on, each merged layer's choices
     made = recipe["merge_inputs"]
@@ -138,7 +137,7 @@ def test_prune_with_the_default_method_fits_and_exports(tiny_mixtral_tok, work):
     assert {k: d["step"] for k, d in again["layers"].items()} == {k: d["step"] for k, d in made["layers"].items()}
     for name, arr in param_view(merged).items():
         np.testing.assert_allclose(np.asarray(arr), np.asarray(param_view(pruned)[name]), rtol=1e-4, atol=1e-6)
-    base = apply_plan(original, plan, inputs=MergeInputs())
+    base = merge_model(original, plan, inputs=MergeInputs())
     assert perplexity(merged, blocks).nll_sum <= perplexity(base, blocks).nll_sum * (1 + 1e-6)
 
 

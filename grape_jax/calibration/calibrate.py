@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
-from tqdm.auto import tqdm
 
 from grape_jax.calibration import similarity
 from grape_jax.calibration.stats import SENSITIVITIES, LayerStats, ModelStats, StatsError
@@ -46,11 +45,11 @@ from grape_jax.core import transformer
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import MoEModel, param_view
 from grape_jax.core.params import param_specs
-from grape_jax.core.sharding import RunContext, replicate
+from grape_jax.core.sharding import RunContext, pin, replicate
+from grape_jax.passes.engine import Batches, PassInterrupted, Saves, stream_pass
 from grape_jax.passes.resume import Progress
 
 Accumulators = dict[str, Any]  # str(layer) -> similarity.Accumulators
-_clock = time.monotonic  # when periodic saves are due (a seam for tests)
 
 
 class CalibrationInterrupted(KeyboardInterrupt):
@@ -258,12 +257,7 @@ def calibration_step(
     x = transformer.embed(params, tokens)
     for layer in range(cfg.num_layers):
         x = transformer.decoder_layer(params, cfg, layer, x, positions, mask, moe_fn=moe_fn)
-    if acc_shardings is not None and not isinstance(acc_shardings[0], jax.sharding.SingleDeviceSharding):
-        leaves, tree = jax.tree.flatten(acc)
-        acc = jax.tree.unflatten(
-            tree, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, acc_shardings, strict=True)]
-        )
-    return acc
+    return pin(acc, acc_shardings)
 
 
 calibration_step_jit = jax.jit(
@@ -316,16 +310,6 @@ def finalize_stats(
     return stats
 
 
-def pad_batches(blocks: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n, T] blocks -> ([k, batch, T] tokens, [k, batch, T] mask) with masked filler rows."""
-    n, t = blocks.shape
-    k = -(-n // batch_size)
-    tokens = np.zeros((k * batch_size, t), np.int32)
-    mask = np.zeros((k * batch_size, t), bool)
-    tokens[:n], mask[:n] = blocks, True
-    return tokens.reshape(k, batch_size, t), mask.reshape(k, batch_size, t)
-
-
 def check_blocks(blocks: np.ndarray, cfg: MoEConfig) -> np.ndarray:
     """[n, seq_len] int32 token ids the model can take (one-line errors otherwise)."""
     blocks = np.asarray(blocks)
@@ -362,16 +346,25 @@ def calibrate(
     cfg, ctx = model.cfg, model.ctx
     blocks = check_blocks(blocks, cfg)
     cka = choose_cka_mode(cfg, options)
-    dp = ctx.data_parallel_size
-    batch_size = -(-options.batch_size // dp) * dp  # a multiple of the data-parallel size
-    chunk = min(options.token_chunk, batch_size * blocks.shape[1])
-    tokens, mask = pad_batches(blocks, batch_size)
+    batches = Batches.of(blocks, options.batch_size, data_parallel=ctx.data_parallel_size)
+    chunk = min(options.token_chunk, batches.rows * blocks.shape[1])
     placement = accumulator_shardings(model_accumulators(cfg, cka=cka, token_chunk=chunk), ctx)
     acc = jax.device_put(model_accumulators(cfg, cka=cka, token_chunk=chunk), placement)
-    flat_placement = tuple(jax.tree.leaves(placement))
     params = param_view(model)
     compute_dtype = resolve_compute_dtype(params, options)
     fingerprint = calibration_fingerprint(model.info.fingerprint, cfg, blocks, options)
+    step = functools.partial(
+        calibration_step_jit,
+        cfg=cfg,
+        token_chunk=chunk,
+        acc_shardings=tuple(jax.tree.leaves(placement)),
+        compute_dtype=compute_dtype,
+        gradients=options.gradients,
+    )
+
+    def one_batch(acc: Accumulators, i: int) -> Accumulators:
+        return step(acc, params, ctx.put_batch(batches.tokens[i]), ctx.put_batch(batches.mask[i]))
+
     saver = Progress(resume_dir, fingerprint=fingerprint) if resume_dir is not None else None
     start = 0
     try:
@@ -380,47 +373,19 @@ def calibrate(
             if restored is not None:
                 acc, start, _ = restored
                 if log is not None:
-                    log(f"resuming calibration after batch {start} of {tokens.shape[0]} (saved in {saver.directory})")
-        done, saved_at, last_save = start, start, _clock()
-        bar = tqdm(
-            total=int(mask.sum()), unit="tok", disable=not progress, desc="calibrate", initial=int(mask[:start].sum())
-        )
+                    log(f"resuming calibration after batch {start} of {batches.count} (saved in {saver.directory})")
+        saves = None if saver is None else Saves(saver, options.checkpoint_seconds, options.checkpoint_every)
         t0 = time.perf_counter()
         try:
-            for i in range(start, tokens.shape[0]):
-                with ctx.scope():  # the gradients' routed forward splits its work over the mesh
-                    acc = calibration_step_jit(
-                        acc,
-                        params,
-                        ctx.put_batch(tokens[i]),
-                        ctx.put_batch(mask[i]),
-                        cfg=cfg,
-                        token_chunk=chunk,
-                        acc_shardings=flat_placement,
-                        compute_dtype=compute_dtype,
-                        gradients=options.gradients,
-                    )
-                done = i + 1
-                bar.update(int(mask[i].sum()))
-                due = (options.checkpoint_seconds and _clock() - last_save >= options.checkpoint_seconds) or (
-                    options.checkpoint_every and done % options.checkpoint_every == 0
-                )
-                if saver is not None and due and done < tokens.shape[0]:
-                    saver.save(acc, done)
-                    saved_at, last_save = done, _clock()
-            jax.block_until_ready(acc)
-        except KeyboardInterrupt:
-            bar.close()
-            if saver is not None and done > saved_at:
-                try:
-                    saver.save(acc, done)
-                    saved_at = done
-                except (RuntimeError, ValueError):  # the step it interrupted had taken (donated) acc
-                    pass
+            acc = stream_pass(
+                one_batch, acc, batches, ctx=ctx, start=start, saves=saves, desc="calibrate", progress=progress
+            )
+        except PassInterrupted as e:
             raise CalibrationInterrupted(
-                min(saved_at * batch_size, blocks.shape[0]), blocks.shape[0], None if saver is None else saver.directory
+                min(e.saved * batches.rows, blocks.shape[0]),
+                blocks.shape[0],
+                None if saver is None else saver.directory,
             ) from None
-        bar.close()
         elapsed = time.perf_counter() - t0
     finally:
         if saver is not None:

@@ -195,3 +195,15 @@ def replicate(tree, mesh: Mesh):
     """The same values, fully replicated on `mesh` (so every process can read them on its host)."""
     out = NamedSharding(mesh, PartitionSpec())
     return jax.jit(lambda t: t, out_shardings=jax.tree.map(lambda _: out, tree))(tree)
+
+
+def pin(tree, shardings: tuple[jax.sharding.Sharding, ...] | None):
+    """`tree` with every leaf constrained to its sharding (`shardings`: the flattened tree's, in leaf
+    order), inside a jitted function: a carry pinned this way leaves each step where it came in, so the
+    step compiles once. None or single-device shardings leave the tree as it is."""
+    if not shardings or isinstance(shardings[0], jax.sharding.SingleDeviceSharding):
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(
+        treedef, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, shardings, strict=True)]
+    )

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
-from tqdm.auto import tqdm
+
+from grape_jax.passes.engine import Batches, stream_pass
 
 LogitsFn = Callable[[Int[Array, "B T"], Bool[Array, "B T"]], Float[Array, "B T V"]]
 _MIN_WIDTH = 16
@@ -85,18 +86,15 @@ def perplexity(
         raise ValueError(f"perplexity needs integer token ids, got dtype {blocks.dtype}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    blocks = blocks.astype(np.int32)
     n, width = blocks.shape
-    rows = min(batch_size, n)
-    nll = 0.0
-    for start in tqdm(range(0, n, rows), desc="perplexity", unit="batch", disable=not progress):
-        real = min(rows, n - start)
-        tokens = np.zeros((rows, width), np.int32)
-        tokens[:real] = blocks[start : start + real]
-        mask = np.zeros((rows, width), bool)
-        mask[:real] = True
+    batches = Batches.of(blocks.astype(np.int32), min(batch_size, n))
+
+    def one_batch(nll: float, i: int) -> float:
+        tokens, mask = batches.tokens[i], batches.mask[i]
         row_nll, _ = _row_nll_and_greedy(logits_fn(tokens, mask), tokens, mask)
-        nll += float(np.asarray(row_nll)[:real].astype(np.float64).sum())
+        return nll + float(np.asarray(row_nll)[: batches.real_rows(i)].astype(np.float64).sum())
+
+    nll = stream_pass(one_batch, 0.0, batches, desc="perplexity", progress=progress)
     return PerplexityResult(nll, n * (width - 1))
 
 

@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
-from tqdm.auto import tqdm
 
-from grape_jax.calibration.calibrate import cast_for_compute, pad_batches
+from grape_jax.calibration.calibrate import cast_for_compute
 from grape_jax.core import transformer
 from grape_jax.core.config import MoEConfig
-from grape_jax.core.sharding import RunContext, replicate
+from grape_jax.core.sharding import RunContext, pin, replicate
+from grape_jax.passes.engine import Batches, stream_pass
 
 FOLDS = 2
 Accumulate = Callable[..., tuple[Any, jax.Array]]
@@ -76,12 +76,7 @@ def stream_step(
     x = transformer.embed(params, tokens)
     for layer in range(last + 1):
         x = transformer.decoder_layer(params, cfg, layer, x, positions, mask, moe_fn=moe_fn)
-    if acc_shardings is not None and not isinstance(acc_shardings[0], jax.sharding.SingleDeviceSharding):
-        leaves, tree = jax.tree.flatten(acc)
-        acc = jax.tree.unflatten(
-            tree, [jax.lax.with_sharding_constraint(a, s) for a, s in zip(leaves, acc_shardings, strict=True)]
-        )
-    return acc
+    return pin(acc, acc_shardings)
 
 
 stream_step_jit = jax.jit(
@@ -110,11 +105,9 @@ def run_pass(
     """Stream every block through `stream_step` (batches padded with masked rows and rounded up to the
     data-parallel size; block n in fold n mod FOLDS); returns the accumulators (placed by
     `acc_shardings`, the same tree as `acc`, when given)."""
-    dp = ctx.data_parallel_size
-    batch = -(-batch_size // dp) * dp
-    tokens, mask = pad_batches(np.asarray(blocks, np.int32), batch)
-    rows = (np.arange(tokens.shape[0] * batch) % FOLDS).reshape(tokens.shape[:2])
-    fold = np.broadcast_to(rows[..., None], tokens.shape).astype(np.int32)
+    batches = Batches.of(np.asarray(blocks, np.int32), batch_size, data_parallel=ctx.data_parallel_size)
+    rows = (np.arange(batches.count * batches.rows) % FOLDS).reshape(batches.count, batches.rows)
+    fold = np.broadcast_to(rows[..., None], batches.tokens.shape).astype(np.int32)
     flat = None
     if acc_shardings is not None:
         acc = jax.device_put(acc, acc_shardings)
@@ -127,9 +120,12 @@ def run_pass(
         compute_dtype=compute_dtype,
         acc_shardings=flat,
     )
-    for i in tqdm(range(tokens.shape[0]), unit="batch", disable=not progress, desc=desc):
-        acc = step(acc, aux, params, ctx.put_batch(tokens[i]), ctx.put_batch(mask[i]), ctx.put_batch(fold[i]))
-    return acc
+
+    def one_batch(acc: dict[str, Any], i: int) -> dict[str, Any]:
+        put = ctx.put_batch
+        return step(acc, aux, params, put(batches.tokens[i]), put(batches.mask[i]), put(fold[i]))
+
+    return stream_pass(one_batch, acc, batches, ctx=ctx, desc=desc, progress=progress)
 
 
 def host(x: jax.Array, ctx: RunContext) -> np.ndarray:

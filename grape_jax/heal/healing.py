@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jaxtyping import Int
-from tqdm.auto import tqdm
 
 from grape_jax.core.model import MoEModel, abstract_model
 from grape_jax.evaluation.scoring import perplexity
@@ -51,8 +50,9 @@ from grape_jax.heal.distill import (
     trainable_masks,
     warmup_cosine,
 )
-from grape_jax.heal.loop import HealInterrupted, TrainLoop, padded
+from grape_jax.heal.loop import HealInterrupted, TrainLoop
 from grape_jax.heal.step import TrainStep
+from grape_jax.passes.engine import Batches, stream_pass
 
 __all__ = [
     "TEACHER_LOGITS",
@@ -96,12 +96,17 @@ def cache_teacher_logits(
     blocks = _check_blocks(blocks, teacher.cfg)
     run = jax.jit(lambda state, tokens, mask: model_logits(nnx.merge(graphdef, state), tokens, mask))
     graphdef, state = nnx.split(teacher)
-    rows = -(-batch_size // teacher.ctx.data_parallel_size) * teacher.ctx.data_parallel_size
-    out = np.empty((*blocks.shape, teacher.cfg.vocab_size), np.float32)
-    for start in tqdm(range(0, len(blocks), rows), desc="teacher logits", unit="batch", disable=not progress):
-        tokens, mask = padded(blocks[start : start + rows], rows)
-        logits = run(state, teacher.ctx.put_batch(tokens), teacher.ctx.put_batch(mask))
-        out[start : start + rows] = np.asarray(logits, np.float32)[: min(rows, len(blocks) - start)]
+    ctx = teacher.ctx
+    batches = Batches.of(blocks, batch_size, data_parallel=ctx.data_parallel_size)
+
+    def one_batch(out: np.ndarray, i: int) -> np.ndarray:
+        logits = run(state, ctx.put_batch(batches.tokens[i]), ctx.put_batch(batches.mask[i]))
+        start = i * batches.rows
+        out[start : start + batches.real_rows(i)] = np.asarray(logits, np.float32)[: batches.real_rows(i)]
+        return out
+
+    empty = np.empty((*blocks.shape, teacher.cfg.vocab_size), np.float32)
+    out = stream_pass(one_batch, empty, batches, ctx=ctx, desc="teacher logits", progress=progress)
     shapes = abstract_model(teacher.cfg, ctx=teacher.ctx, info=teacher.info)
     return TeacherLogits(out, data_digest(blocks), shapes)
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from grape_jax.heal.distill import HealError, HealOptions, batch_rows
 from grape_jax.heal.step import TrainStep
+from grape_jax.passes.engine import Batches, stream_pass
 from grape_jax.passes.resume import Progress
 
 
@@ -231,12 +232,16 @@ class TrainLoop:
         self.say(f"time budget {o.max_minutes} min: {seconds:.2f} s per step, so {self.horizon} steps")
 
     def _validate(self) -> None:
-        total = count = 0.0
-        for start in range(0, len(self.val_rows), self.step.rows):
+        rows = self.step.rows
+        batches = Batches.of(self.blocks[self.val_rows], rows)
+
+        def one_batch(sums: tuple[float, float], i: int) -> tuple[float, float]:
             loss_sum, tokens = jax.device_get(
-                self.step.validate(self.carry, self.batch(self.val_rows[start : start + self.step.rows]))
+                self.step.validate(self.carry, self.batch(self.val_rows[i * rows : (i + 1) * rows]))
             )
-            total, count = total + float(loss_sum), count + float(tokens)
+            return sums[0] + float(loss_sum), sums[1] + float(tokens)
+
+        total, count = stream_pass(one_batch, (0.0, 0.0), batches, desc="validate")
         loss = total / max(count, 1.0)
         self.curves["val"].append([self.done, loss])
         if loss < self.best_loss:

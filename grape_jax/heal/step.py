@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from grape_jax.core.model import MoEModel
+from grape_jax.core.sharding import pin
 
 
 def dotted(path: tuple) -> str:
@@ -128,10 +129,7 @@ def _train_step(carry, frozen, teacher_state, tokens, mask, cached, horizon, *, 
     new = nnx.as_pure(nnx.state((model, opt), InCarry(spec.trained)))
     new = jax.tree.map(lambda n, c: jnp.where(ok, n, c), new, carry)
     if spec.mesh is not None:
-        leaves, tree = jax.tree.flatten(new)
-        new = jax.tree.unflatten(
-            tree, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, spec.shardings, strict=True)]
-        )
+        new = pin(new, spec.shardings)
     metrics = {
         "loss": value,
         "kl": parts["kl"],
