@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from conversion.families.base import ConversionError
+from grape_jax.base import jsonio
 from grape_jax.base.atomic import atomic_output_dir
 from grape_jax.core.config import ConfigError, MoEConfig
 from grape_jax.core.model import ModelInfo, MoEModel, abstract_model, param_view
@@ -45,7 +46,7 @@ def save_checkpoint(path: str | os.PathLike, model: MoEModel, *, overwrite: bool
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, STATE_DIR), nnx.state(model, nnx.Param))
         with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
+            f.write(jsonio.dumps(meta, indent=1, sort_keys=True))
     return path
 
 

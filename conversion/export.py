@@ -30,6 +30,7 @@ from conversion.quant.bindings import read_bindings
 from conversion.quant.fp8 import block_size, requantized_entries
 from conversion.safetensors_io import CheckpointIndex
 from conversion.safetensors_write import TensorEntry, completed_shards, plan_shards, write_checkpoint
+from grape_jax.base import jsonio
 from grape_jax.base.atomic import resumable_output_dir
 from grape_jax.base.multihost import all_processes_bytes, barrier, broadcast_flags, gather_slice, is_writer
 from grape_jax.core.config import MoEConfig
@@ -261,7 +262,7 @@ def export_hf(
 
                 config = write_remote_code(tmp, config, family=family.name, num_experts_per_layer=list(cfg.num_experts))
             with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
+                f.write(jsonio.dumps(config, indent=2, sort_keys=True))
             write_checkpoint(tmp, entries, produce, max_shard_bytes=max_shard_bytes, skip=done, on_shard=shard_written)
             for fname, content in (extra_files or {}).items():
                 with open(os.path.join(tmp, fname), "wb" if isinstance(content, bytes) else "w") as f:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -37,26 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from conversion.families import get_family
-from conversion.families.base import Binding, ConversionError, Family, Identity, Transpose
-from conversion.fingerprint import source_fingerprint
+from conversion.families.base import Binding, ConversionError, Identity, Transpose
+from conversion.hf_dir import family_of, provenance_of, read_hf_config
 from conversion.quant.bindings import read_bindings
-from conversion.safetensors_io import CheckpointIndex, numpy_to_dtype
+from conversion.safetensors_dtypes import numpy_to_dtype
+from conversion.safetensors_io import CheckpointIndex
 from grape_jax.core.model import ModelInfo, MoEModel, fill_model
 from grape_jax.core.sharding import DEFAULT_RULES, RunContext, ShardingRules
-
-
-def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isdir(model_dir):
-        raise ConversionError(f"{model_dir}: not a directory")
-    if not os.path.isfile(path):
-        raise ConversionError(f"{path}: missing; expected a Hugging Face model directory")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: invalid JSON ({e})") from None
 
 
 def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -388,43 +373,3 @@ def load_hf(
             prefetch(i + 1)
             params[name] = _load_leaf(ckpt, bindings[name], shardings[name], plans[name], pool=pool)
     return fill_model(cfg, lambda name, spec, sharding: params.pop(name), ctx=ctx, info=info)
-
-
-def load_record(model_dir: str | os.PathLike, dtype: Any = None) -> dict[str, Any]:
-    """The provenance record of loading `model_dir` (cast to `dtype`): its fingerprint combines the
-    source's (`conversion.fingerprint`) with the cast, since a cast changes the weights."""
-    cast = None if dtype is None else str(np.dtype(dtype))
-    fingerprint = hashlib.sha256(json.dumps([source_fingerprint(model_dir), cast]).encode()).hexdigest()
-    return {"stage": "load", "source": os.path.abspath(model_dir), "dtype": cast, "fingerprint": fingerprint}
-
-
-def recorded_provenance(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The provenance records a grape-jax export keeps in its `recipe.json` (what was done to make it),
-    so a model re-loaded from an export still knows where it came from; [] for other directories
-    (no recipe.json, or one that is not ours: JSON only, anything unexpected is ignored)."""
-    path = os.path.join(model_dir, "recipe.json")
-    try:
-        with open(path) as f:
-            recipe = json.load(f)
-    except (OSError, ValueError):
-        return []
-    records = recipe.get("provenance") if isinstance(recipe, dict) else None
-    if not isinstance(records, list) or not all(
-        isinstance(r, dict) and isinstance(r.get("stage"), str) for r in records
-    ):
-        return []
-    return records
-
-
-def provenance_of(model_dir: str | os.PathLike, dtype: Any = None) -> list[dict[str, Any]]:
-    """The provenance of the model `load_hf(model_dir, dtype=dtype)` returns: the export's recorded
-    records (if any), then the record of this load."""
-    return [*recorded_provenance(model_dir), load_record(model_dir, dtype)]
-
-
-def family_of(hf_config: dict[str, Any], *, source: str) -> Family:
-    """The family of a config.json (our pruned exports name theirs in `base_model_type`)."""
-    model_type = hf_config.get("model_type")
-    if isinstance(model_type, str) and model_type.startswith("grape_pruned_"):
-        model_type = hf_config.get("base_model_type")
-    return get_family(model_type, source=source)

@@ -19,16 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from conversion.safetensors_io import (
-    _DTYPE_RANK,
-    INDEX_FILE,
-    SINGLE_FILE,
-    CheckpointError,
-    _is_dim,
-    _storable,
-    dtype_to_numpy,
-    numpy_to_dtype,
-)
+from conversion.safetensors_dtypes import _DTYPE_RANK, CheckpointError, _storable, dtype_to_numpy, numpy_to_dtype
+from conversion.safetensors_io import INDEX_FILE, SINGLE_FILE, _is_dim
+from grape_jax.base import jsonio
 from grape_jax.base.atomic import atomic_write, atomic_write_text
 
 
@@ -223,6 +216,6 @@ def write_checkpoint(
             "weight_map": {e.name: s.filename for s in shards for e in s.entries},
         }
         path = os.path.join(out_dir, INDEX_FILE)
-        atomic_write_text(path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(path, jsonio.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(path)
     return written

@@ -25,7 +25,8 @@ from jaxtyping import Int
 
 from conversion.checkpoint import restore_checkpoint, save_checkpoint
 from conversion.load import load_hf
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.calibration.stats import ModelStats
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import ModelInfo, MoEModel, abstract_model, init_model, param_view

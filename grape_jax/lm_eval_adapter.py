@@ -17,7 +17,8 @@ import numpy as np
 from grape_jax.core.sharding import make_mesh
 from grape_jax.data.text import load_tokenizer
 from grape_jax.evaluation.scoring import perplexity, score_requests
-from grape_jax.pipeline import load_model, tokenizer_dir
+from grape_jax.pipeline import load_model
+from grape_jax.source import ModelSource
 
 
 class GrapeJaxLM:
@@ -33,7 +34,7 @@ class GrapeJaxLM:
         dtype: str | None = None,
     ):
         self.model = load_model(pretrained, mesh=make_mesh(mesh) if mesh else None, dtype=dtype)
-        self.tokenizer = load_tokenizer(tokenizer_dir(pretrained))
+        self.tokenizer = load_tokenizer(ModelSource.open(pretrained).tokenizer_dir)
         self.batch_size = int(batch_size)
         self.max_length = int(max_length or self.model.cfg.max_position_embeddings)
         self._logits = self.model

@@ -22,20 +22,14 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from conversion.checkpoint import checkpoint_config, read_checkpoint_meta, restore_checkpoint
 from conversion.export import export_hf
-from conversion.families.base import ConversionError
-from conversion.load import family_of, load_hf, provenance_of, read_hf_config
+from grape_jax.base import jsonio
 from grape_jax.base.atomic import OutputExistsError
-from grape_jax.calibration.calibrate import (
-    CalibrationInterrupted,
-    CalibrationOptions,
-    calibrate,
-    calibration_fingerprint,
-)
+from grape_jax.calibration.calibrate import CalibrationInterrupted, calibrate
+from grape_jax.calibration.options import CalibrationOptions, calibration_fingerprint
 from grape_jax.calibration.stats import ModelStats, StatsError, neutral_stats
 from grape_jax.core.config import MoEConfig
-from grape_jax.core.model import ModelInfo, MoEModel
+from grape_jax.core.model import MoEModel
 from grape_jax.core.sharding import DEFAULT_RULES, ShardingRules
 from grape_jax.data.text import DataSpec, load_tokenizer
 from grape_jax.fit.operator import FitOptions, plan_inputs
@@ -46,6 +40,7 @@ from grape_jax.passes.resume import Progress, ResumeError
 from grape_jax.planners import DEFAULT_METHOD, make_plan
 from grape_jax.planners.plan import Plan
 from grape_jax.report import recipe as rc
+from grape_jax.source import ModelSource
 
 Log = Callable[[str], None]
 
@@ -58,55 +53,12 @@ class Interrupted(KeyboardInterrupt):
         self.hint = hint
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A grape-jax (Orbax) checkpoint directory rather than a Hugging Face one."""
-    return os.path.isfile(os.path.join(path, "grape.json"))
-
-
-def model_config(path: str | os.PathLike) -> MoEConfig:
-    """The architecture of an HF directory or grape checkpoint from its metadata alone (no weights)."""
-    path = os.fspath(path)
-    if is_checkpoint(path):
-        return checkpoint_config(path)
-    hf = read_hf_config(path)
-    return family_of(hf, source=os.path.join(path, "config.json")).config_from_hf(hf)
-
-
-def model_provenance(path: str | os.PathLike, *, dtype: Any = None) -> list[dict[str, Any]]:
-    """The provenance `load_model(path, dtype=dtype).info` will have, without loading any weight."""
-    path = os.fspath(path)
-    if is_checkpoint(path):
-        return list(read_checkpoint_meta(path).get("provenance") or [])
-    return provenance_of(path, dtype)
-
-
-def model_fingerprint(path: str | os.PathLike, *, dtype: Any = None) -> str:
-    """The fingerprint `load_model(path, dtype=dtype).info.fingerprint` will have, without loading it."""
-    return ModelInfo.create(provenance=model_provenance(path, dtype=dtype)).fingerprint
-
-
 def load_model(
     path: str | os.PathLike, *, mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES, dtype: Any = None
 ) -> MoEModel:
-    """An HF directory (streamed, sharded) or a grape checkpoint as a model on `mesh`."""
-    if is_checkpoint(path):
-        if dtype is not None:
-            raise ConversionError(
-                f"{path}: a grape checkpoint keeps its stored dtypes; --dtype applies to HF directories"
-            )
-        return restore_checkpoint(path, mesh=mesh, rules=rules)
-    return load_hf(path, mesh=mesh, rules=rules, dtype=dtype)
-
-
-def tokenizer_dir(path: str | os.PathLike) -> str:
-    """Where a model's tokenizer lives: the HF directory itself, or a checkpoint's source directory."""
-    path = os.fspath(path)
-    if is_checkpoint(path):
-        source = read_checkpoint_meta(path).get("source") or ""
-        if not os.path.isdir(source):
-            raise ConversionError(f"{path}: its source directory {source!r} (which holds the tokenizer) is gone")
-        return source
-    return path
+    """An HF directory (streamed, sharded) or a grape checkpoint as a model on `mesh` (`gj.load_hf` is the
+    same for HF directories)."""
+    return ModelSource.open(path).load(mesh=mesh, rules=rules, dtype=dtype)
 
 
 def check_output(out: str | os.PathLike, *, overwrite: bool, flag: str = "--out") -> str:
@@ -173,7 +125,7 @@ def save_hf(
     directory appears only when all of it is written. `quantize="fp8"` requantises what an FP8 source
     stored as FP8 (unmerged experts keep their scales; see `conversion.export.export_hf`)."""
     recipe = rc.build_recipe(model)
-    files = {**dict(extra_files or {}), "recipe.json": rc.dumps(recipe)}
+    files = {**dict(extra_files or {}), "recipe.json": jsonio.dumps(recipe, indent=1, sort_keys=True, default=str)}
     if recipe["method"] is not None:
         files["README.md"] = rc.model_card(recipe, uniform=model.cfg.is_uniform)
     kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
@@ -229,7 +181,8 @@ def prune(
     work_dir = os.path.abspath(work_dir or out.rstrip("/") + ".work")
     if os.path.abspath(work_dir) == out:
         raise ValueError(f"--work-dir {work_dir} must differ from --out")
-    cfg = model_config(hf_dir)
+    source = ModelSource.open(hf_dir)
+    cfg = source.config
     check_plan_request(
         cfg,
         method=method,
@@ -239,13 +192,13 @@ def prune(
         gradients=calibration_options.gradients,
     )
     data.check()
-    blocks = data.blocks(load_tokenizer(tokenizer_dir(hf_dir)), max_positions=cfg.max_position_embeddings)
-    fingerprint = calibration_fingerprint(model_fingerprint(hf_dir), cfg, blocks, calibration_options)
+    blocks = data.blocks(load_tokenizer(source.tokenizer_dir), max_positions=cfg.max_position_embeddings)
+    fingerprint = calibration_fingerprint(source.fingerprint(), cfg, blocks, calibration_options)
 
     os.makedirs(work_dir, exist_ok=True)
     stats_path = os.path.join(work_dir, "stats.npz")
     stats = _reusable_stats(stats_path, fingerprint, log)
-    model = load_model(hf_dir, mesh=mesh)
+    model = source.load(mesh=mesh)
     if stats is None:
         progress_dir = os.path.join(work_dir, "calibration")
         _drop_stale_progress(progress_dir, fingerprint, log)
@@ -294,9 +247,10 @@ def _drop_stale_progress(directory: str, fingerprint: str, log: Log) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def blocks_for(path: str, spec: DataSpec, *, heldout: bool = False) -> np.ndarray:
+def blocks_for(path: str | ModelSource, spec: DataSpec, *, heldout: bool = False) -> np.ndarray:
     """Token blocks of `spec` with the tokenizer of the model at `path` (HF dir or checkpoint)."""
     spec.check()
+    source = path if isinstance(path, ModelSource) else ModelSource.open(path)
     return spec.blocks(
-        load_tokenizer(tokenizer_dir(path)), max_positions=model_config(path).max_position_embeddings, heldout=heldout
+        load_tokenizer(source.tokenizer_dir), max_positions=source.config.max_position_embeddings, heldout=heldout
     )

@@ -294,7 +294,8 @@ def run_ours(model_dir: str, blocks: np.ndarray, args) -> dict:
     import jax
 
     from conversion.load import load_hf
-    from grape_jax.calibration.calibrate import CalibrationOptions, calibrate, calibration_step_jit, choose_cka_mode
+    from grape_jax.calibration.calibrate import calibrate, calibration_step_jit
+    from grape_jax.calibration.options import CalibrationOptions, choose_cka_mode
     from grape_jax.core.model import param_view
 
     t0 = time.perf_counter()
@@ -446,8 +447,8 @@ def main(argv=None) -> None:
         print(f"# built and saved the transformers model in {time.perf_counter() - t0:.1f} s")
 
         from conversion.families import get_family
-        from conversion.load import read_hf_config
-        from grape_jax.calibration.calibrate import CalibrationOptions, choose_cka_mode
+        from conversion.hf_dir import read_hf_config
+        from grape_jax.calibration.options import CalibrationOptions, choose_cka_mode
 
         hf = read_hf_config(model_dir)
         cfg0 = get_family(hf["model_type"]).config_from_hf(hf)

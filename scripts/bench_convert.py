@@ -557,7 +557,7 @@ def main(argv=None) -> int:
             from conversion.safetensors_io import CheckpointIndex
 
             ck = CheckpointIndex.open(args.dir)
-            from conversion.safetensors_io import numpy_to_dtype
+            from conversion.safetensors_dtypes import numpy_to_dtype
 
             sizes = {k: ck.info(k).nbytes for k in ck.keys()}
             value = {k: n * (2 if numpy_to_dtype(ck.info(k).dtype) == "F8_E4M3" else 1) for k, n in sizes.items()}

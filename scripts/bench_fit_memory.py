@@ -22,7 +22,8 @@ import time
 import jax
 import numpy as np
 
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.core.model import param_view
 from grape_jax.demo.model import shipped_path
 from grape_jax.pipeline import apply_plan, load_model

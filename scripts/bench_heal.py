@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from grape_jax.api import DataSpec, HealOptions, apply_plan, calibrate, heal, load_hf, make_plan, token_blocks
-from grape_jax.calibration.calibrate import CalibrationOptions
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.cli.heal import gap_recovered
 from grape_jax.demo.model import ensure_demo_model
 from grape_jax.evaluation.scoring import perplexity

@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate, calibration_fingerprint
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions, calibration_fingerprint
 from grape_jax.calibration.stats import ModelStats
 from grape_jax.cli.args import parse_int_list, parse_scalar
 from grape_jax.data.text import DataSpec

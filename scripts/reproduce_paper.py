@@ -17,17 +17,20 @@ import argparse
 import dataclasses
 import os
 
-from conversion.load import family_of, load_hf, read_hf_config
+from conversion.hf_dir import family_of, read_hf_config
+from conversion.load import load_hf
 from grape_jax.base.atomic import atomic_write_json
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.cli.demo import default_variants
 from grape_jax.core.sharding import make_mesh
 from grape_jax.data.text import DataSpec, load_tokenizer
 from grape_jax.evaluation.scoring import multiple_choice
 from grape_jax.evaluation.tasks import load_task
-from grape_jax.pipeline import apply_plan, blocks_for, model_config
+from grape_jax.pipeline import apply_plan, blocks_for
 from grape_jax.planners import DEFAULT_METHOD, make_plan
 from grape_jax.report.compare import Variant, run_comparison, write_report
+from grape_jax.source import ModelSource
 
 PRESETS = {
     # name: (model_type, MoE layers, experts, top_k, per-layer budgets)
@@ -66,7 +69,7 @@ class RunConfig:
 def run(rc: RunConfig) -> str:
     model_type, layers, experts, top_k, budgets = PRESETS[rc.preset]
     mesh = make_mesh(rc.mesh) if rc.mesh else None
-    cfg = model_config(rc.hf_dir)  # checks before the weights are loaded
+    cfg = ModelSource.open(rc.hf_dir).config  # checks before the weights are loaded
     if model_type is not None:
         family = family_of(read_hf_config(rc.hf_dir), source=rc.hf_dir).name
         got = (len(cfg.moe_layers), max(cfg.num_experts), cfg.top_k)

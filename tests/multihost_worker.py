@@ -24,7 +24,8 @@ def run_pipeline(loaded, mesh, out: str) -> dict:
     import numpy as np
 
     from conversion.export import export_hf
-    from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+    from grape_jax.calibration.calibrate import calibrate
+    from grape_jax.calibration.options import CalibrationOptions
     from grape_jax.merge.state import merge_model
     from grape_jax.planners import make_plan
 

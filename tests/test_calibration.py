@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conversion.load import load_hf
-from grape_jax.calibration.calibrate import CalibrationInterrupted, CalibrationOptions, calibrate, output_gradients
+from grape_jax.calibration.calibrate import CalibrationInterrupted, calibrate, output_gradients
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.calibration.stats import ModelStats, StatsError
 from grape_jax.core.model import param_view
 from grape_jax.core.sharding import make_mesh

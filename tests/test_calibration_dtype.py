@@ -19,7 +19,8 @@ import torch
 
 from conversion.load import load_hf
 from grape_jax.calibration import similarity
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate, cast_for_compute, resolve_compute_dtype
+from grape_jax.calibration.calibrate import calibrate, cast_for_compute
+from grape_jax.calibration.options import CalibrationOptions, resolve_compute_dtype
 from grape_jax.core import transformer
 from grape_jax.core.model import param_view
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config

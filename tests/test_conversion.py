@@ -14,7 +14,8 @@ import transformers
 from conversion.export import export_hf
 from conversion.families.base import ConversionError
 from conversion.load import load_hf
-from conversion.safetensors_io import CheckpointError, CheckpointIndex
+from conversion.safetensors_dtypes import CheckpointError
+from conversion.safetensors_io import CheckpointIndex
 from grape_jax.cli.main import main as grape
 from grape_jax.core.model import param_view
 from grape_jax.core.sharding import make_mesh

@@ -19,7 +19,8 @@ from safetensors.numpy import load_file
 from conversion.load import load_hf
 from conversion.remote_code import modeling_pruned_moe as pruned
 from conversion.remote_code_export import write_remote_code
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.core.model import param_view
 from grape_jax.merge.state import merge_model
 from grape_jax.pipeline import save_hf

@@ -17,7 +17,8 @@ from conversion.export import export_hf
 from conversion.families import family_by_name, get_family
 from conversion.families.base import ConversionError
 from conversion.load import load_hf
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.core.config import ConfigError
 from grape_jax.core.model import param_view
 from grape_jax.core.routing import route

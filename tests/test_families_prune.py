@@ -13,7 +13,8 @@ import pytest
 import transformers
 
 from conversion.load import load_hf
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.core.model import param_view
 from grape_jax.merge.state import merge_model
 from grape_jax.pipeline import save_hf

@@ -21,8 +21,9 @@ from conversion.export import export_hf
 from conversion.families.base import ConversionError
 from conversion.load import load_hf
 from conversion.quant.fp8 import FP8, dequantize_fp8, quantize_fp8
-from conversion.safetensors_io import CheckpointError
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from conversion.safetensors_dtypes import CheckpointError
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.core.model import model_from_arrays, param_view
 from grape_jax.core.sharding import make_mesh
 from grape_jax.merge.state import merge_model

@@ -227,7 +227,7 @@ def test_heal_cli_cached_teacher_logits(tiny_mixtral_tok, pruned, tmp_path):
 
 
 def test_load_keeps_an_exports_provenance_and_ignores_foreign_recipes(tiny_mixtral_tok, pruned, tmp_path):
-    from conversion.load import provenance_of, recorded_provenance
+    from conversion.hf_dir import provenance_of, recorded_provenance
 
     recipe = json.load(open(os.path.join(pruned, "recipe.json")))
     assert recorded_provenance(pruned) == recipe["provenance"]

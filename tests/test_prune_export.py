@@ -12,7 +12,7 @@ import pytest
 import transformers
 
 from conversion.load import load_hf
-from grape_jax.calibration.calibrate import CalibrationOptions
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.cli.main import main as grape
 from grape_jax.core.model import param_view
 from grape_jax.core.params import count_params

@@ -19,7 +19,8 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from hypothesis import HealthCheck, given, settings
 
-from conversion.safetensors_io import CheckpointError, CheckpointIndex, dtype_to_numpy, numpy_to_dtype
+from conversion.safetensors_dtypes import CheckpointError, dtype_to_numpy, numpy_to_dtype
+from conversion.safetensors_io import CheckpointIndex
 from conversion.safetensors_write import ShardPlan, TensorEntry, plan_shards, write_checkpoint
 from grape_jax.base.atomic import OutputExistsError, atomic_output_dir, atomic_write_json, atomic_write_text
 

@@ -22,6 +22,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
+from grape_jax.base import jsonio
+
 
 class OutputExistsError(FileExistsError):
     """The output path exists and overwriting was not asked for."""
@@ -189,4 +191,4 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """`atomic_write_text` of `obj` as indented JSON with sorted keys and a final newline."""
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(path, jsonio.dumps(obj, indent=1, sort_keys=True) + "\n")

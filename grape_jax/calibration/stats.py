@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from grape_jax.base import jsonio
 from grape_jax.base.atomic import atomic_write, atomic_write_text
 from grape_jax.core.config import ExpertCountRule, MoEConfig
 
@@ -173,7 +174,7 @@ class ModelStats:
                 }
             )
         arrays["__header__"] = np.frombuffer(
-            json.dumps({"layers": header, "meta": dict(self.meta)}).encode(), dtype=np.uint8
+            jsonio.dumps({"layers": header, "meta": dict(self.meta)}).encode(), dtype=np.uint8
         )
         atomic_write(path, lambda f: np.savez(f, **arrays))
         summary = {
@@ -193,7 +194,7 @@ class ModelStats:
                 for ls in self.layers
             ],
         }
-        atomic_write_text(path + ".json", json.dumps(summary, indent=1))
+        atomic_write_text(path + ".json", jsonio.dumps(summary, indent=1))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelStats:

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from grape_jax.calibration.calibrate import COMPUTE_DTYPES, CalibrationOptions
+from grape_jax.calibration.options import COMPUTE_DTYPES, CalibrationOptions
 from grape_jax.core.sharding import describe_mesh, make_mesh
 from grape_jax.data.text import DataSpec
 from grape_jax.planners import DEFAULT_METHOD, PLANNERS

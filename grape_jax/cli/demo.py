@@ -8,7 +8,8 @@ import time
 from collections.abc import Sequence
 
 from conversion.load import load_hf
-from grape_jax.calibration.calibrate import CalibrationOptions, calibrate
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.calibration.stats import ModelStats, StatsError
 from grape_jax.cli.args import (
     UsageError,
@@ -26,10 +27,11 @@ from grape_jax.data.text import DataSpec
 from grape_jax.demo.model import SEQ_LEN, ensure_demo_model
 from grape_jax.fit.operator import FitOptions
 from grape_jax.heal.healing import HealOptions, heal
-from grape_jax.pipeline import apply_plan, blocks_for, check_output, load_model, model_fingerprint
+from grape_jax.pipeline import apply_plan, blocks_for, check_output, load_model
 from grape_jax.planners import DEFAULT_METHOD, PLANNERS, make_plan
 from grape_jax.planners.plan import OPERATORS
 from grape_jax.report.compare import Row, Variant, markdown_table, run_comparison, write_report
+from grape_jax.source import ModelSource
 
 # The demo's rows (planner, options, label): the default, GRAPE with and without the fit operator, and
 # the strongest baselines. `--methods` (with `--operators`) replaces them by every method x operator.
@@ -206,7 +208,7 @@ def run_compare(args: argparse.Namespace) -> int:
     stats = None
     if args.stats:
         stats = ModelStats.load(args.stats)
-        have = model_fingerprint(args.model)
+        have = ModelSource.open(args.model).fingerprint()
         if stats.model_fingerprint and stats.model_fingerprint != have:
             raise StatsError(
                 f"{args.stats}: statistics of model {stats.model_fingerprint[:16]}, but {args.model} is "

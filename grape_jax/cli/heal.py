@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
 from typing import Any
 
+from grape_jax.base import jsonio
 from grape_jax.cli.args import UsageError, add_data_args, add_mesh_args, data_spec, mesh_from_args
 from grape_jax.core.model import ModelInfo
 from grape_jax.data.text import DataSpec
@@ -39,12 +39,10 @@ from grape_jax.pipeline import (
     blocks_for,
     check_output,
     load_model,
-    model_config,
-    model_provenance,
     save_hf,
-    tokenizer_dir,
 )
 from grape_jax.report.plots import plot_loss
+from grape_jax.source import ModelSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
 DEFAULT_STEPS = 200
@@ -145,7 +143,7 @@ def heal_options(args: argparse.Namespace) -> HealOptions:
 
 def check_tokenizers(student: str, teacher: str) -> None:
     """Both models tokenise with the same files (the student's export copied the teacher's verbatim)."""
-    a, b = tokenizer_dir(student), tokenizer_dir(teacher)
+    a, b = ModelSource.open(student).tokenizer_dir, ModelSource.open(teacher).tokenizer_dir
     found = False
     for name in TOKENIZER_FILES:
         pa, pb = os.path.join(a, name), os.path.join(b, name)
@@ -190,10 +188,10 @@ def run_heal(args: argparse.Namespace) -> int:
     if work == out:
         raise UsageError(f"--work-dir {work} must differ from --out")
     options = heal_options(args)
-    s_cfg, t_cfg = model_config(args.pruned), model_config(args.teacher)
-    s_info = ModelInfo.create(provenance=model_provenance(args.pruned))
-    t_info = ModelInfo.create(provenance=model_provenance(args.teacher), source=os.path.abspath(args.teacher))
-    check_teacher(s_cfg, s_info, t_cfg, t_info)
+    student, teacher = ModelSource.open(args.pruned), ModelSource.open(args.teacher)
+    s_info = ModelInfo.create(provenance=student.provenance())
+    t_info = ModelInfo.create(provenance=teacher.provenance(), source=teacher.path)
+    check_teacher(student.config, s_info, teacher.config, t_info)
     check_tokenizers(args.pruned, args.teacher)
     if args.eval_samples < 1:
         raise UsageError(f"--eval-samples must be >= 1, got {args.eval_samples}")
@@ -312,4 +310,4 @@ def summary(r: HealResult, ppl_teacher: float | None) -> str:
 
 
 def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True, default=str)
+    return jsonio.dumps(obj, indent=1, sort_keys=True, default=str)

@@ -27,12 +27,12 @@ from grape_jax.pipeline import (
     check_output,
     check_plan_request,
     load_model,
-    model_config,
     prune,
 )
 from grape_jax.planners import make_plan
 from grape_jax.planners.plan import Plan
 from grape_jax.report.plots import plot_allocation, plot_stats
+from grape_jax.source import ModelSource
 
 
 def configure_calibrate(p: argparse.ArgumentParser) -> None:
@@ -140,7 +140,7 @@ def run_merge(args: argparse.Namespace) -> int:
     statistics of this checkpoint's model."""
     check_output(args.out, overwrite=args.overwrite)
     plan = Plan.load(args.plan)
-    cfg = model_config(args.ckpt)
+    cfg = ModelSource.open(args.ckpt).config
     try:
         merged_config(cfg, plan)
     except MergeError as e:
@@ -170,7 +170,7 @@ def run_prune(args: argparse.Namespace) -> int:
     """convert -> calibrate -> plan -> merge -> export in one go; resumable, never reusing stale stages."""
     spec, options = data_spec(args), calibration_options(args)
     check_plan_request(
-        model_config(args.hf_dir),
+        ModelSource.open(args.hf_dir).config,
         method=args.method,
         budget=args.budget,
         per_layer=args.per_layer,

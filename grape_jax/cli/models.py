@@ -14,7 +14,8 @@ from grape_jax.core.dispatch import DISPATCHES
 from grape_jax.data.text import load_tokenizer
 from grape_jax.evaluation.scoring import perplexity
 from grape_jax.evaluation.tasks import evaluate_tasks, load_task
-from grape_jax.pipeline import Interrupted, blocks_for, check_output, load_model, save_hf, tokenizer_dir
+from grape_jax.pipeline import Interrupted, blocks_for, check_output, load_model, save_hf
+from grape_jax.source import ModelSource
 
 
 def configure_families(p: argparse.ArgumentParser) -> None:
@@ -151,7 +152,7 @@ def run_eval(args: argparse.Namespace) -> int:
     }
     rows = [("perplexity", f"{ppl.ppl:.4f}", f"{ppl.num_tokens} tokens")]
     if tasks:
-        tokenizer = load_tokenizer(tokenizer_dir(args.model))
+        tokenizer = load_tokenizer(ModelSource.open(args.model).tokenizer_dir)
         scores = evaluate_tasks(
             forward, tokenizer, tasks, batch_size=args.batch_size, max_length=model.cfg.max_position_embeddings
         )

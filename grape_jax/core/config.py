@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from grape_jax.base import jsonio
+
 ROUTERS = (
     "softmax_topk",
     "topk_softmax",
@@ -269,7 +271,7 @@ class MoEConfig:
         return cls(**d)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return jsonio.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> MoEConfig:

@@ -57,7 +57,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -65,12 +64,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Int
 
-from grape_jax.calibration.calibrate import (
-    COMPUTE_DTYPES,
-    CalibrationOptions,
-    check_blocks,
-    resolve_compute_dtype,
-)
+from grape_jax.base import jsonio
+from grape_jax.calibration.calibrate import check_blocks
+from grape_jax.calibration.options import COMPUTE_DTYPES, CalibrationOptions, resolve_compute_dtype
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import MoEModel, param_view
 from grape_jax.fit.accumulate import (
@@ -84,7 +80,7 @@ from grape_jax.fit.check import checked_steps
 from grape_jax.fit.solve import residual, solve_down
 from grape_jax.fit.stream import host, run_pass
 from grape_jax.merge.state import MergeInputs, merge_inputs, merge_model
-from grape_jax.planners.plan import LayerPlan, Plan, json_native
+from grape_jax.planners.plan import LayerPlan, Plan
 
 FIT_OUTPUTS = ("all", "merged")
 MERGED_KEYS = ("router", "router_bias", "w_gate", "w_up", "b_gate", "b_up", "b_down")
@@ -263,14 +259,14 @@ def fit_inputs(
     how they were made (`fit_record`) for the merged model's provenance."""
     overrides, diagnostics = fit_overrides(model, plan, blocks, options=options, progress=progress)
     record = fit_record(blocks, options, diagnostics)
-    return MergeInputs(overrides=overrides, made_by=json.dumps(record, sort_keys=True))
+    return MergeInputs(overrides=overrides, made_by=jsonio.dumps(record, sort_keys=True))
 
 
 def fit_record(blocks: Int[np.ndarray, "n seq"], options: FitOptions, diagnostics: Mapping[int, dict]) -> dict:
     """What recipes keep of a fit: its options, the calibration blocks it solved on (shape and sha256 of the
     int32 token ids) and each layer's choices (ridge per output expert, residuals, step, calibration NLL)."""
     tokens = np.ascontiguousarray(np.asarray(blocks, np.int32))
-    return json_native(
+    return jsonio.native(
         {
             "operator": "fit",
             "options": dataclasses.asdict(options),

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
+from grape_jax.base import jsonio
 from grape_jax.base.atomic import atomic_write_text
 from grape_jax.calibration.stats import LayerStats, ModelStats
 
@@ -159,10 +160,10 @@ class Plan:
             "budget": self.budget,
             "operator": self.operator,
             "router_rule": self.router_rule,
-            "options": json_native(self.options),
+            "options": jsonio.native(self.options),
             "seed": self.seed,
-            "made_from": json_native(self.made_from),
-            "diagnostics": json_native(self.diagnostics),
+            "made_from": jsonio.native(self.made_from),
+            "diagnostics": jsonio.native(self.diagnostics),
             "kept_per_layer": list(self.kept_per_layer),
             "layers": [
                 {
@@ -188,7 +189,7 @@ class Plan:
         return plan
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        return jsonio.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "plan") -> Plan:
@@ -301,21 +302,6 @@ def _parse_plan(d: Any) -> Plan:
     )
 
 
-def json_native(x: Any) -> Any:
-    """Options/diagnostics as plain JSON types, so a plan equals its own JSON round trip."""
-    return json.loads(json.dumps(x, default=_jsonable))
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (tuple, set, frozenset)):
-        return list(x)
-    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
-
-
 # -------------------------------------------------------------------------------------- building
 
 
@@ -399,9 +385,9 @@ def build_plan(
         budget=int(budget),
         operator=operator,
         router_rule=router_rule,
-        options=json_native(dict(options or {})),
+        options=jsonio.native(dict(options or {})),
         seed=seed,
-        diagnostics=json_native(dict(diagnostics or {})),
+        diagnostics=jsonio.native(dict(diagnostics or {})),
     )
     plan.validate()
     for ls, groups in zip(stats.layers, groups_per_layer, strict=True):

@@ -9,7 +9,6 @@ recipe cannot disagree with the fingerprints it was built from.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
 from collections.abc import Mapping
 from typing import Any
@@ -164,7 +163,3 @@ def _healing_sentence(h: Mapping[str, Any]) -> str:
 
 def _num(x: Any) -> str:
     return "?" if x is None else f"{x:.4f}"
-
-
-def dumps(recipe: Mapping[str, Any]) -> str:
-    return json.dumps(recipe, indent=1, sort_keys=True, default=str)
