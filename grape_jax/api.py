@@ -24,7 +24,6 @@ import numpy as np
 from jaxtyping import Int
 
 from conversion.checkpoint import restore_checkpoint, save_checkpoint
-from conversion.load import load_hf
 from grape_jax.calibration.calibrate import calibrate
 from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.calibration.stats import ModelStats
@@ -35,7 +34,7 @@ from grape_jax.data.text import DataSpec
 from grape_jax.demo.model import shipped_path as demo_model_path
 from grape_jax.evaluation.scoring import PerplexityResult, perplexity
 from grape_jax.fit.operator import FitOptions, fit_inputs
-from grape_jax.heal.healing import (
+from grape_jax.healing.heal import (
     HealError,
     HealInterrupted,
     HealOptions,
@@ -48,6 +47,8 @@ from grape_jax.merge.state import MergeInputs, merge_inputs, merge_state
 from grape_jax.pipeline import apply_plan, blocks_for, load_model, prune, save_hf
 from grape_jax.planners import PLANNERS, make_plan
 from grape_jax.planners.plan import Plan
+
+load_hf = load_model  # the name the README's example uses: one loader for HF directories and grape checkpoints
 
 __all__ = [
     "CalibrationOptions",

@@ -12,15 +12,15 @@ import optax
 import pytest
 from flax import nnx
 
-import grape_jax.heal.loop as heal_loop
-import grape_jax.heal.step as heal_step
+import grape_jax.healing.loop as heal_loop
+import grape_jax.healing.step as heal_step
 from conversion.checkpoint import restore_checkpoint, save_checkpoint
 from grape_jax.calibration.stats import neutral_stats
 from grape_jax.core import transformer
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import ModelInfo, init_model, param_view
 from grape_jax.core.sharding import RunContext, make_mesh
-from grape_jax.heal.distill import (
+from grape_jax.healing.distill import (
     batch_rows,
     distill_loss,
     healing_optimizer,
@@ -28,9 +28,9 @@ from grape_jax.heal.distill import (
     trainable_masks,
     warmup_cosine,
 )
-from grape_jax.heal.healing import HealError, HealInterrupted, HealOptions, cache_teacher_logits, heal, model_logits
-from grape_jax.heal.loop import budget_horizon
-from grape_jax.heal.step import TrainStep
+from grape_jax.healing.heal import HealError, HealInterrupted, HealOptions, cache_teacher_logits, heal, model_logits
+from grape_jax.healing.loop import budget_horizon
+from grape_jax.healing.step import TrainStep
 from grape_jax.merge.state import merge_model
 from grape_jax.passes.resume import Progress, ResumeError
 from grape_jax.planners import make_plan

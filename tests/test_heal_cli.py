@@ -16,7 +16,7 @@ from grape_jax.cli.main import main as grape
 from grape_jax.core.model import param_view
 from grape_jax.core.sharding import make_mesh
 from grape_jax.data.text import DataSpec
-from grape_jax.heal.healing import HealInterrupted, HealOptions, heal
+from grape_jax.healing.heal import HealInterrupted, HealOptions, heal
 from grape_jax.pipeline import blocks_for, save_hf
 from grape_jax.planners import DEFAULT_METHOD
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits

@@ -2,7 +2,7 @@
 
 A module's layer is read from its folder (DESIGN_NOTES.md draws them): `grape_jax/base/` is base,
 `grape_jax/core/` core, the method packages (`passes/`, `calibration/`, `planners/`, `merge/`, `fit/`,
-`heal/`, `evaluation/`) method, `conversion/` I/O, and everything else of `grape_jax` (its top-level
+`healing/`, `evaluation/`) method, `conversion/` I/O, and everything else of `grape_jax` (its top-level
 modules, `data/`, `report/`, `demo/`, `cli/`) app. A module may import modules of its own layer or of
 lower layers only. Imports inside functions count as edges too (and may not close a cycle); they exist
 only where a heavy or optional import is deferred on purpose, and each says why.
@@ -26,7 +26,7 @@ FOLDER_LAYER = {
     "grape_jax.planners": "method",
     "grape_jax.merge": "method",
     "grape_jax.fit": "method",
-    "grape_jax.heal": "method",
+    "grape_jax.healing": "method",
     "grape_jax.evaluation": "method",
     "conversion": "io",
     "grape_jax": "app",

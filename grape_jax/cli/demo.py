@@ -26,7 +26,7 @@ from grape_jax.core.params import count_params
 from grape_jax.data.text import DataSpec
 from grape_jax.demo.model import SEQ_LEN, ensure_demo_model
 from grape_jax.fit.operator import FitOptions
-from grape_jax.heal.healing import HealOptions, heal
+from grape_jax.healing.heal import HealOptions, heal
 from grape_jax.pipeline import apply_plan, blocks_for, check_output, load_model
 from grape_jax.planners import DEFAULT_METHOD, PLANNERS, make_plan
 from grape_jax.planners.plan import OPERATORS

@@ -22,8 +22,8 @@ from grape_jax.cli.args import UsageError, add_data_args, add_mesh_args, data_sp
 from grape_jax.core.model import ModelInfo
 from grape_jax.data.text import DataSpec
 from grape_jax.evaluation.scoring import perplexity
-from grape_jax.heal.distill import TRAIN_MODES, HealError, check_teacher
-from grape_jax.heal.healing import (
+from grape_jax.healing.distill import TRAIN_MODES, HealError, check_teacher
+from grape_jax.healing.heal import (
     TEACHER_LOGITS,
     HealInterrupted,
     HealOptions,

@@ -162,8 +162,8 @@ class TrainStep:
 
     `loss(student_logits, teacher_logits, tokens, mask, **weights) -> (loss, parts)`, `optimizer(masks,
     clip_norm=, weight_decay=)`, `schedule(count, peak=, warmup=, horizon=)` and `forward(model, tokens,
-    mask) -> logits` are the pure pieces (`grape_jax.heal.distill`, `grape_jax.heal.healing.model_logits`): module-level
-    functions, so that equal requests hash alike."""
+    mask) -> logits` are the pure pieces (`grape_jax.healing.distill`, `grape_jax.healing.heal.model_logits`):
+    module-level functions, so that equal requests hash alike."""
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 `heal(student, teacher, blocks)` trains a copy of the student (the student itself is never changed) to
 match the teacher's next-token distributions on token blocks, with the loss, optimizer, data order and
-choice of trained parameters of `grape_jax.heal.distill`. One jitted step takes the trained state (trained
+choice of trained parameters of `grape_jax.healing.distill`. One jitted step takes the trained state (trained
 parameters in fp32 and the `nnx.Optimizer` state, donated), the frozen parameters (shared with the
 student, never copied) and either the teacher's parameters (its forward runs in the same step, on the
 same mesh) or the teacher's cached logits of the batch (`TeacherLogits`, computed once before training:
@@ -36,7 +36,7 @@ from jaxtyping import Int
 
 from grape_jax.core.model import MoEModel, abstract_model
 from grape_jax.evaluation.scoring import perplexity
-from grape_jax.heal.distill import (
+from grape_jax.healing.distill import (
     TEACHER_LOGITS,
     TRAIN_MODES,
     HealError,
@@ -50,8 +50,8 @@ from grape_jax.heal.distill import (
     trainable_masks,
     warmup_cosine,
 )
-from grape_jax.heal.loop import HealInterrupted, TrainLoop
-from grape_jax.heal.step import TrainStep
+from grape_jax.healing.loop import HealInterrupted, TrainLoop
+from grape_jax.healing.step import TrainStep
 from grape_jax.passes.engine import Batches, stream_pass
 
 __all__ = [
