@@ -304,6 +304,9 @@ def routed_experts(
         # b_down is not split over `tensor`: only the first tensor shard adds it before the psum
         bias_scale = (jax.lax.axis_index(tensor_axes) == 0).astype(x.dtype) if tensor_axes else 1.0
         reduce = expert_axes + tensor_axes
+        # Each device gathers its own rows of x, by indices this jax types as invariant (from axis_index):
+        # x varying first, or the gradient's psum adds up rows of different tokens before the scatter.
+        x = jax.lax.pcast(x, reduce, to="varying") if reduce else x
         y = _routed_local(
             x, indices, weights, w, first=first, kind=kind, activation=activation, down_bias_scale=bias_scale
         )
