@@ -242,9 +242,8 @@ def test_auto_choice_and_bad_modes():
     assert dispatch.choose("auto", **{**demo, "num_experts": 2}, platform="cpu") == "dense"  # E == k
     assert dispatch.choose("auto", **tiny, platform="tpu") == "ragged_dot"
     assert dispatch.choose("routed", **tiny, platform="cpu") == "blocked"
-    assert dispatch.choose("auto", **tiny, platform="gpu") == (
-        "ragged_dot" if dispatch.fast_gpu_ragged_dot() else "batched"
-    )
+    gpu = {"tokamax": dispatch.tokamax_module() is not None, "fast_ragged_dot": dispatch.fast_gpu_ragged_dot()}
+    assert dispatch.choose("auto", **tiny, platform="gpu") == dispatch.select_grouped_kind("gpu", None, **gpu)
     assert dispatch.choose("dense", **demo, platform="tpu") == "dense"
     with pytest.raises(dispatch.DispatchError, match="dispatch 'fast' unknown; expected one of"):
         dispatch.choose("fast", **tiny)
