@@ -179,6 +179,7 @@ def test_tokamax_on_mesh_equals_dense(mesh_spec, name):
 
 
 @needs_tokamax
+@pytest.mark.slow
 def test_tokamax_forward_and_training_gradient_on_a_mesh():
     """The whole forward on expert=4,data=2 (one layer sharded, one replicated), and a training loss's
     gradient on expert=4,fsdp=2, through tokamax's VJP inside the shard_map."""
