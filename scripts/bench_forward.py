@@ -10,6 +10,9 @@ the same random token batches then go through, in one process:
                 GPU also `ragged_dot+pallas`, ragged_dot through the Pallas Triton lowering, where the
                 installed jax ships it); the title line says which one `dispatch="routed"` and
                 `dispatch="auto"` (what evaluation uses by default) run here;
+  jax tokamax_mosaic / tokamax_triton / tokamax_xla
+                the same through `tokamax.ragged_dot` where tokamax is installed (mosaic on Hopper GPUs,
+                triton on any GPU, xla on request: on CPU it is `jax.lax.ragged_dot` again);
   transformers  the model's own forward (its default experts implementation, printed), torch threads =
                 CPU count on CPU.
 
@@ -17,9 +20,9 @@ Tokens/s exclude compilation (one warm-up batch, timed apart). Every JAX variant
 against dense on the first batch and the transformers logits against JAX dense (max |diff| relative to
 the logits' scale is printed; the routed variants must agree with dense to fp32/bf16 rounding).
 
-`--sweep` times the MoE block alone (dense / blocked / ragged_dot, fp32) over a grid of shapes on the
-chosen backend and prints what `dispatch="auto"` picks for each: the measurements behind the CPU rule
-in `grape_jax/dispatch.py`.
+`--sweep` times the MoE block alone (dense / blocked / batched / ragged_dot, and tokamax_xla where tokamax
+is installed; fp32) over a grid of shapes on the chosen backend and prints what `dispatch="auto"` picks
+for each: the measurements behind the CPU rule in `grape_jax/core/dispatch.py`.
 
     python scripts/bench_forward.py                       # CPU, small shapes, about a minute on 2 cores
     python scripts/bench_forward.py --sweep               # CPU, MoE block only, the auto rule's grid
@@ -169,13 +172,22 @@ def time_batches(run, batches) -> tuple[float, float, object]:
 
 def jax_variants(platform: str, requested: str | None) -> list[str]:
     """The JAX forwards to time: dense and each grouped matmul (on GPU also ragged_dot through the Pallas
-    Triton lowering where the installed jax ships it; on CPU by default only dense and blocked);
-    `requested`: a comma-separated subset."""
+    Triton lowering where the installed jax ships it, and tokamax's kernels where it is installed: mosaic
+    on Hopper, triton; on CPU by default only dense, blocked and batched); `requested`: a comma-separated
+    subset."""
     import importlib.util
+
+    from grape_jax.core.dispatch import MOSAIC_GPU_MAJORS, compute_capability
 
     out = ["dense", "blocked", "batched", "ragged_dot"]
     if platform == "gpu" and importlib.util.find_spec("jax._src.lax.pallas_lowerings") is not None:
         out.append("ragged_dot+pallas")
+    if importlib.util.find_spec("tokamax") is not None:
+        if platform == "gpu":
+            hopper = (compute_capability("gpu") or "").split(".")[0] in MOSAIC_GPU_MAJORS
+            out += ["tokamax_mosaic", "tokamax_triton"] if hopper else ["tokamax_triton"]
+        else:
+            out.append("tokamax_xla")
     if platform == "cpu" and not requested:  # XLA:CPU expands ragged_dot densely (see --sweep): skip it
         requested = "dense,blocked,batched"
     if requested:
@@ -308,13 +320,14 @@ def sweep(args) -> list[str]:
 
     from grape_jax.core import transformer
     from grape_jax.core.config import MoEConfig
-    from grape_jax.core.dispatch import choose
+    from grape_jax.core.dispatch import choose, tokamax_module
     from grape_jax.core.params import init_params
 
     platform = jax.default_backend()
+    kinds = ["dense", "blocked", "batched", "ragged_dot"] + (["tokamax_xla"] if tokamax_module() else [])
     lines = [
-        "| shape | d | f | E | k | tokens | dense ms | blocked ms | batched ms | ragged_dot ms | best | auto picks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | d | f | E | k | tokens | " + " | ".join(f"{k} ms" for k in kinds) + " | best | auto picks |",
+        "|---|---|---|---|---|---|" + "---|" * (len(kinds) + 2),
     ]
     for label, d, f, e, k, t in SWEEP:
         cfg = MoEConfig(
@@ -332,7 +345,7 @@ def sweep(args) -> list[str]:
         params = {n: jnp.asarray(v) for n, v in init_params(cfg, seed=0, scale=0.05).items() if ".mlp." in n}
         x = jnp.asarray(np.random.default_rng(0).standard_normal((t, d), np.float32))
         times = {}
-        for kind in ("dense", "blocked", "batched", "ragged_dot"):
+        for kind in kinds:
             fn = jax.jit(functools.partial(transformer.moe_output, p="layers.0.mlp.", cfg=cfg, dispatch=kind))
             fn(params, x=x).block_until_ready()
             reps, best = 0, float("inf")
@@ -345,11 +358,8 @@ def sweep(args) -> list[str]:
             times[kind] = best * 1e3
         best = min(times, key=times.get)
         auto = choose("auto", num_experts=e, top_k=k, tokens=t, hidden=d, ffn=f, platform=platform)
-        lines.append(
-            f"| {label} | {d} | {f} | {e} | {k} | {t} | {times['dense']:.3f} | {times['blocked']:.3f} | "
-            f"{times['batched']:.3f} | "
-            f"{times['ragged_dot']:.3f} | {best} | {auto} |"
-        )
+        cells = " | ".join(f"{times[kind]:.3f}" for kind in kinds)
+        lines.append(f"| {label} | {d} | {f} | {e} | {k} | {t} | {cells} | {best} | {auto} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -402,7 +412,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--variants",
         default=None,
-        help="comma-separated JAX forwards to time (default: all): dense, blocked, ragged_dot, ragged_dot+pallas (GPU)",
+        help="comma-separated JAX forwards to time (default: all): dense, blocked, batched, ragged_dot, "
+        "ragged_dot+pallas (GPU), tokamax_mosaic (Hopper), tokamax_triton (GPU), tokamax_xla (with tokamax)",
     )
     ap.add_argument("--no-torch", action="store_true", help="skip the transformers forward")
     ap.add_argument("--sweep", action="store_true", help="time the MoE block alone over a grid of shapes")

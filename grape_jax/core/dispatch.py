@@ -9,6 +9,10 @@ its FLOPs. Two grouped matmuls:
               with the Pallas Triton lowering (`jax_ragged_dot_use_gpu_pallas_triton_lowering`, where the
               installed jax ships it) or XLA's cuDNN fusion (`--xla_gpu_experimental_use_ragged_dot_fusion`);
               otherwise XLA, as on CPU, expands it to a dense matmul against every group (E x the work).
+  tokamax_*   `tokamax.ragged_dot` (optional package, extra `gpu`) over the same sorted rows, with its
+              VJP: `mosaic` (Pallas Mosaic GPU kernels, Hopper sm90 / Blackwell sm100 forward; `triton`
+              where mosaic has none for the case), `triton` (Pallas Triton, any GPU) or `xla` (any backend:
+              `jax.lax.ragged_dot` again). `tokamax_kind` picks the implementation per device.
   blocked     every expert's rows padded to a multiple of a block of B rows (at most one partial block
               per expert), then one `lax.scan` over the blocks, each a plain [B, d] x [d, f] matmul with
               its expert's weights; blocks past the last expert's rows are skipped. Portable.
@@ -35,6 +39,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable, Mapping
+from types import ModuleType
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +50,21 @@ from grape_jax.core.config import MoEConfig
 from grape_jax.core.params import param_specs
 from grape_jax.core.sharding import DEFAULT_RULES, logical_to_pspec
 
-GROUPED_KINDS = ("ragged_dot", "blocked", "batched")
-DISPATCHES = ("auto", "dense", "routed", *GROUPED_KINDS)
+TOKAMAX_IMPLEMENTATIONS = {
+    "tokamax_mosaic": ("mosaic", "triton"),
+    "tokamax_triton": ("triton",),
+    "tokamax_xla": ("xla",),
+}
+"""tokamax kind -> the `implementation` sequence `tokamax.ragged_dot` tries (the first with a kernel for the case)."""
+GROUPED_KINDS = ("ragged_dot", "blocked", "batched", *TOKAMAX_IMPLEMENTATIONS)
+DISPATCHES = ("auto", "dense", "routed", "tokamax", *GROUPED_KINDS)
 """auto: the faster of dense and routed on this backend (`choose`); dense: every expert on every token;
-routed: the backend's grouped matmul (`grouped_matmul_kind`); ragged_dot / blocked / batched: routed with
-that one."""
+routed: the backend's grouped matmul (`grouped_matmul_kind`); tokamax: tokamax's kernel for this device
+(`tokamax_kind`); ragged_dot / blocked / batched / tokamax_*: routed with that one."""
+# GPU compute capabilities where tokamax 0.0.12's Mosaic kernels cover forward and VJP: Hopper (Blackwell's
+# VJP raises, no weight-gradient kernel: triton there unless dispatch="tokamax_mosaic" asks).
+MOSAIC_GPU_MAJORS = ("9",)
+TOKAMAX_MISSING = "dispatch {!r} needs the optional package tokamax: pip install 'grape-jax[gpu]' (tokamax==0.0.12)"
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 MAX_BLOCK = 512  # rows per block of the blocked grouped matmul (more: fewer, larger matmuls, more padding)
 MIN_BLOCK = 8
@@ -76,14 +91,51 @@ def fast_gpu_ragged_dot() -> bool:
     return "xla_gpu_experimental_use_ragged_dot_fusion=true" in os.environ.get("XLA_FLAGS", "").lower()
 
 
-def grouped_matmul_kind(platform: str) -> str:
-    """The grouped matmul `routed` uses on a backend: ragged_dot where it is a real grouped GEMM (TPU,
-    GPU with a grouped lowering); on other GPUs batched (one H200: 1.75x dense and 3.3x blocked with 128
-    experts of f 768, equal to blocked with 8 large experts; BENCHMARKS.md); on CPU blocked (batched's
-    weight gather costs more than the scan's loop there)."""
-    if platform == "tpu" or (platform == "gpu" and fast_gpu_ragged_dot()):
+@functools.cache
+def tokamax_module() -> ModuleType | None:
+    """The tokamax package, imported on first use (about 6 s of imports), or None where it is not installed.
+    absl's flags are marked parsed (defaults), else tokamax parses sys.argv (our CLI's, pytest's) and fails."""
+    if importlib.util.find_spec("tokamax") is None:
+        return None
+    import tokamax  # noqa: PLC0415  (deferred: optional GPU kernels, slow to import, used only by tokamax_*)
+    from absl import flags  # noqa: PLC0415  (deferred: installed with tokamax, needed only with it)
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
+
+
+def compute_capability(platform: str) -> str | None:
+    """The first device's compute capability ('9.0') on GPU, else None."""
+    gpu = platform == "gpu" and jax.default_backend() == "gpu"
+    return getattr(jax.devices()[0], "compute_capability", None) if gpu else None
+
+
+def tokamax_kind(platform: str, capability: str | None) -> str:
+    """tokamax's kernel for a device (pure): mosaic on Hopper GPUs (compute capability 9.x, see
+    MOSAIC_GPU_MAJORS), triton on other GPUs, xla elsewhere (tokamax's TPU kernel is not measured here)."""
+    if platform != "gpu":
+        return "tokamax_xla"
+    return "tokamax_mosaic" if (capability or "").split(".")[0] in MOSAIC_GPU_MAJORS else "tokamax_triton"
+
+
+def select_grouped_kind(platform: str, capability: str | None, *, tokamax: bool, fast_ragged_dot: bool) -> str:
+    """The grouped matmul `routed` uses (pure): on GPU tokamax's (`tokamax_kind`) where installed, else
+    ragged_dot where it lowers to a grouped GEMM, else batched (one H200: 1.75x dense, 3.3x blocked with 128
+    experts of f 768); ragged_dot on TPU; blocked on CPU (faster there than batched's weight gather and
+    than tokamax's xla, which is `jax.lax.ragged_dot`, dense over every group; BENCHMARKS.md)."""
+    if platform == "gpu" and tokamax:
+        return tokamax_kind(platform, capability)
+    if platform == "tpu" or (platform == "gpu" and fast_ragged_dot):
         return "ragged_dot"
     return "batched" if platform == "gpu" else "blocked"
+
+
+def grouped_matmul_kind(platform: str) -> str:
+    """`select_grouped_kind` with this process's facts (tokamax installed, jax's GPU lowering, device)."""
+    gpu, capability = platform == "gpu", compute_capability(platform)
+    tokamax, fast = gpu and tokamax_module() is not None, gpu and fast_gpu_ragged_dot()
+    return select_grouped_kind(platform, capability, tokamax=tokamax, fast_ragged_dot=fast)
 
 
 # On CPU the blocked routed path beat dense on every measured shape whose dense work (6 T E d f FLOPs) is
@@ -102,6 +154,8 @@ def choose(
     if dispatch == "dense" or dispatch in GROUPED_KINDS:
         return dispatch
     platform = platform or jax.default_backend()
+    if dispatch == "tokamax":
+        return tokamax_kind(platform, compute_capability(platform))
     routed = grouped_matmul_kind(platform)
     if dispatch == "routed" or platform != "cpu":
         return routed
@@ -138,20 +192,43 @@ def _sort(indices: Int[Array, "t k"], first: jax.Array | int, num_local: int) ->
     return _Sorted(order, jnp.minimum(sorted_key, num_local - 1), sorted_key < num_local, group_sizes)
 
 
+def _tokamax_dot(kind: str) -> Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]:
+    """`tokamax.ragged_dot` with `kind`'s implementations, as dot(rows, weights, group_sizes, local). Rows in
+    no group are zeroed on the way in and out, so whatever a kernel leaves in them reaches neither the
+    output nor, through the VJP, the gradients."""
+    tokamax = tokamax_module()
+    if tokamax is None:
+        raise DispatchError(TOKAMAX_MISSING.format(kind))
+    implementation = TOKAMAX_IMPLEMENTATIONS[kind]
+
+    def dot(a: jax.Array, b: jax.Array, group_sizes: jax.Array, local: jax.Array) -> jax.Array:
+        y = tokamax.ragged_dot(jnp.where(local, a, 0), b, group_sizes, implementation=implementation)
+        return jnp.where(local, y, 0)
+
+    return dot
+
+
+def _lax_dot(a: jax.Array, b: jax.Array, group_sizes: jax.Array, local: jax.Array) -> jax.Array:
+    """`jax.lax.ragged_dot` (rows in no group come out 0)."""
+    return jax.lax.ragged_dot(a, b, group_sizes)
+
+
 def _ffn_ragged(
     x_rows: jax.Array,
     s: _Sorted,
     w: Mapping[str, jax.Array],
     activation: Activation,
     down_bias_scale: jax.Array | float,
+    dot: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array] = _lax_dot,
 ) -> jax.Array:
-    """Expert MLPs on rows sorted by expert with `jax.lax.ragged_dot` (rows in no group come out 0)."""
-    gate = jax.lax.ragged_dot(x_rows, w["w_gate"], s.group_sizes)
-    up = jax.lax.ragged_dot(x_rows, w["w_up"], s.group_sizes)
+    """Expert MLPs on rows sorted by expert with the ragged matmul `dot` (rows in no group come out 0)."""
+    local = s.local[:, None]
+    gate = dot(x_rows, w["w_gate"], s.group_sizes, local)
+    up = dot(x_rows, w["w_up"], s.group_sizes, local)
     if "b_gate" in w:
         gate = gate + w["b_gate"][s.expert]
         up = up + w["b_up"][s.expert]
-    y = jax.lax.ragged_dot(activation(gate, up), w["w_down"], s.group_sizes)
+    y = dot(activation(gate, up), w["w_down"], s.group_sizes, local)
     if "b_down" in w:
         y = y + w["b_down"][s.expert] * down_bias_scale
     return jnp.where(s.local[:, None], y, 0)
@@ -242,6 +319,8 @@ def _routed_local(
     token_of_row = (s.order // k).astype(jnp.int32)
     if kind == "ragged_dot":
         y_rows = _ffn_ragged(x[token_of_row], s, w, activation, down_bias_scale)
+    elif kind in TOKAMAX_IMPLEMENTATIONS:
+        y_rows = _ffn_ragged(x[token_of_row], s, w, activation, down_bias_scale, _tokamax_dot(kind))
     else:
         y_rows = _ffn_blocked(x, token_of_row, s, w, activation, down_bias_scale, batched=kind == "batched")
     # back to assignment order (t * k + j) by the inverse permutation, then combine as the dense path does
@@ -276,8 +355,8 @@ def routed_experts(
     activation: Activation,
 ) -> Float[Array, "t d"]:
     """The routed experts' combined output Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) (no shared
-    expert), by the grouped matmul `kind` ('ragged_dot' or 'blocked'); on a mesh, per device by
-    shard_map (module docstring)."""
+    expert), by the grouped matmul `kind` (one of GROUPED_KINDS); on a mesh, per device by shard_map
+    (module docstring)."""
     if kind not in GROUPED_KINDS:
         raise DispatchError(f"grouped matmul {kind!r} unknown; expected one of {GROUPED_KINDS}")
     w = expert_leaves(params, p)
@@ -304,6 +383,9 @@ def routed_experts(
         # b_down is not split over `tensor`: only the first tensor shard adds it before the psum
         bias_scale = (jax.lax.axis_index(tensor_axes) == 0).astype(x.dtype) if tensor_axes else 1.0
         reduce = expert_axes + tensor_axes
+        # Each device gathers its own rows of x, by indices this jax types as invariant (from axis_index):
+        # x varying first, or the gradient's psum adds up rows of different tokens before the scatter.
+        x = jax.lax.pcast(x, reduce, to="varying") if reduce else x
         y = _routed_local(
             x, indices, weights, w, first=first, kind=kind, activation=activation, down_bias_scale=bias_scale
         )
