@@ -12,7 +12,9 @@ import pytest
 import transformers
 
 from conversion.load import load_hf
+from grape_jax.api import describe
 from grape_jax.calibration.options import CalibrationOptions
+from grape_jax.calibration.stats import ModelStats
 from grape_jax.cli.main import main as grape
 from grape_jax.cli.methods import data_flags
 from grape_jax.core.model import param_view
@@ -24,6 +26,7 @@ from grape_jax.merge.state import MergeError, MergeInputs, merge_model
 from grape_jax.pipeline import apply_plan, blocks_for
 from grape_jax.planners import DEFAULT_METHOD
 from grape_jax.planners.plan import Plan
+from grape_jax.source import ModelSource
 from tests.hf_models import random_tokens, torch_logits
 from tests.test_model_parity import assert_close_logits
 
@@ -117,6 +120,15 @@ def test_prune_with_the_default_method_fits_and_exports(tiny_mixtral_tok, work):
     original = load_hf(tiny_mixtral_tok.path)
     plan = Plan.load(str(work_dir / "plan.json"))
     assert plan.operator == "fit"
+    # one fingerprint per source: gj.describe, the statistics, the model source and the card agree; the
+    # card lists every stage that was done and no planner seed for a deterministic planner
+    fingerprint = describe(original)["fingerprint"]
+    assert fingerprint == ModelStats.load(str(work_dir / "stats.npz")).model_fingerprint
+    assert fingerprint == ModelSource.open(tiny_mixtral_tok.path).fingerprint() == recipe["source_model"]["fingerprint"]
+    card = open(os.path.join(out, "README.md")).read()
+    assert f"Source model fingerprint `{fingerprint[:16]}`" in card
+    assert "stages: load, calibrate, plan, fit, merge." in " ".join(card.split())
+    assert "seed None" not in card and "planner seed" not in card
     with pytest.raises(MergeError, match="operator 'fit' needs the calibration blocks"):
         merge_model(original, plan)
     blocks = blocks_for(tiny_mixtral_tok.path, DataSpec(seq_len=32, num_samples=6))

@@ -41,6 +41,7 @@ from grape_jax.pipeline import (
     save_hf,
 )
 from grape_jax.report.plots import plot_loss
+from grape_jax.report.recipe import UNHEALED_LEVERS
 from grape_jax.source import ModelSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -230,7 +231,12 @@ def summary(r: HealResult, ppl_teacher: float | None) -> str:
     lines = [f"{'model':10s} {'held-out ppl':>12s}"]
     lines += [f"{name:10s} {value:12.3f}" for name, value in rows if value is not None]
     frac = gap_recovered(r.ppl_before, r.ppl_after, ppl_teacher)
-    if frac is not None:
+    if r.best_step == 0:
+        lines.append(
+            f"the unhealed model was kept: no step of {r.steps} ({r.seconds:.0f} s) validated better than step 0. "
+            + UNHEALED_LEVERS
+        )
+    elif frac is not None:
         lines.append(
             f"healing recovered {100 * frac:.1f}% of the perplexity gap in {r.steps} steps ({r.seconds:.0f} s)"
         )
