@@ -143,3 +143,31 @@ def test_card_lists_every_stage_and_says_when_healing_kept_the_unhealed_model():
     text = summary(run, 10.0)
     assert "the unhealed model was kept" in text and "lower --learning-rate" in text and "recovered" not in text
     assert "recovered 50.0%" in summary(SimpleNamespace(**{**vars(run), "ppl_after": 11.0, "best_step": 40}), 10.0)
+
+
+def test_plots_keep_legends_outside_and_perplexity_on_a_relative_log_axis(tmp_path, monkeypatch):
+    """Rows near the original stay apart from rows at twice its perplexity (a relative, symmetric-log
+    axis with labelled points), and no legend covers a bar or a line."""
+    from grape_jax.report import plots
+
+    figures = []
+    save = plots._save
+
+    def keep(fig, plt, path):
+        fig.canvas.draw()
+        figures.append(fig)
+        return save(fig, plt, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    table = {"a": {2: 72.9, 4: 73.6}, "b": {2: 92.0, 4: 189.2}, "a + heal": {4: 72.6}}
+    plots.plot_perplexity(table, 72.72, str(tmp_path / "p.png"))
+    plots.plot_allocation({"a": [8, 2, 2, 4], "b": [3, 6, 4, 3]}, [0, 1, 2, 3], str(tmp_path / "a.png"))
+    for fig in figures:
+        (ax,) = fig.axes
+        legend = ax.get_legend().get_window_extent()
+        assert legend.x0 >= ax.get_window_extent().x1, "the legend overlaps the axes"
+    ax = figures[0].axes[0]
+    assert ax.get_yscale() == "symlog" and "original" in ax.get_ylabel()
+    labels = {t.get_text() for t in ax.texts}
+    assert {"72.90", "73.60", "189.20", "72.60"} <= labels
+    assert os.path.getsize(tmp_path / "p.png") > 0 and os.path.getsize(tmp_path / "a.png") > 0
