@@ -20,6 +20,7 @@ from grape_jax.healing.heal import HealInterrupted, HealOptions, heal
 from grape_jax.pipeline import blocks_for, save_hf
 from grape_jax.planners import DEFAULT_METHOD
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
+from tests.strict_json import check_json_tree
 from tests.test_model_parity import assert_close_logits
 
 PRUNE = ["--num-samples", "6", "--seq-len", "32", "--batch-size", "3", "--token-chunk", "48"]
@@ -61,6 +62,7 @@ def test_heal_cli_end_to_end(tiny_mixtral_tok, pruned, tmp_path, capsys):
     assert f"healed model -> {out}" in printed
     assert not os.path.exists(out + ".work"), "the work directory goes once the output is in place"
 
+    assert {"heal.json", "recipe.json", "config.json"} <= set(check_json_tree(out))  # strict JSON
     report = json.load(open(os.path.join(out, "heal.json")))
     assert report["steps"] == 4 and len(report["losses"]) == 4 and report["options"]["train"] == "all"
     for key in ("ppl_before", "ppl_after", "ppl_original"):

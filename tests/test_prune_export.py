@@ -28,6 +28,7 @@ from grape_jax.planners import DEFAULT_METHOD
 from grape_jax.planners.plan import Plan
 from grape_jax.source import ModelSource
 from tests.hf_models import random_tokens, torch_logits
+from tests.strict_json import check_json_tree, strict_load
 from tests.test_model_parity import assert_close_logits
 
 DATA = ["--num-samples", "6", "--seq-len", "32", "--batch-size", "3", "--token-chunk", "48"]
@@ -205,3 +206,10 @@ def test_plan_merge_export_cli_chain(tiny_mixtral_tok, stats_path, work, capsys)
     assert grape(["plan", stats_path, "--method", "grape", "--budget", "19", "--out", str(work / "y.json")]) == 2
     assert "exceeds the 18 experts removable" in capsys.readouterr().err
     assert not os.path.exists(work / "x") and not os.path.exists(work / "y.json")
+    # every JSON file written above (statistics summary, plans, checkpoints, exports with recipe.json) and
+    # by the prunes of this module is strict JSON, including the fit's non-finite ridge values
+    assert grape(["eval", out, "--num-samples", "2", "--seq-len", "32", "--out", str(work / "eval.json")]) == 0
+    found = set(check_json_tree(work))
+    for name in ("stats.json", "p.json", "p-fit.json", "hf/recipe.json", "hf/config.json", "eval.json"):
+        assert name in found, name
+    assert any(name.endswith("recipe.json") and "fit" in strict_load(work / name)["operator"] for name in found)
