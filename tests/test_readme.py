@@ -11,6 +11,7 @@ from flax import nnx
 
 import grape_jax
 from grape_jax import api
+from grape_jax.base.atomic import OutputExistsError
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -50,6 +51,9 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=want):
         grape_jax.save_hf(wrong, tmp_path / "wrong")
     assert not os.path.exists(tmp_path / "wrong")
+    # the API's own words: overwrite=True, not the command line's --overwrite
+    with pytest.raises(OutputExistsError, match=r"already exists; pass overwrite=True to replace it$"):
+        grape_jax.save_hf(pruned, "demo-pruned")
     # a fit plan without its inputs is refused (never merged as another operator)
     with pytest.raises(ValueError, match=r"inputs=gj\.fit_inputs"):
         grape_jax.merge_state(scope["state"], scope["plan"])

@@ -186,11 +186,12 @@ def merge_state(state: nnx.State, plan: Plan, inputs: MergeInputs | None = None)
 
 
 def check_inputs(plan: Plan, inputs: MergeInputs | None) -> None:
-    """Refuse a 'fit' plan without the fit's inputs (they say they were made by the fit in `made_by`)."""
+    """Refuse a 'fit' plan without the fit's inputs: none, or inputs with no replacement leaf that do not
+    say they were made by the fit (`made_by`; a fit may keep every layer's base merge)."""
     if plan.operator != "fit":
         return
     made_by = json.loads(inputs.made_by) if inputs is not None and inputs.made_by else {}
-    if made_by.get("operator") != "fit":
+    if made_by.get("operator") != "fit" and not (inputs is not None and inputs.overrides):
         raise MergeError(
             "plan has operator 'fit': its merged down projections are fitted on the calibration blocks; pass "
             "inputs=gj.fit_inputs(model, plan, blocks) (or apply_plan(model, plan, blocks=blocks)), or plan "
