@@ -106,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
         command.configure(p)
         if command.multihost:
             parsers.add_distributed_args(p)
-        p.set_defaults(command=name)
     return parser
 
 
