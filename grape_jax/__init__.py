@@ -49,6 +49,7 @@ PUBLIC = (
     "make_plan",
     "merge_inputs",
     "merge_state",
+    "merged_graphdef",
     "param_view",
     "perplexity",
     "prune",

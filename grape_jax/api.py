@@ -12,7 +12,9 @@
 
 The pure core: `graphdef, state = nnx.split(model)`; `gj.merge_state(state, plan, inputs)` under `jax.jit`
 or `jax.eval_shape`, with `inputs = gj.fit_inputs(model, plan, blocks)` (operator 'fit') or
-`gj.merge_inputs(model, plan)` (every other operator). The CLI (`grape ...`) is a thin layer over these functions.
+`gj.merge_inputs(model, plan)` (every other operator), and the module of the merged state is
+`nnx.merge(gj.merged_graphdef(model, plan, inputs), new_state)`. The CLI (`grape ...`) is a thin
+layer over these functions.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from grape_jax.healing.heal import (
     cache_teacher_logits,
     heal,
 )
-from grape_jax.merge.state import MergeInputs, merge_inputs, merge_state
+from grape_jax.merge.state import MergeInputs, merge_inputs, merge_state, merged_graphdef
 from grape_jax.pipeline import apply_plan, blocks_for, load_model, prune, save_hf
 from grape_jax.planners import PLANNERS, make_plan
 from grape_jax.planners.plan import Plan
@@ -84,6 +86,7 @@ __all__ = [
     "make_plan",
     "merge_inputs",
     "merge_state",
+    "merged_graphdef",
     "param_view",
     "perplexity",
     "prune",

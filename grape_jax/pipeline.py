@@ -29,7 +29,7 @@ from grape_jax.calibration.calibrate import CalibrationInterrupted, calibrate
 from grape_jax.calibration.options import CalibrationOptions, calibration_fingerprint
 from grape_jax.calibration.stats import ModelStats, StatsError, neutral_stats
 from grape_jax.core.config import MoEConfig
-from grape_jax.core.model import MoEModel
+from grape_jax.core.model import MoEModel, check_param_shapes, param_view
 from grape_jax.core.sharding import DEFAULT_RULES, ShardingRules
 from grape_jax.data.text import DataSpec, load_tokenizer
 from grape_jax.fit.operator import FitOptions, plan_inputs
@@ -38,7 +38,8 @@ from grape_jax.merge import state as merge
 from grape_jax.merge.state import MergeInputs
 from grape_jax.passes.resume import Progress, ResumeError
 from grape_jax.planners import DEFAULT_METHOD, make_plan
-from grape_jax.planners.plan import Plan
+from grape_jax.planners.grape_l import NoSensitivitiesError
+from grape_jax.planners.plan import Plan, PlanError
 from grape_jax.report import recipe as rc
 from grape_jax.source import ModelSource
 
@@ -61,17 +62,19 @@ def load_model(
     return ModelSource.open(path).load(mesh=mesh, rules=rules, dtype=dtype)
 
 
-def check_output(out: str | os.PathLike, *, overwrite: bool, flag: str = "--out") -> str:
+def check_output(out: str | os.PathLike, *, overwrite: bool, flag: str | None = "--out") -> str:
     """An output path that may be written: refused when it exists (unless `overwrite`) or when its parent
-    is not a writable directory."""
+    is not a writable directory. `flag` names the command-line argument in the messages; None (a Python
+    caller) names the `overwrite=True` keyword instead."""
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it ({flag})")
+        how = "pass overwrite=True" if flag is None else f"pass --overwrite ({flag})"
+        raise OutputExistsError(f"{out} already exists; {how} to replace it")
     parent = os.path.dirname(out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise OSError(f"{flag} {out}: {parent} is not a writable directory")
+        raise OSError(f"{flag or 'output'} {out}: {parent} is not a writable directory")
     return out
 
 
@@ -88,10 +91,28 @@ def check_plan_request(
     names, types and values, the budget against the per-layer floors, and whether the planner can work
     from a calibration with or without `gradients` are checked by the planners' own code, and whether
     the plan's operator suits the architecture, from config.json alone, before any weight is loaded."""
+    refuse_empty_budget(budget, per_layer)
     stats = neutral_stats(cfg, gradients=gradients)
-    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **dict(options))
+    try:
+        plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **dict(options))
+    except NoSensitivitiesError:
+        raise PlanError(
+            f"--no-gradients (gradients=False): {method} plans from the gradient sensitivities that calibration "
+            f"computes by default; drop --no-gradients, or choose a planner that needs none (e.g. --method grape-r)"
+        ) from None
     if plan.operator == "fit":
         check_fit_supported(cfg)
+
+
+def refuse_empty_budget(budget: int | None, per_layer: int | None) -> None:
+    """A budget of 0 removes no expert: the job would calibrate and write out the unchanged model, so it
+    is refused before any work."""
+    if per_layer == 0 or budget == 0:
+        flag = "--per-layer 0 (per_layer=0)" if per_layer == 0 else "--budget 0 (budget=0)"
+        raise PlanError(
+            f"{flag} removes no expert: the output would be the unchanged model; ask for at least 1 "
+            f"(nothing was loaded)"
+        )
 
 
 def apply_plan(
@@ -124,6 +145,7 @@ def save_hf(
     provenance (any model: original, merged, healed), plus `extra_files` (name -> text or bytes); the
     directory appears only when all of it is written. `quantize="fp8"` requantises what an FP8 source
     stored as FP8 (unmerged experts keep their scales; see `conversion.export.export_hf`)."""
+    check_param_shapes(model.cfg, param_view(model))
     recipe = rc.build_recipe(model)
     files = {**dict(extra_files or {}), "recipe.json": jsonio.dumps(recipe, indent=1, sort_keys=True, default=str)}
     if recipe["method"] is not None:
@@ -177,7 +199,7 @@ def prune(
 ) -> PruneResult:
     """check -> load -> calibrate -> plan -> merge -> export (module docstring)."""
     options = dict(planner_options or {})
-    out = check_output(out, overwrite=overwrite)
+    out = check_output(out, overwrite=overwrite, flag=None)
     work_dir = os.path.abspath(work_dir or out.rstrip("/") + ".work")
     if os.path.abspath(work_dir) == out:
         raise ValueError(f"--work-dir {work_dir} must differ from --out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 
 import pytest
 
@@ -73,3 +74,26 @@ def test_reproduce_paper_tiny(tiny_mixtral_tok, tmp_path):
     assert {r["method"] for r in rows} >= {"grape", "grape-r", "local", "frequency", "reap", "hc-smoe", "m-smoe"}
     assert {int(r["per_layer"]) for r in rows if r["method"] != "-"} == {1, 2}
     assert os.path.isfile(out / "zero_shot.json") and os.path.isfile(out / "report.md")
+
+
+def readme_demo_figures() -> list[str]:
+    """The perplexities README.md says `grape demo` prints (the paragraph after <!-- demo-figures -->)."""
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    paragraph = text.split("<!-- demo-figures -->\n", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"\d+\.\d{3}", paragraph)
+
+
+@pytest.mark.slow
+def test_readme_demo_figures_are_what_grape_demo_prints(tmp_path, capsys):
+    """`grape demo` as a fresh clone runs it: the README's figures are the ones it prints (3 decimals)."""
+    assert grape(["demo", "--out", str(tmp_path / "demo")]) == 0
+    rows = {(r["name"], int(r["per_layer"])): float(r["ppl"]) for r in _rows(tmp_path / "demo" / "results.csv")}
+    want = [
+        rows[("original", 0)],
+        rows[("grape-l (fit, default)", 2)],
+        rows[("grape-l (fit, default)", 4)],
+        next(v for (name, r), v in rows.items() if name.startswith("grape-l (fit, default) + heal")),
+        rows[("frequency", 2)],
+        rows[("frequency", 4)],
+    ]
+    assert readme_demo_figures() == [f"{v:.3f}" for v in want]

@@ -20,6 +20,7 @@ from grape_jax.healing.heal import HealInterrupted, HealOptions, heal
 from grape_jax.pipeline import blocks_for, save_hf
 from grape_jax.planners import DEFAULT_METHOD
 from tests.hf_models import build_model, random_tokens, save_model, tiny_mixtral_config, torch_logits
+from tests.strict_json import check_json_tree
 from tests.test_model_parity import assert_close_logits
 
 PRUNE = ["--num-samples", "6", "--seq-len", "32", "--batch-size", "3", "--token-chunk", "48"]
@@ -58,9 +59,10 @@ def test_heal_cli_end_to_end(tiny_mixtral_tok, pruned, tmp_path, capsys):
     out = str(tmp_path / "healed")
     assert grape(["heal", pruned, "--teacher", tiny_mixtral_tok.path, "--out", out, *HEAL]) == 0
     printed = capsys.readouterr().out
-    assert "healing recovered" in printed and f"healed model -> {out}" in printed
+    assert f"healed model -> {out}" in printed
     assert not os.path.exists(out + ".work"), "the work directory goes once the output is in place"
 
+    assert {"heal.json", "recipe.json", "config.json"} <= set(check_json_tree(out))  # strict JSON
     report = json.load(open(os.path.join(out, "heal.json")))
     assert report["steps"] == 4 and len(report["losses"]) == 4 and report["options"]["train"] == "all"
     for key in ("ppl_before", "ppl_after", "ppl_original"):
@@ -83,7 +85,10 @@ def test_heal_cli_end_to_end(tiny_mixtral_tok, pruned, tmp_path, capsys):
         "load",
         "heal",
     ]
-    assert "Healed after pruning: 4 steps" in open(os.path.join(out, "README.md")).read()
+    # a run whose best step is 0 says, on the command line and in the card, that the unhealed model was kept
+    healed, card = report["best_step"] > 0, open(os.path.join(out, "README.md")).read()
+    assert ("healing recovered" in printed) == healed and ("the unhealed model was kept" in printed) != healed
+    assert ("Healed after pruning: 4 steps" in card) == healed and ("kept the unhealed model" in card) != healed
 
     # the export holds exactly the model the API heals with the same data and options
     mesh = make_mesh(None)

@@ -267,3 +267,21 @@ def test_aligned_merge_equals_host_reference(mesh_spec):
         assert got.sharding == ctx.sharding(
             got.shape, ("experts", *(("embed", "mlp") if k != "w_down" else ("mlp", "embed")))
         ), k
+
+
+def test_a_fit_plan_without_the_fits_inputs_is_refused():
+    """Never merged as 'dominant' silently: no inputs, or empty ones, name the way (gj.fit_inputs)."""
+    model = _model()
+    base = _plan(_layer(0, [[0, 1], [2], [3]], weights=[[1.0, 0.0], [1.0], [1.0]]), _ident(1), operator="dominant")
+    plan = dataclasses.replace(base, operator="fit")  # the fit's weights are the dominant operator's
+    _, state = nnx.split(model)
+    for inputs in (None, MergeInputs()):
+        with pytest.raises(MergeError, match=r"pass inputs=gj\.fit_inputs\(model, plan, blocks\)"):
+            merge_state(state, plan, inputs)
+        with pytest.raises(MergeError, match="operator 'fit'"):
+            merge_model(model, plan, inputs=inputs)
+    kept = MergeInputs(made_by='{"operator": "fit"}')  # a fit that kept every layer's base merge
+    dominant = merge_model(model, base, inputs=MergeInputs())
+    merged = merge_model(model, plan, inputs=kept)
+    for name, value in param_view(dominant).items():
+        np.testing.assert_array_equal(np.asarray(param_view(merged)[name]), np.asarray(value), err_msg=name)

@@ -12,18 +12,23 @@ import pytest
 import transformers
 
 from conversion.load import load_hf
+from grape_jax.api import describe
 from grape_jax.calibration.options import CalibrationOptions
+from grape_jax.calibration.stats import ModelStats
 from grape_jax.cli.main import main as grape
+from grape_jax.cli.methods import data_flags
 from grape_jax.core.model import param_view
 from grape_jax.core.params import count_params
 from grape_jax.data.text import DataSpec
 from grape_jax.evaluation.scoring import perplexity
-from grape_jax.fit.operator import FitOptions
+from grape_jax.fit.operator import FitError, FitOptions
 from grape_jax.merge.state import MergeError, MergeInputs, merge_model
 from grape_jax.pipeline import apply_plan, blocks_for
 from grape_jax.planners import DEFAULT_METHOD
 from grape_jax.planners.plan import Plan
+from grape_jax.source import ModelSource
 from tests.hf_models import random_tokens, torch_logits
+from tests.strict_json import check_json_tree, strict_load
 from tests.test_model_parity import assert_close_logits
 
 DATA = ["--num-samples", "6", "--seq-len", "32", "--batch-size", "3", "--token-chunk", "48"]
@@ -116,10 +121,21 @@ def test_prune_with_the_default_method_fits_and_exports(tiny_mixtral_tok, work):
     original = load_hf(tiny_mixtral_tok.path)
     plan = Plan.load(str(work_dir / "plan.json"))
     assert plan.operator == "fit"
+    # one fingerprint per source: gj.describe, the statistics, the model source and the card agree; the
+    # card lists every stage that was done and no planner seed for a deterministic planner
+    fingerprint = describe(original)["fingerprint"]
+    assert fingerprint == ModelStats.load(str(work_dir / "stats.npz")).model_fingerprint
+    assert fingerprint == ModelSource.open(tiny_mixtral_tok.path).fingerprint() == recipe["source_model"]["fingerprint"]
+    card = open(os.path.join(out, "README.md")).read()
+    assert f"Source model fingerprint `{fingerprint[:16]}`" in card
+    assert "stages: load, calibrate, plan, fit, merge." in " ".join(card.split())
+    assert "seed None" not in card and "planner seed" not in card
     with pytest.raises(MergeError, match="operator 'fit' needs the calibration blocks"):
         merge_model(original, plan)
     blocks = blocks_for(tiny_mixtral_tok.path, DataSpec(seq_len=32, num_samples=6))
     fit = FitOptions.like(CalibrationOptions(batch_size=3, token_chunk=48))
+    with pytest.raises(FitError, match="not the calibration blocks the plan was made from"):
+        apply_plan(original, plan, blocks=blocks[:-1], fit_options=fit)
     merged = apply_plan(original, plan, blocks=blocks, fit_options=fit)
     assert merged.cfg == pruned.cfg
     # the recipe says how the fit ran: its options, the blocks it solved on, each merged layer's choices
@@ -137,8 +153,20 @@ def test_prune_with_the_default_method_fits_and_exports(tiny_mixtral_tok, work):
     assert {k: d["step"] for k, d in again["layers"].items()} == {k: d["step"] for k, d in made["layers"].items()}
     for name, arr in param_view(merged).items():
         np.testing.assert_allclose(np.asarray(arr), np.asarray(param_view(pruned)[name]), rtol=1e-4, atol=1e-6)
-    base = merge_model(original, plan, inputs=MergeInputs())
+    base = merge_model(original, dataclasses.replace(plan, operator="dominant"), inputs=MergeInputs())
     assert perplexity(merged, blocks).nll_sum <= perplexity(base, blocks).nll_sum * (1 + 1e-6)
+
+
+def test_data_flags_name_the_plans_data():
+    record = {
+        "files": [{"path": "/d/calib set.jsonl", "sha256": "ab"}],
+        "text_field": "text",
+        "seq_len": 2048,
+        "num_samples": 128,
+        "seed": 0,
+    }
+    want = "--data '/d/calib set.jsonl' --text-field text --seq-len 2048 --num-samples 128 --seed 0"
+    assert data_flags(record) == want
 
 
 def test_plan_merge_export_cli_chain(tiny_mixtral_tok, stats_path, work, capsys):
@@ -154,6 +182,16 @@ def test_plan_merge_export_cli_chain(tiny_mixtral_tok, stats_path, work, capsys)
     fit_plan, fit_merged = str(work / "p-fit.json"), str(work / "merged-fit")
     assert grape(["plan", stats_path, "--per-layer", "1", "--out", fit_plan]) == 0
     assert "(grape-l, operator fit, 3 experts removed)" in capsys.readouterr().out
+    # ... and only with it: other blocks (the defaults, or another text) are refused before any weight is
+    # loaded, naming the flags that give the plan's blocks
+    text = work / "other.txt"
+    text.write_text("Other words than the shipped sample, repeated to fill blocks. " * 200)
+    for data in ([], ["--data", str(text), "--num-samples", "6", "--seq-len", "32"]):
+        assert grape(["merge", ckpt, fit_plan, "--out", fit_merged, *data]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "operator 'fit' refits on the calibration blocks" in err
+        assert err.strip().endswith("pass no --data (the shipped sample) with --seq-len 32 --num-samples 6 --seed 0")
+        assert not os.path.exists(fit_merged)
     assert grape(["merge", ckpt, fit_plan, "--out", fit_merged, "--num-samples", "6", "--seq-len", "32"]) == 0
     assert "experts per layer [8, 8, 8] ->" in capsys.readouterr().out
     # errors: the export exists; a plan for another model; a plan that breaks a floor
@@ -168,3 +206,11 @@ def test_plan_merge_export_cli_chain(tiny_mixtral_tok, stats_path, work, capsys)
     assert grape(["plan", stats_path, "--method", "grape", "--budget", "19", "--out", str(work / "y.json")]) == 2
     assert "exceeds the 18 experts removable" in capsys.readouterr().err
     assert not os.path.exists(work / "x") and not os.path.exists(work / "y.json")
+    # every JSON file written above (statistics summary, plans, checkpoints, exports with recipe.json) and
+    # by the prunes of this module is strict JSON, including the fit's non-finite ridge values
+    assert grape(["eval", out, "--num-samples", "2", "--seq-len", "32", "--out", str(work / "eval.json")]) == 0
+    found = set(check_json_tree(work))
+    for name in ("stats.npz.json", "p.json", "p-fit.json", "hf/recipe.json", "hf/config.json", "eval.json"):
+        assert name in found, name
+    fitted = strict_load(work / "merged-fit" / "grape.json")  # the fit's record: ridge values, maybe "inf"
+    assert any(r.get("inputs", {}).get("operator") == "fit" for r in fitted["provenance"])

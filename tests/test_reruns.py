@@ -208,7 +208,7 @@ def test_ctrl_c_elsewhere_is_one_line(tiny_mixtral_tok, tmp_path, capsys, monkey
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("grape_jax.cli.models.load_hf", interrupt)
+    monkeypatch.setattr("grape_jax.source.ModelSource.load", interrupt)
     assert grape(["convert", tiny_mixtral_tok.path, str(tmp_path / "ckpt")]) == 130
     assert "interrupted; nothing of this command was saved" in _one_line_error(capsys)
 

@@ -563,7 +563,7 @@ def test_atomic_dir_success_and_refusal(tmp_path):
         with atomic_output_dir(out):
             pytest.fail("must refuse before yielding")
     assert isinstance(err.value, FileExistsError)
-    assert str(err.value) == f"{out} already exists; pass --overwrite to replace it"
+    assert str(err.value) == f"{out} already exists; pass overwrite=True to replace it"
     assert os.listdir(tmp_path) == ["out"] and (out / "f").read_text() == "new"
 
 

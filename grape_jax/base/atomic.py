@@ -67,7 +67,7 @@ def _commit(tmp: str, path: str) -> None:
 
 def _refuse_existing(path: str, overwrite: bool) -> None:
     if os.path.lexists(path) and not overwrite:
-        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{path} already exists; pass overwrite=True to replace it")
 
 
 @contextlib.contextmanager

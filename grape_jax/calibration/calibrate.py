@@ -40,6 +40,7 @@ from jaxtyping import Array, Bool, Float, Int
 from grape_jax.calibration import similarity
 from grape_jax.calibration.options import (
     CalibrationOptions,
+    blocks_sha256,
     calibration_fingerprint,
     choose_cka_mode,
     resolve_compute_dtype,
@@ -323,6 +324,7 @@ def calibrate(
         "num_blocks": int(blocks.shape[0]),
         "seq_len": int(blocks.shape[1]),
         "num_tokens": int(blocks.size),
+        "blocks_sha256": blocks_sha256(blocks),
         "cka_mode": cka,
         "token_chunk": chunk,
         "compute_dtype": compute_dtype,

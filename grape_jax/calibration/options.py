@@ -92,6 +92,12 @@ def choose_cka_mode(cfg: MoEConfig, options: CalibrationOptions) -> str:
     return "exact" if worst * len(cfg.moe_layers) <= options.exact_cka_max_bytes else "minibatch"
 
 
+def blocks_sha256(blocks: Int[np.ndarray, "n seq"]) -> str:
+    """sha256 of token blocks as contiguous int32 ids: what statistics, plans and the fit record of the
+    blocks they were computed on (a fit plan is merged on the same blocks: `grape_jax.fit.operator`)."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(blocks), np.int32).tobytes()).hexdigest()
+
+
 def calibration_fingerprint(
     model_fingerprint: str, cfg: MoEConfig, blocks: Int[np.ndarray, "n seq"], options: CalibrationOptions
 ) -> str:

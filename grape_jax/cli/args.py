@@ -12,30 +12,13 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from grape_jax.calibration.options import COMPUTE_DTYPES, CalibrationOptions
+from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.core.sharding import describe_mesh, make_mesh
 from grape_jax.data.text import DataSpec
-from grape_jax.planners import DEFAULT_METHOD, PLANNERS
 
 
 class UsageError(ValueError):
     """A flag with a value the command cannot use."""
-
-
-def add_mesh_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--mesh",
-        default=None,
-        help="mesh axes data, fsdp, expert, tensor, e.g. 'expert=4,fsdp=2'; data takes the devices the "
-        "others leave (default: every device on data)",
-    )
-
-
-def add_distributed_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("multi-host (else the environment jax.distributed.initialize reads on TPU pods/SLURM)")
-    g.add_argument("--coordinator", default=None, help="host:port of process 0")
-    g.add_argument("--num-processes", type=int, default=None, help="number of processes")
-    g.add_argument("--process-id", type=int, default=None, help="this process's index")
 
 
 def init_distributed(args: argparse.Namespace) -> None:
@@ -58,21 +41,6 @@ def mesh_from_args(args: argparse.Namespace, *, log=print) -> Mesh | None:
     return mesh
 
 
-def add_data_args(p: argparse.ArgumentParser, *, num_samples: int = 64) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        nargs="*",
-        default=None,
-        help="text files (.txt), JSONL (with --text-field) or a saved datasets dir (default: the "
-        "shipped public-domain sample)",
-    )
-    g.add_argument("--text-field", default=None, help="the JSONL/dataset field holding the text")
-    g.add_argument("--seq-len", type=int, default=128, help="tokens per block")
-    g.add_argument("--num-samples", type=int, default=num_samples, help="blocks drawn from the text")
-    g.add_argument("--seed", type=int, default=0, help="seed that draws the blocks")
-
-
 def data_spec(args: argparse.Namespace) -> DataSpec:
     spec = DataSpec(
         paths=tuple(args.data) if args.data else None,
@@ -85,35 +53,6 @@ def data_spec(args: argparse.Namespace) -> DataSpec:
     return spec
 
 
-def add_calibration_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration")
-    g.add_argument("--batch-size", type=int, default=4, help="blocks per calibration step")
-    g.add_argument("--token-chunk", type=int, default=512, help="tokens per expert chunk (bounds memory)")
-    g.add_argument("--cka", default="auto", choices=["auto", "exact", "minibatch"], help="CKA estimator")
-    g.add_argument(
-        "--checkpoint-seconds",
-        type=float,
-        default=60.0,
-        help="save the calibration accumulators for resuming at most this often (0: never by time)",
-    )
-    g.add_argument(
-        "--checkpoint-every", type=int, default=0, help="also save every this many batches (0: never by count)"
-    )
-    g.add_argument(
-        "--compute-dtype",
-        default=None,
-        choices=list(COMPUTE_DTYPES),
-        help="dtype of the experts' and statistics' matmuls (default: the checkpoint's on "
-        "accelerators, float32 on CPU); statistics are fp32 sums either way",
-    )
-    g.add_argument(
-        "--no-gradients",
-        dest="gradients",
-        action="store_false",
-        help="skip the gradient sensitivities (one backward pass per batch; the grape-l planner needs them)",
-    )
-
-
 def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
     return CalibrationOptions(
         batch_size=args.batch_size,
@@ -123,21 +62,6 @@ def calibration_options(args: argparse.Namespace) -> CalibrationOptions:
         checkpoint_every=args.checkpoint_every,
         compute_dtype=args.compute_dtype,
         gradients=args.gradients,
-    )
-
-
-def add_planner_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    g = p.add_argument_group("planning")
-    g.add_argument("--method", default=DEFAULT_METHOD, help=f"one of {', '.join(PLANNERS)}")
-    b = g.add_mutually_exclusive_group(required=required)
-    b.add_argument("--per-layer", type=int, help="experts removed per MoE layer on average (budget = r x layers)")
-    b.add_argument("--budget", type=int, help="experts removed in total over all MoE layers")
-    g.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="planner option, e.g. gamma=0.01, metric=cka, operator=dominant, global_rank=true",
     )
 
 
@@ -184,13 +108,3 @@ def parse_tasks(items: list[str]) -> dict[str, str]:
             raise UsageError(f"--task {item!r}: expected NAME=PATH (e.g. piqa=piqa.jsonl)")
         out[name] = path
     return out
-
-
-def add_quantize_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--quantize",
-        choices=["fp8"],
-        default=None,
-        help="fp8: requantise the weights an FP8 source stored as FP8, with its block size and "
-        "quantization_config (unmerged experts keep their scales); default: bf16",
-    )

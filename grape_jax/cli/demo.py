@@ -13,9 +13,6 @@ from grape_jax.calibration.options import CalibrationOptions
 from grape_jax.calibration.stats import ModelStats, StatsError
 from grape_jax.cli.args import (
     UsageError,
-    add_calibration_args,
-    add_data_args,
-    add_mesh_args,
     calibration_options,
     data_spec,
     mesh_from_args,
@@ -74,24 +71,6 @@ def default_variants(
                 if "fit" in operators:
                     out.append(Variant(m, r, {**extra, "operator": "fit"}, f"{name} (fit)"))
     return out
-
-
-def configure_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--out", default="grape-demo", help="report directory (report.md, results.csv, PNGs; a re-run replaces them)"
-    )
-    p.add_argument("--per-layer", default="2,4", help="experts removed per layer, comma-separated")
-    p.add_argument(
-        "--methods", default=None, help="planners to compare, comma-separated (default: the demo's own rows)"
-    )
-    p.add_argument("--operators", default="fit,dominant", help="merge operators for merging planners (with --methods)")
-    p.add_argument("--quick", action="store_true", help="fewer calibration/evaluation tokens (for CI)")
-    p.add_argument(
-        "--heal-steps",
-        type=int,
-        default=30,
-        help="heal the best variant at the largest budget for this many steps (0: no healed row)",
-    )
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -162,29 +141,6 @@ def healed_row(
     name = f"{best.name} + heal ({steps} steps)"
     print(f"{name:28s} r={budget}  ppl {result.ppl_after:9.3f}  (before healing {result.ppl_before:.3f})")
     return Row(name, v.method, budget, result.ppl_after, count_params(merged.cfg), best.kept, time.perf_counter() - t0)
-
-
-def configure_compare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hugging Face directory or grape checkpoint")
-    p.add_argument("--out", required=True, help="results directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
-    p.add_argument("--per-layer", default="1,2,4", help="experts removed per layer, comma-separated")
-    p.add_argument(
-        "--methods",
-        default="grape-l,grape,grape-r,local,frequency,reap,hc-smoe,m-smoe",
-        help="planners to compare, comma-separated",
-    )
-    p.add_argument(
-        "--operators",
-        default="fit,dominant,freq",
-        help="merge operators for merging planners ('fit' also folds and refits the pruning planners' rows)",
-    )
-    p.add_argument("--eval-data", nargs="*", default=None, help="held-out text (default: shipped held-out text)")
-    p.add_argument("--eval-samples", type=int, default=64, help="held-out blocks")
-    p.add_argument("--stats", default=None, help="reuse a stats file of this model instead of calibrating")
-    add_data_args(p)
-    add_calibration_args(p)
-    add_mesh_args(p)
 
 
 def run_compare(args: argparse.Namespace) -> int:

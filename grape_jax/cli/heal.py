@@ -18,13 +18,12 @@ import shutil
 from typing import Any
 
 from grape_jax.base import jsonio
-from grape_jax.cli.args import UsageError, add_data_args, add_mesh_args, data_spec, mesh_from_args
+from grape_jax.cli.args import UsageError, data_spec, mesh_from_args
 from grape_jax.core.model import ModelInfo
 from grape_jax.data.text import DataSpec
 from grape_jax.evaluation.scoring import perplexity
-from grape_jax.healing.distill import TRAIN_MODES, HealError, check_teacher
+from grape_jax.healing.distill import HealError, check_teacher
 from grape_jax.healing.heal import (
-    TEACHER_LOGITS,
     HealInterrupted,
     HealOptions,
     HealResult,
@@ -42,84 +41,14 @@ from grape_jax.pipeline import (
     save_hf,
 )
 from grape_jax.report.plots import plot_loss
+from grape_jax.report.recipe import UNHEALED_LEVERS
 from grape_jax.source import ModelSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
-DEFAULT_STEPS = 200
-
-
-def configure_heal(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pruned", help="the pruned model: Hugging Face directory (a grape-jax export) or grape checkpoint")
-    p.add_argument(
-        "--teacher", required=True, help="the original model it was pruned from (HF directory or grape checkpoint)"
-    )
-    p.add_argument("--out", required=True, help="output Hugging Face directory (with heal.json and loss.png)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--work-dir", default=None, help="checkpoints for resuming (default: OUT.work)")
-    p.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
-    d = HealOptions()
-    g = p.add_argument_group("healing")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    length.add_argument(
-        "--max-minutes",
-        type=float,
-        default=None,
-        help="train as many steps as fit in this many minutes (estimated from the first warm-up steps)",
-    )
-    g.add_argument(
-        "--train",
-        default=d.train,
-        choices=TRAIN_MODES,
-        help="what trains: routers, routers + experts merged from several, or every parameter",
-    )
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="blocks per step")
-    g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="peak AdamW learning rate")
-    g.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps (then cosine decay to 0)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
-    g.add_argument("--clip-norm", type=float, default=d.clip_norm, help="clip the gradient's global norm")
-    g.add_argument("--kl-weight", type=float, default=d.kl_weight, help="weight of the KL to the teacher")
-    g.add_argument("--lm-weight", type=float, default=d.lm_weight, help="weight of the next-token NLL")
-    g.add_argument("--temperature", type=float, default=d.temperature, help="softmax temperature of the KL")
-    g.add_argument(
-        "--teacher-logits",
-        default=d.teacher_logits,
-        choices=TEACHER_LOGITS,
-        help="live: the teacher runs in each step; cached: one pass first, then the teacher is dropped",
-    )
-    g.add_argument(
-        "--val-blocks",
-        type=int,
-        default=d.val_blocks,
-        help="training blocks held out to pick the best step (0: keep the last)",
-    )
-    g.add_argument("--val-every", type=int, default=d.val_every, help="validate every this many steps")
-    g.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=d.checkpoint_every,
-        help="save for resuming every this many steps (0: never by count)",
-    )
-    g.add_argument(
-        "--checkpoint-seconds",
-        type=float,
-        default=d.checkpoint_seconds,
-        help="save for resuming at most this often (0: never by time)",
-    )
-    add_data_args(p, num_samples=256)
-    e = p.add_argument_group("evaluation")
-    e.add_argument(
-        "--eval-data",
-        nargs="*",
-        default=None,
-        help="held-out text for perplexity before/after (default: the shipped held-out text)",
-    )
-    e.add_argument("--eval-samples", type=int, default=64, help="held-out blocks")
-    add_mesh_args(p)
 
 
 def heal_options(args: argparse.Namespace) -> HealOptions:
-    steps = DEFAULT_STEPS if args.steps is None and args.max_minutes is None else args.steps
+    steps = HealOptions().steps if args.steps is None and args.max_minutes is None else args.steps
     return HealOptions(
         steps=steps,
         max_minutes=args.max_minutes,
@@ -302,7 +231,12 @@ def summary(r: HealResult, ppl_teacher: float | None) -> str:
     lines = [f"{'model':10s} {'held-out ppl':>12s}"]
     lines += [f"{name:10s} {value:12.3f}" for name, value in rows if value is not None]
     frac = gap_recovered(r.ppl_before, r.ppl_after, ppl_teacher)
-    if frac is not None:
+    if r.best_step == 0:
+        lines.append(
+            f"the unhealed model was kept: no step of {r.steps} ({r.seconds:.0f} s) validated better than step 0. "
+            + UNHEALED_LEVERS
+        )
+    elif frac is not None:
         lines.append(
             f"healing recovered {100 * frac:.1f}% of the perplexity gap in {r.steps} steps ({r.seconds:.0f} s)"
         )

@@ -1,34 +1,36 @@
 """The `grape` command line: a thin layer over the Python API (`grape_jax.api`).
 
-Commands are listed in one table (`COMMANDS`). Errors the user can fix (bad paths, files, flags,
-options) print one line `grape: error: ...` and exit 2; Ctrl-C prints one line saying what was saved
-and how to resume, and exits 130. Set GRAPE_DEBUG=1 for tracebacks.
+Commands are listed in one table (`COMMANDS`); their arguments are in `grape_jax.cli.parsers`, which
+imports nothing heavy, and a command's module is imported only when it runs (help is instant). Errors
+the user can fix (bad paths, files, flags, options) print one line `grape: error: ...` and exit 2;
+Ctrl-C prints one line saying what was saved and how to resume, and exits 130. Set GRAPE_DEBUG=1 for tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from grape_jax.cli import demo as cli_demo
-from grape_jax.cli import heal as cli_heal
-from grape_jax.cli import methods as cli_method
-from grape_jax.cli import models as cli_model
-from grape_jax.cli.args import add_distributed_args, init_distributed
-from grape_jax.pipeline import Interrupted
+from grape_jax.cli import parsers
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One sub-command: its help line, its arguments, what it runs, and whether it can span hosts."""
+    """One sub-command: its help line, its arguments, what it runs ("module:function", imported only when
+    the command runs, so help never imports JAX), and whether it can span hosts."""
 
     help: str
     configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: str
     multihost: bool = False
+
+    def runner(self) -> Callable[[argparse.Namespace], int]:
+        module, _, name = self.run.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 DESCRIPTION = (
@@ -37,80 +39,84 @@ DESCRIPTION = (
 )
 
 COMMANDS: dict[str, Command] = {
-    "families": Command("list the supported model families", cli_model.configure_families, cli_model.run_families),
+    "families": Command(
+        "list the supported model families", parsers.configure_families, "grape_jax.cli.models:run_families"
+    ),
     "convert": Command(
         "Hugging Face directory -> grape checkpoint (streamed, sharded, Orbax)",
-        cli_model.configure_convert,
-        cli_model.run_convert,
+        parsers.configure_convert,
+        "grape_jax.cli.models:run_convert",
         multihost=True,
     ),
     "calibrate": Command(
         "routing statistics and expert similarities over calibration text",
-        cli_method.configure_calibrate,
-        cli_method.run_calibrate,
+        parsers.configure_calibrate,
+        "grape_jax.cli.methods:run_calibrate",
         multihost=True,
     ),
-    "stats": Command("summarise (and plot) a stats file", cli_method.configure_stats, cli_method.run_stats),
-    "plan": Command("statistics + budget -> merge plan (the recipe)", cli_method.configure_plan, cli_method.run_plan),
+    "stats": Command("summarise (and plot) a stats file", parsers.configure_stats, "grape_jax.cli.methods:run_stats"),
+    "plan": Command(
+        "statistics + budget -> merge plan (the recipe)", parsers.configure_plan, "grape_jax.cli.methods:run_plan"
+    ),
     "merge": Command(
-        "apply a plan to a grape checkpoint", cli_method.configure_merge, cli_method.run_merge, multihost=True
+        "apply a plan to a grape checkpoint", parsers.configure_merge, "grape_jax.cli.methods:run_merge", multihost=True
     ),
     "export": Command(
         "grape checkpoint -> Hugging Face directory with recipe.json and a model card",
-        cli_model.configure_export,
-        cli_model.run_export,
+        parsers.configure_export,
+        "grape_jax.cli.models:run_export",
         multihost=True,
     ),
     "prune": Command(
         "load -> calibrate -> plan -> merge -> export in one go (resumable)",
-        cli_method.configure_prune,
-        cli_method.run_prune,
+        parsers.configure_prune,
+        "grape_jax.cli.methods:run_prune",
         multihost=True,
     ),
     "heal": Command(
         "distil the original model into a pruned one (optax fine-tune on the mesh; resumable)",
-        cli_heal.configure_heal,
-        cli_heal.run_heal,
+        parsers.configure_heal,
+        "grape_jax.cli.heal:run_heal",
     ),
     "eval": Command(
         "held-out perplexity and multiple-choice accuracy of a model",
-        cli_model.configure_eval,
-        cli_model.run_eval,
+        parsers.configure_eval,
+        "grape_jax.cli.models:run_eval",
         multihost=True,
     ),
     "compare": Command(
         "every planner and operator at equal budgets from one calibration",
-        cli_demo.configure_compare,
-        cli_demo.run_compare,
+        parsers.configure_compare,
+        "grape_jax.cli.demo:run_compare",
         multihost=True,
     ),
     "demo": Command(
-        "prune the embedded demo MoE with several methods and report", cli_demo.configure_demo, cli_demo.run_demo
+        "prune the embedded demo MoE with several methods and report",
+        parsers.configure_demo,
+        "grape_jax.cli.demo:run_demo",
     ),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="grape", description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="grape", description=DESCRIPTION, formatter_class=parsers.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
-        p = sub.add_parser(
-            name, help=command.help, description=command.help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        p = sub.add_parser(name, help=command.help, description=command.help, formatter_class=parsers.HelpFormatter)
         command.configure(p)
         if command.multihost:
-            add_distributed_args(p)
-        p.set_defaults(command_run=command.run)
+            parsers.add_distributed_args(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from grape_jax.cli.args import init_distributed  # noqa: PLC0415  (deferred: imports JAX; help must not)
+    from grape_jax.pipeline import Interrupted  # noqa: PLC0415  (deferred: imports JAX; help must not)
+
     try:
         init_distributed(args)
-        return int(args.command_run(args) or 0)
+        return int(COMMANDS[args.command].runner()(args) or 0)
     except Interrupted as e:
         print(f"grape: {e.hint}", file=sys.stderr)
         return 130

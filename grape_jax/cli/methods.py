@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
+from typing import Any
+
+import numpy as np
 
 from conversion.checkpoint import restore_checkpoint, save_checkpoint
 from grape_jax.calibration.calibrate import CalibrationInterrupted, calibrate
+from grape_jax.calibration.options import blocks_sha256
 from grape_jax.calibration.stats import ModelStats
 from grape_jax.cli.args import (
-    add_calibration_args,
-    add_data_args,
-    add_mesh_args,
-    add_planner_args,
-    add_quantize_arg,
+    UsageError,
     calibration_options,
     data_spec,
     mesh_from_args,
@@ -28,20 +29,12 @@ from grape_jax.pipeline import (
     check_plan_request,
     load_model,
     prune,
+    refuse_empty_budget,
 )
 from grape_jax.planners import make_plan
 from grape_jax.planners.plan import Plan
 from grape_jax.report.plots import plot_allocation, plot_stats
 from grape_jax.source import ModelSource
-
-
-def configure_calibrate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hugging Face directory or grape checkpoint (its tokenizer is used)")
-    p.add_argument("--out", required=True, help="stats file (.npz; a .json summary is written beside it)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    add_data_args(p)
-    add_calibration_args(p)
-    add_mesh_args(p)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -66,11 +59,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure_stats(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stats", help="stats file from `grape calibrate`")
-    p.add_argument("--plot", default=None, help="directory for PNG similarity heatmaps and routing-share bars")
-
-
 def run_stats(args: argparse.Namespace) -> int:
     """Summarise a stats file: routing shares (each expert's share of the routed top-k slots, summing to
     1 per layer) and mean similarity."""
@@ -88,19 +76,11 @@ def run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure_plan(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stats", help="stats file from `grape calibrate`")
-    p.add_argument("--out", default=None, help="plan JSON (the recipe); without it the allocation is printed")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--show", action="store_true", help="print the per-layer allocation")
-    p.add_argument("--plot", default=None, help="PNG bar chart of the allocation")
-    add_planner_args(p)
-
-
 def run_plan(args: argparse.Namespace) -> int:
     """Turn statistics and a budget into a merge plan."""
     if args.out:
         check_output(args.out, overwrite=args.overwrite)
+    refuse_empty_budget(args.budget, args.per_layer)
     stats = ModelStats.load(args.stats)
     plan = make_plan(
         stats, method=args.method, budget=args.budget, per_layer=args.per_layer, **parsed_planner_options(args)
@@ -126,15 +106,6 @@ def allocation_table(plan: Plan) -> str:
     return "\n".join(rows)
 
 
-def configure_merge(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="grape checkpoint (from `grape convert`)")
-    p.add_argument("plan", help="plan JSON (from `grape plan`)")
-    p.add_argument("--out", required=True, help="merged checkpoint directory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    add_data_args(p)  # operator 'fit' refits on calibration text: pass the data given to `grape calibrate`
-    add_mesh_args(p)
-
-
 def run_merge(args: argparse.Namespace) -> int:
     """Apply a plan to a converted checkpoint (one jitted merge, shardings kept); the plan must come from
     statistics of this checkpoint's model."""
@@ -145,7 +116,10 @@ def run_merge(args: argparse.Namespace) -> int:
         merged_config(cfg, plan)
     except MergeError as e:
         raise MergeError(f"{args.plan}: {e}") from None
-    blocks = blocks_for(args.ckpt, data_spec(args)) if plan.operator == "fit" else None
+    blocks = None
+    if plan.operator == "fit":
+        blocks = blocks_for(args.ckpt, data_spec(args))
+        check_merge_data(plan, blocks, args.plan)
     model = restore_checkpoint(args.ckpt, mesh=mesh_from_args(args))
     merged = apply_plan(model, plan, blocks=blocks, progress=True)
     save_checkpoint(args.out, merged, overwrite=args.overwrite)
@@ -153,17 +127,32 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure_prune(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", help="Hugging Face model directory (with its tokenizer)")
-    p.add_argument("--out", required=True, help="output Hugging Face directory")
-    p.add_argument("--work-dir", default=None, help="stage outputs for resuming (default: OUT.work)")
-    p.add_argument("--keep-work", action="store_true", help="keep the work directory (statistics, plan) after success")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    add_quantize_arg(p)
-    add_planner_args(p)
-    add_data_args(p)
-    add_calibration_args(p)
-    add_mesh_args(p)
+def check_merge_data(plan: Plan, blocks: np.ndarray, plan_path: str) -> None:
+    """A fit plan is merged on the calibration blocks its statistics were computed on; otherwise refused
+    before any weight is loaded, naming the data flags that give those blocks."""
+    want = str((plan.made_from.get("calibration") or {}).get("blocks_sha256") or "")
+    if not want or want == blocks_sha256(blocks):
+        return
+    raise UsageError(
+        f"{plan_path}: operator 'fit' refits on the calibration blocks the plan was made from, and these differ "
+        f"(sha256 {blocks_sha256(blocks)[:12]}, the plan's {want[:12]}); pass {data_flags(plan.made_from.get('data'))}"
+    )
+
+
+def data_flags(record: Any) -> str:
+    """The data flags (`--data ... --seq-len ...`) that give the blocks a data record describes."""
+    if not isinstance(record, dict):
+        return "the --data, --text-field, --seq-len, --num-samples and --seed given to `grape calibrate`"
+    files = [str(f.get("path", "")) for f in record.get("files") or [] if isinstance(f, dict)]
+    shipped = any(f.endswith("(shipped)") for f in files)
+    flags = [] if shipped else ["--data " + " ".join(shlex.quote(f) for f in files)]
+    if record.get("text_field"):
+        flags.append(f"--text-field {shlex.quote(str(record['text_field']))}")
+    for key in ("seq_len", "num_samples", "seed"):
+        if record.get(key) is not None:
+            flags.append(f"--{key.replace('_', '-')} {record[key]}")
+    where = "no --data (the shipped sample) with " if shipped else ""
+    return where + " ".join(flags)
 
 
 def run_prune(args: argparse.Namespace) -> int:

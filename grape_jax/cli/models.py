@@ -7,19 +7,14 @@ import os
 
 from conversion.checkpoint import restore_checkpoint, save_checkpoint
 from conversion.families import FAMILIES, export_family
-from conversion.load import load_hf
 from grape_jax.base.atomic import atomic_write_json
-from grape_jax.cli.args import add_data_args, add_mesh_args, add_quantize_arg, data_spec, mesh_from_args, parse_tasks
-from grape_jax.core.dispatch import DISPATCHES
+from grape_jax.cli.args import UsageError, data_spec, mesh_from_args, parse_tasks
+from grape_jax.core.dispatch import check_dispatch
 from grape_jax.data.text import load_tokenizer
 from grape_jax.evaluation.scoring import perplexity
 from grape_jax.evaluation.tasks import evaluate_tasks, load_task
 from grape_jax.pipeline import Interrupted, blocks_for, check_output, load_model, save_hf
 from grape_jax.source import ModelSource
-
-
-def configure_families(p: argparse.ArgumentParser) -> None:
-    del p
 
 
 def run_families(args: argparse.Namespace) -> int:
@@ -48,29 +43,15 @@ def family_lines(families) -> list[str]:
     return lines
 
 
-def configure_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", help="Hugging Face model directory (config.json + *.safetensors)")
-    p.add_argument("out", help="output grape checkpoint directory (Orbax, sharded)")
-    p.add_argument("--dtype", default=None, help="cast parameters, e.g. float32 (default: keep stored dtypes)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    add_mesh_args(p)
-
-
 def run_convert(args: argparse.Namespace) -> int:
     check_output(args.out, overwrite=args.overwrite, flag="out")
-    model = load_hf(args.hf_dir, mesh=mesh_from_args(args), dtype=args.dtype)
+    source = ModelSource.open(args.hf_dir)
+    if source.is_checkpoint:
+        raise UsageError(f"{source.path} is a grape checkpoint already; convert reads Hugging Face directories")
+    model = source.load(mesh=mesh_from_args(args), dtype=args.dtype)
     save_checkpoint(args.out, model, overwrite=args.overwrite)
     print(f"converted {args.hf_dir} ({model.info.family}, {model.num_params:,} parameters) -> {args.out}")
     return 0
-
-
-def configure_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="grape checkpoint (from convert or merge)")
-    p.add_argument("out", help="output Hugging Face directory (with recipe.json and a model card)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file, in GB")
-    add_quantize_arg(p)
-    add_mesh_args(p)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -97,29 +78,6 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def configure_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hugging Face directory or grape checkpoint")
-    p.add_argument(
-        "--task",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="multiple-choice task file (JSONL), e.g. piqa=piqa.jsonl; see grape_jax/assets/tasks/",
-    )
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-    p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--dtype", default=None, help="cast an HF model's parameters, e.g. float32")
-    p.add_argument(
-        "--dispatch",
-        default="auto",
-        choices=list(DISPATCHES),
-        help="MoE forward: routed (each expert on its own tokens) or dense (every expert on every token)",
-    )
-    add_data_args(p, num_samples=64)
-    add_mesh_args(p)
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Held-out perplexity (default: the shipped held-out text) and, with --task, multiple-choice
     accuracy; a table on stdout and JSON with --out."""
@@ -127,6 +85,7 @@ def run_eval(args: argparse.Namespace) -> int:
         check_output(args.out, overwrite=args.overwrite)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_dispatch(args.dispatch)
     tasks = parse_tasks(args.task)
     for name, path in tasks.items():
         load_task(name, path)  # every task file checked before the model is loaded

@@ -11,6 +11,7 @@ where they came from (`info`). Pure work goes through `nnx.split(model)` -> a fu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping
@@ -57,12 +58,16 @@ class ModelInfo:
 
     @property
     def fingerprint(self) -> str:
-        """The weights' identity: a digest of every provenance record's own fingerprint (where the model
-        was loaded from, which plans were applied, ...), so paths do not count; '' when unknown (a model
-        built in Python)."""
+        """The weights' identity, from every provenance record's own fingerprint (where the model was
+        loaded from, which plans were applied, ...), so paths do not count; '' when unknown (a model
+        built in Python). A model as loaded has one record, and its fingerprint is that record's, the
+        source's: one fingerprint per source in statistics, plans, model cards, `describe` and heal.
+        Later records chain: the digest of all the records' fingerprints."""
         parts = [record.get("fingerprint") for record in self.provenance]
         if not parts:
             return ""
+        if len(parts) == 1 and isinstance(parts[0], str) and parts[0]:
+            return parts[0]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def with_record(self, record: Mapping[str, Any]) -> ModelInfo:
@@ -193,9 +198,11 @@ class MoEModel(nnx.Module):
     ) -> Float[Array, "b t v"]:
         if mask is None:
             mask = np.ones(np.shape(tokens), dtype=bool)
+        params = param_view(self)
+        check_param_shapes(self.cfg, params)
         tokens, mask = self.ctx_batch(tokens), self.ctx_batch(mask)
         with self.ctx.scope():  # the routed dispatch splits its work over the mesh in context
-            return forward_jit(param_view(self), cfg=self.cfg, tokens=tokens, mask=mask, dispatch=dispatch)
+            return forward_jit(params, cfg=self.cfg, tokens=tokens, mask=mask, dispatch=dispatch)
 
     def ctx_batch(self, x) -> jax.Array:
         """A token batch placed on the model's mesh (batch over the data axes); traced or already
@@ -213,6 +220,30 @@ forward_jit = jax.jit(transformer.forward, static_argnames=("cfg", "dispatch"))
 """Jitted `transformer.forward(params, cfg, tokens, mask, *, dispatch)`; one compile per config, dispatch and
 shape. `dispatch`: 'auto' (routed on accelerators and on CPU where it is faster), 'dense' (every expert
 on every token, the oracle), 'routed', 'ragged_dot', 'blocked' (see `grape_jax.core.dispatch`)."""
+
+
+def check_param_shapes(cfg: MoEConfig, params: Mapping[str, Any]) -> None:
+    """Every parameter (`param_view`) has the shape `cfg` gives it; a one-line error otherwise, naming the
+    MoE layer and both expert counts when a merged state was put under the original graph definition."""
+    specs = _specs(cfg)
+    for name, value in params.items():
+        spec = specs.get(name)
+        if spec is None or tuple(value.shape) == spec.shape:
+            continue
+        axis = spec.expert_axis
+        if axis is not None and value.shape[axis] != spec.shape[axis]:
+            layer = int(name.split(".")[1])
+            raise ModelError(
+                f"layer {layer}: the module's config has {spec.shape[axis]} experts but its parameters hold "
+                f"{value.shape[axis]} ({name}); a merged state needs the merged graph definition: "
+                f"nnx.merge(gj.merged_graphdef(model, plan, inputs), state)"
+            )
+        raise ModelError(f"parameter {name}: shape {tuple(value.shape)}, the module's config needs {spec.shape}")
+
+
+@functools.lru_cache(maxsize=32)
+def _specs(cfg: MoEConfig) -> dict[str, ParamSpec]:
+    return param_specs(cfg)
 
 
 def param_view(node: nnx.Module | nnx.State) -> dict[str, jax.Array]:

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -66,7 +65,7 @@ from jaxtyping import Int
 
 from grape_jax.base import jsonio
 from grape_jax.calibration.calibrate import check_blocks
-from grape_jax.calibration.options import COMPUTE_DTYPES, CalibrationOptions, resolve_compute_dtype
+from grape_jax.calibration.options import COMPUTE_DTYPES, CalibrationOptions, blocks_sha256, resolve_compute_dtype
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import MoEModel, param_view
 from grape_jax.fit.accumulate import (
@@ -190,7 +189,8 @@ def fit_overrides(
         blocks = check_blocks(blocks, cfg)
     except ValueError as e:
         raise FitError(f"operator 'fit': {e}") from None
-    base = merge_model(model, plan, inputs=MergeInputs())  # the dominant members: gate/up, router, W0
+    # the dominant members' gate/up, router and W0 (the fit's weights are the dominant operator's)
+    base = merge_model(model, dataclasses.replace(plan, operator="dominant"), inputs=MergeInputs())
     params, merged, new_cfg = param_view(model), param_view(base), base.cfg
     compute_dtype = resolve_compute_dtype(params, CalibrationOptions(compute_dtype=options.compute_dtype))
     assign = assignment(plan)
@@ -257,20 +257,34 @@ def fit_inputs(
 ) -> MergeInputs:
     """The merge inputs of a plan with operator 'fit': the fitted leaves as `MergeInputs.overrides`, and
     how they were made (`fit_record`) for the merged model's provenance."""
+    check_fit_blocks(plan, blocks)
     overrides, diagnostics = fit_overrides(model, plan, blocks, options=options, progress=progress)
     record = fit_record(blocks, options, diagnostics)
     return MergeInputs(overrides=overrides, made_by=jsonio.dumps(record, sort_keys=True))
 
 
+def check_fit_blocks(plan: Plan, blocks: Int[np.ndarray, "n seq"]) -> None:
+    """The fit runs on the blocks the plan's statistics were computed on (`made_from.calibration.
+    blocks_sha256`, when recorded): other text would fit the merged experts to another distribution than
+    the one the plan was chosen on."""
+    want = str((plan.made_from.get("calibration") or {}).get("blocks_sha256") or "")
+    have = blocks_sha256(blocks)
+    if want and want != have:
+        raise FitError(
+            f"operator 'fit': these blocks (sha256 {have[:12]}) are not the calibration blocks the plan was made "
+            f"from (sha256 {want[:12]}); fit on the same data (plan.made_from['data']: files, seq_len, "
+            f"num_samples, seed)"
+        )
+
+
 def fit_record(blocks: Int[np.ndarray, "n seq"], options: FitOptions, diagnostics: Mapping[int, dict]) -> dict:
     """What recipes keep of a fit: its options, the calibration blocks it solved on (shape and sha256 of the
     int32 token ids) and each layer's choices (ridge per output expert, residuals, step, calibration NLL)."""
-    tokens = np.ascontiguousarray(np.asarray(blocks, np.int32))
     return jsonio.native(
         {
             "operator": "fit",
             "options": dataclasses.asdict(options),
-            "blocks": {"shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()},
+            "blocks": {"shape": list(np.shape(blocks)), "sha256": blocks_sha256(blocks)},
             "layers": {str(layer): d for layer, d in sorted(diagnostics.items())},
         }
     )

@@ -37,10 +37,7 @@ from jaxtyping import Int
 from grape_jax.core.model import MoEModel, abstract_model
 from grape_jax.evaluation.scoring import perplexity
 from grape_jax.healing.distill import (
-    TEACHER_LOGITS,
-    TRAIN_MODES,
     HealError,
-    HealOptions,
     check_teacher,
     count_trainable,
     data_digest,
@@ -51,6 +48,7 @@ from grape_jax.healing.distill import (
     warmup_cosine,
 )
 from grape_jax.healing.loop import HealInterrupted, TrainLoop
+from grape_jax.healing.options import TEACHER_LOGITS, TRAIN_MODES, HealOptions
 from grape_jax.healing.step import TrainStep
 from grape_jax.passes.engine import Batches, stream_pass
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from grape_jax.healing.distill import HealError, HealOptions, batch_rows
+from grape_jax.healing.distill import HealError, batch_rows
+from grape_jax.healing.options import HealOptions
 from grape_jax.healing.step import TrainStep
 from grape_jax.passes.engine import Batches, stream_pass
 from grape_jax.passes.resume import Progress

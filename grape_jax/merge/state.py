@@ -141,7 +141,10 @@ def merge_state(state: nnx.State, plan: Plan, inputs: MergeInputs | None = None)
     """The merged state (pure; `plan` is static Python data, so jit/eval_shape it over `state`).
 
     Leaves of planned layers with an `experts` axis are mixed (or replaced by `inputs.overrides`);
-    every other leaf passes through untouched."""
+    every other leaf passes through untouched. A plan with operator 'fit' needs the fit's inputs
+    (`fit_inputs`): without them it is refused, never merged as another operator. The module of the
+    result: `nnx.merge(merged_graphdef(model, plan, inputs), new_state)`."""
+    check_inputs(plan, inputs)
     inputs = MergeInputs() if inputs is None else inputs
     mixes = layer_mixes(plan)
     out, seen = [], set()
@@ -180,6 +183,20 @@ def merge_state(state: nnx.State, plan: Plan, inputs: MergeInputs | None = None)
     if missing:
         raise MergeError(f"plan names layers {missing}, which hold no experts in this state")
     return nnx.from_flat_state(out)
+
+
+def check_inputs(plan: Plan, inputs: MergeInputs | None) -> None:
+    """Refuse a 'fit' plan without the fit's inputs: none, or inputs with no replacement leaf that do not
+    say they were made by the fit (`made_by`; a fit may keep every layer's base merge)."""
+    if plan.operator != "fit":
+        return
+    made_by = json.loads(inputs.made_by) if inputs is not None and inputs.made_by else {}
+    if made_by.get("operator") != "fit" and not (inputs is not None and inputs.overrides):
+        raise MergeError(
+            "plan has operator 'fit': its merged down projections are fitted on the calibration blocks; pass "
+            "inputs=gj.fit_inputs(model, plan, blocks) (or apply_plan(model, plan, blocks=blocks)), or plan "
+            "with operator='dominant' for the merge without a fit"
+        )
 
 
 def merge_inputs(model: MoEModel, plan: Plan) -> MergeInputs:
@@ -230,10 +247,8 @@ def merge_model(model: MoEModel, plan: Plan, *, inputs: MergeInputs | None = Non
     except PlanError as e:
         raise MergeError(str(e)) from None
     check_made_for(model, plan)
-    new_cfg = merged_config(model.cfg, plan)
     inputs = merge_inputs(model, plan) if inputs is None else inputs
-    info = model.info.with_record(plan_record(plan, inputs))
-    graphdef, _ = nnx.split(abstract_model(new_cfg, ctx=model.ctx, info=info))
+    graphdef = merged_graphdef(model, plan, inputs)
     state = nnx.state(model, nnx.Param)
 
     def merge(state: nnx.State, inputs: MergeInputs) -> nnx.State:
@@ -242,6 +257,17 @@ def merge_model(model: MoEModel, plan: Plan, *, inputs: MergeInputs | None = Non
     shapes = jax.eval_shape(merge, state, inputs)
     merged = jax.jit(merge, out_shardings=state_shardings(shapes, model.ctx))(state, inputs)
     return nnx.merge(graphdef, merged)
+
+
+def merged_graphdef(model: MoEModel, plan: Plan, inputs: MergeInputs | None = None) -> nnx.GraphDef:
+    """The graph definition of `model` merged by `plan` (its config with the new expert counts, its run
+    context, its provenance with the plan and `inputs` recorded): `nnx.merge(merged_graphdef(model, plan,
+    inputs), merge_state(state, plan, inputs))` is the module `merge_model` returns. The original graph
+    definition does not fit a merged state (its config keeps the old expert counts)."""
+    new_cfg = merged_config(model.cfg, plan)
+    info = model.info.with_record(plan_record(plan, inputs))
+    graphdef, _ = nnx.split(abstract_model(new_cfg, ctx=model.ctx, info=info))
+    return graphdef
 
 
 def check_made_for(model: MoEModel, plan: Plan) -> None:

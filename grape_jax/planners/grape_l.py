@@ -32,14 +32,17 @@ from grape_jax.planners.plan import OPERATORS, Plan, PlanError, build_plan
 LOSS_COSTS = ("fisher", "taylor")
 
 
+class NoSensitivitiesError(PlanError):
+    """Statistics calibrated without gradients, for a planner that plans from them."""
+
+
 def loss_cost(ls: LayerStats, cost: str = "fisher") -> Float[np.ndarray, "experts experts"]:
     """C[i, j] of the module docstring from the layer's gradient sensitivities."""
     check_choice("cost", cost, LOSS_COSTS)
     if ls.sens_m is None or ls.sens_n is None or ls.sens_g is None:
-        raise PlanError(
-            f"layer {ls.layer}: the statistics hold no gradient sensitivities (sens_m/sens_n/sens_g), which "
-            "grape-l needs: calibrate with gradients (CalibrationOptions(gradients=True), the default; "
-            "not --no-gradients)"
+        raise NoSensitivitiesError(
+            f"layer {ls.layer}: these statistics were calibrated without gradients, which grape-l plans "
+            "from: calibrate with gradients (the default; gradients=True, no --no-gradients)"
         )
     m, n = np.asarray(ls.sens_m, np.float64), np.asarray(ls.sens_n, np.float64)
     fisher = np.maximum(np.diag(n)[:, None] + n - 2.0 * m, 0.0)

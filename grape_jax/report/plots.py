@@ -26,7 +26,7 @@ def _pyplot():
 def _save(fig, plt, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -68,7 +68,7 @@ def plot_allocation(
     plt = _pyplot()
     names = list(removed)
     width = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.5), 3.5))
+    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.5) + 2.5, 3.5))
     x = np.arange(len(layers))
     for i, name in enumerate(names):
         ax.bar(x + (i - (len(names) - 1) / 2) * width, removed[name], width, label=name)
@@ -77,7 +77,7 @@ def plot_allocation(
     ax.set_xlabel("MoE layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize="x-small", ncol=2)
+    _legend_outside(ax)
     return _save(fig, plt, path)
 
 
@@ -88,20 +88,34 @@ def plot_perplexity(
     *,
     title: str = "held-out perplexity after pruning",
 ) -> str:
-    """Perplexity vs experts removed per layer, one line per method, ticks at the measured budgets."""
+    """Perplexity relative to the original's (% above it) vs experts removed per layer, one line per
+    method, on a symmetric-log axis (linear within ±1%, logarithmic beyond), so rows within a percent of
+    the original and rows at twice its perplexity are both told apart; each point is labelled with its
+    perplexity, and the legend sits outside the axes."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     budgets = sorted({x for points in table.values() for x in points})
     for name, points in table.items():
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
-    ax.axhline(baseline, color="k", linestyle="--", linewidth=1, label="original")
+        ys = [100.0 * (points[x] / baseline - 1.0) for x in xs]
+        (line,) = ax.plot(xs, ys, marker="o", label=name)
+        for x, y in zip(xs, ys, strict=True):
+            label = f"{points[x]:.2f}"
+            ax.annotate(label, (x, y), xytext=(4, 0), textcoords="offset points", fontsize=6, color=line.get_color())
+    ax.axhline(0.0, color="k", linestyle="--", linewidth=1, label=f"original ({baseline:.2f})")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.set_xlabel("experts removed per layer (average)")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_ylabel("perplexity above the original (%, symlog)")
     ax.set_title(title)
-    ax.legend(fontsize="x-small")
+    _legend_outside(ax)
     return _save(fig, plt, path)
+
+
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, where it covers no bar or line."""
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def plot_loss(

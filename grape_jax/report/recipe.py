@@ -19,6 +19,12 @@ from grape_jax.core.params import count_params
 PACKAGES = ("grape-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy", "torch")
 
 
+UNHEALED_LEVERS = (
+    "Likely levers: train longer (more --steps or --max-minutes) or with a lower --learning-rate "
+    "(HealOptions(steps=..., max_minutes=..., learning_rate=...))."
+)
+
+
 class RecipeError(ValueError):
     """Provenance that does not hold together (a plan applied to another model than it was made for)."""
 
@@ -112,12 +118,13 @@ def model_card(recipe: Mapping[str, Any], *, uniform: bool) -> str:
     files = ", ".join(f"`{f['path']}` (sha256 {f['sha256'][:12]})" for f in data.get("files", [])) or "unknown"
     source = recipe["source_model"]
     fingerprint = (source.get("fingerprint") or "unknown")[:16]
-    stages = ", ".join(r.get("stage", "?") for r in recipe.get("provenance", []))
+    stages = ", ".join(stages_done(recipe.get("provenance", [])))
+    seed = "" if recipe.get("seed") is None else f", planner seed {recipe['seed']}"
     healing = "".join(f"\n{_healing_sentence(h)}\n" for h in recipe.get("healing") or [])
     return f"""# {source["path"]} pruned with grape-jax ({recipe["method"]})
 
 Experts removed in total: **{sum(before) - sum(after)}** (budget {recipe["budget"]}), method
-`{recipe["method"]}`, operator `{recipe["operator"]}`, seed {recipe["seed"]}. Parameters: {pb:,} -> {pa:,}
+`{recipe["method"]}`, operator `{recipe["operator"]}`{seed}. Parameters: {pb:,} -> {pa:,}
 ({100.0 * (pb - pa) / pb:.1f}% fewer).
 
 | layer | experts before | after | removed |
@@ -142,6 +149,25 @@ fingerprints of the source model, the statistics and the data, and the package v
 {healing}"""
 
 
+def stages_done(records: list[Mapping[str, Any]]) -> list[str]:
+    """What was done to the model, in order, from its provenance: a merge record stands for the
+    calibration its plan was made from, the planning, the fit (when its inputs were fitted) and the merge."""
+    out = []
+    for r in records:
+        stage = str(r.get("stage", "?"))
+        if stage != "merge":
+            out.append(stage)
+            continue
+        made_from = (r.get("plan") or {}).get("made_from") or {}
+        if made_from.get("stats_fingerprint"):
+            out.append("calibrate")
+        out.append("plan")
+        if (r.get("inputs") or {}).get("operator") == "fit":
+            out.append("fit")
+        out.append("merge")
+    return out
+
+
 def _healing_sentence(h: Mapping[str, Any]) -> str:
     """One paragraph of the model card for one healing (distillation fine-tune) of the model."""
     data, held = h.get("data") or {}, h.get("heldout") or {}
@@ -152,6 +178,13 @@ def _healing_sentence(h: Mapping[str, Any]) -> str:
         if held.get("ppl_before") is not None and held.get("ppl_after") is not None
         else ""
     )
+    if h.get("best_step") == 0:
+        return (
+            f"Healing after pruning kept the unhealed model: {h.get('steps')} steps of distillation from the "
+            f"original model (`{(h.get('teacher') or {}).get('fingerprint', '')[:16]}`) on {data.get('num_blocks')} "
+            f"blocks of {files} never validated better than step 0, the pruned model as it was. {UNHEALED_LEVERS}"
+            f"{ppl}"
+        )
     return (
         f"Healed after pruning: {h.get('steps')} steps of distillation from the original model "
         f"(`{(h.get('teacher') or {}).get('fingerprint', '')[:16]}`), training `{h.get('trained')}` "
