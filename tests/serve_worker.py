@@ -1,0 +1,130 @@
+"""Runs inside the vLLM environment (not grape-jax's): serve an export, print greedy tokens as JSON.
+
+    python tests/serve_worker.py REQUEST.json
+
+REQUEST: {"model": dir, "prompts": [[token ids], ...], "max_tokens": n, "logprobs": k,
+          "mode": "offline" | "server", "port": p (server mode), "timeout_s": s}
+Prints one line `RESULT {"outputs": [{"tokens": [...], "logprobs": [{token: logprob}, ...]}, ...]}` on
+success, or `ERROR <one line>` and exits 1 when vLLM refuses the model (the test reads that line).
+Offline mode uses vLLM's `LLM` API; server mode starts `python -m vllm.entrypoints.openai.api_server`
+on 127.0.0.1, sends `/v1/completions` requests (bounded count and time), and stops the server.
+
+Only the standard library and vLLM are imported: this file must not need grape-jax, jax or numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+COMMON = dict(dtype="float32", enforce_eager=True, max_model_len=128, seed=0)
+
+
+def _one_line(error: BaseException) -> str:
+    """The last meaningful line of an error (vLLM wraps the root cause in several layers)."""
+    text = str(error).strip() or type(error).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "grape_vllm" in line or "num_experts_per_layer" in line or "not supported" in line:
+            return line
+    return lines[0] if lines else type(error).__name__
+
+
+def run_offline(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Greedy generation through vLLM's offline `LLM` API with `skip_tokenizer_init` (token ids in/out)."""
+    from vllm import LLM, SamplingParams  # noqa: PLC0415 - after the environment is set
+    from vllm.inputs import TokensPrompt  # noqa: PLC0415
+
+    llm = LLM(model=request["model"], skip_tokenizer_init=True, **COMMON)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=request["max_tokens"], logprobs=request["logprobs"], detokenize=False
+    )
+    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params)
+    outputs = []
+    for result in results:
+        completion = result.outputs[0]
+        logprobs = [{int(t): float(lp.logprob) for t, lp in step.items()} for step in completion.logprobs]
+        outputs.append({"tokens": [int(t) for t in completion.token_ids], "logprobs": logprobs})
+    return outputs
+
+
+def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def run_server(request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Greedy completions through the OpenAI-compatible server on 127.0.0.1 (started and stopped here)."""
+    port = int(request["port"])
+    deadline = time.monotonic() + float(request.get("timeout_s", 300))
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", request["model"]]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "grape"]
+    command += ["--dtype", COMMON["dtype"], "--max-model-len", str(COMMON["max_model_len"]), "--enforce-eager"]
+    command += ["--seed", "0", "--max-logprobs", str(request["logprobs"])]
+    log_path = request.get("log", os.devnull)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:  # bounded by the deadline
+            if server.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with code {server.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the vLLM server was not ready before the deadline")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(1.0)
+        outputs = []
+        for prompt in request["prompts"]:
+            body = {
+                "model": "grape",
+                "prompt": prompt,
+                "max_tokens": request["max_tokens"],
+                "temperature": 0.0,
+                "logprobs": request["logprobs"],
+                "return_tokens_as_token_ids": True,
+            }
+            remaining = max(5.0, deadline - time.monotonic())
+            choice = _post(base + "/v1/completions", body, timeout=remaining)["choices"][0]
+            lp = choice["logprobs"]
+            # tokens come back as "token_id:<id>" with return_tokens_as_token_ids
+            tokens = [int(t.split(":", 1)[1]) for t in lp["tokens"]]
+            steps = [{int(t.split(":", 1)[1]): float(v) for t, v in top.items()} for top in lp["top_logprobs"]]
+            outputs.append({"tokens": tokens, "logprobs": steps})
+        return outputs
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def main() -> int:
+    request = json.load(open(sys.argv[1]))
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    try:
+        run = run_server if request.get("mode") == "server" else run_offline
+        outputs = run(request)
+    except Exception as error:  # report vLLM's refusal as one line for the test to read
+        print("ERROR " + _one_line(error), flush=True)
+        return 1
+    print("RESULT " + json.dumps({"outputs": outputs}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
