@@ -1,11 +1,12 @@
-"""Runs inside the vLLM environment (not grape-jax's): serve an export, print greedy tokens as JSON.
+"""Runs inside the vLLM environment (not grape-jax's): serve exports, write greedy tokens as JSON.
 
-    python tests/serve_worker.py REQUEST.json
+    python tests/serve_worker.py REQUEST.json RESULTS.json
 
-REQUEST: {"model": dir, "prompts": [[token ids], ...], "max_tokens": n, "logprobs": k,
-          "mode": "offline" | "server", "port": p (server mode), "timeout_s": s}
-Prints one line `RESULT {"outputs": [{"tokens": [...], "logprobs": [{token: logprob}, ...]}, ...]}` on
-success, or `ERROR <one line>` and exits 1 when vLLM refuses the model (the test reads that line).
+REQUEST: {"jobs": {name: {"model": dir, "prompts": [[token ids], ...], "max_tokens": n, "logprobs": k,
+          "mode": "offline" | "server", "port": p (server mode), "timeout_s": s, "log": path}}}
+RESULTS: {name: {"outputs": [{"tokens": [...], "logprobs": [{token: logprob}, ...]}, ...]}
+          or {"error": one line}}, one job after the other in this process (a refused model is an
+          "error" entry: the tests read that line).
 Offline mode uses vLLM's `LLM` API; server mode starts `python -m vllm.entrypoints.openai.api_server`
 on 127.0.0.1, sends `/v1/completions` requests (bounded count and time), and stops the server.
 
@@ -14,6 +15,7 @@ Only the standard library and vLLM are imported: this file must not need grape-j
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -44,9 +46,18 @@ def run_offline(request: dict[str, Any]) -> list[dict[str, Any]]:
 
     llm = LLM(model=request["model"], skip_tokenizer_init=True, **COMMON)
     params = SamplingParams(
-        temperature=0.0, max_tokens=request["max_tokens"], logprobs=request["logprobs"], detokenize=False
+        temperature=0.0,
+        max_tokens=request["max_tokens"],
+        logprobs=request["logprobs"],
+        detokenize=False,
+        ignore_eos=True,
     )
-    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params)
+    try:
+        results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in request["prompts"]], params)
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # stop this engine's processes before the next job
+        del llm
+        gc.collect()
     outputs = []
     for result in results:
         completion = result.outputs[0]
@@ -93,6 +104,7 @@ def run_server(request: dict[str, Any]) -> list[dict[str, Any]]:
                 "prompt": prompt,
                 "max_tokens": request["max_tokens"],
                 "temperature": 0.0,
+                "ignore_eos": True,
                 "logprobs": request["logprobs"],
                 "return_tokens_as_token_ids": True,
             }
@@ -114,15 +126,20 @@ def run_server(request: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    request = json.load(open(sys.argv[1]))
+    jobs = json.load(open(sys.argv[1]))["jobs"]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    try:
-        run = run_server if request.get("mode") == "server" else run_offline
-        outputs = run(request)
-    except Exception as error:  # report vLLM's refusal as one line for the test to read
-        print("ERROR " + _one_line(error), flush=True)
-        return 1
-    print("RESULT " + json.dumps({"outputs": outputs}), flush=True)
+    results: dict[str, Any] = {}
+    for name, request in jobs.items():
+        start = time.monotonic()
+        try:
+            run = run_server if request.get("mode") == "server" else run_offline
+            results[name] = {"outputs": run(request)}
+        except Exception as error:  # report vLLM's refusal as one line for the test to read
+            results[name] = {"error": _one_line(error)}
+        results[name]["seconds"] = round(time.monotonic() - start, 1)
+        print(f"serve_worker: {name}: {results[name].get('error', 'ok')} ({results[name]['seconds']} s)", flush=True)
+        with open(sys.argv[2], "w") as f:  # after every job, so a killed run keeps what it finished
+            json.dump(results, f)
     return 0
 
 

@@ -8,6 +8,7 @@ Everything else (attention, routing, weight loading, kernels) is vLLM's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -36,10 +37,14 @@ def pruned_class(architecture: str) -> type[torch.nn.Module]:
     stock = stock_class(family)
 
     def __init__(self: torch.nn.Module, *, vllm_config: object, prefix: str = "") -> None:
-        config = vllm_config.model_config.hf_config
-        counts = layer_counts(config, family)
+        model_config = vllm_config.model_config
+        counts = layer_counts(model_config.hf_config, family)
         check_parallel(vllm_config, counts, family)
-        with per_layer_counts(config, family.count_field, counts):
+        # layers read either the HF config or vLLM's text view of it (a separate object for some families)
+        configs = {id(c): c for c in (model_config.hf_config, model_config.hf_text_config)}
+        with contextlib.ExitStack() as stack:
+            for config in configs.values():
+                stack.enter_context(per_layer_counts(config, family.count_field, counts))
             stock.__init__(self, vllm_config=vllm_config, prefix=prefix)
         check_built(self, counts, family)
 

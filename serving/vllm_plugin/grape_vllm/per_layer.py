@@ -51,6 +51,9 @@ def per_layer_counts(config: object, field: str, counts: list[int]) -> Iterator[
     """While active, `config.<field>` reads `counts[i]` inside decoder layer i's construction (dense
     layers, count 0, and everything outside layers read the config's own value)."""
     stock_cls = type(config)
+    # transformers configs may store the count under another name and alias the family's usual one
+    # (Qwen3-MoE: `num_experts` -> `num_local_experts` in some versions): the stored name is the one to wrap
+    field = getattr(stock_cls, "attribute_map", {}).get(field, field)
     full = getattr(config, field)
 
     def get(self: object) -> int:
