@@ -32,7 +32,9 @@ def run_families(args: argparse.Namespace) -> int:
 _PLUGIN = "with the grape_vllm plugin (scripts/setup_vllm.sh)"
 VLLM_PER_LAYER = {
     **dict.fromkeys(
-        "mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3 glm4_moe ernie4_5_moe phimoe".split(), _PLUGIN
+        "mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3 glm4_moe ernie4_5_moe phimoe gpt_oss "
+        "llama4_text".split(),
+        _PLUGIN,
     ),
     "minimax_m2": _PLUGIN + " on GPU (vLLM's CPU router lacks ungrouped sigmoid routing)",
 }

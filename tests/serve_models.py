@@ -104,6 +104,20 @@ CONFIGS = {
         use_routing_bias=True,
     ),
     "phimoe": lambda: transformers.PhimoeConfig(**BASE, num_local_experts=6, num_experts_per_tok=2),
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **{**BASE, "intermediate_size": 32}, head_dim=32, num_local_experts=6, num_experts_per_tok=2, sliding_window=4
+    ),
+    # 4 layers, MoE every second (1 and 3: top-1 by logit, sigmoid weight, shared expert), layer 3 without RoPE
+    "llama4_text": lambda: transformers.Llama4TextConfig(
+        **{**BASE, "intermediate_size": 24, "num_hidden_layers": 4},
+        intermediate_size_mlp=40,
+        head_dim=32,
+        num_local_experts=6,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        no_rope_layers=[1, 1, 1, 0],
+        attention_chunk_size=8192,
+    ),
 }
 
 

@@ -43,6 +43,8 @@ _FAMILIES = (
     ServedFamily("ernie4_5_moe", "PrunedErnie4_5_MoeForCausalLM", "Ernie4_5_MoeForCausalLM", "moe_num_experts"),
     ServedFamily("minimax_m2", "PrunedMiniMaxM2ForCausalLM", "MiniMaxM2ForCausalLM", "num_local_experts"),
     ServedFamily("phimoe", "PrunedPhimoeForCausalLM", "PhiMoEForCausalLM", "num_local_experts"),
+    ServedFamily("gpt_oss", "PrunedGptOssForCausalLM", "GptOssForCausalLM", "num_local_experts"),
+    ServedFamily("llama4_text", "PrunedLlama4ForCausalLM", "Llama4ForCausalLM", "num_local_experts"),
 )
 
 # grape architecture name -> family
