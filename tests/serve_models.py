@@ -128,12 +128,13 @@ BUDGETS = {"deepseek_v3": 6, "glm4_moe": 6}
 
 @dataclasses.dataclass(frozen=True)
 class Export:
-    """A pruned export: its directory, its per-layer counts and the original's."""
+    """A pruned export: its directory, its per-layer counts, the original's counts and directory."""
 
     name: str
     path: str
     counts: tuple[int, ...]
     original: tuple[int, ...]
+    source: str
 
 
 def _perturb_router_bias(model: torch.nn.Module) -> None:
@@ -167,7 +168,7 @@ def make_export(family: str, root: str | os.PathLike, *, operator: str = "freq",
     counts = tuple(json.load(open(os.path.join(out, "config.json"))).get("num_experts_per_layer", ()))
     if len({c for c in counts if c}) < 2:
         raise AssertionError(f"{family}: the global plan kept uniform counts {counts}; the test needs unequal ones")
-    return Export(name, out, counts, tuple(cfg.num_experts))
+    return Export(name, out, counts, tuple(cfg.num_experts), src)
 
 
 def greedy_reference(path: str, prompts: list[list[int]], max_tokens: int) -> list[dict]:

@@ -44,7 +44,8 @@ def run_offline(request: dict[str, Any]) -> list[dict[str, Any]]:
     from vllm import LLM, SamplingParams  # noqa: PLC0415 - after the environment is set
     from vllm.inputs import TokensPrompt  # noqa: PLC0415
 
-    llm = LLM(model=request["model"], skip_tokenizer_init=True, **COMMON)
+    # engine and model in this process (no spawned engine or worker per job: the server job covers that)
+    llm = LLM(model=request["model"], skip_tokenizer_init=True, distributed_executor_backend="uni", **COMMON)
     params = SamplingParams(
         temperature=0.0,
         max_tokens=request["max_tokens"],
@@ -128,6 +129,7 @@ def run_server(request: dict[str, Any]) -> list[dict[str, Any]]:
 def main() -> int:
     jobs = json.load(open(sys.argv[1]))["jobs"]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     results: dict[str, Any] = {}
     for name, request in jobs.items():
         start = time.monotonic()
