@@ -7,7 +7,7 @@
    method for each R in --remove, once (an existing export is reused).
 2. In vLLM's environment (`bash scripts/setup_vllm.sh .venv-vllm`; this file again, with --worker):
    each model in turn is loaded by vLLM's offline `LLM` (the pruned ones through the grape_vllm
-   plugin), its parameter bytes are summed inside the engine's worker (the weights it keeps resident),
+   plugin; engine and model in one process), its parameter bytes are summed (the weights it keeps resident),
    and greedy generation of --max-tokens tokens (EOS ignored) is timed for one prompt and for a batch
    of --batch prompts, after one untimed warm-up, median of --repeats runs.
 Prints a Markdown table and writes it with the raw figures to OUT/bench_serve.json.
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto", help="vLLM dtype (auto: the checkpoint's)")
+    p.add_argument("--compile", action="store_true", help="let vLLM compile the model (default: eager)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: request JSON for step 2
     return p.parse_args(argv)
 
@@ -72,7 +73,14 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
     from vllm.inputs import TokensPrompt  # noqa: PLC0415
 
     start = time.perf_counter()
-    llm = LLM(model=request["model"], dtype=request["dtype"], seed=0, max_model_len=512, enforce_eager=False)
+    llm = LLM(
+        model=request["model"],
+        dtype=request["dtype"],
+        seed=0,
+        max_model_len=512,
+        enforce_eager=not request["compile"],
+        distributed_executor_backend="uni",
+    )
     load_s = time.perf_counter() - start
     weight_bytes = sum(llm.apply_model(_weight_bytes))
     vocab = int(json.load(open(os.path.join(request["model"], "config.json")))["vocab_size"])
@@ -96,8 +104,8 @@ def measure(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker(path: str) -> int:
-    # apply_model sends `_weight_bytes` to the engine's worker process by pickle (local, trusted code)
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    # engine and model in this process (2 cores: no IPC between engine processes; apply_model runs here)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     request = json.load(open(path))
     results = {}
     for name, model in request["models"].items():
@@ -138,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "n": args.prompt_tokens,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
+        "compile": args.compile,
     }
     request_path = os.path.join(args.out, "vllm_request.json")
     json.dump(request, open(request_path, "w"))
@@ -147,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.load(open(request["results"]))
     base = results["original"]
     lines = [
-        f"vLLM offline LLM, dtype {args.dtype}, greedy, {args.prompt_tokens}-token prompts, {args.max_tokens} new "
+        f"vLLM offline LLM in one process ({'compiled' if args.compile else 'eager'}), dtype {args.dtype}, greedy, "
+        f"{args.prompt_tokens}-token prompts, {args.max_tokens} new "
         f"tokens each (EOS ignored), median of {args.repeats}; CPU: {cpu_name()}, {os.cpu_count()} cores",
         "",
         "| model | experts per layer | weights resident (MiB) | vs original | tok/s, 1 prompt | "
