@@ -23,6 +23,19 @@ def run_families(args: argparse.Namespace) -> int:
     return 0
 
 
+# Families whose per-layer-count exports vLLM serves through the grape_vllm plugin (serving/vllm_plugin;
+# tests/test_serve_plugin.py keeps this in step with the plugin's own table).
+_PLUGIN = "with the grape_vllm plugin (scripts/setup_vllm.sh)"
+VLLM_PER_LAYER = {
+    **dict.fromkeys(
+        "mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3 glm4_moe ernie4_5_moe phimoe gpt_oss "
+        "llama4_text".split(),
+        _PLUGIN,
+    ),
+    "minimax_m2": _PLUGIN + " on GPU (vLLM's CPU router lacks ungrouped sigmoid routing)",
+}
+
+
 def family_lines(families) -> list[str]:
     """One block per model_type: its class, routing rule and what an export writes."""
     lines = []
@@ -30,11 +43,14 @@ def family_lines(families) -> list[str]:
         f = families[model_type]
         out = export_family(f)
         stock = f"stock {out.architectures[0]}" if out.in_transformers else "the checkpoint's own remote code"
+        vllm = VLLM_PER_LAYER.get(out.name, "not served (transformers only)")
         lines += [
             f"{model_type:14s} {', '.join(f.architectures)}",
             f"{'':14s}   routing: {f.routing}",
             f"{'':14s}   export:  uniform counts -> {stock}; per-layer counts -> remote code "
             f"(modeling_pruned_moe.py)" + ("" if out is f else f"; written as {out.name} (text model only)"),
+            f"{'':14s}   serve:   uniform counts -> vLLM/transformers as the stock model; per-layer counts -> "
+            f"transformers (trust_remote_code), vLLM {vllm}",
         ]
     lines.append(
         "Checkpoints with an FP8 block-quantised quantization_config are read for every family (export: "
