@@ -49,7 +49,7 @@ def prune(model: str, out: str, per_layer: int) -> str:
     target = os.path.join(out, f"pruned-{per_layer}")
     if os.path.exists(os.path.join(target, "config.json")):
         return target
-    cmd = [sys.executable, "-m", "grape_jax.cli", "prune", model, "--out", target, "--per-layer", str(per_layer)]
+    cmd = [sys.executable, "-m", "grape_jax.cli.main", "prune", model, "--out", target, "--per-layer", str(per_layer)]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
     return target

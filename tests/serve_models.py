@@ -15,9 +15,10 @@ import torch
 import transformers
 
 from conversion.load import load_hf
-from grape_jax.calibration import CalibrationOptions, calibrate
-from grape_jax.fit import fit_inputs
-from grape_jax.merge import apply_plan
+from grape_jax.calibration.calibrate import calibrate
+from grape_jax.calibration.options import CalibrationOptions
+from grape_jax.fit.operator import fit_inputs
+from grape_jax.merge.state import merge_model
 from grape_jax.pipeline import save_hf
 from grape_jax.planners import make_plan
 from tests.hf_models import build_model, random_tokens, save_model
@@ -163,7 +164,7 @@ def make_export(family: str, root: str | os.PathLike, *, operator: str = "freq",
     plan = make_plan(stats, method="grape", budget=budget, guard="none", operator=operator)
     # 'fit' solves each merged expert by least squares on the calibration blocks' activations
     inputs = fit_inputs(loaded, plan, blocks) if operator == "fit" else None
-    merged = apply_plan(loaded, plan, inputs=inputs)
+    merged = merge_model(loaded, plan, inputs=inputs)
     out = save_hf(merged, os.path.join(root, name))
     counts = tuple(json.load(open(os.path.join(out, "config.json"))).get("num_experts_per_layer", ()))
     if len({c for c in counts if c}) < 2:

@@ -11,7 +11,7 @@ import pytest
 
 from conversion.families import FAMILIES, export_family
 from conversion.remote_code import modeling_pruned_moe as pruned
-from grape_jax import cli_model
+from grape_jax.cli import models as cli_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "serving", "vllm_plugin"))
 from grape_vllm.families import SERVED, GrapeServeError, is_uniform, layer_counts  # noqa: E402
