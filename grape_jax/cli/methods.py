@@ -159,6 +159,13 @@ def configure_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="stage outputs for resuming (default: OUT.work)")
     p.add_argument("--keep-work", action="store_true", help="keep the work directory (statistics, plan) after success")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--stream-layers",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="hold one decoder layer on the mesh at a time (calibration, gradients, fit, merge, export): "
+        "'auto' (default) streams when the model does not fit the devices' memory",
+    )
     add_quantize_arg(p)
     add_planner_args(p)
     add_data_args(p)
@@ -192,6 +199,7 @@ def run_prune(args: argparse.Namespace) -> int:
         mesh=mesh_from_args(args),
         overwrite=args.overwrite,
         quantize=args.quantize,
+        stream_layers=args.stream_layers,
     )
     print(allocation_table(result.plan))
     print(f"exported -> {result.out}")

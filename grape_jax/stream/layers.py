@@ -76,10 +76,14 @@ def _kind(cfg: MoEConfig, layer: int) -> tuple:
     )
 
 
-def canonical_layer(cfg: MoEConfig, layer: int) -> int:
-    """The first layer that computes like `layer` (one compile serves them all)."""
-    kind = _kind(cfg, layer)
-    return next(i for i in range(cfg.num_layers) if _kind(cfg, i) == kind)
+def canonical_layer(cfg: MoEConfig, layer: int, merged: MoEConfig | None = None) -> int:
+    """The first layer that computes like `layer` (one compile serves them all); with `merged`, also
+    with as many experts after the merge (a pass that computes with both)."""
+
+    def kind(i: int) -> tuple:
+        return _kind(cfg, i) + ((merged.num_experts[i],) if merged is not None else ())
+
+    return next(i for i in range(cfg.num_layers) if kind(i) == kind(layer))
 
 
 def renamed(params: Mapping[str, jax.Array], layer: int, to: int) -> dict[str, jax.Array]:
