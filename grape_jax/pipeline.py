@@ -279,9 +279,11 @@ def prune(
 
 
 def _with_stream_record(stats: ModelStats, streamed: bool, why: str) -> ModelStats:
-    """The statistics with how they were computed (layer streaming on or off, and why) in their
-    calibration record, which plans and recipes keep."""
-    run = {**dict(stats.meta.get("calibration") or {}), "stream_layers": {"streamed": streamed, "why": why}}
+    """Streamed statistics with that fact and why in their calibration record, which plans and recipes
+    keep (resident ones, as every stage command makes them, unchanged: their recipes stay equal)."""
+    if not streamed:
+        return stats
+    run = {**dict(stats.meta.get("calibration") or {}), "stream_layers": {"streamed": True, "why": why}}
     return dataclasses.replace(stats, meta={**dict(stats.meta), "calibration": run})
 
 
