@@ -166,6 +166,8 @@ def export_hf(
     copy_side_files: bool = True,
     log: Callable[[str], None] | None = None,
     quantize: str | None = None,
+    params: Mapping[str, jax.Array] | None = None,
+    digest: str | None = None,
 ) -> str:
     """Write `model` as an HF checkpoint dir that `transformers` loads (see module docstring); returns
     its path. The family, the base config.json and the tokenizer files come from `model.info`
@@ -174,7 +176,12 @@ def export_hf(
     `log` receives one line per shard written (and a line when resuming). `quantize` "fp8": the
     weights the FP8 source (`model.info.source`, its config.json) stored as FP8 are requantised with its
     block size and scale dtype (`conversion.quant.fp8`); an expert that is an unchanged copy of a source expert
-    (`expert_origins` of the model's merges) keeps that expert's scales."""
+    (`expert_origins` of the model's merges) keeps that expert's scales.
+
+    `params` (default: the model's own) may be any mapping of the model's parameter names to arrays,
+    read in the table's order (a layer-streamed merge: `grape_jax.stream.merge.MergedParams`; its
+    `shapes` plan the files without reading, and `model` may then be abstract); `digest` replaces the
+    checksum of the parameters that decides whether an interrupted export's shards are kept."""
     if not model.info.family:
         raise ConversionError(
             "export: the model has no family (info.family); load it with load_hf or "
@@ -182,10 +189,11 @@ def export_hf(
         )
     source_family = family_by_name(model.info.family)
     family = export_family(source_family)
-    cfg, params, base_config = model.cfg, param_view(model), model.info.hf_config
+    cfg, base_config = model.cfg, model.info.hf_config
+    params = param_view(model) if params is None else params
     source_dir = model.info.source if copy_side_files and os.path.isdir(model.info.source or "") else None
     bindings = bind(family, cfg)
-    entries, sources = hf_entries(bindings, params)
+    entries, sources = hf_entries(bindings, getattr(params, "shapes", params))
     if quantize is not None:
         entries, sources = _quantized(
             entries,
@@ -200,7 +208,7 @@ def export_hf(
     fingerprint = hashlib.sha256(
         json.dumps(
             {
-                "params": params_fingerprint(params),
+                "params": digest or params_fingerprint(params),
                 "shards": [[s.filename, [[e.name, list(e.shape), str(e.dtype)] for e in s.entries]] for s in shards],
             }
         ).encode()

@@ -1,18 +1,22 @@
 """What a Hugging Face directory says without reading a weight: its config.json, its family, and the
-provenance (fingerprinted) of loading it, including the records a grape-jax export keeps in recipe.json."""
+provenance (fingerprinted) of loading it, including the records a grape-jax export keeps in recipe.json;
+and whether its tensors are what config.json implies (`check_bindings`), with readers of their slices."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from conversion.families import get_family
-from conversion.families.base import ConversionError, Family
+from conversion.families.base import Binding, ConversionError, Family
 from conversion.fingerprint import source_fingerprint
+from conversion.safetensors_dtypes import numpy_to_dtype
+from conversion.safetensors_io import CheckpointIndex
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -66,3 +70,47 @@ def family_of(hf_config: dict[str, Any], *, source: str) -> Family:
     if isinstance(model_type, str) and model_type.startswith("grape_pruned_"):
         model_type = hf_config.get("base_model_type")
     return get_family(model_type, source=source)
+
+
+def normalise_index(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """`index` as one contiguous slice per axis of `shape` (a strided read is refused)."""
+    out = []
+    for dim, s in zip(shape, tuple(index) + (slice(None),) * (len(shape) - len(index)), strict=True):
+        start, stop, step = s.indices(dim)
+        if step != 1:
+            raise ConversionError(f"strided read {s} is not supported")
+        out.append(slice(start, stop))
+    return tuple(out)
+
+
+def binding_reader(ckpt: CheckpointIndex, binding: Binding):
+    """`read(index) -> np.ndarray` of our layout for one parameter, reading only that slice."""
+
+    def open_key(key: str):
+        return lambda idx: ckpt.read_slice(key, idx)
+
+    def read(index: tuple) -> np.ndarray:
+        return binding.read(open_key, normalise_index(index, binding.spec.shape))
+
+    return read
+
+
+def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model_dir: str) -> None:
+    """Every HF tensor exists with the shape (and, for decoding transforms, the dtype) config.json
+    implies (else a one-line error)."""
+    for b in bindings.values():
+        dtypes = b.transform.source_dtypes() if hasattr(b.transform, "source_dtypes") else None
+        for i, (key, want) in enumerate(b.hf_sources().items()):
+            if key not in ckpt:
+                raise ConversionError(f"{model_dir}: tensor {key!r} is missing (needed for {b.name} by config.json)")
+            info = ckpt.info(key)
+            if tuple(info.shape) != tuple(want):
+                raise ConversionError(
+                    f"{info.file}: tensor {key!r} has shape {tuple(info.shape)}, but config.json implies {tuple(want)}"
+                )
+            allowed = None if dtypes is None else dtypes[i % len(dtypes)]
+            if allowed is not None and numpy_to_dtype(info.dtype) not in allowed:
+                raise ConversionError(
+                    f"{info.file}: tensor {key!r} has dtype {numpy_to_dtype(info.dtype)}, but config.json's "
+                    f"quantization_config implies one of {list(allowed)}"
+                )

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,56 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from conversion.families.base import Binding, ConversionError, Identity, Transpose
-from conversion.hf_dir import family_of, provenance_of, read_hf_config
+from conversion.families.base import Binding, Identity, Transpose
+from conversion.hf_dir import binding_reader, check_bindings, family_of, normalise_index, provenance_of, read_hf_config
 from conversion.quant.bindings import read_bindings
-from conversion.safetensors_dtypes import numpy_to_dtype
 from conversion.safetensors_io import CheckpointIndex
+from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import ModelInfo, MoEModel, fill_model
 from grape_jax.core.sharding import DEFAULT_RULES, RunContext, ShardingRules
-
-
-def _normalise(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    out = []
-    for dim, s in zip(shape, tuple(index) + (slice(None),) * (len(shape) - len(index)), strict=True):
-        start, stop, step = s.indices(dim)
-        if step != 1:
-            raise ConversionError(f"strided read {s} is not supported")
-        out.append(slice(start, stop))
-    return tuple(out)
-
-
-def binding_reader(ckpt: CheckpointIndex, binding: Binding):
-    """`read(index) -> np.ndarray` of our layout for one parameter, reading only that slice."""
-
-    def open_key(key: str):
-        return lambda idx: ckpt.read_slice(key, idx)
-
-    def read(index: tuple) -> np.ndarray:
-        return binding.read(open_key, _normalise(index, binding.spec.shape))
-
-    return read
-
-
-def check_bindings(ckpt: CheckpointIndex, bindings: Mapping[str, Binding], model_dir: str) -> None:
-    """Every HF tensor exists with the shape (and, for decoding transforms, the dtype) config.json
-    implies (else a one-line error)."""
-    for b in bindings.values():
-        dtypes = b.transform.source_dtypes() if hasattr(b.transform, "source_dtypes") else None
-        for i, (key, want) in enumerate(b.hf_sources().items()):
-            if key not in ckpt:
-                raise ConversionError(f"{model_dir}: tensor {key!r} is missing (needed for {b.name} by config.json)")
-            info = ckpt.info(key)
-            if tuple(info.shape) != tuple(want):
-                raise ConversionError(
-                    f"{info.file}: tensor {key!r} has shape {tuple(info.shape)}, but config.json implies {tuple(want)}"
-                )
-            allowed = None if dtypes is None else dtypes[i % len(dtypes)]
-            if allowed is not None and numpy_to_dtype(info.dtype) not in allowed:
-                raise ConversionError(
-                    f"{info.file}: tensor {key!r} has dtype {numpy_to_dtype(info.dtype)}, but config.json's "
-                    f"quantization_config implies one of {list(allowed)}"
-                )
 
 
 def _make_leaf(shape: tuple[int, ...], sharding, callback, pool=None) -> jax.Array:
@@ -220,7 +177,7 @@ def _stored_layout_leaf(
     transpose_on_read, read_perm, raw_shape = _read_layout(b, perm, sharding)
 
     def read(index: tuple) -> np.ndarray:
-        index = _normalise(index, raw_shape)
+        index = normalise_index(index, raw_shape)
         out = aligned_empty(tuple(s.stop - s.start for s in index), stored)
         box = index[lead:][::-1] if transpose_on_read else index[lead:]
         parts = (
@@ -332,6 +289,68 @@ def _load_pipelined(
             raise
 
 
+@dataclasses.dataclass(frozen=True)
+class HFReader:
+    """An HF directory opened for loading onto a run context (`open_hf`): its config and how each of its
+    parameters is read and placed. `read(names)` loads any subset of parameters (a layer streamed at a
+    time: `grape_jax.stream`), `load_hf` all of them."""
+
+    path: str
+    cfg: MoEConfig
+    family: Any
+    hf: dict
+    ckpt: CheckpointIndex
+    bindings: Mapping[str, Binding]
+    ctx: RunContext
+    shardings: Mapping[str, jax.sharding.Sharding]
+    plans: Mapping[str, _LeafPlan]
+
+    def read(self, names: Sequence[str]) -> dict[str, jax.Array]:
+        """The parameters `names`, each read straight into its sharding (module docstring)."""
+        bindings = {name: self.bindings[name] for name in names}
+        if not any(_host_memory(self.shardings[n]) for n in names):
+            return _load_pipelined(self.ckpt, bindings, self.shardings, self.plans)
+        params, names = {}, list(names)
+        with ThreadPoolExecutor(READ_THREADS) as pool, ThreadPoolExecutor(1) as ahead:
+
+            def prefetch(i: int) -> None:  # a hint, on its own thread: the disk works while we copy
+                if i < len(names):
+                    ahead.submit(self.ckpt.prefetch, keys_read(bindings[names[i]], self.shardings[names[i]]))
+
+            prefetch(0)
+            for i, name in enumerate(names):
+                prefetch(i + 1)
+                params[name] = _load_leaf(self.ckpt, bindings[name], self.shardings[name], self.plans[name], pool=pool)
+        return params
+
+    def abstract(self, name: str) -> jax.ShapeDtypeStruct:
+        """Shape, dtype and sharding parameter `name` will have when read (nothing is read)."""
+        spec = self.bindings[name].spec
+        return jax.ShapeDtypeStruct(spec.shape, self.plans[name].target, sharding=self.shardings[name])
+
+    def nbytes(self) -> int:
+        """Bytes of every parameter as loaded (the dtype each leaf will have)."""
+        return sum(int(np.prod(b.spec.shape)) * self.plans[n].target.itemsize for n, b in self.bindings.items())
+
+
+def open_hf(
+    model_dir: str | os.PathLike, *, mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES, dtype: Any = None
+) -> HFReader:
+    """An HF directory checked against its config.json (every tensor present with the implied shape)
+    and ready to read parameters onto `mesh` by `rules`; no weight is read."""
+    model_dir = os.fspath(model_dir)
+    hf = read_hf_config(model_dir)
+    family = family_of(hf, source=os.path.join(model_dir, "config.json"))
+    cfg = family.config_from_hf(hf)
+    ckpt = CheckpointIndex.open(model_dir)
+    bindings = read_bindings(family, cfg, hf, ckpt)
+    check_bindings(ckpt, bindings, model_dir)
+    ctx = RunContext(mesh, rules)
+    shardings = {name: ctx.sharding(b.spec.shape, b.spec.axes) for name, b in bindings.items()}
+    plans = {name: _leaf_plan(ckpt, b, dtype) for name, b in bindings.items()}
+    return HFReader(model_dir, cfg, family, hf, ckpt, bindings, ctx, shardings, plans)
+
+
 def load_hf(
     model_dir: str | os.PathLike,
     *,
@@ -344,32 +363,12 @@ def load_hf(
 
     dtype None keeps each tensor's stored dtype (bit-identical round trips); otherwise leaves are cast.
     """
-    model_dir = os.fspath(model_dir)
-    hf = read_hf_config(model_dir)
-    family = family_of(hf, source=os.path.join(model_dir, "config.json"))
-    cfg = family.config_from_hf(hf)
-    ckpt = CheckpointIndex.open(model_dir)
-    bindings = read_bindings(family, cfg, hf, ckpt)
-    check_bindings(ckpt, bindings, model_dir)
-    ctx = RunContext(mesh, rules)
-    shardings = {name: ctx.sharding(b.spec.shape, b.spec.axes) for name, b in bindings.items()}
-    plans = {name: _leaf_plan(ckpt, b, dtype) for name, b in bindings.items()}
+    reader = open_hf(model_dir, mesh=mesh, rules=rules, dtype=dtype)
     info = ModelInfo.create(
-        family=family.name, source=os.path.abspath(model_dir), hf_config=hf, provenance=provenance_of(model_dir, dtype)
+        family=reader.family.name,
+        source=os.path.abspath(reader.path),
+        hf_config=reader.hf,
+        provenance=provenance_of(reader.path, dtype),
     )
-    if not any(_host_memory(s) for s in shardings.values()):
-        params = _load_pipelined(ckpt, bindings, shardings, plans)
-        return fill_model(cfg, lambda name, spec, sharding: params.pop(name), ctx=ctx, info=info)
-    params = {}
-    names = list(bindings)
-    with ThreadPoolExecutor(READ_THREADS) as pool, ThreadPoolExecutor(1) as ahead:
-
-        def prefetch(i: int) -> None:  # a hint, on its own thread: the disk works while we copy
-            if i < len(names):
-                ahead.submit(ckpt.prefetch, keys_read(bindings[names[i]], shardings[names[i]]))
-
-        prefetch(0)
-        for i, name in enumerate(names):
-            prefetch(i + 1)
-            params[name] = _load_leaf(ckpt, bindings[name], shardings[name], plans[name], pool=pool)
-    return fill_model(cfg, lambda name, spec, sharding: params.pop(name), ctx=ctx, info=info)
+    params = reader.read(list(reader.bindings))
+    return fill_model(reader.cfg, lambda name, spec, sharding: params.pop(name), ctx=reader.ctx, info=info)

@@ -14,6 +14,7 @@ is removed once the export is in place (unless kept on request).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from conversion.export import export_hf
+from grape_jax import streamed as streamed_stages
 from grape_jax.base import jsonio
 from grape_jax.base.atomic import OutputExistsError
 from grape_jax.calibration.calibrate import CalibrationInterrupted, calibrate
@@ -42,6 +44,7 @@ from grape_jax.planners.grape_l import NoSensitivitiesError
 from grape_jax.planners.plan import Plan, PlanError
 from grape_jax.report import recipe as rc
 from grape_jax.source import ModelSource
+from grape_jax.stream.run import StreamInterrupted
 
 Log = Callable[[str], None]
 
@@ -140,17 +143,22 @@ def save_hf(
     quantize: str | None = None,
     log: Log | None = None,
     extra_files: Mapping[str, str | bytes] | None = None,
+    params: Mapping[str, Any] | None = None,
+    digest: str | None = None,
 ) -> str:
     """Export `model` as an HF directory with `recipe.json` and a README model card built from its
     provenance (any model: original, merged, healed), plus `extra_files` (name -> text or bytes); the
     directory appears only when all of it is written. `quantize="fp8"` requantises what an FP8 source
-    stored as FP8 (unmerged experts keep their scales; see `conversion.export.export_hf`)."""
-    check_param_shapes(model.cfg, param_view(model))
+    stored as FP8 (unmerged experts keep their scales; see `conversion.export.export_hf`, which also
+    says what `params` and `digest` are: a layer-streamed merge exports through them)."""
+    if params is None:  # layer-streamed: the lazy merged layers are made from the merged config itself
+        check_param_shapes(model.cfg, param_view(model))
     recipe = rc.build_recipe(model)
     files = {**dict(extra_files or {}), "recipe.json": jsonio.dumps(recipe, indent=1, sort_keys=True, default=str)}
     if recipe["method"] is not None:
         files["README.md"] = rc.model_card(recipe, uniform=model.cfg.is_uniform)
     kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+    kw.update(params=params, digest=digest)
     return export_hf(model, out, overwrite=overwrite, extra_files=files, log=log, quantize=quantize, **kw)
 
 
@@ -196,8 +204,12 @@ def prune(
     progress: bool = True,
     log: Log = print,
     quantize: str | None = None,
+    stream_layers: str = "auto",
 ) -> PruneResult:
-    """check -> load -> calibrate -> plan -> merge -> export (module docstring)."""
+    """check -> load -> calibrate -> plan -> merge -> export (module docstring). `stream_layers`
+    'auto' | 'on' | 'off': with the whole model on the mesh, or one decoder layer at a time
+    (`grape_jax.streamed`); 'auto' streams when the model does not fit (the choice is logged and kept in
+    the statistics' calibration record, so the recipe shows it)."""
     options = dict(planner_options or {})
     out = check_output(out, overwrite=overwrite, flag=None)
     work_dir = os.path.abspath(work_dir or out.rstrip("/") + ".work")
@@ -217,10 +229,33 @@ def prune(
     blocks = data.blocks(load_tokenizer(source.tokenizer_dir), max_positions=cfg.max_position_embeddings)
     fingerprint = calibration_fingerprint(source.fingerprint(), cfg, blocks, calibration_options)
 
+    streamed, why = streamed_stages.stream_choice(stream_layers, source, mesh)
+    log(f"layer streaming: {'on' if streamed else 'off'} ({why})")
     os.makedirs(work_dir, exist_ok=True)
     stats_path = os.path.join(work_dir, "stats.npz")
     stats = _reusable_stats(stats_path, fingerprint, log)
-    model = source.load(mesh=mesh)
+    model = None if streamed else source.load(mesh=mesh)
+    if stats is None and streamed:
+        progress_dir = os.path.join(work_dir, "calibration.stream")
+        try:
+            stats = streamed_stages.calibrate_stage(
+                source,
+                blocks,
+                mesh=mesh,
+                options=calibration_options,
+                meta={"data": data.record()},
+                work_dir=progress_dir,
+                progress=progress,
+                log=log,
+            )
+        except StreamInterrupted as e:
+            raise Interrupted(
+                f"interrupted during the streamed calibration; {e.done} of {e.total} layer steps are saved in "
+                f"{progress_dir}: run the same command again to resume"
+            ) from None
+        stats = _with_stream_record(stats, streamed, why)
+        stats.save(stats_path)
+        shutil.rmtree(progress_dir, ignore_errors=True)
     if stats is None:
         progress_dir = os.path.join(work_dir, "calibration")
         _drop_stale_progress(progress_dir, fingerprint, log)
@@ -239,13 +274,22 @@ def prune(
                 f"interrupted during calibration; statistics of {e.saved} of {e.total} blocks are "
                 f"saved in {progress_dir}: run the same command again to resume"
             ) from None
+        stats = _with_stream_record(stats, streamed, why)
         stats.save(stats_path)
         shutil.rmtree(progress_dir, ignore_errors=True)
     plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **options)
     plan.save(os.path.join(work_dir, "plan.json"))
-    merged = apply_plan(model, plan, blocks=blocks, fit_options=FitOptions.like(calibration_options), progress=progress)
+    fit_options = FitOptions.like(calibration_options)
+    save = functools.partial(save_hf, overwrite=overwrite, quantize=quantize, log=log if progress else None)
     try:
-        save_hf(merged, out, overwrite=overwrite, quantize=quantize, log=log if progress else None)
+        if streamed:
+            cfg_after = streamed_stages.merge_and_export(
+                source, plan, blocks, out, mesh=mesh, fit_options=fit_options, work_dir=work_dir, save=save
+            )
+        else:
+            merged = apply_plan(model, plan, blocks=blocks, fit_options=fit_options, progress=progress)
+            cfg_after = merged.cfg
+            save(merged, out)
     except KeyboardInterrupt:
         partial = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
         raise Interrupted(
@@ -254,7 +298,16 @@ def prune(
         ) from None
     if not keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return PruneResult(out=out, plan=plan, stats=stats, cfg_before=cfg, cfg_after=merged.cfg)
+    return PruneResult(out=out, plan=plan, stats=stats, cfg_before=cfg, cfg_after=cfg_after)
+
+
+def _with_stream_record(stats: ModelStats, streamed: bool, why: str) -> ModelStats:
+    """Streamed statistics with that fact and why in their calibration record, which plans and recipes
+    keep (resident ones, as every stage command makes them, unchanged: their recipes stay equal)."""
+    if not streamed:
+        return stats
+    run = {**dict(stats.meta.get("calibration") or {}), "stream_layers": {"streamed": True, "why": why}}
+    return dataclasses.replace(stats, meta={**dict(stats.meta), "calibration": run})
 
 
 def _drop_stale_progress(directory: str, fingerprint: str, log: Log) -> None:

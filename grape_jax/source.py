@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 
 from conversion.checkpoint import META_FILE, checkpoint_config, read_checkpoint_meta, restore_checkpoint
 from conversion.families.base import ConversionError
-from conversion.load import family_of, load_hf, provenance_of, read_hf_config
+from conversion.load import HFReader, family_of, load_hf, open_hf, provenance_of, read_hf_config
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import ModelInfo, MoEModel
 from grape_jax.core.sharding import DEFAULT_RULES, ShardingRules
@@ -84,3 +84,20 @@ class ModelSource:
                 )
             return restore_checkpoint(self.path, mesh=mesh, rules=rules)
         return load_hf(self.path, mesh=mesh, rules=rules, dtype=dtype)
+
+    def reader(self, *, mesh: Mesh | None = None, rules: ShardingRules = DEFAULT_RULES) -> HFReader:
+        """The HF directory opened to read any subset of its parameters onto `mesh` (layer streaming);
+        a grape checkpoint is refused (it is restored whole)."""
+        if self.is_checkpoint:
+            raise ConversionError(
+                f"{self.path}: a grape checkpoint is restored whole; layer streaming reads HF directories"
+            )
+        return open_hf(self.path, mesh=mesh, rules=rules)
+
+    def model_info(self) -> ModelInfo:
+        """The `info` the loaded model has (family, source, config.json, provenance), without loading it."""
+        if self.is_checkpoint:
+            raise ConversionError(f"{self.path}: a grape checkpoint's info is restored with it")
+        hf = read_hf_config(self.path)
+        family = family_of(hf, source=os.path.join(self.path, "config.json"))
+        return ModelInfo.create(family=family.name, source=self.path, hf_config=hf, provenance=self.provenance())

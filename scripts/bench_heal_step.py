@@ -3,7 +3,7 @@
 A random transformers Mixtral (Mixtral-8x7B layer dims by default: d 4096, f 14336, 8 experts top-2; 1 layer;
 bf16) is built and saved, then one framework runs (one per process, so the two never share the GPU):
 
-  jax    `grape_jax.heal.heal` with the live teacher (the same checkpoint), every parameter trained
+  jax    `grape_jax.healing.heal.heal` with the live teacher (the same checkpoint), every parameter trained
          (fp32 master copies, AdamW, clip 1.0), KL at temperature 1; its forward is `dispatch="auto"`
          (on GPU: tokamax's kernel where installed, `grape_jax.core.dispatch.select_grouped_kind`);
          `--no-tokamax` hides tokamax to time the earlier GPU choice. Steps/s after compilation.

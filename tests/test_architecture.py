@@ -26,6 +26,7 @@ FOLDER_LAYER = {
     "grape_jax.planners": "method",
     "grape_jax.merge": "method",
     "grape_jax.fit": "method",
+    "grape_jax.stream": "method",
     "grape_jax.healing": "method",
     "grape_jax.evaluation": "method",
     "conversion": "io",

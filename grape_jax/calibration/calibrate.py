@@ -87,7 +87,7 @@ def accumulator_shardings(acc: Accumulators, ctx: RunContext) -> Accumulators:
     return {k: place(v) for k, v in acc.items()}
 
 
-def _moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk, expert_dtype, grad=None):
+def moe_layer_with_stats(params, p, cfg, h, mask, acc, chunk, expert_dtype, grad=None):
     """MoE block over token chunks (lax.scan), accumulating statistics of every chunk (`grad`: the loss
     gradient w.r.t. the block output [t, d], for the sensitivities)."""
     t, d = h.shape
@@ -179,7 +179,7 @@ def calibration_step(
 
     def moe_fn(prefix: str, h: jax.Array, m: jax.Array) -> jax.Array:
         key = prefix.split(".")[1]
-        out, acc[key] = _moe_layer_with_stats(
+        out, acc[key] = moe_layer_with_stats(
             params, prefix, cfg, h, m, acc[key], min(token_chunk, h.shape[0]), expert_dtype, grads.get(key)
         )
         return out
@@ -207,37 +207,50 @@ def finalize_stats(
     every process, on any number of hosts, finalises the same statistics."""
     cfg, mesh = model.cfg, model.ctx.mesh
     params = param_view(model)
-    out = []
-    for layer in cfg.moe_layers:
-        p = f"layers.{layer}.mlp."
-        layer_acc = acc[str(layer)]
-        weight = similarity.weight_cosine(params[p + "w_gate"], params[p + "w_up"], params[p + "w_down"])
-        if mesh is not None:
-            layer_acc, weight = replicate((layer_acc, weight), mesh)
-        try:
-            s = similarity.finalize(layer_acc)
-        except ValueError as e:
-            raise StatsError(f"layer {layer}: {e}") from None
-        weight = np.asarray(weight, np.float64)
-        out.append(
-            LayerStats(
-                layer=layer,
-                num_tokens=int(s["num_tokens"]),
-                top_k=cfg.top_k,
-                freq=s["freq"],
-                gate_mass=s["gate_mass"],
-                reap=s["reap"],
-                sim={"cka": s["cka"], "cos_mean": s["cos_mean"], "router": s["router"], "weight": weight},
-                routed_m=s["routed_m"],
-                routed_n=s["routed_n"],
-                **({name: s[name] for name in SENSITIVITIES} if gradients else {}),
-                count_multiple=cfg.expert_count_multiple,
-                min_count=cfg.min_routable_experts,
-            )
-        )
+    out = [layer_stats(layer, acc[str(layer)], params, cfg, mesh, gradients=gradients) for layer in cfg.moe_layers]
     stats = ModelStats(layers=tuple(out), meta=dict(meta))
     stats.validate()
     return stats
+
+
+def layer_stats(
+    layer: int,
+    layer_acc: similarity.Accumulators,
+    params: Mapping[str, jax.Array],
+    cfg: MoEConfig,
+    mesh: jax.sharding.Mesh | None,
+    *,
+    gradients: bool,
+) -> LayerStats:
+    """One MoE layer's host statistics from its accumulators and its expert weights (`params` holds at
+    least that layer's `w_gate`, `w_up`, `w_down`): `finalize_stats` per layer."""
+    p = f"layers.{layer}.mlp."
+    weight = similarity.weight_cosine(params[p + "w_gate"], params[p + "w_up"], params[p + "w_down"])
+    if mesh is not None:
+        layer_acc, weight = replicate((layer_acc, weight), mesh)
+    try:
+        s = similarity.finalize(layer_acc)
+    except ValueError as e:
+        raise StatsError(f"layer {layer}: {e}") from None
+    return LayerStats(
+        layer=layer,
+        num_tokens=int(s["num_tokens"]),
+        top_k=cfg.top_k,
+        freq=s["freq"],
+        gate_mass=s["gate_mass"],
+        reap=s["reap"],
+        sim={
+            "cka": s["cka"],
+            "cos_mean": s["cos_mean"],
+            "router": s["router"],
+            "weight": np.asarray(weight, np.float64),
+        },
+        routed_m=s["routed_m"],
+        routed_n=s["routed_n"],
+        **({name: s[name] for name in SENSITIVITIES} if gradients else {}),
+        count_multiple=cfg.expert_count_multiple,
+        min_count=cfg.min_routable_experts,
+    )
 
 
 def check_blocks(blocks: np.ndarray, cfg: MoEConfig) -> np.ndarray:

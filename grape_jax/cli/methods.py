@@ -181,6 +181,7 @@ def run_prune(args: argparse.Namespace) -> int:
         mesh=mesh_from_args(args),
         overwrite=args.overwrite,
         quantize=args.quantize,
+        stream_layers=args.stream_layers,
     )
     print(allocation_table(result.plan))
     print(f"exported -> {result.out}")

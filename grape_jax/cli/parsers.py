@@ -201,6 +201,13 @@ def configure_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", default=None, help="stage outputs for resuming (default: OUT.work)")
     p.add_argument("--keep-work", action="store_true", help="keep the work directory (statistics, plan) after success")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--stream-layers",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="hold one decoder layer on the mesh at a time (calibration, gradients, fit, merge, export); "
+        "auto streams when the model does not fit the devices' memory",
+    )
     add_quantize_arg(p)
     add_planner_args(p)
     add_data_args(p)

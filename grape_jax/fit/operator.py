@@ -231,7 +231,7 @@ def fit_overrides(
         )
         for layer in layer_set:
             lp = next(lp for lp in plan.layers if lp.layer == layer)
-            overrides.update(_solve_layer(acc[str(layer)], merged, lp, options, diagnostics[layer], ctx))
+            overrides.update(solve_layer(acc[str(layer)], merged, lp, options, diagnostics[layer], ctx))
     if options.steps and overrides:
         overrides = checked_steps(merged, new_cfg, ctx, overrides, blocks, steps=options.steps, diagnostics=diagnostics)
     return overrides, diagnostics
@@ -322,7 +322,9 @@ def _merged_leaves(merged: Mapping[str, jax.Array], layer: int) -> dict[str, jax
     return {p + k: merged[p + k] for k in MERGED_KEYS if p + k in merged}
 
 
-def _solve_layer(acc: FitAccumulators, merged, lp: LayerPlan, options: FitOptions, diag: dict, ctx):
+def solve_layer(acc: FitAccumulators, merged, lp: LayerPlan, options: FitOptions, diag: dict, ctx):
+    """One layer's fitted `w_down` (and `b_down`) from its accumulators, `merged` holding the base merge's
+    leaves of the layer; `diag` receives the ridge chosen and the residuals before and after."""
     p = f"layers.{lp.layer}.mlp."
     gram, cross, target_sq = (host(a, ctx).astype(np.float64) for a in (acc.gram, acc.cross, acc.target_sq))
     count = host(acc.count, ctx)

@@ -209,13 +209,18 @@ def merge_inputs(model: MoEModel, plan: Plan) -> MergeInputs:
         )
     if plan.operator != "aligned":
         return MergeInputs()
-    params = param_view(model)
+    return alignment_inputs(param_view(model), plan)
+
+
+def alignment_inputs(params: Mapping[str, jax.Array], plan: Plan) -> MergeInputs:
+    """The neuron permutations of operator 'aligned' for the planned layers whose experts `params` holds
+    (the whole model, or one layer of it when the merge streams layer by layer)."""
     mixes = layer_mixes(plan)
     return MergeInputs(
         permutations={
             f"layers.{lp.layer}.mlp.": _alignment_permutations(params, f"layers.{lp.layer}.mlp.", lp)
             for lp in plan.layers
-            if mixes[lp.layer].averages
+            if mixes[lp.layer].averages and f"layers.{lp.layer}.mlp.w_gate" in params
         }
     )
 

@@ -132,6 +132,8 @@ class Plan:
         """sha256 of what the plan does (method, operator, groups, weights, made_from), not its diagnostics."""
         d = self.to_dict()
         d.pop("diagnostics")
+        if isinstance(run := d["made_from"].get("calibration"), dict):  # streamed or not: the same statistics
+            d["made_from"]["calibration"] = {k: v for k, v in run.items() if k != "stream_layers"}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     @property

@@ -1,0 +1,129 @@
+"""Peak RSS and time of `grape prune` with the model resident vs streamed layer by layer
+(`--stream-layers off|on`), on random fp32 Mixtral models of several depths, each run in a child process
+that reports its own peak RSS (ru_maxrss from wait4); the exports of the two modes are compared.
+
+    python scripts/bench_stream.py [--layers 12 24] [--hidden 512] [--ffn 1024] [--experts 8]
+        [--modes off on] [--num-samples 8] [--seq-len 64] [--per-layer 2] [--work DIR]
+
+Models are built by transformers (random init, norms perturbed), saved with a small trained tokenizer;
+`grape prune` runs with the default method (grape-l: gradient sensitivities, operator 'fit' with its loss
+check). Goal (issue 25): the streamed peak does not grow with depth; streamed time <= 1.3x resident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def build(path: str, layers: int, args) -> float:
+    """A random fp32 Mixtral with a tokenizer at `path`; returns its weights' GB."""
+    import torch
+    import transformers
+
+    from grape_jax.data.text import default_calibration_texts
+    from grape_jax.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(default_calibration_texts()[:60], vocab_size=300)
+    cfg = transformers.MixtralConfig(
+        vocab_size=len(tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        num_local_experts=args.experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return sum(p.numel() * 4 for p in model.parameters()) / 1e9
+
+
+def run(model: str, out: str, mode: str, args) -> dict:
+    cmd = [
+        sys.executable, "-m", "grape_jax.cli.main", "prune", model, "--out", out, "--overwrite",
+        "--per-layer", str(args.per_layer), "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
+        "--stream-layers", mode,
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{output[-3000:]}")
+    choice = next((line for line in output.splitlines() if "layer streaming:" in line), "")
+    return {"mode": mode, "seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 3), "log": choice}
+
+
+def max_relative_difference(a: str, b: str) -> float:
+    from safetensors.numpy import load_file
+
+    def tensors(path: str) -> dict:
+        out = {}
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):
+                out.update(load_file(os.path.join(path, name)))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    if sorted(ta) != sorted(tb):
+        return float("inf")
+    worst = 0.0
+    for k in ta:
+        x, y = ta[k].astype(np.float64), tb[k].astype(np.float64)
+        worst = max(worst, float(np.abs(x - y).max()) / max(float(np.abs(x).max()), 1e-30))
+    return worst
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, nargs="+", default=[12, 24])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--modes", nargs="+", default=["off", "on"], choices=["off", "on", "auto"])
+    ap.add_argument("--num-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--per-layer", type=int, default=2)
+    ap.add_argument("--work", default=None, help="where models and exports go (default: a temporary directory)")
+    args = ap.parse_args()
+    work = args.work or tempfile.mkdtemp(prefix="bench_stream_")
+    rows = []
+    for layers in args.layers:
+        model = os.path.join(work, f"mixtral_{layers}")
+        gb = build(model, layers, args)
+        outs = {}
+        for mode in args.modes:
+            outs[mode] = os.path.join(work, f"out_{layers}_{mode}")
+            row = {"layers": layers, "weights_gb": round(gb, 3), **run(model, outs[mode], mode, args)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if "off" in outs and "on" in outs:
+            diff = max_relative_difference(outs["off"], outs["on"])
+            print(json.dumps({"layers": layers, "export_max_relative_difference": diff}), flush=True)
+        shutil.rmtree(model, ignore_errors=True)
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+    print("| layers | weights GB | mode | peak RSS GB | seconds |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layers']} | {r['weights_gb']} | {r['mode']} | {r['peak_rss_gb']} | {r['seconds']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
