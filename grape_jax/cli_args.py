@@ -132,6 +132,12 @@ def add_planner_args(p: argparse.ArgumentParser, *, required: bool = True) -> No
     b = g.add_mutually_exclusive_group(required=required)
     b.add_argument("--per-layer", type=int, help="experts removed per MoE layer on average (budget = r x layers)")
     b.add_argument("--budget", type=int, help="experts removed in total over all MoE layers")
+    b.add_argument(
+        "--fraction",
+        type=float,
+        help="fraction of the routed experts removed, 0 < F < 1 (as REAP/REAM state budgets; budget = the "
+        "nearest whole number of experts, whole groups under group-limited routers)",
+    )
     g.add_argument(
         "--option",
         action="append",
@@ -172,6 +178,17 @@ def parse_int_list(text: str, flag: str) -> list[int]:
         raise UsageError(f"{flag} {text!r}: expected comma-separated integers") from None
     if not values or min(values) < 0:
         raise UsageError(f"{flag} {text!r}: expected comma-separated integers >= 0")
+    return values
+
+
+def parse_fraction_list(text: str, flag: str) -> list[float]:
+    """'0.25,0.5' -> [0.25, 0.5] (each strictly between 0 and 1)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated fractions, e.g. 0.25,0.5") from None
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise UsageError(f"{flag} {text!r}: expected comma-separated fractions strictly between 0 and 1")
     return values
 
 

@@ -102,7 +102,14 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.out:
         check_output(args.out, overwrite=args.overwrite)
     stats = ModelStats.load(args.stats)
-    plan = make_plan(stats, method=args.method, budget=args.budget, per_layer=args.per_layer, **planner_options(args))
+    plan = make_plan(
+        stats,
+        method=args.method,
+        budget=args.budget,
+        per_layer=args.per_layer,
+        fraction=args.fraction,
+        **planner_options(args),
+    )
     if args.out:
         plan.save(args.out)
         print(f"plan ({plan.method}, operator {plan.operator}, {plan.budget} experts removed) -> {args.out}")
@@ -172,6 +179,7 @@ def run_prune(args: argparse.Namespace) -> int:
         method=args.method,
         budget=args.budget,
         per_layer=args.per_layer,
+        fraction=args.fraction,
         options=planner_options(args),
         gradients=options.gradients,
     )
@@ -182,6 +190,7 @@ def run_prune(args: argparse.Namespace) -> int:
         method=args.method,
         budget=args.budget,
         per_layer=args.per_layer,
+        fraction=args.fraction,
         data=spec,
         planner_options=planner_options(args),
         calibration_options=options,

@@ -125,6 +125,7 @@ def check_plan_request(
     budget: int | None,
     per_layer: int | None,
     options: Mapping[str, Any],
+    fraction: float | None = None,
     gradients: bool = True,
 ) -> None:
     """Run the planner on statistics with the model's shapes and rules (`neutral_stats`): method, option
@@ -132,7 +133,7 @@ def check_plan_request(
     from a calibration with or without `gradients` are checked by the planners' own code, and whether
     the plan's operator suits the architecture, from config.json alone, before any weight is loaded."""
     stats = neutral_stats(cfg, gradients=gradients)
-    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **dict(options))
+    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, fraction=fraction, **dict(options))
     if plan.operator == "fit":
         check_fit_supported(cfg)
 
@@ -207,6 +208,7 @@ def prune(
     method: str = DEFAULT_METHOD,
     budget: int | None = None,
     per_layer: int | None = None,
+    fraction: float | None = None,
     data: DataSpec = DataSpec(),
     planner_options: Mapping[str, Any] | None = None,
     calibration_options: CalibrationOptions = CalibrationOptions(),
@@ -230,6 +232,7 @@ def prune(
         method=method,
         budget=budget,
         per_layer=per_layer,
+        fraction=fraction,
         options=options,
         gradients=calibration_options.gradients,
     )
@@ -261,7 +264,7 @@ def prune(
             ) from None
         stats.save(stats_path)
         shutil.rmtree(progress_dir, ignore_errors=True)
-    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **options)
+    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, fraction=fraction, **options)
     plan.save(os.path.join(work_dir, "plan.json"))
     merged = apply_plan(model, plan, blocks=blocks, fit_options=FitOptions.like(calibration_options), progress=progress)
     try:
