@@ -55,18 +55,18 @@ STANDARD = (  # label=method:options, the rows of BENCHMARKS.md's quality table
 )
 FINEGRAINED = (  # `--rows finegrained`: the rows of BENCHMARKS.md's fine-grained table (issue 29)
     f"default ({DEFAULT_METHOD})={DEFAULT_METHOD}",
-    "grape (freq, paper default)=grape:operator=freq",
-    "grape-r (fit)=grape-r:operator=fit",
-    "grape-r (dominant)=grape-r:operator=dominant",
+    "reap=reap",
+    "ream=ream",
     "frequency=frequency",
     "frequency (global)=frequency:global_rank=true",
-    "frequency (global) (fit)=frequency:global_rank=true,operator=fit",
-    "reap=reap",
-    "reap (fit)=reap:operator=fit",
-    "ream=ream",
-    "ream (fit)=ream:operator=fit",
+    "grape (freq, paper default)=grape:operator=freq",
+    "grape-r (dominant)=grape-r",
     "m-smoe (freq)=m-smoe",
     "hc-smoe (freq)=hc-smoe",
+    "grape-l (dominant)=grape-l:operator=dominant",
+    "frequency (global) (fit)=frequency:global_rank=true,operator=fit",
+    "ream (fit)=ream:operator=fit",
+    "reap (fit)=reap:operator=fit",
 )
 ROWS = {"standard": STANDARD, "finegrained": FINEGRAINED}
 

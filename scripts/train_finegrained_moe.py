@@ -11,16 +11,26 @@ The training text is rebuilt from Debian's packages (`apt-get install dict-gcide
 paragraph (blank-line separated) of `/usr/share/dictd/gcide.dict.dz` and of the fortune files, the
 held-out paragraphs dropped (whitespace-normalised match), shuffled with the seed, tokenised and packed
 by `grape_jax.data.tokenize_and_pack` (BOS-led blocks of 128 tokens, EOS between paragraphs) exactly as
-the benchmarks read text. Training: AdamW (lr 2e-3, warm-up 100 steps, cosine to 10%, weight decay
-0.1, clip 1.0), batch 16 x 128 tokens, next-token loss + `router_aux_loss_coef` x the models'
-load-balancing loss (transformers' own), fp32, 2 torch threads, experts by `grouped_mm`. Every
-`--eval-every` steps the held-out loss (64 blocks of `heldout.txt`) is logged; the run stops at
-`--max-minutes` or `--steps`, or when the held-out loss improved by less than `--flat` over the last
-`--patience` evaluations. Weights are written as bf16 safetensors with the tokenizer and TRAINING.md
-(the log) into `--out/NAME` (ignored by git: `runs/`).
+the benchmarks read text. Training: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices, clip 1.0),
+batch 16 x 128 tokens, next-token loss + `router_aux_loss_coef` (0.05) x transformers' own load-balancing
+loss, fp32, experts by `grouped_mm`; lr linear warm-up (`--warmup`) then cosine to 10% over `--steps`.
+Every `--eval-every` steps the held-out loss (64 blocks of `heldout.txt`) is logged; a run stops at
+`--steps`, `--stop-step`, `--max-minutes`, or when the held-out loss gained less than `--flat` over the
+last `--patience` evaluations. `--init DIR` continues from a saved model (a second, decay stage: a
+fresh optimizer and schedule; its log is appended to the first stage's). Weights are written as bf16
+safetensors with the tokenizer, train_info.json and TRAINING.md into `--out/NAME` (`runs/` is ignored by
+git). Deterministic for a seed on one machine (the step count of a run stopped by time is in its log:
+pass it as `--stop-step` to reproduce). The benchmark models of BENCHMARKS.md (2 cores shared with
+other jobs, both models at once, 1 thread each):
 
-    nice -n 19 python scripts/train_finegrained_moe.py qwen3-fg --out runs/models
-    nice -n 19 python scripts/train_finegrained_moe.py qwen2-fg --out runs/models
+    S=train_finegrained_moe.py
+    nice -n 19 python scripts/$S qwen3-fg --out runs/models --steps 2000 --threads 1 --stop-step S3
+    nice -n 19 python scripts/$S qwen2-fg --out runs/models --steps 1600 --threads 1 --stop-step S2
+    nice -n 19 python scripts/$S qwen3-fg --out runs/models --init runs/models/qwen3-fg --steps 200 \
+        --warmup 10 --lr 1.5e-3 --seed 1 --threads 1 --eval-every 50
+    (the same decay stage for qwen2-fg)
+
+with S3 and S2 the last steps of the first stage (in TRAINING.md).
 """
 
 from __future__ import annotations
@@ -123,6 +133,13 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--flat", type=float, default=0.005, help="held-out loss gain (nats) below which it is flat")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument(
+        "--stop-step", type=int, default=None, help="stop after this step (the schedule still spans --steps)"
+    )
+    p.add_argument(
+        "--init", default=None, help="continue from this saved model (a decay stage) instead of a fresh init"
+    )
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
@@ -136,9 +153,19 @@ def main() -> None:
     log = [f"{args.name}: {train.shape[0]} training blocks of {SEQ_LEN} tokens ({time.perf_counter() - t0:.0f} s)"]
     print(log[-1], flush=True)
 
-    cfg = MODELS[args.name]()
-    cfg._experts_implementation = "grouped_mm"
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    previous = ""
+    if args.init:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            args.init, dtype=torch.float32, experts_implementation="grouped_mm"
+        )
+        model.config.output_router_logits = True
+        with open(os.path.join(args.init, "TRAINING.md")) as f:
+            previous = f.read()
+        log.append(f"continuing from {args.init} (stage above)")
+    else:
+        cfg = MODELS[args.name]()
+        cfg._experts_implementation = "grouped_mm"
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -146,7 +173,7 @@ def main() -> None:
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95)
     )
-    warm = 100
+    warm = args.warmup
 
     def lr_at(step: int) -> float:
         if step < warm:
@@ -170,7 +197,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed = time.perf_counter() - start
-        last = step == args.steps - 1 or elapsed > 60 * args.max_minutes
+        last = step == args.steps - 1 or step == args.stop_step or elapsed > 60 * args.max_minutes
         if step % args.eval_every == 0 or last:
             h = heldout_loss(model, held_t)
             history.append((step, h))
@@ -200,11 +227,17 @@ def main() -> None:
         "seconds": round(time.perf_counter() - start),
         "heldout_loss": history[-1][1],
         "args": vars(args),
+        "previous_stage": json.load(open(os.path.join(args.init, "train_info.json"))) if args.init else None,
     }
     with open(os.path.join(out_dir, "train_info.json"), "w") as f:
         json.dump(info, f, indent=1)
     with open(os.path.join(out_dir, "TRAINING.md"), "w") as f:
-        f.write(f"# {args.name}\n\n{__doc__}\n\n{n_params:,} parameters.\n\n```\n" + "\n".join(log) + "\n```\n")
+        f.write(
+            (previous + "\n## Next stage\n\n" if previous else f"# {args.name}\n\n{__doc__}\n\n")
+            + f"{n_params:,} parameters; arguments {vars(args)}.\n\n```\n"
+            + "\n".join(log)
+            + "\n```\n"
+        )
     print(f"wrote {out_dir} ({n_params:,} parameters)", flush=True)
 
 
