@@ -24,13 +24,13 @@ pass it as `--stop-step` to reproduce). The benchmark models of BENCHMARKS.md (2
 other jobs, both models at once, 1 thread each):
 
     S=train_finegrained_moe.py
-    nice -n 19 python scripts/$S qwen3-fg --out runs/models --steps 2000 --threads 1 --stop-step S3
-    nice -n 19 python scripts/$S qwen2-fg --out runs/models --steps 1600 --threads 1 --stop-step S2
-    nice -n 19 python scripts/$S qwen3-fg --out runs/models --init runs/models/qwen3-fg --steps 200 \
-        --warmup 10 --lr 1.5e-3 --seed 1 --threads 1 --eval-every 50
+    nice -n 19 python scripts/$S qwen3-fg --out runs/models --steps 2000 --threads 1 --stop-step 713
+    nice -n 19 python scripts/$S qwen2-fg --out runs/models --steps 1600 --threads 1 --stop-step 597
+    nice -n 19 python scripts/$S qwen3-fg --out runs/models --init runs/models/qwen3-fg --steps 250 \
+        --warmup 10 --lr 1.5e-3 --seed 1 --threads 1 --eval-every 50 --max-minutes 30
     (the same decay stage for qwen2-fg)
 
-with S3 and S2 the last steps of the first stage (in TRAINING.md).
+(the first stage ran with --max-minutes 35 instead of --stop-step, which stopped it at those steps).
 """
 
 from __future__ import annotations
