@@ -140,7 +140,7 @@ def main() -> None:
         with open(results_path) as f:
             for line in f:
                 r = json.loads(line)
-                done[(r["key"], r["label"], r.get("budget", f"r{r['per_layer']}"))] = r
+                done[(r["key"], r["label"], r["budget"] if "budget" in r else f"r{r['per_layer']}")] = r
     if (key, "original", "r0") not in done:
         row = {"key": key, "label": "original", "per_layer": 0, "ppl": perplexity(model, held).ppl, "kept": []}
         _append(results_path, row)
