@@ -4,11 +4,16 @@ Calibration statistics are cached in `--work` (`stats-<fingerprint>.npz`, keyed 
 fingerprint: model, token blocks and options) and every variant's result is appended to
 `--work/results.jsonl`, so a rerun only computes what is missing. A variant is
 `LABEL=METHOD[:KEY=VALUE,...]`; keys starting with `fit.` are `FitOptions` fields (the fit operator's),
-the rest are planner options. Without `--variant` the standard rows of BENCHMARKS.md run. Example (the
+the rest are planner options. Without `--variant` the `--rows` run (`standard`: the gcide table's). Example (the
 gcide-moe-22m protocol of BENCHMARKS.md):
 
     M=/work/shared/models/gcide-moe-22m
     python scripts/bench_quality.py $M --work runs/gcide --data $M/calib.txt --eval-data $M/heldout.txt
+
+the fine-grained models of BENCHMARKS.md (made by scripts/train_finegrained_moe.py), budgets by fraction:
+
+    python scripts/bench_quality.py runs/models/qwen3-fg --work runs/bench-qwen3-fg --data $M/calib.txt \
+        --eval-data $M/heldout.txt --rows finegrained --fraction 0.25,0.5,0.75 --table
 
 and for the embedded demo model (its shipped calibration / held-out text):
 
