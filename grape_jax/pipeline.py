@@ -88,6 +88,7 @@ def check_plan_request(
     budget: int | None,
     per_layer: int | None,
     options: Mapping[str, Any],
+    fraction: float | None = None,
     gradients: bool = True,
 ) -> None:
     """Run the planner on statistics with the model's shapes and rules (`neutral_stats`): method, option
@@ -97,7 +98,7 @@ def check_plan_request(
     refuse_empty_budget(budget, per_layer)
     stats = neutral_stats(cfg, gradients=gradients)
     try:
-        plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **dict(options))
+        plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, fraction=fraction, **dict(options))
     except NoSensitivitiesError:
         raise PlanError(
             f"--no-gradients (gradients=False): {method} plans from the gradient sensitivities that calibration "
@@ -194,6 +195,7 @@ def prune(
     method: str = DEFAULT_METHOD,
     budget: int | None = None,
     per_layer: int | None = None,
+    fraction: float | None = None,
     data: DataSpec = DataSpec(),
     planner_options: Mapping[str, Any] | None = None,
     calibration_options: CalibrationOptions = CalibrationOptions(),
@@ -222,6 +224,7 @@ def prune(
         method=method,
         budget=budget,
         per_layer=per_layer,
+        fraction=fraction,
         options=options,
         gradients=calibration_options.gradients,
     )
@@ -277,7 +280,7 @@ def prune(
         stats = _with_stream_record(stats, streamed, why)
         stats.save(stats_path)
         shutil.rmtree(progress_dir, ignore_errors=True)
-    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, **options)
+    plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, fraction=fraction, **options)
     plan.save(os.path.join(work_dir, "plan.json"))
     fit_options = FitOptions.like(calibration_options)
     save = functools.partial(save_hf, overwrite=overwrite, quantize=quantize, log=log if progress else None)

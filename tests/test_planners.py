@@ -86,6 +86,11 @@ def option_strategy(method):
         },
         "hc-smoe": {"operator": merge_ops},
         "m-smoe": {"operator": merge_ops},
+        "ream": {  # group_size 0 (MC-SMoE) or large enough for any budget: C * kept >= E always
+            "operator": st.sampled_from(["freq", "aligned", "uniform", "dominant", "fit"]),
+            "group_size": st.sampled_from([0, 256]),
+            "similarity": st.sampled_from(["gated", "cka"]),
+        },
         "frequency": {"operator": st.sampled_from(["drop", "freq", "fit"]), "global_rank": st.booleans()},
         "reap": {"operator": st.sampled_from(["drop", "dominant"]), "global_rank": st.booleans()},
         "random": {

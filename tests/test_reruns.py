@@ -144,6 +144,9 @@ def test_plan_of_another_model_is_refused_by_merge_and_compare(tiny_mixtral_tok,
         (["--per-layer", "1", "--mesh", "expert=3"], "--mesh expert=3: uses 3 of the 8 devices"),
         (["--per-layer", "1", "--data", "/nonexistent.txt"], "/nonexistent.txt: file not found"),
         (["--per-layer", "1", "--seq-len", "1"], "--seq-len must be an integer >= 2"),
+        (["--fraction", "0.95"], "fraction (--fraction) 0.95 removes 23 of 24 experts, more than the 18 removable"),
+        (["--fraction", "1.5"], "fraction (--fraction) must be in (0, 1)"),
+        (["--method", "ream", "--fraction", "0.5", "--option", "group_size=1"], "ream: group_size 1 too small"),
     ],
 )
 def test_bad_requests_fail_before_any_work(tiny_mixtral_tok, tmp_path, capsys, monkeypatch, args, message):
@@ -155,6 +158,23 @@ def test_bad_requests_fail_before_any_work(tiny_mixtral_tok, tmp_path, capsys, m
     assert grape(["prune", tiny_mixtral_tok.path, "--out", out, *args]) == 2
     assert message in _one_line_error(capsys)
     assert os.listdir(tmp_path) == [], "no output or work directory may be left"
+
+
+def test_compare_by_fraction(tiny_mixtral_tok, tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    args = ["compare", tiny_mixtral_tok.path, "--out", out, "--fraction", "0.25,0.5", "--methods", "frequency,ream"]
+    assert (
+        grape([*args, "--operators", "dominant", "--eval-samples", "2", "--seq-len", "32", "--num-samples", "4"]) == 0
+    )
+    table = capsys.readouterr().out
+    for name in ("frequency", "frequency (global)", "ream"):
+        assert f"| {name} | 25% |" in table and f"| {name} | 50% |" in table
+    assert sorted(f for f in os.listdir(out) if f.startswith("allocation")) == [
+        "allocation_r25.png",
+        "allocation_r50.png",
+    ]
+    assert grape(["compare", tiny_mixtral_tok.path, "--out", out, "--overwrite", "--fraction", "0.5,2"]) == 2
+    assert "--fraction '0.5,2': expected comma-separated fractions strictly between 0 and 1" in capsys.readouterr().err
 
 
 def test_plan_option_of_the_wrong_type_is_one_line(tmp_path, capsys):

@@ -88,6 +88,17 @@ def parse_scalar(value: str) -> bool | int | float | str:
     return value
 
 
+def parse_fraction_list(text: str, flag: str) -> list[float]:
+    """'0.25,0.5' -> [0.25, 0.5] (each strictly between 0 and 1)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated fractions, e.g. 0.25,0.5") from None
+    if not values or not all(0.0 < v < 1.0 for v in values):
+        raise UsageError(f"{flag} {text!r}: expected comma-separated fractions strictly between 0 and 1")
+    return values
+
+
 def parse_int_list(text: str, flag: str) -> list[int]:
     """'1,2,4' -> [1, 2, 4] (non-negative integers)."""
     try:

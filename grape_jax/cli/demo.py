@@ -16,6 +16,7 @@ from grape_jax.cli.args import (
     calibration_options,
     data_spec,
     mesh_from_args,
+    parse_fraction_list,
     parse_int_list,
 )
 from grape_jax.core.model import MoEModel
@@ -42,14 +43,20 @@ DEMO_VARIANTS = (
     ("frequency", {"global_rank": True}, "frequency (global)"),
     ("reap", {}, "reap"),
 )
-MERGING = ("grape", "local", "hc-smoe", "m-smoe", "grape-r", "grape-l")
+MERGING = ("grape", "local", "hc-smoe", "m-smoe", "grape-r", "grape-l", "ream")
 
 
 def default_variants(
-    methods: Sequence[str], per_layer_list: Sequence[int], *, operators: Sequence[str] = ("freq",)
+    methods: Sequence[str],
+    per_layer_list: Sequence[int],
+    *,
+    operators: Sequence[str] = ("freq",),
+    fractions: Sequence[float] = (),
 ) -> list[Variant]:
     """One row per (method, operator, budget). Pruning planners (frequency, reap, random) drop experts,
-    and also fold them with 'fit' when it is among the operators; frequency also with global ranking."""
+    and also fold them with 'fit' when it is among the operators; frequency also with global ranking.
+    Budgets: `per_layer_list` (experts removed per layer), or `fractions` (of the routed experts) when
+    given."""
     unknown = sorted(set(methods) - set(PLANNERS))
     if unknown:
         raise UsageError(f"--methods: {unknown} unknown; expected some of {sorted(PLANNERS)}")
@@ -57,19 +64,20 @@ def default_variants(
     if bad:
         raise UsageError(f"--operators: {bad} unknown; expected some of {list(OPERATORS)}")
     out = []
-    for r in per_layer_list:
+    budgets = [(0, f) for f in fractions] if fractions else [(r, None) for r in per_layer_list]
+    for r, fraction in budgets:
         for m in methods:
             if m in MERGING:
                 for op in operators:
                     label = m if len(operators) == 1 else f"{m} ({op})"
-                    out.append(Variant(m, r, {"operator": op}, label))
+                    out.append(Variant(m, r, {"operator": op}, label, fraction))
                 continue
             for global_rank in (False, True) if m == "frequency" else (False,):
                 name = f"{m} (global)" if global_rank else m
                 extra = {"global_rank": True} if global_rank else {}
-                out.append(Variant(m, r, extra, name))
+                out.append(Variant(m, r, extra, name, fraction))
                 if "fit" in operators:
-                    out.append(Variant(m, r, {**extra, "operator": "fit"}, f"{name} (fit)"))
+                    out.append(Variant(m, r, {**extra, "operator": "fit"}, f"{name} (fit)", fraction))
     return out
 
 
@@ -129,9 +137,9 @@ def healed_row(
     blocks (distillation from the original model; held-out text never trained on)."""
     budget = max(r.per_layer for r in rows)
     best = min((r for r in rows if r.per_layer == budget), key=lambda r: r.ppl)
-    v = next(v for v in variants if v.name == best.name and v.per_layer == budget)
+    v = next(v for v in variants if v.name == best.name and v.amount == budget)
     t0 = time.perf_counter()
-    plan = make_plan(stats, method=v.method, per_layer=v.per_layer, **dict(v.options))
+    plan = make_plan(stats, method=v.method, **v.budget, **dict(v.options))
     merged = apply_plan(model, plan, blocks=cal)
     every = blocks_for(ensure_demo_model(), DataSpec(seq_len=SEQ_LEN, num_samples=None))
     used = {row.tobytes() for row in cal}
@@ -150,6 +158,7 @@ def run_compare(args: argparse.Namespace) -> int:
         args.methods.split(","),
         parse_int_list(args.per_layer, "--per-layer"),
         operators=tuple(args.operators.split(",")),
+        fractions=parse_fraction_list(args.fraction, "--fraction") if args.fraction else (),
     )
     spec = data_spec(args)
     eval_spec = DataSpec(

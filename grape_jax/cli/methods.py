@@ -83,7 +83,12 @@ def run_plan(args: argparse.Namespace) -> int:
     refuse_empty_budget(args.budget, args.per_layer)
     stats = ModelStats.load(args.stats)
     plan = make_plan(
-        stats, method=args.method, budget=args.budget, per_layer=args.per_layer, **parsed_planner_options(args)
+        stats,
+        method=args.method,
+        budget=args.budget,
+        per_layer=args.per_layer,
+        fraction=args.fraction,
+        **parsed_planner_options(args),
     )
     if args.out:
         plan.save(args.out)
@@ -163,6 +168,7 @@ def run_prune(args: argparse.Namespace) -> int:
         method=args.method,
         budget=args.budget,
         per_layer=args.per_layer,
+        fraction=args.fraction,
         options=parsed_planner_options(args),
         gradients=options.gradients,
     )
@@ -173,6 +179,7 @@ def run_prune(args: argparse.Namespace) -> int:
         method=args.method,
         budget=args.budget,
         per_layer=args.per_layer,
+        fraction=args.fraction,
         data=spec,
         planner_options=parsed_planner_options(args),
         calibration_options=options,

@@ -99,6 +99,12 @@ def add_planner_args(p: argparse.ArgumentParser, *, required: bool = True) -> No
     b = g.add_mutually_exclusive_group(required=required)
     b.add_argument("--per-layer", type=int, help="experts removed per MoE layer on average, >= 1 (budget = r x layers)")
     b.add_argument("--budget", type=int, help="experts removed in total over all MoE layers, >= 1")
+    b.add_argument(
+        "--fraction",
+        type=float,
+        help="fraction of the routed experts removed, 0 < F < 1 (as REAP/REAM state budgets; budget = the "
+        "nearest whole number of experts, whole groups under group-limited routers)",
+    )
     g.add_argument(
         "--option",
         action="append",
@@ -308,6 +314,11 @@ def configure_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="results directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
     p.add_argument("--per-layer", default="1,2,4", help="experts removed per layer, comma-separated")
+    p.add_argument(
+        "--fraction",
+        default=None,
+        help="fractions of the routed experts removed, comma-separated, e.g. 0.25,0.5,0.75 (instead of --per-layer)",
+    )
     p.add_argument(
         "--methods",
         default="grape-l,grape,grape-r,local,frequency,reap,hc-smoe,m-smoe",

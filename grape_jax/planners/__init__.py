@@ -5,6 +5,7 @@ max(top_k, min_experts). Every planner takes `operator` and `router_rule` (see g
   grape, local, hc-smoe, m-smoe   operator 'freq' (frequency-weighted average of each group)
   grape-r                         operator 'dominant' (its cost model serves a group by its representative)
   grape-l                         operator 'fit' (down projections fitted on calibration data at merge time)
+  ream                            operator 'aligned' (REAP-saliency-weighted average of neuron-aligned members)
   frequency, reap, random         operator 'drop' (plain pruning; other operators fold removed experts
                                   into their most similar kept expert)
   all                             router_rule 'dominant'
@@ -18,10 +19,12 @@ from collections.abc import Callable
 
 from grape_jax.calibration.stats import ModelStats
 from grape_jax.planners.clustering import hc_smoe, m_smoe
+from grape_jax.planners.common import budget_from_fraction, floors
 from grape_jax.planners.grape import grape, local
 from grape_jax.planners.grape_l import grape_l
 from grape_jax.planners.grape_r import grape_r
 from grape_jax.planners.plan import Plan, PlanError
+from grape_jax.planners.ream import ream
 from grape_jax.planners.scores import frequency, random, reap
 
 PLANNERS: dict[str, Callable[..., Plan]] = {
@@ -34,6 +37,7 @@ PLANNERS: dict[str, Callable[..., Plan]] = {
     "random": random,
     "hc-smoe": hc_smoe,
     "m-smoe": m_smoe,
+    "ream": ream,
 }
 
 
@@ -60,21 +64,41 @@ def make_plan(
     method: str = DEFAULT_METHOD,
     budget: int | None = None,
     per_layer: int | None = None,
+    fraction: float | None = None,
     **options,
 ) -> Plan:
-    """Run planner `method` on `stats` for a budget of `budget` experts removed in total, or `per_layer`
-    removed per MoE layer on average; options are the planner's keywords (unknown ones are errors)."""
+    """Run planner `method` on `stats` for a budget of `budget` experts removed in total, `per_layer`
+    removed per MoE layer on average, or a `fraction` (0 < F < 1) of the routed experts removed
+    (`budget_from_fraction`: nearest whole expert, or whole group under group-limited routers); options
+    are the planner's keywords (unknown ones are errors)."""
     accepted = planner_options(method)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise PlanError(f"{method}: unknown option(s) {unknown}; accepted: {accepted}")
-    if (budget is None) == (per_layer is None):
-        raise PlanError("give exactly one of budget (experts removed in total) or per_layer")
+    given = [
+        name for name, v in (("budget", budget), ("per_layer", per_layer), ("fraction", fraction)) if v is not None
+    ]
+    if len(given) != 1:
+        raise PlanError(
+            "give exactly one of budget (experts removed in total), per_layer (per MoE layer) or fraction "
+            f"(of the routed experts); got {given or 'none'}"
+        )
     check_option_types(method, options)
     stats.validate()
-    total = budget_from_per_layer(per_layer, stats) if budget is None else budget
+    if budget is not None:
+        total = budget
+    elif per_layer is not None:
+        total = budget_from_per_layer(per_layer, stats)
+    else:
+        total = budget_from_fraction(fraction, stats, floors(stats, _min_experts(options)))
     plan = PLANNERS[method](stats, budget=total, **options)
     return dataclasses.replace(plan, made_from=stats.provenance())
+
+
+def _min_experts(options: dict) -> int:
+    """The planner's `min_experts` option when it is a valid integer (else 0: the planner reports it)."""
+    m = options.get("min_experts", 0)
+    return int(m) if isinstance(m, int) and not isinstance(m, bool) and m >= 0 else 0
 
 
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}

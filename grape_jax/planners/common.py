@@ -42,6 +42,40 @@ def granularity(stats: ModelStats) -> int:
     return steps.pop()
 
 
+def budget_from_fraction(fraction: float, stats: ModelStats, floor: Sequence[int] | None = None) -> int:
+    """`fraction=F` (0 < F < 1): F of the routed experts removed, the way REAP and REAM state budgets.
+
+    B = s * floor(F * N / s + 1/2), N the routed experts summed over the MoE layers and s the router's
+    granularity (1, or n_group under group-limited routing): the nearest whole number of experts (of
+    groups), halves rounded up. On a model with E experts in each of L layers this is F * E removed per
+    layer whenever F * E is whole (0.25 of 32 experts: 8 per layer). Errors name `--fraction`: F outside
+    (0, 1), a fraction so small that it removes nothing, or one that needs more experts than the per-layer
+    floors (`floor`, default max(top_k, the router's minimum)) leave removable.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not math.isfinite(fraction):
+        raise PlanError(f"fraction (--fraction) must be a number in (0, 1), got {fraction!r}")
+    if not 0.0 < float(fraction) < 1.0:
+        raise PlanError(f"fraction (--fraction) must be in (0, 1) (experts removed per MoE layer), got {fraction}")
+    step = granularity(stats)
+    total = sum(ls.num_experts for ls in stats.layers)
+    budget = step * math.floor(float(fraction) * total / step + 0.5)
+    if budget == 0:
+        unit = "experts" if step == 1 else f"groups of {step} experts"
+        raise PlanError(
+            f"fraction (--fraction) {fraction} of {total} {unit} rounds to 0 removed; expected at least "
+            f"{0.5 * step / total:.4g}"
+        )
+    floor = floors(stats) if floor is None else floor
+    room = sum(max(ls.num_experts - int(f), 0) for ls, f in zip(stats.layers, floor, strict=True))
+    if budget > room:
+        raise PlanError(
+            f"fraction (--fraction) {fraction} removes {budget} of {total} experts, more than the {room} "
+            f"removable above the per-layer floors (max(top_k, min_experts, the router's minimum) per layer; "
+            f"at most {room / total:.4g})"
+        )
+    return budget
+
+
 def check_budget(stats: ModelStats, budget: int, floor: Sequence[int]) -> None:
     """The budget (experts removed in total) must be reachable without crossing any floor, in whole
     multiples of the router's granularity."""

@@ -30,23 +30,41 @@ from grape_jax.report.plots import plot_allocation, plot_perplexity
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One row of a comparison: a planner with its options, at a per-layer budget."""
+    """One row of a comparison: a planner with its options, at a per-layer budget (`per_layer` experts
+    removed per MoE layer, or with `fraction` set, that fraction of the routed experts; `per_layer` is
+    then ignored)."""
 
     method: str
     per_layer: int
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     label: str | None = None
+    fraction: float | None = None
 
     @property
     def name(self) -> str:
         return self.label or self.method
+
+    @property
+    def amount(self) -> float:
+        """The budget as the table shows it: experts removed per layer, or the fraction removed."""
+        return self.per_layer if self.fraction is None else self.fraction
+
+    @property
+    def budget(self) -> dict[str, float]:
+        """`make_plan`'s budget keyword."""
+        return {"per_layer": self.per_layer} if self.fraction is None else {"fraction": self.fraction}
+
+
+def amount_text(amount: float) -> str:
+    """A budget for tables: '2' experts per layer, or '25%' for a fraction (0 < amount < 1)."""
+    return f"{amount:.0%}" if 0 < amount < 1 else str(int(amount))
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
     method: str
-    per_layer: int
+    per_layer: float  # experts removed per layer, or the fraction removed (0 < per_layer < 1)
     ppl: float
     params: int
     kept: tuple[int, ...]
@@ -75,21 +93,21 @@ def run_comparison(
     rows = []
     for v in variants:
         t0 = time.perf_counter()
-        plan = make_plan(stats, method=v.method, per_layer=v.per_layer, **dict(v.options))
+        plan = make_plan(stats, method=v.method, **v.budget, **dict(v.options))
         merged = apply_plan(model, plan, blocks=calibration_blocks, fit_options=fit_options)
         ppl = perplexity(merged, eval_blocks, batch_size=batch_size).ppl
         rows.append(
             Row(
                 v.name,
                 v.method,
-                v.per_layer,
+                v.amount,
                 ppl,
                 count_params(merged.cfg),
                 plan.kept_per_layer,
                 time.perf_counter() - t0,
             )
         )
-        log(f"{v.name:28s} r={v.per_layer}  ppl {ppl:9.3f}  kept {list(plan.kept_per_layer)}")
+        log(f"{v.name:28s} r={amount_text(v.amount)}  ppl {ppl:9.3f}  kept {list(plan.kept_per_layer)}")
     return original, rows
 
 
@@ -100,7 +118,7 @@ def markdown_table(original: Row, rows: Sequence[Row]) -> str:
         f"| original | 0 | {original.ppl:.3f} | {original.params:,} | {list(original.kept)} |",
     ]
     for r in sorted(rows, key=lambda r: (r.per_layer, r.ppl)):
-        lines.append(f"| {r.name} | {r.per_layer} | {r.ppl:.3f} | {r.params:,} | {list(r.kept)} |")
+        lines.append(f"| {r.name} | {amount_text(r.per_layer)} | {r.ppl:.3f} | {r.params:,} | {list(r.kept)} |")
     return "\n".join(lines)
 
 
@@ -118,7 +136,7 @@ def write_report(directory: str, original: Row, rows: Sequence[Row], *, title: s
     buffer = io.StringIO()
     csv.writer(buffer).writerows(lines)
     atomic_write_text(os.path.join(directory, "results.csv"), buffer.getvalue())
-    table: dict[str, dict[int, float]] = {}
+    table: dict[str, dict[float, float]] = {}
     for r in rows:
         table.setdefault(r.name, {})[r.per_layer] = r.ppl
     plot_perplexity(table, original.ppl, os.path.join(directory, "perplexity.png"), title=f"{title}: perplexity")
@@ -129,11 +147,12 @@ def write_report(directory: str, original: Row, rows: Sequence[Row], *, title: s
         plot_allocation(
             kept,
             layers,
-            os.path.join(directory, f"allocation_r{per_layer}.png"),
+            os.path.join(directory, f"allocation_r{amount_text(per_layer).rstrip('%')}.png"),
             ylabel="experts kept",
-            title=f"experts kept per MoE layer, {per_layer} removed per layer on average",
+            title=f"experts kept per MoE layer, {amount_text(per_layer)} removed per layer on average",
         )
-        text += f"\n![allocation, {per_layer} removed per layer](allocation_r{per_layer}.png)\n"
+        name = f"allocation_r{amount_text(per_layer).rstrip('%')}.png"
+        text += f"\n![allocation, {amount_text(per_layer)} removed per layer]({name})\n"
     path = os.path.join(directory, "report.md")
     atomic_write_text(path, text)
     return path
