@@ -59,7 +59,7 @@ STANDARD = (  # label=method:options, the rows of BENCHMARKS.md's quality table
     "m-smoe (freq)=m-smoe",
     "hc-smoe (freq)=hc-smoe",
 )
-FINEGRAINED = (  # `--rows finegrained`: the rows of BENCHMARKS.md's fine-grained table (issue 29)
+FINEGRAINED = (  # `--rows finegrained`: the rows of BENCHMARKS.md's fine-grained table
     f"default ({DEFAULT_METHOD})={DEFAULT_METHOD}",
     "reap=reap",
     "ream=ream",

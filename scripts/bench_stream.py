@@ -7,7 +7,7 @@ that reports its own peak RSS (ru_maxrss from wait4); the exports of the two mod
 
 Models are built by transformers (random init, norms perturbed), saved with a small trained tokenizer;
 `grape prune` runs with the default method (grape-l: gradient sensitivities, operator 'fit' with its loss
-check). Goal (issue 25): the streamed peak does not grow with depth; streamed time <= 1.3x resident.
+check). Goal: the streamed peak does not grow with depth; streamed time <= 1.3x resident.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of issue 27 (tokamax kernels) in one run on one H100/H200, under 10 minutes; nothing is
+# Every GPU figure of the tokamax kernels and the accelerator goals in one run on one H100/H200, under 10 minutes; nothing is
 # downloaded there. Needs python3 with jax[cuda], torch (CUDA), transformers, safetensors and grape-jax's
 # other imports (flax, jaxtyping, ml_dtypes, optax, orbax, tokenizers); the project is used from this
 # checkout. tokamax and the packages it needs that the device image lacks travel as wheels in .whl/

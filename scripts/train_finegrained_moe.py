@@ -1,4 +1,4 @@
-"""Train the fine-grained benchmark MoEs (issue 29) in PyTorch transformers, deterministically, on CPU.
+"""Train the fine-grained benchmark MoEs in PyTorch transformers, deterministically, on CPU.
 
 Two models, both on the text of `/work/shared/models/gcide-moe-22m` (GCIDE dictionary + fortunes, its
 4096-token byte-level BPE tokenizer) with that model's `heldout.txt` paragraphs removed from training:
