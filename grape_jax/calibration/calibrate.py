@@ -40,10 +40,10 @@ from jaxtyping import Array, Bool, Float, Int
 from grape_jax.calibration import similarity
 from grape_jax.calibration.options import (
     CalibrationOptions,
-    blocks_sha256,
     calibration_fingerprint,
     choose_cka_mode,
     resolve_compute_dtype,
+    run_record,
 )
 from grape_jax.calibration.stats import SENSITIVITIES, LayerStats, ModelStats, StatsError
 from grape_jax.core import transformer
@@ -333,17 +333,9 @@ def calibrate(
     finally:
         if saver is not None:
             saver.close()
-    info = {
-        "num_blocks": int(blocks.shape[0]),
-        "seq_len": int(blocks.shape[1]),
-        "num_tokens": int(blocks.size),
-        "blocks_sha256": blocks_sha256(blocks),
-        "cka_mode": cka,
-        "token_chunk": chunk,
-        "compute_dtype": compute_dtype,
-        "gradients": options.gradients,
-        "seconds": round(elapsed, 3),
-    }
+    info = run_record(
+        blocks, cka=cka, token_chunk=chunk, compute_dtype=compute_dtype, gradients=options.gradients, seconds=elapsed
+    )
     model_record = {"fingerprint": model.info.fingerprint, "source": model.info.source}
     return finalize_stats(
         acc,

@@ -92,6 +92,24 @@ def choose_cka_mode(cfg: MoEConfig, options: CalibrationOptions) -> str:
     return "exact" if worst * len(cfg.moe_layers) <= options.exact_cka_max_bytes else "minibatch"
 
 
+def run_record(
+    blocks: Int[np.ndarray, "n seq"], *, cka: str, token_chunk: int, compute_dtype: str, gradients: bool, seconds: float
+) -> dict:
+    """What statistics record of the calibration run (resident or layer-streamed alike): the blocks' shape
+    and sha256 (a fit plan is merged on exactly these), the accumulator choices and the time taken."""
+    return {
+        "num_blocks": int(blocks.shape[0]),
+        "seq_len": int(blocks.shape[1]),
+        "num_tokens": int(blocks.size),
+        "blocks_sha256": blocks_sha256(blocks),
+        "cka_mode": cka,
+        "token_chunk": token_chunk,
+        "compute_dtype": compute_dtype,
+        "gradients": gradients,
+        "seconds": round(seconds, 3),
+    }
+
+
 def blocks_sha256(blocks: Int[np.ndarray, "n seq"]) -> str:
     """sha256 of token blocks as contiguous int32 ids: what statistics, plans and the fit record of the
     blocks they were computed on (a fit plan is merged on the same blocks: `grape_jax.fit.operator`)."""

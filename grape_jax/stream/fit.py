@@ -118,7 +118,8 @@ def fit_overrides_streamed(
         blocks = check_blocks(blocks, cfg)
     except ValueError as e:
         raise FitError(f"operator 'fit': {e}") from None
-    base = MergedLayers(source, plan)
+    # the dominant members' gate/up, router and W0 (the fit's weights are the dominant operator's)
+    base = MergedLayers(source, dataclasses.replace(plan, operator="dominant"))
     new_cfg = base.cfg
     first = layer_names(cfg, cfg.moe_layers[0])
     compute_dtype = resolve_compute_dtype(

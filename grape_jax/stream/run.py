@@ -31,6 +31,7 @@ from grape_jax.calibration.options import (
     calibration_fingerprint,
     choose_cka_mode,
     resolve_compute_dtype,
+    run_record,
 )
 from grape_jax.calibration.stats import LayerStats, ModelStats, StatsError
 from grape_jax.passes.engine import Batches
@@ -161,16 +162,9 @@ def calibrate_streamed(
     finally:
         if temporary is not None:
             temporary.cleanup()
-    info = {
-        "num_blocks": int(blocks.shape[0]),
-        "seq_len": int(blocks.shape[1]),
-        "num_tokens": int(blocks.size),
-        "cka_mode": cka,
-        "token_chunk": chunk,
-        "compute_dtype": compute_dtype,
-        "gradients": options.gradients,
-        "seconds": round(elapsed, 3),
-    }
+    info = run_record(
+        blocks, cka=cka, token_chunk=chunk, compute_dtype=compute_dtype, gradients=options.gradients, seconds=elapsed
+    )
     record = {"fingerprint": model_record["fingerprint"], "source": model_record.get("source", "")}
     out = ModelStats(
         layers=tuple(stats[k] for k in cfg.moe_layers),
