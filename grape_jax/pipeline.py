@@ -238,40 +238,26 @@ def prune(
     stats_path = os.path.join(work_dir, "stats.npz")
     stats = _reusable_stats(stats_path, fingerprint, log)
     model = None if streamed else source.load(mesh=mesh)
-    if stats is None and streamed:
-        progress_dir = os.path.join(work_dir, "calibration.stream")
+    if stats is None:
+        progress_dir = os.path.join(work_dir, "calibration.stream" if streamed else "calibration")
+        meta = {"data": data.record()}
         try:
-            stats = streamed_stages.calibrate_stage(
-                source,
-                blocks,
-                mesh=mesh,
-                options=calibration_options,
-                meta={"data": data.record()},
-                work_dir=progress_dir,
-                progress=progress,
-                log=log,
-            )
+            if streamed:
+                stats = streamed_stages.calibrate_stage(
+                    source, blocks, mesh=mesh, options=calibration_options, meta=meta,
+                    work_dir=progress_dir, progress=progress, log=log,
+                )  # fmt: skip
+            else:
+                _drop_stale_progress(progress_dir, fingerprint, log)
+                stats = calibrate(
+                    model, blocks, options=calibration_options, meta=meta,
+                    resume_dir=progress_dir, progress=progress, log=log,
+                )  # fmt: skip
         except StreamInterrupted as e:
             raise Interrupted(
                 f"interrupted during the streamed calibration; {e.done} of {e.total} layer steps are saved in "
                 f"{progress_dir}: run the same command again to resume"
             ) from None
-        stats = _with_stream_record(stats, streamed, why)
-        stats.save(stats_path)
-        shutil.rmtree(progress_dir, ignore_errors=True)
-    if stats is None:
-        progress_dir = os.path.join(work_dir, "calibration")
-        _drop_stale_progress(progress_dir, fingerprint, log)
-        try:
-            stats = calibrate(
-                model,
-                blocks,
-                options=calibration_options,
-                meta={"data": data.record()},
-                resume_dir=progress_dir,
-                progress=progress,
-                log=log,
-            )
         except CalibrationInterrupted as e:
             raise Interrupted(
                 f"interrupted during calibration; statistics of {e.saved} of {e.total} blocks are "
