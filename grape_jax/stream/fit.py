@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from jaxtyping import Array, Bool, Float, Int
 from grape_jax.calibration.calibrate import cast_for_compute, check_blocks
 from grape_jax.calibration.options import CalibrationOptions, resolve_compute_dtype
 from grape_jax.core import transformer
+from grape_jax.core.params import layer_of
 from grape_jax.core.sharding import pin
 from grape_jax.fit.accumulate import ACCUMULATOR_AXES, accumulate_down, init_fit_accumulators
 from grape_jax.fit.operator import MERGED_KEYS, FitError, FitOptions, assignment, check_supported, solve_layer
@@ -39,6 +41,7 @@ from grape_jax.passes.engine import Batches, stream_pass
 from grape_jax.planners.plan import Plan
 from grape_jax.stream.layers import HiddenStates, LayerSource, canonical_layer, head_names, layer_names, renamed, sweep
 from grape_jax.stream.merge import MergedLayers
+from grape_jax.stream.spill import ArrayFiles, overrides_of_layer
 
 STATIC = ("cfg", "layer", "token_chunk", "accumulate", "compute_dtype", "acc_shardings")
 
@@ -108,8 +111,9 @@ def fit_overrides_streamed(
     *,
     options: FitOptions = FitOptions(),
     work_dir: str,
-) -> tuple[dict[str, np.ndarray], dict[int, dict]]:
-    """`fit.operator.fit_overrides` streamed (module docstring); `work_dir` holds the hidden states."""
+) -> tuple[ArrayFiles, dict[int, dict]]:
+    """`fit.operator.fit_overrides` streamed (module docstring); `work_dir` holds the hidden states and
+    the overrides, which are returned as `ArrayFiles` there (read back a layer at a time by the merge)."""
     if plan.operator != "fit":
         raise FitError(f"plan {plan.method!r} has operator {plan.operator!r}; the fit runs for operator 'fit'")
     cfg, ctx = source.cfg, source.ctx
@@ -131,7 +135,7 @@ def fit_overrides_streamed(
         lp.layer for lp in plan.layers if lp.num_kept == lp.num_experts_before and max(map(len, lp.groups)) == 1
     }
     fitted = [lp.layer for lp in plan.layers if lp.layer not in identity]
-    overrides: dict[str, np.ndarray] = {}
+    overrides = ArrayFiles(os.path.join(work_dir, "solved"))
     diagnostics: dict[int, dict] = {layer: {} for layer in fitted}
     if not fitted:
         return overrides, diagnostics
@@ -154,7 +158,9 @@ def fit_overrides_streamed(
         del acc, merged
     store.drop(f"x{max(fitted) + 1}")
     if options.steps and overrides:
-        overrides = checked_steps_streamed(base, overrides, blocks, steps=options.steps, diagnostics=diagnostics)
+        overrides = checked_steps_streamed(
+            base, overrides, blocks, steps=options.steps, diagnostics=diagnostics, out=os.path.join(work_dir, "checked")
+        )
     return overrides, diagnostics
 
 
@@ -206,21 +212,19 @@ def checked_steps_streamed(
     steps: Sequence[float],
     batch_size: int = 8,
     diagnostics: dict | None = None,
-) -> dict[str, np.ndarray]:
+    out: str,
+) -> ArrayFiles:
     """`fit.check.checked_steps` streamed: the overrides with each layer's step α chosen by calibration
-    loss, layers whose best α is 0 left out (module docstring)."""
+    loss, layers whose best α is 0 left out (module docstring), written to `ArrayFiles(out)`."""
     cfg, ctx = base.cfg, base.ctx
-    by_layer: dict[int, dict[str, np.ndarray]] = {}
-    for name, value in overrides.items():
-        by_layer.setdefault(int(name.split(".")[1]), {})[name] = value
-    fitted = sorted(by_layer)
+    fitted = sorted({layer_of(name) for name in overrides})
     batches = Batches.of(np.asarray(blocks, np.int32), min(batch_size, len(blocks)))
     put = ctx.put_batch
     embed = base.read(["embed"])
     hidden = np.stack([np.asarray(transformer.embed(embed, put(batches.tokens[i]))) for i in range(batches.count)])
     del embed
     head = base.read(head_names(cfg))
-    chosen: dict[str, np.ndarray] = {}
+    chosen = ArrayFiles(out)
     pos = 0
 
     def apply(layer: int, params: Mapping[str, jax.Array], states: list[np.ndarray]) -> list[np.ndarray]:
@@ -244,10 +248,11 @@ def checked_steps_streamed(
         states, kept, alphas = None, None, (0.0, *steps)
         for at, params in sweep(current, range(layer, cfg.num_layers)):
             if at == layer:
-                w0 = {name: host(params[name], ctx).astype(np.float64) for name in by_layer[layer]}
+                solved = overrides_of_layer(overrides, layer)
+                w0 = {name: host(params[name], ctx).astype(np.float64) for name in solved}
                 candidates = []
                 for alpha in alphas:
-                    values = {k: w0[k] + alpha * (by_layer[layer][k].astype(np.float64) - w0[k]) for k in w0}
+                    values = {k: w0[k] + alpha * (solved[k].astype(np.float64) - w0[k]) for k in w0}
                     installed = {
                         k: jax.device_put(v.astype(params[k].dtype), params[k].sharding) for k, v in values.items()
                     }
@@ -275,5 +280,5 @@ def checked_steps_streamed(
             )
         if kept is not None:
             hidden, pos = kept[best], nxt
-        del candidates, states, kept
+        del candidates, states, kept, solved
     return chosen

@@ -17,6 +17,7 @@ from grape_jax.core.params import layer_of, param_specs
 from grape_jax.merge.state import MergeInputs, alignment_inputs, merge_state, merged_config
 from grape_jax.planners.plan import Plan
 from grape_jax.stream.layers import LayerSource, layer_names
+from grape_jax.stream.spill import overrides_of_layer
 
 
 def plan_for_layer(plan: Plan, layer: int) -> Plan | None:
@@ -44,7 +45,8 @@ class MergedLayers:
         self._specs, self._old_specs = param_specs(self.cfg), param_specs(source.cfg)
 
     def with_overrides(self, overrides: Mapping[str, np.ndarray]) -> MergedLayers:
-        return MergedLayers(self.source, self.plan, dataclasses.replace(self.inputs, overrides=dict(overrides)))
+        """The same merge with other overrides (the mapping itself, not a copy: it may live on disk)."""
+        return MergedLayers(self.source, self.plan, dataclasses.replace(self.inputs, overrides=overrides))
 
     def abstract(self, name: str) -> jax.ShapeDtypeStruct:
         spec = self._specs[name]
@@ -71,9 +73,8 @@ class MergedLayers:
         sub = plan_for_layer(self.plan, layer)
         if sub is None:
             return dict(params)
-        prefix = f"layers.{layer}."
         inputs = MergeInputs(
-            overrides={k: v for k, v in self.inputs.overrides.items() if k.startswith(prefix)},
+            overrides=overrides_of_layer(self.inputs.overrides, layer),
             made_by=self.inputs.made_by,
         )
         if self.plan.operator == "aligned":
