@@ -4,7 +4,7 @@
 loss check) on a mesh that splits both the batch and the weights' embed dimension across the processes:
 the same statistics (within 1e-5 relative), plan and export as the same prune streamed in one process
 and resident in one process on the same 8-device mesh; each process reads only its own half of each
-expert weight; a streamed calibration interrupted on both processes resumes where it stopped.
+weight matrix; a streamed calibration interrupted on both processes resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -109,13 +109,15 @@ def test_two_processes_stream_like_one(tiny_mixtral_tok, tmp_path):
         assert r["auto"] == rep[0]["auto"] and "(the least of 2 processes)" in r["auto"][1], r["auto"]
         assert r["resume_one_saved"] is None and r["resume_both_saved"] is not None
 
-    # each process read only its own half (fsdp) of each expert weight: the two never read the same elements
+    # each process read only its own half (fsdp: the embed dimension) of every matrix of every layer, the
+    # experts' included: the two never read the same elements (only the 1-D norms are read by both)
     boxes = [{} for _ in rep]
     for p, r in enumerate(rep):
         for key, box in r["reads"]:
-            if ".experts." in key:
+            if len(box) > 1:
                 boxes[p].setdefault(key, set()).add(tuple(map(tuple, box)))
-    assert boxes[0].keys() == boxes[1].keys() and len(boxes[0]) == layers * 8 * 3
+    assert boxes[0].keys() == boxes[1].keys()
+    assert sum(".experts." in key for key in boxes[0]) == layers * 8 * 3
     for key, mine in boxes[0].items():
         for a in mine:
             for b in boxes[1][key]:
