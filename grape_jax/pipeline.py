@@ -27,6 +27,7 @@ from conversion.export import export_hf
 from grape_jax import streamed as streamed_stages
 from grape_jax.base import jsonio
 from grape_jax.base.atomic import OutputExistsError
+from grape_jax.base.multihost import barrier, every_process
 from grape_jax.calibration.calibrate import CalibrationInterrupted, calibrate
 from grape_jax.calibration.options import CalibrationOptions, calibration_fingerprint
 from grape_jax.calibration.stats import ModelStats, StatsError, neutral_stats
@@ -237,6 +238,8 @@ def prune(
     os.makedirs(work_dir, exist_ok=True)
     stats_path = os.path.join(work_dir, "stats.npz")
     stats = _reusable_stats(stats_path, fingerprint, log)
+    if not all(every_process(stats is not None)):  # several processes: reuse only when all of them can
+        stats = None
     model = None if streamed else source.load(mesh=mesh)
     if stats is None:
         progress_dir = os.path.join(work_dir, "calibration.stream" if streamed else "calibration")
@@ -265,6 +268,7 @@ def prune(
             ) from None
         stats = _with_stream_record(stats, streamed, why)
         stats.save(stats_path)
+        barrier("calibrated")  # several processes on one host: none may still be saving progress there
         shutil.rmtree(progress_dir, ignore_errors=True)
     plan = make_plan(stats, method=method, budget=budget, per_layer=per_layer, fraction=fraction, **options)
     plan.save(os.path.join(work_dir, "plan.json"))

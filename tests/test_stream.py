@@ -249,8 +249,11 @@ def test_auto_streams_only_when_the_model_does_not_fit():
     assert not decide("auto", model_bytes=100 * gb, devices=cpu, checkpoint=True, available=(gb, "RAM"))[0]
     with pytest.raises(choose.StreamModeError, match="--stream-layers on: a grape checkpoint"):
         choose.stream_or_not("on", model_bytes=gb, devices=cpu, checkpoint=True)
-    with pytest.raises(choose.StreamModeError, match="runs in one process"):
-        choose.stream_or_not("on", model_bytes=gb, devices=cpu, processes=2)
+    assert choose.stream_or_not("on", model_bytes=gb, devices=cpu, processes=2)[0]
+    # several processes: each holds its share of the weights, against the least memory of any of them
+    resident, why = decide("auto", model_bytes=2 * gb, devices=cpu, processes=2, available=(4 * gb, "RAM"))
+    assert not resident and why == "auto: resident, 3 x 2.00 GB of weights / 2 processes fit 4.00 GB RAM"
+    assert decide("auto", model_bytes=3 * gb, devices=cpu, processes=2, available=(4 * gb, "RAM"))[0]
     with pytest.raises(choose.StreamModeError, match="expected one of auto, on, off"):
         choose.stream_or_not("yes", model_bytes=gb, devices=cpu)
     assert choose.available_bytes(cpu)[0] > 0

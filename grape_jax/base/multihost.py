@@ -1,4 +1,5 @@
-"""Multi-process primitives: one writer process, slices gathered to it, flags broadcast from it.
+"""Multi-process primitives: one writer process, slices gathered to it, flags broadcast from it, decisions
+all processes agree on (`every_process`), and a work directory of each process's own (`own_dir`).
 
 `gather_slice(arr, index)` returns `np.asarray(arr[index])` on the writer (process 0) and None elsewhere:
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -204,6 +206,22 @@ def broadcast_array(x: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(x)
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(x)), np.asarray(x).dtype)
+
+
+def every_process(value: int) -> list[int]:
+    """Every process's `value`, in process order (`[value]` on one process): for decisions all processes
+    must take alike from facts each sees on its own host (a file it saved, its free memory)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    return np.frombuffer(all_processes_bytes(np.int64(value).tobytes()), np.int64).tolist()
+
+
+def own_dir(directory: str) -> str:
+    """`directory` on one process; its subdirectory `process<i>` on several, so processes that share a
+    disk (one host) never write the same work file, and each host of a pod keeps its own copy."""
+    if jax.process_count() == 1:
+        return directory
+    return os.path.join(directory, f"process{jax.process_index()}")
 
 
 def all_processes_bytes(data: bytes) -> bytes:

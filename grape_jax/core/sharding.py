@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -193,8 +194,14 @@ def shard_batch(x: np.ndarray, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES)
 
 def replicate(tree, mesh: Mesh):
     """The same values, fully replicated on `mesh` (so every process can read them on its host)."""
-    out = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(lambda t: t, out_shardings=jax.tree.map(lambda _: out, tree))(tree)
+    return _replicator(mesh)(tree)
+
+
+@functools.lru_cache(maxsize=16)
+def _replicator(mesh: Mesh):
+    """One jitted identity per mesh, so each shape compiles once (a layer-streamed pass on several
+    processes replicates every batch's hidden states)."""
+    return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def pin(tree, shardings: tuple[jax.sharding.Sharding, ...] | None):

@@ -16,6 +16,10 @@ layer is read again and pulled back with its VJP at its stored input: `(x, δ) -
 resident run takes, and the x-cotangent is C_l, which flows down. The layer's statistics accumulate in
 the same step with that gradient. Host memory: one batch of hidden states and cotangents plus the
 memory-mapped files' pages in use; disk: (layers + 2) x blocks x T x d x 4 bytes with gradients.
+
+On several processes every layer's output (and cotangent) is gathered whole to every process (`host`:
+replicated on the mesh, then read on the host), so each process keeps all calibration blocks' hidden
+states in its own work directory while each reads only its own slices of the weights.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from grape_jax.calibration.stats import LayerStats
 from grape_jax.core import transformer
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.sharding import pin
+from grape_jax.fit.stream import host
 from grape_jax.passes.engine import Batches, stream_pass
 from grape_jax.stream.layers import HiddenStates, LayerSource, canonical_layer, head_names, renamed, sweep
 
@@ -192,7 +197,7 @@ class Sweeps:
         params = self.source.read(["embed"])
         out = self.store.create("x0")
         for i in range(self.batches.count):
-            out[i] = np.asarray(embed_batch(params, self._put(self.batches.tokens[i]), cfg=self.cfg))
+            out[i] = host(embed_batch(params, self._put(self.batches.tokens[i]), cfg=self.cfg), self.ctx)
         self.store.commit("x0", out)
 
     def forward(self, start: int = 0, stats: dict[int, LayerStats] | None = None) -> None:
@@ -214,7 +219,7 @@ class Sweeps:
 
         def step(acc: Any, i: int) -> Any:
             acc, y = forward_layer(acc, p, put(x_in[i]), put(self.batches.mask[i]), acc_shardings=shardings, **kw)
-            x_out[i] = np.asarray(y)
+            x_out[i] = host(y, self.ctx)
             return acc
 
         acc = stream_pass(step, acc, self.batches, ctx=self.ctx)
@@ -229,7 +234,7 @@ class Sweeps:
         x, out = self.store.open(f"x{L}"), self.store.create(f"g{L}")
         for i in range(self.batches.count):
             tokens, mask = put(self.batches.tokens[i]), put(self.batches.mask[i])
-            out[i] = np.asarray(head_cotangent(params, put(x[i]), tokens, mask, cfg=cfg))
+            out[i] = host(head_cotangent(params, put(x[i]), tokens, mask, cfg=cfg), self.ctx)
         self.store.commit(f"g{L}", out)
 
     def reverse(self, start: int, stats: dict[int, LayerStats]) -> None:
@@ -255,7 +260,7 @@ class Sweeps:
                 acc, p, put(x_in[i]), put(cot_in[i]), put(self.batches.mask[i]), acc_shardings=shardings, **kw
             )
             if cot_out is not None:
-                cot_out[i] = np.asarray(cot)
+                cot_out[i] = host(cot, self.ctx)
             return acc
 
         acc = stream_pass(step, acc, self.batches, ctx=self.ctx)

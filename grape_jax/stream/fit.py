@@ -14,6 +14,9 @@ and float64 sums, as `calibration_nll`). The candidates' hidden states at the ne
 are kept, so the chosen one continues from there. Cost: the resident check runs (|steps| + 1) full
 forwards per fitted layer; this runs the same layer computations, and reads each later layer once per
 fitted layer: O(L²/2) layer reads in all (memory: (|steps| + 1) x 2 copies of the blocks' hidden states).
+
+On several processes each layer's outputs are gathered whole to every process (`host`), as in the
+streamed calibration: every process holds the hidden states, each reads only its own weight slices.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from grape_jax.base.multihost import own_dir
 from grape_jax.calibration.calibrate import cast_for_compute, check_blocks
 from grape_jax.calibration.options import CalibrationOptions, resolve_compute_dtype
 from grape_jax.core import transformer
@@ -113,7 +117,8 @@ def fit_overrides_streamed(
     work_dir: str,
 ) -> tuple[ArrayFiles, dict[int, dict]]:
     """`fit.operator.fit_overrides` streamed (module docstring); `work_dir` holds the hidden states and
-    the overrides, which are returned as `ArrayFiles` there (read back a layer at a time by the merge)."""
+    the overrides, which are returned as `ArrayFiles` there, read back a layer at a time by the merge (in
+    a subdirectory per process on several, `base.multihost.own_dir`)."""
     if plan.operator != "fit":
         raise FitError(f"plan {plan.method!r} has operator {plan.operator!r}; the fit runs for operator 'fit'")
     cfg, ctx = source.cfg, source.ctx
@@ -135,6 +140,7 @@ def fit_overrides_streamed(
         lp.layer for lp in plan.layers if lp.num_kept == lp.num_experts_before and max(map(len, lp.groups)) == 1
     }
     fitted = [lp.layer for lp in plan.layers if lp.layer not in identity]
+    work_dir = own_dir(work_dir)
     overrides = ArrayFiles(os.path.join(work_dir, "solved"))
     diagnostics: dict[int, dict] = {layer: {} for layer in fitted}
     if not fitted:
@@ -147,7 +153,7 @@ def fit_overrides_streamed(
     x0 = store.create("x0")
     embed = cast_for_compute(source.read(["embed"]), cfg, jnp.float32)
     for i in range(batches.count):
-        x0[i] = np.asarray(transformer.embed(embed, ctx.put_batch(batches.tokens[i])))
+        x0[i] = host(transformer.embed(embed, ctx.put_batch(batches.tokens[i])), ctx)
     store.commit("x0", x0)
     del embed
     run = _FitRun(base, batches, fold, store, accumulate=accumulate, compute_dtype=compute_dtype, options=options)
@@ -195,7 +201,7 @@ class _FitRun:
         def step(acc: Any, i: int) -> Any:
             x, mask, fold = put(np.ascontiguousarray(x_in[i])), put(batches.mask[i]), put(self.fold[i])
             acc, y = fit_layer(acc, aux, p, x, mask, fold, **kw)
-            x_out[i] = np.asarray(y)
+            x_out[i] = host(y, ctx)
             return acc
 
         acc = stream_pass(step, acc, batches, ctx=ctx)
@@ -221,7 +227,7 @@ def checked_steps_streamed(
     batches = Batches.of(np.asarray(blocks, np.int32), min(batch_size, len(blocks)))
     put = ctx.put_batch
     embed = base.read(["embed"])
-    hidden = np.stack([np.asarray(transformer.embed(embed, put(batches.tokens[i]))) for i in range(batches.count)])
+    hidden = np.stack([host(transformer.embed(embed, put(batches.tokens[i])), ctx) for i in range(batches.count)])
     del embed
     head = base.read(head_names(cfg))
     chosen = ArrayFiles(out)
@@ -235,7 +241,7 @@ def checked_steps_streamed(
         def step(carry: None, i: int) -> None:
             mask = put(batches.mask[i])
             for h, o in zip(states, out, strict=True):
-                o[i] = np.asarray(plain_layer(p, put(h[i]), mask, cfg=cfg, layer=canon))
+                o[i] = host(plain_layer(p, put(h[i]), mask, cfg=cfg, layer=canon), ctx)
 
         stream_pass(step, None, batches, ctx=ctx)
         return out
@@ -266,7 +272,7 @@ def checked_steps_streamed(
         for i in range(batches.count):
             tokens, mask, real = put(batches.tokens[i]), put(batches.mask[i]), batches.real_rows(i)
             for c, h in enumerate(states):
-                rows = np.asarray(head_row_nll(head, put(h[i]), tokens, mask, cfg=cfg))
+                rows = host(head_row_nll(head, put(h[i]), tokens, mask, cfg=cfg), ctx)
                 nll[c] = nll[c] + float(rows[:real].astype(np.float64).sum())
         best, best_loss = 0, nll[0]
         for c in range(1, len(alphas)):

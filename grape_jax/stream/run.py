@@ -7,6 +7,12 @@ outputs are moved into place before the state names the next layer, and its inpu
 after, so a run killed at any point resumes at the first unfinished layer (a resumed run gives the same
 statistics as an uninterrupted one, bit for bit: every layer's computation is the same). Progress of
 another model, other blocks or other options is discarded (the fingerprint).
+
+On several processes each keeps its own work directory (`base.multihost.own_dir`: a subdirectory per
+process, so processes sharing a disk never write the same file, and each host of a pod has its own
+copy) holding all of it: hidden states, state and statistics are the same on every process. A run
+resumes only when every process saved the same point (else all start afresh), so all of them run the
+same layers and meet in the same collectives.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from jaxtyping import Int
 
 from grape_jax.base import jsonio
 from grape_jax.base.atomic import atomic_write_text
+from grape_jax.base.multihost import every_process, own_dir
 from grape_jax.calibration.calibrate import check_blocks
 from grape_jax.calibration.options import (
     CalibrationOptions,
@@ -66,6 +73,18 @@ def _state(directory: str, fingerprint: str, log: Log | None) -> dict[str, Any] 
     return None
 
 
+def _agreed(state: dict[str, Any] | None, directory: str, log: Log | None) -> dict[str, Any] | None:
+    """`state` when every process saved the same point (always on one process); else None on all of them
+    (a run killed between two processes' saves: all start afresh rather than resume apart)."""
+    point = -1 if state is None else 2 * int(state["done"]) + (state["phase"] == "reverse")
+    points = every_process(point)
+    if len(set(points)) == 1:
+        return state
+    if log is not None:
+        log(f"{directory}: the processes saved different streamed calibration progress; starting afresh")
+    return None
+
+
 def calibrate_streamed(
     source: LayerSource,
     blocks: Int[np.ndarray, "n seq"],
@@ -92,7 +111,7 @@ def calibrate_streamed(
     fingerprint = calibration_fingerprint(model_record["fingerprint"], cfg, blocks, options)
     run_id = hashlib.sha256(f"{fingerprint} {batches.rows} {chunk} {compute_dtype}".encode()).hexdigest()
     temporary = tempfile.TemporaryDirectory(prefix="grape-stream-") if work_dir is None else None
-    directory = os.path.abspath(os.fspath(work_dir) if work_dir is not None else temporary.name)
+    directory = own_dir(os.path.abspath(os.fspath(work_dir) if work_dir is not None else temporary.name))
     shape = (batches.count, batches.rows, blocks.shape[1], cfg.hidden_size)
     L = cfg.num_layers
     total = L * (2 if options.gradients else 1)
@@ -106,6 +125,7 @@ def calibrate_streamed(
                 stats = {ls.layer: ls for ls in ModelStats.load(stats_path).layers}
             except StatsError:
                 state = None
+        state = _agreed(state, directory, log)
         bar = _bar(total, progress)
 
         def save(phase: str, next_layer: int) -> None:
