@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jaxtyping import Float
 
+from grape_jax.base.memory import release_free_memory
 from grape_jax.core import transformer
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import MoEModel, param_view
@@ -98,7 +99,8 @@ def sweep(
     """(layer, its parameters) for each of `layers` in order, the next read on a thread meanwhile.
 
     The dict yielded is emptied when the loop asks for the next layer, so a caller that keeps no other
-    reference holds at most two layers (the one in use and the one being read)."""
+    reference holds at most two layers (the one in use and the one being read); the freed pages are
+    then given back to the OS (`base.memory`), so the process does not grow layer by layer."""
     names = names or (lambda layer: layer_names(source.cfg, layer))
     layers = list(layers)
     if not layers:
@@ -111,6 +113,8 @@ def sweep(
                 pending = pool.submit(source.read, names(layers[i + 1])) if i + 1 < len(layers) else None
                 yield layer, params
                 params.clear()
+                del params
+                release_free_memory()
         finally:
             if pending is not None:
                 pending.cancel()

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from grape_jax.base.memory import release_free_memory
 from grape_jax.core.model import state_shardings
 from grape_jax.core.params import layer_of, param_specs
 from grape_jax.merge.state import MergeInputs, alignment_inputs, merge_state, merged_config
@@ -114,6 +115,7 @@ class MergedParams(Mapping):
             self._cache[key] = self.merged.read([name]) if layer is None else self.merged.layer(layer)
             while len(self._cache) > self.keep:
                 self._cache.popitem(last=False)
+                release_free_memory()
         self._cache.move_to_end(key)
         return self._cache[key][name]
 
