@@ -12,11 +12,12 @@ experts this process's devices hold, how many slices needed a cross-process gath
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
+
+from tests.multiprocess import join, record_reads, worker_parser
 
 
 def run_pipeline(loaded, mesh, out: str) -> dict:
@@ -91,31 +92,12 @@ def pipeline_blocks(vocab_size: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--coordinator", required=True)
-    ap.add_argument("--num-processes", type=int, required=True)
-    ap.add_argument("--process-id", type=int, required=True)
-    ap.add_argument("--local-devices", type=int, default=4)
-    ap.add_argument("--model", required=True)
+    ap = worker_parser(__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="exports go to OUT/<mesh index>")
-    ap.add_argument("--report", required=True)
     ap.add_argument("--mesh", action="append", required=True)
     args = ap.parse_args(argv)
-
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    join(args)
     import jax
-
-    jax.config.update("jax_num_cpu_devices", args.local_devices)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        initialization_timeout=60,
-    )
-    assert jax.process_count() == args.num_processes and len(jax.devices()) == (
-        args.num_processes * args.local_devices
-    ), (jax.process_count(), jax.devices())
 
     import grape_jax.base.multihost as dist
     from conversion.load import load_hf
@@ -123,24 +105,7 @@ def main(argv=None) -> int:
     from grape_jax.core.model import param_view
     from grape_jax.core.sharding import make_mesh
 
-    reads: list[tuple[str, list[list[int]]]] = []
-    original_read_slice = CheckpointIndex.read_slice
-
-    def recording_read_slice(self, key, index):
-        shape = self.info(key).shape
-        full = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        reads.append((key, [list(s.indices(d)[:2]) for s, d in zip(full, shape, strict=True)]))
-        return original_read_slice(self, key, index)
-
-    CheckpointIndex.read_slice = recording_read_slice
-    original_read_into = CheckpointIndex.read_into
-
-    def recording_read_into(self, key, index, out, **kw):  # the path of leaves >= 4 MiB
-        shape = self.info(key).shape
-        reads.append((key, [list(s.indices(d)[:2]) for s, d in zip(index, shape, strict=True)]))
-        return original_read_into(self, key, index, out, **kw)
-
-    CheckpointIndex.read_into = recording_read_into
+    reads = record_reads()
     prefetched: list[str] = []
     original_prefetch = CheckpointIndex.prefetch
 

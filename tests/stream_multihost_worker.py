@@ -12,10 +12,11 @@ stopped after its calibration's forward sweep (Ctrl-C on both processes) and run
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+from tests.multiprocess import join, record_reads, worker_parser
 
 PRUNE = dict(per_layer=2, seq_len=16, num_samples=6, batch_size=4, token_chunk=32)
 
@@ -87,46 +88,16 @@ def agreements(model: str, mesh) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--coordinator", required=True)
-    ap.add_argument("--num-processes", type=int, required=True)
-    ap.add_argument("--process-id", type=int, required=True)
-    ap.add_argument("--local-devices", type=int, default=4)
-    ap.add_argument("--model", required=True)
+    ap = worker_parser(__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--report", required=True)
     ap.add_argument("--mesh", required=True)
     args = ap.parse_args(argv)
-
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    join(args)
     import jax
 
-    jax.config.update("jax_num_cpu_devices", args.local_devices)
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        initialization_timeout=60,
-    )
-    from conversion.safetensors_io import CheckpointIndex
     from grape_jax.core.sharding import make_mesh
 
-    reads: list[tuple[str, list[list[int]]]] = []
-
-    def recording(method):
-        def read(self, key, index, *rest, **kw):
-            shape = self.info(key).shape
-            full = tuple(index) + (slice(None),) * (len(shape) - len(index))
-            reads.append((key, [list(s.indices(d)[:2]) for s, d in zip(full, shape, strict=True)]))
-            return method(self, key, index, *rest, **kw)
-
-        return read
-
-    CheckpointIndex.read_slice = recording(CheckpointIndex.read_slice)
-    CheckpointIndex.read_into = recording(CheckpointIndex.read_into)  # the path of leaves >= 4 MiB
-
+    reads = record_reads()
     mesh = make_mesh(args.mesh)
     report = {"process": jax.process_index(), **agreements(args.model, mesh)}
     report.update(interrupted_then_resumed(args.model, os.path.join(args.out, "pruned"), mesh), reads=reads)

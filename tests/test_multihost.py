@@ -11,79 +11,25 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
+from tests.multiprocess import run_workers
+
 pytestmark = pytest.mark.multiprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 MESHES = ("expert=8", "expert=4,fsdp=2")  # experts split across processes; fsdp across processes
 TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _run_workers(model: str, out: str, reports: list[str], num: int = 2) -> None:
-    """Start `num` workers, wait (TIMEOUT_S in all), fail with every worker's output on any error."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
+def _run_workers(model: str, out: str, reports: list[str]) -> None:
+    meshes = [arg for spec in MESHES for arg in ("--mesh", spec)]
+    run_workers(
+        "tests.multihost_worker",
+        [["--model", model, "--out", out, "--report", report, *meshes] for report in reports],
+        timeout_s=TIMEOUT_S,
     )
-    procs = []
-    for i in range(num):
-        cmd = [
-            sys.executable,
-            "-m",
-            "tests.multihost_worker",
-            "--coordinator",
-            f"localhost:{port}",
-            "--num-processes",
-            str(num),
-            "--process-id",
-            str(i),
-            "--model",
-            model,
-            "--out",
-            out,
-            "--report",
-            reports[i],
-        ]
-        for spec in MESHES:
-            cmd += ["--mesh", spec]
-        procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    deadline = time.monotonic() + TIMEOUT_S
-    outputs, failed = [], False
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            failed = True
-            for q in procs:  # one stuck worker usually waits on a collective: stop them all
-                q.kill()
-            outputs.append(p.communicate()[0] + f"\n[killed after {TIMEOUT_S} s]")
-        failed |= p.returncode != 0
-    if failed:
-        for q in procs[len(outputs) :]:
-            q.kill()
-            outputs.append(q.communicate()[0])
-        text = "\n".join(
-            f"----- worker {i} (exit {p.returncode}) -----\n{o}" for i, (p, o) in enumerate(zip(procs, outputs))
-        )
-        pytest.fail(f"multi-host workers failed:\n{text}")
 
 
 def _volume(box) -> int:

@@ -259,6 +259,7 @@ def test_auto_streams_only_when_the_model_does_not_fit():
     assert choose.available_bytes(cpu)[0] > 0
 
 
+@pytest.mark.slow  # two CLI prunes end to end
 def test_cli_prune_streamed_matches_resident_and_records_the_choice(tiny_mixtral_tok, tmp_path, capsys):
     from grape_jax.cli.main import main
 

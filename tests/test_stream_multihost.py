@@ -11,58 +11,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
-pytestmark = pytest.mark.multiprocess
+from tests.multiprocess import run_workers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # about 100 s on 2 cores
+
+
 MESH = "expert=4,fsdp=2"  # fsdp across the processes: batch rows and weight slices split between them
 TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(model: str, out: str, reports: list[str]) -> None:
-    """Start one worker per report, wait (TIMEOUT_S in all), fail with every worker's output on any error."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
-    procs = []
-    for i, report in enumerate(reports):
-        cmd = [sys.executable, "-m", "tests.stream_multihost_worker", "--coordinator", f"localhost:{port}"]
-        cmd += ["--num-processes", str(len(reports)), "--process-id", str(i), "--model", model, "--out", out]
-        cmd += ["--report", report, "--mesh", MESH]
-        procs.append(
-            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    deadline = time.monotonic() + TIMEOUT_S
-    outputs, failed = [], False
-    for p in procs:
-        try:
-            outputs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-        except subprocess.TimeoutExpired:
-            failed = True
-            for q in procs:  # one stuck worker usually waits on a collective: stop them all
-                q.kill()
-            outputs.append(p.communicate()[0] + f"\n[killed after {TIMEOUT_S} s]")
-        failed |= p.returncode != 0
-    if failed:
-        for q in procs[len(outputs) :]:
-            q.kill()
-            outputs.append(q.communicate()[0])
-        text = "\n".join(
-            f"----- worker {i} (exit {p.returncode}) -----\n{o}" for i, (p, o) in enumerate(zip(procs, outputs))
-        )
-        pytest.fail(f"multi-process workers failed:\n{text}")
+def _run_workers(model: str, out: str, reports: list[str]) -> None:
+    run_workers(
+        "tests.stream_multihost_worker",
+        [["--model", model, "--out", out, "--report", report, "--mesh", MESH] for report in reports],
+        timeout_s=TIMEOUT_S,
+    )
 
 
 def _disjoint(a: list, b: list) -> bool:
@@ -77,7 +43,7 @@ def test_two_processes_stream_like_one(tiny_mixtral_tok, tmp_path):
 
     path = tiny_mixtral_tok.path
     reports = [str(tmp_path / f"report{i}.json") for i in range(2)]
-    run_workers(path, str(tmp_path / "multi"), reports)
+    _run_workers(path, str(tmp_path / "multi"), reports)
     rep = [json.load(open(r)) for r in reports]
     one = {mode: prune_streamed(path, str(tmp_path / mode), make_mesh(MESH), mode, log=print) for mode in ("on", "off")}
 
