@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from grape_jax.base.memory import release_free_memory
+from grape_jax.base.memory import limit_malloc_arenas, release_free_memory
 
 
 def _rss_anon() -> int:
@@ -27,3 +27,11 @@ def test_freed_heap_pages_are_returned():
     after = _rss_anon()
     assert before - after > 100e6, (before, after)
     del pinned
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_arena_limit_respects_the_environment(monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert not limit_malloc_arenas()
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert limit_malloc_arenas(8)  # a limit this test process can live with

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jaxtyping import Float
 
-from grape_jax.base.memory import release_free_memory
+from grape_jax.base.memory import limit_malloc_arenas, release_free_memory
 from grape_jax.core import transformer
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import MoEModel, param_view
@@ -100,7 +100,9 @@ def sweep(
 
     The dict yielded is emptied when the loop asks for the next layer, so a caller that keeps no other
     reference holds at most two layers (the one in use and the one being read); the freed pages are
-    then given back to the OS (`base.memory`), so the process does not grow layer by layer."""
+    then given back to the OS, from a few malloc arenas (`base.memory`), so the process does not grow
+    layer by layer."""
+    limit_malloc_arenas()
     names = names or (lambda layer: layer_names(source.cfg, layer))
     layers = list(layers)
     if not layers:
