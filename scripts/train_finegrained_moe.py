@@ -27,16 +27,15 @@ fresh optimizer and schedule; its log is appended to the first stage's). Weights
 safetensors with the tokenizer, train_info.json and TRAINING.md into `--out/NAME` (`runs/` is ignored by
 git). Deterministic for a seed on one machine (the step count of a run stopped by time is in its log:
 pass it as `--stop-step` to reproduce). The benchmark models of BENCHMARKS.md (2 cores shared with
-other jobs, both models at once, 1 thread each):
+another engineer's jobs, both models at once, 1 thread each, per-layer balancing; one stage each, the
+cosine decayed to its floor at `--steps`):
 
     S=train_finegrained_moe.py
-    nice -n 19 python scripts/$S qwen3-fg --out runs/models --steps 2000 --threads 1 --stop-step 713
-    nice -n 19 python scripts/$S qwen2-fg --out runs/models --steps 1600 --threads 1 --stop-step 597
-    nice -n 19 python scripts/$S qwen3-fg --out runs/models --init runs/models/qwen3-fg --steps 250 \
-        --warmup 10 --lr 1.5e-3 --seed 1 --threads 1 --eval-every 50 --max-minutes 30
-    (the same decay stage for qwen2-fg)
+    nice -n 10 python scripts/$S qwen3-fg --out runs/models --steps 1200 --threads 1 --eval-every 50 \
+        --patience 6 --max-minutes 45
+    nice -n 10 python scripts/$S qwen2-fg --out runs/models --steps 900 --threads 1 --eval-every 50 \
+        --patience 6 --max-minutes 45
 
-(the first stage ran with --max-minutes 35 instead of --stop-step, which stopped it at those steps).
 """
 
 from __future__ import annotations
