@@ -36,6 +36,9 @@ cosine decayed to its floor at `--steps`):
     nice -n 10 python scripts/$S qwen2-fg --out runs/models --steps 900 --threads 1 --eval-every 50 \
         --patience 6 --max-minutes 45
 
+Neither run was stopped by `--max-minutes` or by the flat rule: both ran to `--steps` (1,785 / 1,724 s of
+training), so no `--stop-step` is needed. The first versions of these models (`--balance global`, a
+first stage stopped by time and a decay stage) are in this file's git history.
 """
 
 from __future__ import annotations
