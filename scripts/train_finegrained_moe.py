@@ -27,18 +27,23 @@ fresh optimizer and schedule; its log is appended to the first stage's). Weights
 safetensors with the tokenizer, train_info.json and TRAINING.md into `--out/NAME` (`runs/` is ignored by
 git). Deterministic for a seed on one machine (the step count of a run stopped by time is in its log:
 pass it as `--stop-step` to reproduce). The benchmark models of BENCHMARKS.md (2 cores shared with
-another engineer's jobs, both models at once, 1 thread each, per-layer balancing; one stage each, the
-cosine decayed to its floor at `--steps`):
+another engineer's jobs, both models at once, 1 thread each, per-layer balancing): stage 1, warm-up and a
+cosine decayed to its floor (2e-4) at `--steps`; stage 2, a decay stage from there (fresh optimizer, lr
+2e-4 cosine to 2e-5, seed 1: a fresh batch order), written over the stage-1 weights:
 
     S=train_finegrained_moe.py
     nice -n 10 python scripts/$S qwen3-fg --out runs/models --steps 1200 --threads 1 --eval-every 50 \
         --patience 6 --max-minutes 45
     nice -n 10 python scripts/$S qwen2-fg --out runs/models --steps 900 --threads 1 --eval-every 50 \
         --patience 6 --max-minutes 45
+    for m in qwen3-fg qwen2-fg; do
+      nice -n 10 python scripts/$S $m --out runs/models --init runs/models/$m --steps 300 --warmup 10 \
+          --lr 2e-4 --seed 1 --threads 1 --eval-every 50 --patience 6 --max-minutes 12
+    done
 
-Neither run was stopped by `--max-minutes` or by the flat rule: both ran to `--steps` (1,785 / 1,724 s of
-training), so no `--stop-step` is needed. The first versions of these models (`--balance global`, a
-first stage stopped by time and a decay stage) are in this file's git history.
+No run was stopped by `--max-minutes` or by the flat rule: all ran to `--steps`, so no `--stop-step` is
+needed. The first versions of these models (`--balance global`, a first stage stopped by time and a
+decay stage) are in this file's git history.
 """
 
 from __future__ import annotations
