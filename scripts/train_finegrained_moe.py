@@ -12,8 +12,14 @@ paragraph (blank-line separated) of `/usr/share/dictd/gcide.dict.dz` and of the 
 held-out paragraphs dropped (whitespace-normalised match), shuffled with the seed, tokenised and packed
 by `grape_jax.data.text.tokenize_and_pack` (BOS-led blocks of 128 tokens, EOS between paragraphs) exactly as
 the benchmarks read text. Training: AdamW (betas 0.9/0.95, weight decay 0.1 on matrices, clip 1.0),
-batch 16 x 128 tokens, next-token loss + `router_aux_loss_coef` (0.05) x transformers' own load-balancing
-loss, fp32, experts by `grouped_mm`; lr linear warm-up (`--warmup`) then cosine to 10% over `--steps`.
+batch 16 x 128 tokens, next-token loss + `router_aux_loss_coef` (0.05) x a load-balancing loss, fp32,
+experts by `grouped_mm`; lr linear warm-up (`--warmup`) then cosine to 10% over `--steps`.
+`--balance per-layer` (the default): the Switch-Transformer loss of transformers' `load_balancing_loss_func`,
+E * sum_i f_i * P_i (f_i: share of the top-k slots routed to expert i, P_i: mean router probability of i;
+4.0 = balanced for top-4), computed on each layer's router logits separately and averaged over the layers,
+so every layer is pushed to balance. `--balance global` is transformers' own loss (the function applied to
+all layers' logits concatenated: it balances usage summed over layers, so one layer can stay skewed while
+others compensate; the first benchmark models were trained with it).
 Every `--eval-every` steps the held-out loss (64 blocks of `heldout.txt`) is logged; a run stops at
 `--steps`, `--stop-step`, `--max-minutes`, or when the held-out loss gained less than `--flat` over the
 last `--patience` evaluations. `--init DIR` continues from a saved model (a second, decay stage: a
@@ -21,16 +27,23 @@ fresh optimizer and schedule; its log is appended to the first stage's). Weights
 safetensors with the tokenizer, train_info.json and TRAINING.md into `--out/NAME` (`runs/` is ignored by
 git). Deterministic for a seed on one machine (the step count of a run stopped by time is in its log:
 pass it as `--stop-step` to reproduce). The benchmark models of BENCHMARKS.md (2 cores shared with
-other jobs, both models at once, 1 thread each):
+another engineer's jobs, both models at once, 1 thread each, per-layer balancing): stage 1, warm-up and a
+cosine decayed to its floor (2e-4) at `--steps`; stage 2, a decay stage from there (fresh optimizer, lr
+2e-4 cosine to 2e-5, seed 1: a fresh batch order), written over the stage-1 weights:
 
     S=train_finegrained_moe.py
-    nice -n 19 python scripts/$S qwen3-fg --out runs/models --steps 2000 --threads 1 --stop-step 713
-    nice -n 19 python scripts/$S qwen2-fg --out runs/models --steps 1600 --threads 1 --stop-step 597
-    nice -n 19 python scripts/$S qwen3-fg --out runs/models --init runs/models/qwen3-fg --steps 250 \
-        --warmup 10 --lr 1.5e-3 --seed 1 --threads 1 --eval-every 50 --max-minutes 30
-    (the same decay stage for qwen2-fg)
+    nice -n 10 python scripts/$S qwen3-fg --out runs/models --steps 1200 --threads 1 --eval-every 50 \
+        --patience 6 --max-minutes 45
+    nice -n 10 python scripts/$S qwen2-fg --out runs/models --steps 900 --threads 1 --eval-every 50 \
+        --patience 6 --max-minutes 45
+    for m in qwen3-fg qwen2-fg; do
+      nice -n 10 python scripts/$S $m --out runs/models --init runs/models/$m --steps 300 --warmup 10 \
+          --lr 2e-4 --seed 1 --threads 1 --eval-every 50 --patience 6 --max-minutes 12
+    done
 
-(the first stage ran with --max-minutes 35 instead of --stop-step, which stopped it at those steps).
+No run was stopped by `--max-minutes` or by the flat rule: all ran to `--steps`, so no `--stop-step` is
+needed. The first versions of these models (`--balance global`, a first stage stopped by time and a
+decay stage) are in this file's git history.
 """
 
 from __future__ import annotations
@@ -121,6 +134,25 @@ def heldout_loss(model: torch.nn.Module, blocks: torch.Tensor) -> float:
     return total / (blocks.shape[0] * (blocks.shape[1] - 1))
 
 
+def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss of each layer, averaged over the layers (`--balance per-layer`).
+
+    Per layer (logits [tokens, E]): p = softmax(logits), f_i = (top-k slots routed to i) / tokens,
+    P_i = mean_t p_ti, loss = E * sum_i f_i P_i (top_k when balanced). The same formula and top-k selection as
+    transformers' `load_balancing_loss_func`, which instead pools the tokens of all layers before the product.
+    Gradients flow through P only (f is a count), as there. Returns a tensor of one loss per layer.
+    """
+    losses = []
+    for logits in router_logits:
+        probs = torch.nn.functional.softmax(logits.float(), dim=-1)
+        _, chosen = torch.topk(probs, top_k, dim=-1)
+        # histc on float indices: deterministic on CPU (as transformers does)
+        counts = torch.histc(chosen.reshape(-1).float(), bins=num_experts, min=0, max=num_experts)
+        f = counts / probs.shape[0]
+        losses.append(num_experts * torch.sum(f * probs.mean(dim=0)))
+    return torch.stack(losses)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("name", choices=sorted(MODELS))
@@ -141,6 +173,12 @@ def main() -> None:
         "--init", default=None, help="continue from this saved model (a decay stage) instead of a fresh init"
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--balance",
+        choices=("per-layer", "global"),
+        default="per-layer",
+        help="load-balancing loss: each layer's (averaged) or transformers' pooled over layers",
+    )
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -191,9 +229,20 @@ def main() -> None:
             g["lr"] = lr_at(step)
         idx = rng.choice(train.shape[0], size=args.batch_size, replace=False)
         batch = torch.as_tensor(train[idx], dtype=torch.long)
-        out = model(input_ids=batch, labels=batch, output_router_logits=True)
+        if args.balance == "global":
+            out = model(input_ids=batch, labels=batch, output_router_logits=True)
+            loss, aux, aux_layers = out.loss, out.aux_loss, None
+        else:
+            out = model(input_ids=batch, output_router_logits=True)
+            logits = out.logits[:, :-1].float()
+            lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            aux_layers = per_layer_balance_loss(
+                out.router_logits, model.config.num_experts, model.config.num_experts_per_tok
+            )
+            aux = aux_layers.mean()
+            loss = lm + model.config.router_aux_loss_coef * aux
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed = time.perf_counter() - start
@@ -201,9 +250,11 @@ def main() -> None:
         if step % args.eval_every == 0 or last:
             h = heldout_loss(model, held_t)
             history.append((step, h))
-            aux = float(out.aux_loss.detach()) if out.aux_loss is not None else float("nan")
+            aux_text = f"{float(aux.detach()):.3f}" if aux is not None else "nan"
+            if aux_layers is not None:
+                aux_text += " (" + "/".join(f"{float(a):.2f}" for a in aux_layers.detach()) + ")"
             log.append(
-                f"step {step:5d}  loss {out.loss.item():.3f}  aux {aux:.3f}  held-out {h:.3f} "
+                f"step {step:5d}  loss {loss.item():.3f}  aux {aux_text}  held-out {h:.3f} "
                 f"(ppl {math.exp(h):.2f})  lr {lr_at(step):.2e}  {elapsed:.0f} s"
             )
             print(log[-1], flush=True)
