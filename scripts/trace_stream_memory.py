@@ -39,6 +39,9 @@ def main() -> int:
     if (args.model is None) == (args.build is None):
         ap.error("give MODEL or --build L,D,F")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from grape_jax.base.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # first thing, as the `grape` command does
     import grape_jax.stream.calibrate as stream_calibrate
     import grape_jax.stream.fit as stream_fit
     import grape_jax.stream.layers as stream_layers

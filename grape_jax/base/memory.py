@@ -7,7 +7,9 @@ read although what is live stays at about two layers. Two remedies, both no-ops 
 lacks them (musl, macOS):
 
 - `limit_malloc_arenas`: at most a few arenas from now on (glibc's `M_ARENA_MAX`, the setting
-  `MALLOC_ARENA_MAX` makes at start-up; a value the user set in the environment is left alone);
+  `MALLOC_ARENA_MAX` makes at start-up; a value the user set in the environment is left alone). It
+  counts most when called before JAX starts its threads: the `grape` command calls it first thing, and
+  a streamed sweep calls it again for Python callers (threads that already have an arena keep it);
 - `release_free_memory`: return the free pages of every arena to the OS (`malloc_trim(0)`), called
   after each layer.
 
