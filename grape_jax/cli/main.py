@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from grape_jax.base.memory import limit_malloc_arenas  # noqa: PLC0415
+    from grape_jax.base.memory import limit_malloc_arenas  # noqa: PLC0415  (deferred: the parser stays light)
 
     limit_malloc_arenas()  # before JAX starts its threads (base.memory: host memory of streamed runs)
     from grape_jax.cli.args import init_distributed  # noqa: PLC0415  (deferred: imports JAX; help must not)
