@@ -14,7 +14,7 @@ lacks them (musl, macOS):
   after each layer.
 
 Measured on a 32-layer streamed prune (BENCHMARKS.md, layer streaming): peak anonymous RSS 1.26 GB with
-neither, 0.92 GB with the trim, 0.65 GB with both (8 layers: 1.07, 0.82, 0.61).
+neither, 0.92 GB with the trim, 0.71 GB with both (8 layers: 1.07, 0.82, 0.64).
 """
 
 from __future__ import annotations
