@@ -10,8 +10,9 @@ Models are built by transformers (random init, norms perturbed), saved with a sm
 `grape prune` runs with the default method (grape-l: gradient sensitivities, operator 'fit' with its loss
 check). Goal: the streamed peak does not grow with depth; streamed time <= 1.3x resident.
 
-`--large L,D,F,E` also prunes, streamed only, a model too large to hold (e.g. `8,4096,2048,16`: 13.4 GB
-of fp32 weights, more than half of a 24 GiB machine): L layers of hidden size D, E experts of size F. It
+`--large L,D,F,E` also prunes, streamed only, a model too large to hold (e.g. `8,4096,512,64`: 15.05 GB
+of fp32 weights, more than half of a 24 GiB machine; keep F small on CPU: the fit solves an F x F system
+per kept expert on the host): L layers of hidden size D, E experts of size F. It
 is written tensor by tensor with NumPy (random normal weights, std 0.02; no torch model in memory),
 in 2 GB shards with an index, as transformers saves Mixtral.
 """
