@@ -204,6 +204,13 @@ def _replicator(mesh: Mesh):
     return jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
+def host(x: jax.Array, ctx: RunContext) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as one host NumPy array on every process."""
+    if ctx.mesh is not None and not getattr(x, "is_fully_addressable", True):
+        x = replicate(x, ctx.mesh)
+    return np.asarray(x)
+
+
 def pin(tree, shardings: tuple[jax.sharding.Sharding, ...] | None):
     """`tree` with every leaf constrained to its sharding (`shardings`: the flattened tree's, in leaf
     order), inside a jitted function: a carry pinned this way leaves each step where it came in, so the

@@ -22,9 +22,8 @@ import numpy as np
 
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import forward_jit
-from grape_jax.core.sharding import RunContext
+from grape_jax.core.sharding import RunContext, host
 from grape_jax.evaluation.scoring import perplexity
-from grape_jax.fit.stream import host
 
 
 def calibration_nll(

@@ -68,6 +68,7 @@ from grape_jax.calibration.calibrate import check_blocks
 from grape_jax.calibration.options import COMPUTE_DTYPES, CalibrationOptions, blocks_sha256, resolve_compute_dtype
 from grape_jax.core.config import MoEConfig
 from grape_jax.core.model import MoEModel, param_view
+from grape_jax.core.sharding import host
 from grape_jax.fit.accumulate import (
     ACCUMULATOR_AXES,
     FitAccumulators,
@@ -77,7 +78,7 @@ from grape_jax.fit.accumulate import (
 )
 from grape_jax.fit.check import checked_steps
 from grape_jax.fit.solve import residual, solve_down
-from grape_jax.fit.stream import host, run_pass
+from grape_jax.fit.stream import run_pass
 from grape_jax.merge.state import MergeInputs, merge_inputs, merge_model
 from grape_jax.planners.plan import LayerPlan, Plan
 

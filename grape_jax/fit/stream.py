@@ -25,7 +25,7 @@ from jaxtyping import Array, Bool, Float, Int
 from grape_jax.calibration.calibrate import cast_for_compute
 from grape_jax.core import transformer
 from grape_jax.core.config import MoEConfig
-from grape_jax.core.sharding import RunContext, pin, replicate
+from grape_jax.core.sharding import RunContext, pin
 from grape_jax.passes.engine import Batches, stream_pass
 
 FOLDS = 2
@@ -126,13 +126,6 @@ def run_pass(
         return step(acc, aux, params, put(batches.tokens[i]), put(batches.mask[i]), put(fold[i]))
 
     return stream_pass(one_batch, acc, batches, ctx=ctx, desc=desc, progress=progress)
-
-
-def host(x: jax.Array, ctx: RunContext) -> np.ndarray:
-    """A (possibly sharded, possibly multi-host) array as one host NumPy array on every process."""
-    if ctx.mesh is not None and not getattr(x, "is_fully_addressable", True):
-        x = replicate(x, ctx.mesh)
-    return np.asarray(x)
 
 
 def fold_one_hot(fold: Int[Array, " t"]) -> Float[Array, "t folds"]:

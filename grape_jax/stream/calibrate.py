@@ -43,8 +43,7 @@ from grape_jax.calibration.calibrate import (
 from grape_jax.calibration.stats import LayerStats
 from grape_jax.core import transformer
 from grape_jax.core.config import MoEConfig
-from grape_jax.core.sharding import pin
-from grape_jax.fit.stream import host
+from grape_jax.core.sharding import host, pin
 from grape_jax.passes.engine import Batches, stream_pass
 from grape_jax.stream.layers import HiddenStates, LayerSource, canonical_layer, head_names, renamed, sweep
 

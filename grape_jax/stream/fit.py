@@ -37,10 +37,10 @@ from grape_jax.calibration.calibrate import cast_for_compute, check_blocks
 from grape_jax.calibration.options import CalibrationOptions, resolve_compute_dtype
 from grape_jax.core import transformer
 from grape_jax.core.params import layer_of
-from grape_jax.core.sharding import pin
+from grape_jax.core.sharding import host, pin
 from grape_jax.fit.accumulate import ACCUMULATOR_AXES, accumulate_down, init_fit_accumulators
 from grape_jax.fit.operator import MERGED_KEYS, FitError, FitOptions, assignment, check_supported, solve_layer
-from grape_jax.fit.stream import FOLDS, host
+from grape_jax.fit.stream import FOLDS
 from grape_jax.passes.engine import Batches, stream_pass
 from grape_jax.planners.plan import Plan
 from grape_jax.stream.layers import HiddenStates, LayerSource, canonical_layer, head_names, layer_names, renamed, sweep
