@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,10 @@ def main() -> int:
     ap.add_argument("--large", default=None, metavar="L,D,F,E", help="also prune this large model, streamed")
     ap.add_argument("--work", default=None, help="where models and exports go (default: a temporary directory)")
     args = ap.parse_args()
+    if args.large and not (
+        re.fullmatch(r"[1-9]\d*(,[1-9]\d*){3}", args.large) and int(args.large.split(",")[1]) % 128 == 0
+    ):
+        ap.error(f"--large {args.large!r}: expected L,D,F,E, positive integers with D a multiple of 128 (heads of 128)")
     work = args.work or tempfile.mkdtemp(prefix="bench_stream_")
     rows = []
     for layers in args.layers:

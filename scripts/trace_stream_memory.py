@@ -38,6 +38,8 @@ def main() -> int:
     args = ap.parse_args()
     if (args.model is None) == (args.build is None):
         ap.error("give MODEL or --build L,D,F")
+    if args.build and not re.fullmatch(r"[1-9]\d*(,[1-9]\d*){2}", args.build):
+        ap.error(f"--build {args.build!r}: expected three positive integers L,D,F (layers, hidden, ffn)")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from grape_jax.base.memory import limit_malloc_arenas
 
